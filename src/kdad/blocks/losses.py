@@ -1,0 +1,35 @@
+"""Feature losses shared by more than one method."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def global_cosine_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
+    """RD4AD's loss: sum over layers of mean_b [1 - cos(vec(T_l[b]), vec(S_l[b]))] (whole C*H*W flattened)."""
+    total = torch.zeros((), device=student[0].device)
+    for t, s in zip(teacher, student):
+        cos = F.cosine_similarity(t.flatten(1).float(), s.flatten(1).float(), dim=1)
+        total = total + (1.0 - cos).mean()
+    return total
+
+
+def pixel_cosine_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
+    """Sum over layers of the mean over (B, H, W) of 1 - channel cosine."""
+    total = torch.zeros((), device=student[0].device)
+    for t, s in zip(teacher, student):
+        total = total + (1.0 - F.cosine_similarity(t.float(), s.float(), dim=1)).mean()
+    return total
+
+
+def normalized_l2_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
+    """STFPM's loss: sum over layers of mean_(B,H,W) ||t/|t| - s/|s|||^2 (no 1/2 factor, as the official code)."""
+    total = torch.zeros((), device=student[0].device)
+    for t, s in zip(teacher, student):
+        d = F.normalize(t.float(), dim=1) - F.normalize(s.float(), dim=1)
+        total = total + (d * d).sum(dim=1).mean()
+    return total

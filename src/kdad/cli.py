@@ -1,0 +1,175 @@
+"""Command-line interface: kdad fit | test | predict | demo | list (see `kdad COMMAND --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from kdad.errors import KdadError
+
+EPILOG = """Config precedence (lowest to highest): method defaults < --preset < -c FILE (repeatable) < --set KEY=VALUE
+(repeatable, dotted keys such as train.epochs=5 or model.backbone=resnet18). `kdad list` shows methods and presets;
+`kdad fit --preset rd_cpu --print-config` shows every key with its resolved value."""
+
+
+def _add_config_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("configuration")
+    g.add_argument("--preset", help="a shipped preset, e.g. rd_paper, rd_cpu, stfpm_paper (see `kdad list`)")
+    g.add_argument("-c", "--config", action="append", default=[], metavar="FILE",
+                   help="YAML config file(s) merged over the preset, in order")
+    g.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override one key, value parsed as YAML (e.g. --set train.epochs=5)")
+    g.add_argument("--method", help="shortcut for --set method=NAME")
+    g.add_argument("--data", metavar="DIR", help="shortcut for --set data.root=DIR (an MVTec-layout category folder)")
+    g.add_argument("--device", help="shortcut for --set train.device=DEV (auto, cpu, cuda, cuda:1)")
+    g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _config_from_args(args: argparse.Namespace):  # noqa: ANN202
+    from kdad.config import load_config
+
+    overrides = list(args.overrides)
+    if args.method:
+        overrides.insert(0, f"method={args.method}")
+    if args.data:
+        overrides.append(f"data.root={args.data}")
+    if args.device:
+        overrides.append(f"train.device={args.device}")
+    return load_config(args.preset, args.config, overrides)
+
+
+def _default_run_dir(method: str, root: str) -> Path:
+    name = Path(root).name if root else "run"
+    return Path("runs") / f"{method}_{name}_{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def cmd_fit(args: argparse.Namespace) -> int:
+    from kdad.config import dump_yaml
+    from kdad.train import fit
+
+    cfg = _config_from_args(args)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        return 0
+    run_dir = Path(args.out) if args.out else _default_run_dir(cfg.method, cfg.data.root or cfg.data.good_dir)
+    fit(cfg, run_dir, resume=args.resume)
+    print(f"trained {cfg.method}: {run_dir / 'model.ckpt'}")
+    if args.test:
+        from kdad.evaluate import evaluate_run
+
+        res = evaluate_run(run_dir, device=cfg.train.device)
+        print(json.dumps(res["metrics"], indent=2))
+    return 0
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    from kdad.checkpoint import load_bundle
+    from kdad.config import build_config
+    from kdad.evaluate import evaluate_run
+
+    run = Path(args.run)
+    data = None
+    if args.data:
+        cfg = build_config(load_bundle(run if run.suffix == ".ckpt" else run / "model.ckpt")["config"])
+        cfg.data.root = args.data
+        data = cfg.data
+    run_dir = run.parent if run.suffix == ".ckpt" else run
+    res = evaluate_run(run_dir, data=data, device=args.device or "auto", out_dir=args.out,
+                       batch_size=args.batch_size, report=not args.no_report,
+                       checkpoint=run if run.suffix == ".ckpt" else None)
+    print(json.dumps(res["metrics"], indent=2))
+    print(f"wrote {Path(args.out or run_dir) / 'metrics.json'}")
+    return 0
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from kdad.predict import run_predict
+
+    run_predict(args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from kdad.demo import run_demo
+
+    run_demo(Path(args.out), kind=args.kind, epochs=args.epochs, device=args.device or "auto")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    from kdad.config import list_presets
+    from kdad.methods import METHODS
+
+    print("methods:")
+    for name, spec in sorted(METHODS.items()):
+        print(f"  {name:8s} {spec.paper}")
+    print("presets:")
+    for p in list_presets():
+        print(f"  {p}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argparse tree; every option has help text."""
+    parser = argparse.ArgumentParser(prog="kdad", description="Knowledge-distillation anomaly detection.",
+                                     epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="train a model on normal images", epilog=EPILOG,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    _add_config_options(p)
+    p.add_argument("--out", help="run folder (default runs/<method>_<data>_<time>)")
+    p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt if present")
+    p.add_argument("--test", action="store_true", help="evaluate on the test split right after training")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("test", help="evaluate a run: metrics.json, scores.csv, report.html")
+    p.add_argument("run", help="run folder (with model.ckpt) or a .ckpt file")
+    p.add_argument("--data", help="test another dataset root than the one trained on")
+    p.add_argument("--out", help="output folder (default: the run folder)")
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.set_defaults(func=cmd_test)
+
+    p = sub.add_parser("predict", help="score images: CSV/JSON of scores and decisions, optional overlays")
+    p.add_argument("run", help="run folder (with model.ckpt), a .ckpt file, or an exported .onnx")
+    p.add_argument("inputs", nargs="+", metavar="PATH", help="image files, folders (recursive) or glob patterns")
+    p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
+    p.add_argument("--overlays", action="store_true", help="write heatmap overlay PNGs")
+    p.add_argument("--masks", action="store_true", help="write binary defect masks at the pixel threshold")
+    p.add_argument("--threshold", type=float, help="image threshold overriding the stored one")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.add_argument("--workers", type=int, default=0, help="worker processes decoding images (default 0)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                   help="torch (default for checkpoints) or onnx (default for .onnx files)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="make a synthetic inspection dataset, train RD, evaluate, write a report")
+    p.add_argument("--out", default="kdad_demo", help="folder for the data and the run (default ./kdad_demo)")
+    p.add_argument("--kind", choices=["texture", "object"], default="object", help="kind of synthetic parts")
+    p.add_argument("--epochs", type=int, default=None, help="override the demo preset's epochs")
+    p.add_argument("--device", help="auto, cpu, cuda")
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("list", help="list methods and presets")
+    p.set_defaults(func=cmd_list)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point; user errors print one clear line and exit 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except KdadError as e:
+        print(f"kdad {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,250 @@
+"""Run configuration: dataclasses, YAML presets, files and `--set key=value` overrides.
+
+Precedence (lowest to highest): dataclass defaults < preset < config file(s) < --set overrides.
+Each step is a plain dict merge; the result becomes dataclasses through a strict `from_dict` that
+rejects unknown keys and wrong types with the source, the key path and the valid keys.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from kdad.errors import ConfigError
+
+
+@dataclass
+class DataConfig:
+    """Where the images are and how they are read."""
+
+    root: str = ""  # MVTec-layout category folder (train/, test/, ground_truth/)
+    format: str = "mvtec"  # "mvtec" | "folder"
+    category: str = ""  # name used in reports (defaults to the root's folder name)
+    image_size: int = 256
+    good_dir: str = ""  # folder format: normal images
+    bad_dir: str = ""  # folder format: defective test images
+    mask_dir: str = ""  # folder format: masks matched by file stem
+    test_good_dir: str = ""  # folder format: normal test images
+    texture_dir: str = ""  # texture source for anomaly synthesis (DTD layout)
+    num_workers: int = 0
+
+
+@dataclass
+class TrainConfig:
+    """How the engine trains: budget, batch, device, checkpoints, selection."""
+
+    epochs: int = 200
+    max_iters: int = 0  # >0 stops after this many optimizer steps (a CPU budget); 0 = epochs only
+    batch_size: int = 16
+    seed: int = 111
+    device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
+    amp: bool = True  # bf16 autocast on GPU (ignored on CPU)
+    val_fraction: float = 0.0  # normal training images held out for selection and thresholds
+    select: str = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
+    select_on_test: bool = False  # reproduction only: never used unless set, and then reported
+    val_every: int = 1  # epochs between held-out evaluations when select != last
+    ckpt_every: int = 1  # epochs between checkpoints (last.ckpt is overwritten atomically)
+    threshold_quantile: float = 0.99  # image threshold from normal-only validation scores
+    pixel_threshold_quantile: float = 0.999
+    eval_batch_size: int = 16
+    progress: bool = True
+
+
+@dataclass
+class RunConfig:
+    """Everything a run needs; `model` holds the method's own Config fields as a dict."""
+
+    method: str = "rd"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: dict[str, Any] = field(default_factory=dict)
+
+
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
+    if origin is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
+        return value
+    if origin in (tuple, list):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+            items = [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
+        elif origin is tuple and args:
+            if len(args) != len(value):
+                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
+            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            items = [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if _is_dataclass_type(tp):
+        return from_dict(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is bool and not isinstance(value, bool):
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is str and not isinstance(value, str):
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:
+    """Build dataclass `cls` from a dict, strictly: unknown keys and wrong types raise ConfigError."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclass (nested) -> plain dict/list values that YAML and torch.load(weights_only) accept."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; `new` wins."""
+    out = dict(base)
+    for k, v in new.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = deep_merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def list_presets() -> list[str]:
+    """Names of the YAML presets shipped in kdad/presets."""
+    return sorted(p.name[:-5] for p in resources.files("kdad.presets").iterdir() if p.name.endswith(".yaml"))
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping, with errors naming the file."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: invalid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping")
+    return data
+
+
+def read_preset(name: str) -> dict[str, Any]:
+    """A shipped preset by name (see `kdad list`)."""
+    names = list_presets()
+    if name not in names:
+        raise ConfigError(f"unknown preset {name!r}; valid presets: {names}")
+    data = yaml.safe_load(resources.files("kdad.presets").joinpath(f"{name}.yaml").read_text()) or {}
+    parent = data.pop("base", None)
+    return deep_merge(read_preset(parent), data) if parent else data
+
+
+def parse_override(item: str) -> dict[str, Any]:
+    """'train.epochs=5' -> {'train': {'epochs': 5}} with the value parsed as YAML."""
+    if "=" not in item:
+        raise ConfigError(f"--set expects key=value, got {item!r}")
+    key, raw = item.split("=", 1)
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"--set {item!r}: cannot parse value: {e}") from e
+    if raw == "":
+        value = ""
+    out: dict[str, Any] = {}
+    cur = out
+    parts = key.strip().split(".")
+    for p in parts[:-1]:
+        cur = cur.setdefault(p, {})
+    cur[parts[-1]] = value
+    return out
+
+
+def merged_dict(preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+    """The merged raw config dict (before validation)."""
+    data: dict[str, Any] = to_dict(RunConfig())
+    if preset:
+        data = deep_merge(data, read_preset(preset))
+    for f in files or []:
+        data = deep_merge(data, read_yaml(f))
+    for o in overrides or []:
+        data = deep_merge(data, parse_override(o))
+    return data
+
+
+def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
+    """Validate a raw dict into a RunConfig, including the method's own Config."""
+    from kdad.methods import get_method
+
+    cfg: RunConfig = from_dict(RunConfig, data, where)
+    spec = get_method(cfg.method)
+    method_cfg = from_dict(spec.Config, cfg.model, f"{where}.model (method {cfg.method!r})")
+    cfg.model = to_dict(method_cfg)
+    return cfg
+
+
+def load_config(preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Defaults < preset < files < overrides, validated."""
+    return build_config(merged_dict(preset, files, overrides))
+
+
+def method_config(cfg: RunConfig) -> Any:
+    """The method's Config dataclass instance for this run."""
+    from kdad.methods import get_method
+
+    spec = get_method(cfg.method)
+    return from_dict(spec.Config, cfg.model, f"model (method {cfg.method!r})")
+
+
+def dump_yaml(cfg: RunConfig) -> str:
+    """The resolved config as YAML text."""
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)

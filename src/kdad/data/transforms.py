@@ -1,0 +1,191 @@
+"""Image and mask loading: the one place where files become tensors.
+
+Every dataset goes through :func:`load_image` / :func:`load_mask`, so training, evaluation and serving
+see the same pixels: RGB, resized with PIL bilinear (antialiased, like torchvision ``Resize`` on a PIL
+image), scaled to [0, 1]. Mean/std normalisation is *not* done here; each model does its own
+(see docs/design.md, "Image contract").
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from kdad.errors import ConfigError, DatasetError
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+"""Accepted image file extensions (matched case-insensitively)."""
+
+PathLike = str | Path
+Size = int | tuple[int, int]
+
+# Modes whose samples do not fit in 8 bits; converting them with PIL's convert("RGB") would clip.
+_HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
+
+
+def is_image_file(path: PathLike) -> bool:
+    """True for a non-hidden file whose extension is in :data:`IMAGE_EXTENSIONS` (any case)."""
+    p = Path(path)
+    return p.suffix.lower() in IMAGE_EXTENSIONS and not p.name.startswith(".") and p.is_file()
+
+
+def list_images(folder: PathLike) -> list[Path]:
+    """Image files directly inside ``folder``, sorted by name; [] if the folder does not exist."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if is_image_file(p)), key=lambda p: p.name)
+
+
+def _hw(size: Size) -> tuple[int, int]:
+    """``size`` as (H, W); an int means a square."""
+    if isinstance(size, int):
+        h = w = size
+    else:
+        h, w = (int(s) for s in size)
+    if h <= 0 or w <= 0:
+        raise ConfigError(f"image size must be positive, got {size!r}")
+    return h, w
+
+
+def open_image(path: PathLike) -> Image.Image:
+    """Open and fully decode an image file; any failure raises :class:`DatasetError` naming the file."""
+    try:
+        im = Image.open(path)
+        im.load()  # decode now, so a truncated or corrupt file fails here and not later
+    except FileNotFoundError as e:
+        raise DatasetError(f"image file not found: {path}") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
+        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    return im
+
+
+def _to_rgb_float(im: Image.Image, hw: tuple[int, int], path: PathLike) -> np.ndarray:
+    """Resize ``im`` to ``hw`` and return float32 (H, W, 3) in [0, 1]."""
+    h, w = hw
+    if im.mode in _HIGH_BIT_MODES or im.mode == "F":
+        # 16-bit (or float) grayscale: resize in float so no precision is lost, then repeat to 3 channels.
+        arr = np.asarray(im, dtype=np.float32)
+        arr = arr / _HIGH_BIT_MODES[im.mode] if im.mode in _HIGH_BIT_MODES else arr  # "F" is taken as [0, 1]
+        f = Image.fromarray(np.clip(arr, 0.0, 1.0).astype(np.float32))
+        if f.size != (w, h):
+            f = f.resize((w, h), Image.Resampling.BILINEAR)
+        gray = np.asarray(f, dtype=np.float32)
+        return np.repeat(gray[..., None], 3, axis=2)
+    try:
+        if im.mode == "P":
+            im = im.convert("RGBA")  # palette transparency is honoured by going through RGBA
+        # Alpha (RGBA, LA, PA) is dropped, not composited: the colour channels are kept as stored,
+        # exactly what torchvision's ImageFolder loader (img.convert("RGB")) does.
+        if im.mode != "RGB":
+            im = im.convert("RGB")
+    except Exception as e:
+        raise DatasetError(f"cannot convert image {path} (mode {im.mode}) to RGB: {e}") from e
+    if im.size != (w, h):
+        im = im.resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(im, dtype=np.float32) / 255.0
+
+
+def load_image(path: PathLike, size: Size = 256) -> torch.Tensor:
+    """Load an image file as float32 (3, H, W) in [0, 1], RGB, resized to ``size`` (int = square).
+
+    Gray, LA, P, RGBA, CMYK and 16-bit gray are converted to RGB (alpha is dropped, not composited;
+    16-bit values are scaled by 1/65535, float "F" images are taken as [0, 1]). Resize is PIL bilinear
+    with antialiasing; EXIF orientation is not applied (as in torchvision). A missing, corrupt or
+    truncated file raises :class:`DatasetError` naming the file.
+    """
+    hw = _hw(size)
+    arr = _to_rgb_float(open_image(path), hw, path)
+    return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
+
+
+def _mask_nonzero(im: Image.Image, path: PathLike) -> np.ndarray:
+    """Boolean (H, W): True where any colour channel of the mask is non-zero (alpha ignored)."""
+    try:
+        if im.mode == "P":
+            im = im.convert("RGB")
+        elif im.mode == "CMYK":
+            im = im.convert("RGB")
+    except Exception as e:
+        raise DatasetError(f"cannot convert mask {path} (mode {im.mode}): {e}") from e
+    arr = np.asarray(im)
+    if arr.ndim == 3:
+        if im.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+            arr = arr[..., :-1]
+        return np.any(arr != 0, axis=2)
+    return arr != 0
+
+
+def load_mask(path: PathLike, size: Size = 256, image_path: PathLike | None = None) -> torch.Tensor:
+    """Load a defect mask as float32 (1, H, W) with values in {0, 1}.
+
+    Non-zero pixels of the file are defect. The 0/1 mask is resized with PIL bilinear (antialiased)
+    and binarised: a pixel is 1 where the resized value is > 0.5. If ``image_path`` is given, a mask
+    whose pixel size differs from that image's raises :class:`DatasetError` naming both files.
+    """
+    hw = _hw(size)
+    im = open_image(path)
+    if image_path is not None:
+        image_size = _file_size(image_path)
+        _check_same_size(image_path, image_size, path, im.size)
+    return _mask_tensor(im, hw, path)
+
+
+def _file_size(path: PathLike) -> tuple[int, int]:
+    """(W, H) of an image file from its header."""
+    try:
+        with Image.open(path) as im:
+            return im.size
+    except FileNotFoundError as e:
+        raise DatasetError(f"image file not found: {path}") from e
+    except Exception as e:
+        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+
+
+def _check_same_size(
+    image_path: PathLike, image_size: tuple[int, int], mask_path: PathLike, mask_size: tuple[int, int]
+) -> None:
+    if image_size != mask_size:
+        raise DatasetError(
+            f"mask {mask_path} is {mask_size[0]}x{mask_size[1]} (WxH) but its image {image_path} is "
+            f"{image_size[0]}x{image_size[1]}; a mask must have its image's size"
+        )
+
+
+def _mask_tensor(im: Image.Image, hw: tuple[int, int], path: PathLike) -> torch.Tensor:
+    h, w = hw
+    binary = _mask_nonzero(im, path).astype(np.float32)
+    if binary.shape != (h, w):
+        f = Image.fromarray(binary).resize((w, h), Image.Resampling.BILINEAR)
+        binary = (np.asarray(f, dtype=np.float32) > 0.5).astype(np.float32)
+    return torch.from_numpy(np.ascontiguousarray(binary))[None]
+
+
+def load_image_and_mask(
+    image_path: PathLike, mask_path: PathLike | None, size: Size = 256
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Load an image (3, H, W) in [0, 1] and its mask (1, H, W) in {0, 1}; no mask gives zeros.
+
+    Opens the image once and checks that the mask has the image's pixel size (else
+    :class:`DatasetError` naming both files).
+    """
+    hw = _hw(size)
+    im = open_image(image_path)
+    image = torch.from_numpy(np.ascontiguousarray(_to_rgb_float(im, hw, image_path).transpose(2, 0, 1)))
+    if mask_path is None:
+        return image, torch.zeros(1, *hw, dtype=torch.float32)
+    mask_im = open_image(mask_path)
+    _check_same_size(image_path, im.size, mask_path, mask_im.size)
+    return image, _mask_tensor(mask_im, hw, mask_path)
+
+
+def images_to_batch(paths: Sequence[PathLike], size: Size = 256) -> torch.Tensor:
+    """Load image files into one float32 batch (B, 3, H, W) in [0, 1]."""
+    hw = _hw(size)
+    if len(paths) == 0:
+        return torch.empty(0, 3, *hw, dtype=torch.float32)
+    return torch.stack([load_image(p, hw) for p in paths])

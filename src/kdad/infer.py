@@ -1,0 +1,101 @@
+"""Batch inference over files, folders and glob patterns, streamed in bounded memory."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from kdad.checkpoint import atomic_write_bytes
+from kdad.data.transforms import is_image_file, load_image
+from kdad.errors import KdadError
+
+
+def expand_inputs(inputs: Sequence[str]) -> list[Path]:
+    """Files, folders (recursive) and glob patterns -> sorted unique image paths; errors name the input."""
+    out: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            out += sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q))
+        elif p.is_file():
+            out.append(p)
+        else:
+            hits = sorted(Path(h) for h in glob.glob(item, recursive=True) if is_image_file(h))
+            if not hits:
+                raise KdadError(f"no image matches {item!r} (not a file, folder or glob with images)")
+            out += hits
+    seen: set[Path] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]  # type: ignore[func-returns-value]
+
+
+class _Paths(Dataset):
+    def __init__(self, paths: list[Path], size: int) -> None:
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        p = self.paths[i]
+        try:
+            return {"image": load_image(p, self.size), "path": str(p), "error": ""}
+        except Exception as e:  # a bad file must not stop a long batch run: it is reported per row
+            return {"image": torch.zeros(3, self.size, self.size), "path": str(p), "error": str(e)}
+
+
+@dataclass
+class Row:
+    """One prediction."""
+
+    path: str
+    score: float
+    decision: int | None
+    error: str = ""
+
+
+def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: int = 16, workers: int = 0,
+                       progress: bool = True) -> Iterator[tuple[Row, np.ndarray | None, np.ndarray | None]]:
+    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch."""
+    loader = DataLoader(_Paths(paths, size), batch_size=batch_size, num_workers=workers, shuffle=False)
+    for batch in tqdm(loader, desc="predict", disable=not progress):
+        maps, scores = runner(batch["image"])
+        for i, p in enumerate(batch["path"]):
+            err = batch["error"][i]
+            if err:
+                yield Row(p, float("nan"), None, err), None, None
+                continue
+            s = float(scores[i])
+            d = None if runner.image_threshold is None else int(s >= runner.image_threshold)
+            yield Row(p, s, d), maps[i], batch["image"][i].permute(1, 2, 0).numpy()
+
+
+def out_name(path: str, suffix: str) -> str:
+    """Flattened unique output name for an input path."""
+    stem = Path(path).with_suffix("").as_posix().strip("/").replace("/", "__")
+    return f"{stem}{suffix}"
+
+
+def write_table(rows: list[Row], out_dir: Path) -> None:
+    """predictions.csv and predictions.json, written atomically."""
+    import io
+
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(["path", "score", "decision", "error"])
+    for r in rows:
+        w.writerow([r.path, f"{r.score:.6g}", "" if r.decision is None else r.decision, r.error])
+    atomic_write_bytes(out_dir / "predictions.csv", buf.getvalue().encode())
+    data = [{"path": r.path, "score": None if np.isnan(r.score) else r.score, "decision": r.decision,
+             "error": r.error or None} for r in rows]
+    atomic_write_bytes(out_dir / "predictions.json", json.dumps(data, indent=1).encode())
+
+

@@ -1,0 +1,24 @@
+"""Registry of methods: an explicit dict from name to MethodSpec (no import-time registration)."""
+
+from __future__ import annotations
+
+from kdad.errors import ConfigError
+from kdad.methods import rd, stfpm
+from kdad.methods.base import MethodSpec
+
+METHODS: dict[str, MethodSpec] = {
+    "rd": rd.SPEC,
+    "stfpm": stfpm.SPEC,
+}
+
+
+def get_method(name: str) -> MethodSpec:
+    """The spec of a method by name; the error lists the valid names."""
+    if name not in METHODS:
+        raise ConfigError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
+    return METHODS[name]
+
+
+def list_methods() -> list[str]:
+    """Names of all methods."""
+    return sorted(METHODS)

@@ -1,0 +1,31 @@
+"""The method contract: what a method module supplies to the shared engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from kdad.blocks.maps import AnomalyOutput
+
+# train_step(model, batch, optimizers, cfg, generator) -> scalars to log
+TrainStep = Callable[[nn.Module, dict[str, Any], dict[str, torch.optim.Optimizer], Any, torch.Generator], dict[str, float]]
+BuildOptimizers = Callable[[nn.Module, Any], dict[str, torch.optim.Optimizer]]
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method: its Config dataclass, Model class, optimizer factory, train step and paper citation."""
+
+    name: str
+    Config: type
+    Model: type[nn.Module]
+    optimizers: BuildOptimizers
+    train_step: TrainStep
+    paper: str
+    needs_textures: bool = False
+
+
+__all__ = ["AnomalyOutput", "MethodSpec", "TrainStep", "BuildOptimizers"]

@@ -1,0 +1,104 @@
+"""RD — Anomaly Detection via Reverse Distillation from One-Class Embedding (Deng & Li, CVPR 2022).
+
+Frozen teacher encoder -> OCBE bottleneck -> student decoder that reconstructs the teacher's features.
+Recipe from the official code hq-deng/RD4AD (../shared/REFERENCE.md §3.1): global flattened cosine loss
+summed over 3 layers; Adam lr 0.005, betas (0.5, 0.999); batch 16; 200 epochs, last epoch kept;
+map = sum over layers of 1 - cos, bilinear (align_corners=True) to image size, Gaussian sigma 4; score = max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdad.blocks.decoders import decoder_for
+from kdad.blocks.losses import global_cosine_loss
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
+from kdad.blocks.ocbe import OCBE
+from kdad.blocks.teachers import build_encoder
+from kdad.methods.base import MethodSpec
+
+PAPER = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
+
+# OCBE per ResNet teacher as in RD4AD's resnet.py: (block, number of OCE blocks, width_per_group)
+_OCBE_BY_TEACHER = {
+    "resnet18": ("basic", 2, 64),
+    "resnet34": ("basic", 3, 64),
+    "resnet50": ("bottleneck", 3, 64),
+    "wide_resnet50_2": ("bottleneck", 3, 128),
+}
+
+
+@dataclass(frozen=True)
+class Config:
+    """RD hyperparameters; defaults are the paper's / official code's."""
+
+    backbone: str = "wide_resnet50_2"
+    layers: tuple[int, ...] = (1, 2, 3)
+    weights: str = "imagenet"  # "imagenet" (resolved offline-first), a file path, or "random"
+    decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    lr: float = 0.005
+    betas: tuple[float, float] = (0.5, 0.999)
+    fuse: str = "sum"
+    sigma: float = 4.0
+    align_corners: bool = True
+
+
+def build_bottleneck(backbone: str, channels: list[int]) -> OCBE:
+    """RD4AD's OCBE for ResNet teachers; a bottleneck OCBE of 3 blocks for other teachers."""
+    block, n, wpg = _OCBE_BY_TEACHER.get(backbone, ("bottleneck", 3, 64))
+    return OCBE(channels, block=block, num_blocks=n, width_per_group=wpg)  # type: ignore[arg-type]
+
+
+class Model(nn.Module):
+    """Teacher encoder + OCBE + mirror decoder. forward(images in [0,1], (B,3,H,W)) -> AnomalyOutput."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
+        channels = list(self.encoder.channels)
+        self.bottleneck = build_bottleneck(cfg.backbone, channels)
+        blocks = tuple(cfg.decoder_blocks) or None
+        self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks)
+        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners)  # type: ignore[arg-type]
+
+    def teacher_features(self, images: Tensor) -> list[Tensor]:
+        """Frozen teacher features of images in [0, 1]."""
+        with torch.no_grad():
+            return list(self.encoder(self.encoder.normalize(images)))
+
+    def pairs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher_feats, student_feats) for the loss; student grads flow, teacher's do not."""
+        teacher = self.teacher_features(images)
+        student = self.decoder(self.bottleneck(teacher))
+        return teacher, student
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        teacher, student = self.pairs(images)
+        return self.head(teacher, student, (int(images.shape[-2]), int(images.shape[-1])))
+
+
+def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    """One Adam over OCBE + decoder (the teacher is frozen)."""
+    params = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
+    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))}
+
+
+def train_step(
+    model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
+) -> dict[str, float]:
+    """One Adam step on the global cosine loss between teacher and student features."""
+    teacher, student = model.pairs(batch["image"])
+    loss = global_cosine_loss(teacher, student)
+    opt = opts["student"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": float(loss.detach())}
+
+
+SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER)

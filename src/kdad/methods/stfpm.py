@@ -1,0 +1,81 @@
+"""STFPM — Student-Teacher Feature Pyramid Matching (Wang et al., BMVC 2021).
+
+Official code gdwang08/STFPM (../shared/REFERENCE.md §3.5): ResNet18 teacher (ImageNet), ResNet18 student
+from scratch, layers 1-3; loss = sum over levels of mean ||t/|t| - s/|s|||^2; SGD lr 0.4, momentum 0.9,
+weight decay 1e-4, batch 32; 20% of train/good held out and the epoch with the lowest mean anomaly map on it
+is kept. Map: per level squared distance of normalised features, bilinear to the layer-1 size, product,
+bilinear to image size, no Gaussian; score = max.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from kdad.blocks.losses import normalized_l2_loss
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
+from kdad.blocks.teachers import build_encoder
+from kdad.methods.base import MethodSpec
+
+PAPER = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
+
+
+@dataclass(frozen=True)
+class Config:
+    """STFPM hyperparameters; defaults are the official code's."""
+
+    backbone: str = "resnet18"
+    layers: tuple[int, ...] = (1, 2, 3)
+    weights: str = "imagenet"  # teacher weights; the student always starts from random init
+    lr: float = 0.4
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    fuse: str = "mul"
+    sigma: float = 0.0
+
+
+class Model(nn.Module):
+    """Frozen teacher + trainable student of the same architecture."""
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
+        self.student = build_encoder(cfg.backbone, tuple(cfg.layers), weights="random", frozen=False)
+        self.head = AnomalyMapHead("l2norm", cfg.fuse, cfg.sigma, align_corners=False, fuse_level=0)  # type: ignore[arg-type]
+
+    def pairs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """(teacher_feats, student_feats); both see the teacher's normalisation."""
+        x = self.encoder.normalize(images)
+        with torch.no_grad():
+            teacher = list(self.encoder(x))
+        return teacher, list(self.student(x))
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        teacher, student = self.pairs(images)
+        return self.head(teacher, student, (int(images.shape[-2]), int(images.shape[-1])))
+
+
+def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    """SGD over the student."""
+    opt = torch.optim.SGD(model.student.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    return {"student": opt}
+
+
+def train_step(
+    model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
+) -> dict[str, float]:
+    """One SGD step on the normalised-L2 feature loss."""
+    teacher, student = model.pairs(batch["image"])
+    loss = normalized_l2_loss(teacher, student)
+    opt = opts["student"]
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": float(loss.detach())}
+
+
+SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER)

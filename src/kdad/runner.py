@@ -1,0 +1,41 @@
+"""Inference runners: a loaded bundle behind one call images01 (B,3,H,W) -> (maps (B,H,W), scores (B,))."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.seed import resolve_device
+
+
+class TorchRunner:
+    """Eager PyTorch inference of a checkpoint bundle (the same forward() that evaluation uses)."""
+
+    def __init__(self, checkpoint: str | Path, device: str = "auto", image_threshold: float | None = None) -> None:
+        self.bundle = load_bundle(checkpoint)
+        self.model, self.cfg = model_from_bundle(self.bundle)
+        self.device = resolve_device(device)
+        self.model.to(self.device)
+        thr: dict[str, Any] = self.bundle.get("thresholds") or {}
+        self.image_threshold: float | None = image_threshold if image_threshold is not None else thr.get("image")
+        self.pixel_threshold: float | None = thr.get("pixel")
+        self.image_size = int(self.cfg.data.image_size)
+        disp = self.bundle.get("display") or {}
+        self.vmin = float(disp.get("vmin", 0.0))
+        self.vmax = float(disp.get("vmax", (self.pixel_threshold or 1.0) * 2))
+
+    @torch.inference_mode()
+    def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        out = self.model(images01.to(self.device))
+        return out.anomaly_map[:, 0].float().cpu().numpy(), out.score.float().cpu().numpy()
+
+    def info(self) -> dict[str, Any]:
+        """Model facts for humans and the web service."""
+        return {"method": self.cfg.method, "image_size": self.image_size, "image_threshold": self.image_threshold,
+                "pixel_threshold": self.pixel_threshold, "backend": "torch", "device": str(self.device),
+                "input": "RGB, resized to image_size x image_size (bilinear), scaled to [0, 1]; "
+                         "normalisation happens inside the model"}

@@ -1,0 +1,131 @@
+"""Operating thresholds taken from a validation split, never from the test set (REFERENCE §6).
+
+With defects in the validation data the threshold maximises F1 there. With only normal data (the
+usual case: LOCO and MVTec AD 2 ship defect-free validation sets) F1-max is meaningless (every
+threshold gives F1 = 0 and the "best" one is the lowest score, marking everything anomalous), so
+a high quantile of the normal scores is used instead: about (1 - quantile) of normal images or
+pixels are then flagged.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+from numpy.typing import ArrayLike
+
+from kdad.errors import ConfigError
+from kdad.metrics import f1_max
+from kdad.metrics._core import as_bool, as_maps_and_masks, as_scores
+
+DEFAULT_MAX_PIXELS = 20_000_000
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    """Image-score and pixel-score thresholds and how they were obtained (e.g. ``f1_max+quantile``)."""
+
+    image: float
+    pixel: float
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able dict."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> Thresholds:
+        """Inverse of :meth:`to_dict`; raises ConfigError naming a missing or malformed key."""
+        for key in ("image", "pixel", "source"):
+            if key not in data:
+                raise ConfigError(f"thresholds: missing key {key!r}; expected image, pixel, source")
+        try:
+            image, pixel = float(data["image"]), float(data["pixel"])
+        except (TypeError, ValueError):
+            raise ConfigError(f"thresholds: image/pixel must be numbers, got {data['image']!r}, "
+                              f"{data['pixel']!r}") from None
+        return cls(image, pixel, str(data["source"]))
+
+
+def _check_quantile(quantile: float) -> float:
+    q = float(quantile)
+    if not 0.0 <= q <= 1.0 or math.isnan(q):
+        raise ConfigError(f"quantile must be in [0, 1], got {quantile!r}")
+    return q
+
+
+def image_threshold_from_validation(
+    scores: ArrayLike, labels: ArrayLike | None = None, quantile: float = 0.99
+) -> float:
+    """Image threshold from validation scores (N,): F1-max threshold if ``labels`` (N,) contain a
+    defect, else the ``quantile`` of the (all normal) scores. Anomalous means ``score >= threshold``."""
+    return _image_threshold(scores, labels, quantile)[0]
+
+
+def _image_threshold(scores: ArrayLike, labels: ArrayLike | None, quantile: float) -> tuple[float, str]:
+    q = _check_quantile(quantile)
+    s = as_scores(scores, "scores").reshape(-1)
+    if s.size == 0:
+        raise ValueError("image_threshold_from_validation needs at least one score")
+    y = np.zeros(s.shape, bool) if labels is None else as_bool(labels, "labels").reshape(-1)
+    if y.shape != s.shape:
+        raise ValueError(f"scores and labels must have the same length; got {s.shape} and {y.shape}")
+    if y.any():
+        return f1_max(s, y)[1], "f1_max"
+    return float(np.quantile(s, q)), f"quantile:{q}"
+
+
+def _subsample(m: np.ndarray, g: np.ndarray, max_pixels: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A uniform random pixel subset (with replacement) when the maps exceed ``max_pixels``."""
+    flat_m, flat_g = m.reshape(-1), g.reshape(-1)
+    if flat_m.size <= max_pixels:
+        return flat_m, flat_g
+    idx = np.random.default_rng(seed).integers(0, flat_m.size, size=max_pixels)
+    return flat_m[idx], flat_g[idx]
+
+
+def pixel_threshold_from_validation(
+    maps: ArrayLike,
+    masks: ArrayLike | None = None,
+    quantile: float = 0.999,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    seed: int = 0,
+) -> float:
+    """Pixel threshold from validation maps (N,H,W): F1-max threshold if ``masks`` (N,H,W) contain a
+    defect pixel, else the ``quantile`` of the normal pixel scores.
+
+    Above ``max_pixels`` pixels a seeded uniform subsample of ``max_pixels`` pixels is used, so
+    memory stays bounded whatever the validation set size.
+    """
+    return _pixel_threshold(maps, masks, quantile, max_pixels, seed)[0]
+
+
+def _pixel_threshold(
+    maps: ArrayLike, masks: ArrayLike | None, quantile: float, max_pixels: int, seed: int
+) -> tuple[float, str]:
+    q = _check_quantile(quantile)
+    if max_pixels < 1:
+        raise ConfigError(f"max_pixels must be >= 1, got {max_pixels}")
+    raw = as_scores(maps, "maps")
+    m, g = as_maps_and_masks(raw, np.zeros(raw.shape, bool) if masks is None else masks)
+    vals, pos = _subsample(m, g, max_pixels, seed)
+    if pos.any():
+        return f1_max(vals, pos)[1], "f1_max"
+    return float(np.quantile(vals, q)), f"quantile:{q}"
+
+
+def thresholds_from_validation(
+    scores: ArrayLike,
+    maps: ArrayLike,
+    labels: ArrayLike | None = None,
+    masks: ArrayLike | None = None,
+    image_quantile: float = 0.99,
+    pixel_quantile: float = 0.999,
+) -> Thresholds:
+    """Both thresholds from one validation split; ``source`` records the rule used for each."""
+    image, image_src = _image_threshold(scores, labels, image_quantile)
+    pixel, pixel_src = _pixel_threshold(maps, masks, pixel_quantile, DEFAULT_MAX_PIXELS, 0)
+    return Thresholds(image, pixel, f"validation image={image_src} pixel={pixel_src}")

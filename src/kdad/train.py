@@ -1,0 +1,159 @@
+"""fit(): the one training loop every method uses; methods supply their own steps and optimizers."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
+
+from kdad import distributed as dist_utils
+from kdad.checkpoint import atomic_torch_save, atomic_write_text, load_bundle, make_bundle
+from kdad.config import RunConfig, dump_yaml, method_config
+from kdad.data.factory import build_dataset
+from kdad.errors import KdadError
+from kdad.evaluate import predict, thresholds_from_normals
+from kdad.methods import get_method
+from kdad.seed import resolve_device, seed_everything
+
+
+def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
+    """Hold out `fraction` of the normal training images (seeded permutation)."""
+    n = len(ds)  # type: ignore[arg-type]
+    if fraction <= 0:
+        return ds, None
+    n_val = max(1, int(round(n * fraction)))
+    if n_val >= n:
+        raise KdadError(f"train.val_fraction={fraction} leaves no training image out of {n}")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    return Subset(ds, sorted(perm[n_val:])), Subset(ds, sorted(perm[:n_val]))
+
+
+def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+    # bf16 on GPU needs no loss scaler, so methods keep plain backward()/step().
+    if enabled and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _state(model: nn.Module, opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any]) -> dict[str, Any]:
+    return {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(),
+            "optimizers": {k: getattr(o, "opt", o).state_dict() for k, o in opts.items()}}
+
+
+def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
+    """Train `cfg.method` on `cfg.data`; write config.yaml, last.ckpt, model.ckpt, train_log.jsonl in run_dir."""
+    run_dir = Path(run_dir)
+    spec = get_method(cfg.method)
+    mcfg = method_config(cfg)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    rank, local_rank, world_size = dist_utils.world()
+    if device.type == "cuda" and world_size > 1:
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    distributed = dist_utils.init(device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    gen = seed_everything(tc.seed)
+    main = rank == 0
+    if main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+
+    train_ds, val_ds = split_train_val(build_dataset(cfg.data, "train"), tc.val_fraction, tc.seed)
+    sampler = DistributedSampler(train_ds, seed=tc.seed) if distributed else None
+    loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
+                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tc.seed),
+                        pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
+    model = spec.Model(mcfg).to(device)
+    opts: dict[str, Any] = dict(spec.optimizers(model, mcfg))
+    if distributed:
+        dist_utils.broadcast_model(model)
+        opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
+
+    start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
+    best_state: dict[str, torch.Tensor] | None = None
+    if resume and (run_dir / "last.ckpt").is_file():
+        ck = load_bundle(run_dir / "last.ckpt")
+        model.load_state_dict(ck["model"])
+        for k, o in opts.items():
+            getattr(o, "opt", o).load_state_dict(ck["train_state"]["optimizers"][k])
+        st = ck["train_state"]
+        start_epoch, it, best = st["epoch"] + 1, st["iters"], st["best"]
+        torch.set_rng_state(st["rng"])
+        if (run_dir / "best.ckpt").is_file():
+            best_state = load_bundle(run_dir / "best.ckpt")["model"]
+
+    log_path = run_dir / "train_log.jsonl"
+    t_start, n_seen = time.perf_counter(), 0
+    total_epochs = tc.epochs
+    if tc.max_iters > 0:
+        total_epochs = min(tc.epochs, math.ceil(tc.max_iters / max(1, len(loader))))
+    for epoch in range(start_epoch, total_epochs):
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        model.train()
+        losses: list[dict[str, float]] = []
+        bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}", leave=False,
+                   disable=not (tc.progress and main))
+        for batch in bar:
+            batch = _to_device(batch, device)
+            with _autocast(device, tc.amp):
+                logs = spec.train_step(model, batch, opts, mcfg, gen)
+            losses.append(logs)
+            n_seen += int(batch["image"].shape[0])
+            it += 1
+            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+            if tc.max_iters and it >= tc.max_iters:
+                break
+        record: dict[str, Any] = {"epoch": epoch, "iters": it,
+                                  **{k: float(np.mean([d[k] for d in losses])) for k in losses[0]}}
+        if val_ds is not None and tc.select == "val_map_mean" and (epoch + 1) % tc.val_every == 0:
+            res = predict(model, val_ds, device, tc.eval_batch_size, keep_maps=False)
+            record["val_map_mean"] = float(res.map_means.mean())
+            if record["val_map_mean"] < best["value"]:
+                best = {"value": record["val_map_mean"], "epoch": epoch}
+                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                if main:
+                    atomic_torch_save(make_bundle(model, cfg, best=best), run_dir / "best.ckpt")
+        if main:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            if (epoch + 1) % tc.ckpt_every == 0 or epoch + 1 == total_epochs:
+                atomic_torch_save(make_bundle(model, cfg, train_state=_state(model, opts, epoch, it, best)),
+                                  run_dir / "last.ckpt")
+        if tc.max_iters and it >= tc.max_iters:
+            break
+    train_seconds = time.perf_counter() - t_start
+
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    model.eval()
+    if main:
+        calib = val_ds if val_ds is not None else train_ds
+        thr, display = thresholds_from_normals(model, calib, device, tc)
+        info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
+                "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
+                "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
+                "device": str(device), "world_size": world_size}
+        atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_dict(), display=display,
+                                                 train_info=info), run_dir / "model.ckpt")
+        atomic_write_text(run_dir / "train_info.json", json.dumps(info, indent=2))
+    if distributed:
+        torch.distributed.barrier()
+    return run_dir

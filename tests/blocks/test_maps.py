@@ -1,0 +1,46 @@
+import numpy as np
+import pytest
+import torch
+from scipy.ndimage import gaussian_filter
+
+from kdad.blocks.maps import AnomalyMapHead, GaussianBlur, cosine_distance, symmetric_indices
+
+
+def test_symmetric_indices_match_scipy_reflect() -> None:
+    # scipy 'reflect' pads d c b a | a b c d | d c b a
+    assert symmetric_indices(4, 3).tolist() == [2, 1, 0, 0, 1, 2, 3, 3, 2, 1]
+
+
+@pytest.mark.parametrize("size", [16, 64, 256])
+def test_blur_matches_scipy_gaussian_filter(size: int) -> None:
+    rng = np.random.default_rng(0)
+    m = rng.random((2, 1, size, size)).astype(np.float32)
+    ours = GaussianBlur(4.0)(torch.from_numpy(m)).numpy()
+    ref = np.stack([gaussian_filter(m[i, 0].astype(np.float64), sigma=4)[None] for i in range(2)])
+    assert ours.shape == m.shape
+    np.testing.assert_allclose(ours, ref, atol=2e-6)
+
+
+def test_cosine_distance_range_and_identity() -> None:
+    a = torch.randn(2, 8, 4, 4)
+    assert torch.allclose(cosine_distance(a, a), torch.zeros(2, 1, 4, 4), atol=1e-6)
+    assert torch.allclose(cosine_distance(a, -a), torch.full((2, 1, 4, 4), 2.0), atol=1e-6)
+
+
+def test_head_sum_vs_mul_and_score_is_max() -> None:
+    t = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    s = [torch.randn(2, 4, 8, 8), torch.randn(2, 6, 4, 4)]
+    for fuse in ("sum", "mul"):
+        out = AnomalyMapHead("cosine", fuse, sigma=0.0)(t, s, (32, 32))
+        assert out.anomaly_map.shape == (2, 1, 32, 32)
+        assert torch.allclose(out.score, out.anomaly_map.flatten(1).amax(1))
+    head = AnomalyMapHead("cosine", "sum", sigma=0.0, align_corners=True)
+    summed = head(t, s, (8, 8)).anomaly_map
+    maps = head.layer_maps(t, s)
+    up = torch.nn.functional.interpolate(maps[1], size=(8, 8), mode="bilinear", align_corners=True)
+    assert torch.allclose(summed, maps[0] + up, atol=1e-6)
+
+
+def test_head_rejects_bad_options() -> None:
+    with pytest.raises(ValueError, match="fuse"):
+        AnomalyMapHead("cosine", "max")  # type: ignore[arg-type]

@@ -1,0 +1,49 @@
+import torch
+
+from kdad.blocks.decoders import generic_decoder, resnet_decoder
+from kdad.blocks.losses import global_cosine_loss, normalized_l2_loss, pixel_cosine_loss
+from kdad.blocks.ocbe import OCBE
+
+
+def _count(m: torch.nn.Module) -> int:
+    return sum(p.numel() for p in m.parameters())
+
+
+def test_wrn50_ocbe_and_decoder_match_rd4ad_sizes() -> None:
+    # REFERENCE §3.1: OCBE 67.28 M incl. 8.39 M unused conv4/bn4 (we do not build those); decoder 24.92 M.
+    ocbe = OCBE([256, 512, 1024], block="bottleneck", num_blocks=3, width_per_group=128)
+    dec = resnet_decoder("wide_resnet50_2", [256, 512, 1024], ocbe.out_channels)
+    assert abs(_count(ocbe) / 1e6 - (67.28 - 8.39)) < 0.01
+    assert abs(_count(dec) / 1e6 - 24.92) < 0.01
+    feats = [torch.randn(1, 256, 16, 16), torch.randn(1, 512, 8, 8), torch.randn(1, 1024, 4, 4)]
+    code = ocbe(feats)
+    assert code.shape == (1, 2048, 2, 2)
+    outs = dec(code)
+    assert [tuple(o.shape[1:]) for o in outs] == [(256, 16, 16), (512, 8, 8), (1024, 4, 4)]
+    assert all((o >= 0).all() for o in outs)  # final ReLU, like the teacher
+
+
+def test_generic_decoder_mirrors_any_channels() -> None:
+    chans = [24, 40, 112]
+    ocbe = OCBE(chans)
+    dec = generic_decoder(chans, ocbe.out_channels)
+    feats = [torch.randn(2, 24, 32, 32), torch.randn(2, 40, 16, 16), torch.randn(2, 112, 8, 8)]
+    outs = dec(ocbe(feats))
+    assert [tuple(o.shape) for o in outs] == [tuple(f.shape) for f in feats]
+
+
+def test_losses_on_hand_checkable_values() -> None:
+    t = [torch.tensor([[1.0, 0.0]]).view(1, 2, 1, 1)]
+    s = [torch.tensor([[0.0, 1.0]]).view(1, 2, 1, 1)]
+    assert torch.isclose(global_cosine_loss(t, s), torch.tensor(1.0))
+    assert torch.isclose(pixel_cosine_loss(t, s), torch.tensor(1.0))
+    assert torch.isclose(normalized_l2_loss(t, s), torch.tensor(2.0))  # ||e1 - e2||^2 = 2, no 1/2 factor
+    assert torch.isclose(global_cosine_loss(t, t), torch.tensor(0.0), atol=1e-6)
+
+
+def test_global_cosine_is_not_per_pixel() -> None:
+    # Two pixels: one identical, one opposite. Per-pixel mean = 1; global flattened cosine differs.
+    t = [torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 2, 1, 2)]
+    s = [torch.tensor([1.0, 0.0, -1.0, 0.0]).view(1, 2, 1, 2)]
+    assert torch.isclose(pixel_cosine_loss(t, s), torch.tensor(1.0))
+    assert torch.isclose(global_cosine_loss(t, s), torch.tensor(1.0))  # vec cos = 0
