@@ -1,4 +1,4 @@
-"""Command-line interface: kdad fit | test | predict | demo | list (see `kdad COMMAND --help`)."""
+"""Command-line interface: kdad fit | test | predict | export | serve | demo | list (`kdad COMMAND --help`)."""
 
 from __future__ import annotations
 
@@ -92,6 +92,32 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from kdad.export import export_onnx, metadata_path, read_metadata
+
+    if args.format != "onnx":  # argparse choices already restrict this; kept for programmatic callers
+        raise KdadError(f"unknown export format {args.format!r}; valid: onnx")
+    path = export_onnx(args.run, args.out, opset=args.opset, exporter=args.exporter, check=not args.no_check)
+    meta = read_metadata(path)
+    parity = meta.get("parity_check") or {}
+    print(f"exported {meta['method']} ({meta['exporter']} exporter, opset {meta['opset']}, "
+          f"input (B, 3, {meta['image_size']}, {meta['image_size']}) RGB [0, 1]): {path}")
+    if parity:
+        print(f"parity vs PyTorch on random batches {parity['batches']}: max |map diff| "
+              f"{parity['max_abs_map_diff']:.2e}, max |score diff| {parity['max_abs_score_diff']:.2e}")
+    print(f"metadata (thresholds, input contract): {metadata_path(path)}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from kdad.predict import make_runner
+    from kdad.serve import serve
+
+    runner = make_runner(args.run, args.backend, args.device, args.threshold)
+    serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from kdad.demo import run_demo
 
@@ -148,6 +174,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch (default for checkpoints) or onnx (default for .onnx files)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("export", help="export a run to ONNX (+ a JSON metadata file beside it)")
+    p.add_argument("run", help="run folder (with model.ckpt) or a .ckpt file")
+    p.add_argument("--format", choices=["onnx"], default="onnx", help="export format (default onnx)")
+    p.add_argument("--out", help="output .onnx path (default RUN/model.onnx); metadata goes to the same name .json")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset (default 17, supported by onnxruntime's CPU EP)")
+    p.add_argument("--exporter", choices=["auto", "torchscript", "dynamo"], default="auto",
+                   help="torch exporter: legacy TorchScript, dynamo (needs onnxscript), or auto (first that works)")
+    p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("serve", help="HTTP API + web page for a run (FastAPI/uvicorn)")
+    p.add_argument("run", help="run folder (with model.ckpt), a .ckpt file, or an exported .onnx")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                   help="torch (default for checkpoints) or onnx (RUN/model.onnx or the given .onnx)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
+    p.add_argument("--threshold", type=float, help="default image threshold overriding the stored one")
+    p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MB (default 20)")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="make a synthetic inspection dataset, train RD, evaluate, write a report")
     p.add_argument("--out", default="kdad_demo", help="folder for the data and the run (default ./kdad_demo)")

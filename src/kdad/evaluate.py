@@ -101,8 +101,18 @@ def compute_metrics(pred: Predictions, pro_limit: float = 0.3) -> dict[str, floa
     from kdad.metrics import evaluate_maps
 
     assert pred.maps is not None and pred.masks is not None
+    from kdad.metrics import image_ap, image_auroc, image_f1_max
+
     keep = pred.has_mask if pred.has_mask is not None else np.ones(len(pred.scores), bool)
-    metrics = evaluate_maps(pred.maps[keep], pred.masks[keep], pred.scores, pred.labels, pro_limit=pro_limit)
+    if keep.all():
+        metrics = evaluate_maps(pred.maps, pred.masks, pred.scores, pred.labels, pro_limit=pro_limit)
+    elif keep.any():  # pixel metrics only over images that have ground truth; image metrics over all
+        metrics = evaluate_maps(pred.maps[keep], pred.masks[keep], pred.scores[keep], pred.labels[keep], pro_limit)
+        metrics.update(image_auroc=image_auroc(pred.scores, pred.labels), image_ap=image_ap(pred.scores, pred.labels),
+                       image_f1_max=image_f1_max(pred.scores, pred.labels)[0])
+    else:
+        metrics = {"image_auroc": image_auroc(pred.scores, pred.labels), "image_ap": image_ap(pred.scores, pred.labels),
+                   "image_f1_max": image_f1_max(pred.scores, pred.labels)[0]}
     return {k: float(v) if isinstance(v, (int, float, np.floating)) else v for k, v in metrics.items()}
 
 
@@ -122,6 +132,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     result: dict[str, Any] = {
         "method": cfg.method, "category": category_name(data), "n_images": int(len(pred.scores)),
         "image_size": data.image_size, "metrics": metrics, "thresholds": thr,
+        "display": bundle.get("display"),
         "protocol": "maps and masks at image_size (masks bilinear-resized, binarised at 0.5); AU-PRO official "
                     "dataset-level @0.3; image label from folder; last/held-out-selected checkpoint",
         "train_info": bundle.get("train_info", {}),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -78,9 +79,23 @@ def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: in
             yield Row(p, s, d), maps[i], batch["image"][i].permute(1, 2, 0).numpy()
 
 
-def out_name(path: str, suffix: str) -> str:
-    """Flattened unique output name for an input path."""
-    stem = Path(path).with_suffix("").as_posix().strip("/").replace("/", "__")
+def common_base(paths: Sequence[Path]) -> Path | None:
+    """The deepest folder holding every path (None for no paths), so output names stay short."""
+    if not paths:
+        return None
+    parents = [str(p.resolve().parent) for p in paths]
+    return Path(os.path.commonpath(parents))
+
+
+def out_name(path: str, suffix: str, base: Path | None = None) -> str:
+    """Flattened unique output name for an input path (relative to `base` when given): a/b/c.png -> a__b__c."""
+    p = Path(path)
+    if base is not None:
+        try:
+            p = p.resolve().relative_to(base)
+        except ValueError:
+            pass
+    stem = p.with_suffix("").as_posix().strip("/").replace("/", "__")
     return f"{stem}{suffix}"
 
 

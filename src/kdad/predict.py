@@ -3,22 +3,38 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from kdad.checkpoint import atomic_write_bytes
-from kdad.infer import Row, expand_inputs, out_name, stream_predictions, write_table
+from kdad.infer import Row, common_base, expand_inputs, out_name, stream_predictions, write_table
 from kdad.visualize import overlay, png_bytes
 
 
-def make_runner(model_path: str, backend: str | None, device: str, threshold: float | None) -> Any:
-    """TorchRunner for checkpoints, OnnxRunner for .onnx graphs (or when backend='onnx')."""
-    path = Path(model_path)
-    if backend == "onnx" or path.suffix == ".onnx":
-        from kdad.export import OnnxRunner
+def make_runner(model_path: str | Path, backend: str | None, device: str = "auto",
+                threshold: float | None = None) -> Any:
+    """TorchRunner for checkpoints, OnnxRunner for .onnx graphs (or when backend='onnx').
 
+    With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
+    """
+    from kdad.errors import KdadError
+
+    path = Path(model_path)
+    if backend not in (None, "torch", "onnx"):
+        raise KdadError(f"unknown backend {backend!r}; valid: torch, onnx")
+    if path.suffix == ".onnx" and backend == "torch":
+        raise KdadError(f"{path} is an ONNX graph; use --backend onnx or give the run folder / .ckpt for torch")
+    if backend == "onnx" or path.suffix == ".onnx":
+        from kdad.export import OnnxRunner, default_onnx_path
+
+        if path.suffix != ".onnx":
+            graph = default_onnx_path(path)
+            if not graph.is_file():
+                raise KdadError(f"no exported graph {graph} for {path}; run `kdad export {path}` first")
+            path = graph
         return OnnxRunner(path, image_threshold=threshold)
     from kdad.runner import TorchRunner
 
@@ -31,17 +47,22 @@ def run_predict(args: argparse.Namespace) -> list[Row]:
     paths = expand_inputs(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.masks and runner.pixel_threshold is None:
+        print("note: the model has no pixel threshold, so no masks are written", file=sys.stderr)
+    base = common_base(paths)
     rows: list[Row] = []
-    for row, amap, image in stream_predictions(runner, paths, runner.image_size, args.batch_size, args.workers):
+    stream = stream_predictions(runner, paths, runner.image_size, args.batch_size, args.workers,
+                                progress=getattr(args, "progress", True))
+    for row, amap, image in stream:
         rows.append(row)
         if amap is None or image is None:
             continue
         if args.overlays:
             rgb = overlay(image, amap, runner.vmin, runner.vmax)
-            atomic_write_bytes(out / "overlays" / out_name(row.path, "_overlay.png"), png_bytes(rgb))
+            atomic_write_bytes(out / "overlays" / out_name(row.path, "_overlay.png", base), png_bytes(rgb))
         if args.masks and runner.pixel_threshold is not None:
             mask = ((amap >= runner.pixel_threshold) * 255).astype(np.uint8)
-            atomic_write_bytes(out / "masks" / out_name(row.path, "_mask.png"), png_bytes(mask))
+            atomic_write_bytes(out / "masks" / out_name(row.path, "_mask.png", base), png_bytes(mask))
     write_table(rows, out)
     n_bad = sum(1 for r in rows if r.error)
     n_anom = sum(1 for r in rows if r.decision == 1)

@@ -39,7 +39,8 @@ PRO_LIMIT = 0.3
 THUMB_SIDE = 256  # gallery images are shown at most this large
 
 _CSS = """
-body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif;margin:24px;color:#222;max-width:1400px}
+body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Arial,sans-serif;margin:24px;color:#222;
+max-width:1400px}
 h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border-bottom:1px solid #ddd}
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
@@ -195,10 +196,11 @@ def _curves_figure(pred: Predictions, metrics: dict[str, Any]) -> tuple[bytes, s
     for name, c, key in (("image", image, "image"), ("pixel", pixel, "pixel")):
         if c is None:
             continue
-        roc.plot(*_thin(c[0], c[1]), label=f"{name} (AUROC {_plain(metrics.get(key + '_auroc'))})")
-        pr.plot(*_thin(c[2], c[3]), label=f"{name} (AP {_plain(metrics.get(key + '_ap'))})")
+        roc.plot(*_thin(c[0], c[1]), label=name + _plain(" AUROC", metrics.get(key + "_auroc")))
+        pr.plot(*_thin(c[2], c[3]), label=name + _plain(" AP", metrics.get(key + "_ap")))
     roc.plot([0, 1], [0, 1], ":", color="#999", lw=1)
-    roc.set(title="ROC", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1), ylim=(0, 1.01))
+    roc.set(title="ROC", xlabel="false positive rate", ylabel="true positive rate", xlim=(0, 1),
+            ylim=(0, 1.01))
     pr.set(title="Precision-recall", xlabel="recall", ylabel="precision", xlim=(0, 1), ylim=(0, 1.01))
     for ax in (roc, pr):
         if image is None and pixel is None:
@@ -206,27 +208,29 @@ def _curves_figure(pred: Predictions, metrics: dict[str, Any]) -> tuple[bytes, s
         else:
             ax.legend(loc="lower right" if ax is roc else "lower left", fontsize=8)
     pro_note = _draw_pro(pro, pred, metrics)
-    note = ("Pixel ROC/PR curves: no image has both a mask and a defect pixel." if pixel is None else
-            f"Pixel ROC/PR curves drawn from {drawn:,} of {total:,} pixels" +
+    note = ("Pixel ROC/PR curves omitted: the masked images lack defect or normal pixels (or no masks)."
+            if pixel is None else f"Pixel ROC/PR curves drawn from {drawn:,} of {total:,} pixels" +
             (f" (seeded uniform sample, seed {SAMPLE_SEED}, to stay fast)" if drawn < total else " (all)"))
     note += f" PRO curve over {pro_note}. Table values are exact, computed over all pixels."
     return _figure_png(fig), note
 
 
-def _plain(value: Any) -> str:
-    return "n/a" if _is_nan(value) else f"{float(value):.3f}"
+def _plain(prefix: str, value: Any) -> str:
+    """Legend suffix ' (prefix value)', empty when the value is unknown."""
+    return "" if _is_nan(value) or not isinstance(value, (int, float)) else f" ({prefix.strip()} {value:.3f})"
 
 
 def _draw_pro(ax: Any, pred: Predictions, metrics: dict[str, Any]) -> str:
     points = _pro_points(pred, MAX_PRO_PIXELS, SAMPLE_SEED)
-    ax.set(title="PRO", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 1), ylim=(0, 1.01))
+    ax.set(title="PRO", xlabel="false positive rate", ylabel="per-region overlap", xlim=(0, 1),
+           ylim=(0, 1.01))
     ax.axvline(PRO_LIMIT, color="red", ls="--", lw=1, label=f"FPR limit {PRO_LIMIT}")
     if points is None:
         _no_data(ax, "undefined: no defect region in the masks")
         return "no image (undefined)"
     fpr, pro, note = points
     x, y = _thin(fpr, pro)
-    ax.plot(x, y, label=f"PRO (AU-PRO@{PRO_LIMIT} {_plain(metrics.get('au_pro'))})")
+    ax.plot(x, y, label="PRO" + _plain(f"AU-PRO@{PRO_LIMIT}", metrics.get("au_pro")))
     inside = x <= PRO_LIMIT
     ax.fill_between(x[inside], y[inside], alpha=0.2)
     ax.legend(loc="lower right", fontsize=8)
@@ -243,7 +247,8 @@ def _histogram_png(pred: Predictions, image_threshold: float | None) -> bytes:
         if sel.size:
             ax.hist(sel, bins=bins, alpha=0.55, color=color, label=f"{name} ({sel.size})")
     if image_threshold is not None and math.isfinite(image_threshold):
-        ax.axvline(image_threshold, color="black", ls="--", lw=1.2, label=f"image threshold {image_threshold:.4g}")
+        ax.axvline(image_threshold, color="black", ls="--", lw=1.2,
+                   label=f"image threshold {image_threshold:.4g}")
     ax.set(title="Image scores", xlabel="anomaly score", ylabel="images")
     ax.legend(fontsize=8)
     return _figure_png(fig)
@@ -292,7 +297,7 @@ def _load_rgb(path: str, hw: tuple[int, int]) -> tuple[np.ndarray, str]:
 def _gallery_row(pred: Predictions, i: int, vmin: float, vmax: float, thr: float | None) -> str:
     assert pred.maps is not None
     amap = pred.maps[i]
-    image, load_note = _load_rgb(pred.paths[i], amap.shape)
+    image, load_note = _load_rgb(pred.paths[i], (int(amap.shape[0]), int(amap.shape[1])))
     heat = overlay(image, amap, vmin, vmax)
     has_mask = pred.masks is not None and (pred.has_mask is None or bool(pred.has_mask[i]))
     if not has_mask:
@@ -302,13 +307,15 @@ def _gallery_row(pred: Predictions, i: int, vmin: float, vmax: float, thr: float
     else:
         truth, truth_note = heat, "ground truth: no defect pixel"
     score = float(pred.scores[i])
-    decision = "" if thr is None else (" ≥ threshold (flagged)" if score >= thr else " < threshold (passed)")
+    decision = "" if thr is None else (" ≥ threshold (flagged)" if score >= thr else " < threshold")
     name = "/".join(Path(pred.paths[i]).parts[-3:])
-    caption = f"{_esc(name)}<br>{_esc(pred.defect_types[i])}, score {score:.4g}{_esc(decision)}{_esc(load_note)}"
+    caption = _esc(f"{pred.defect_types[i]}, score {score:.4g}{decision}{load_note}")
+    caption = f"{_esc(name)}<br>{caption}"
     panels = ((image * 255).astype(np.uint8), heat, truth)
     captions = (caption, f"heatmap, fixed range [{vmin:.3g}, {vmax:.3g}]", _esc(truth_note))
-    figs = "".join(f"<figure>{_img(_thumb(p), c)}<figcaption>{c}</figcaption></figure>"
-                   for p, c in zip(panels, captions))
+    alts = (f"input {name}", f"heatmap {name}", f"ground truth {name}")
+    figs = "".join(f"<figure>{_img(_thumb(p), a)}<figcaption>{c}</figcaption></figure>"
+                   for p, a, c in zip(panels, alts, captions))
     return f'<div class="row">{figs}</div>'
 
 
@@ -331,3 +338,221 @@ def _gallery(pred: Predictions, result: dict[str, Any], max_gallery: int) -> str
         rows = [_gallery_row(pred, int(i), vmin, vmax, thr) for i in idx]
         out.append("".join(rows) if rows else f'<p class="note">{_esc(empty)}.</p>')
     return '<div class="gallery">' + "".join(out) + "</div>"
+
+
+# ------------------------------------------------------------------------------------------- tables
+def _nan_reason(key: str, pred: Predictions) -> str:
+    """Why a metric is undefined, inferred from the predictions."""
+    n_bad = int((pred.labels != 0).sum())
+    if key.startswith("image"):
+        if n_bad == 0:
+            return "no defective test images"
+        return "no good test images" if n_bad == len(pred.labels) else "undefined for these scores"
+    rows = _mask_rows(pred)
+    if rows.size == 0:
+        return "no ground-truth masks" if pred.maps is not None else "anomaly maps were not kept"
+    assert pred.masks is not None
+    if not pred.masks[rows].any():
+        return "no mask has a defect pixel"
+    if pred.masks[rows].all():
+        return "no normal pixel in the masks"
+    return "undefined (see the evaluation warnings)"
+
+
+def _metrics_table(result: dict[str, Any], pred: Predictions) -> str:
+    metrics: dict[str, Any] = result.get("metrics") or {}
+    notes: dict[str, Any] = result.get("metric_notes") or {}
+    keys = list(METRIC_LABELS) + [k for k in metrics if k not in METRIC_LABELS]
+    rows = []
+    for key in keys:
+        value, note = metrics.get(key), str(notes.get(key) or "")
+        if key not in metrics:
+            cell, note = _fmt(None), note or "not computed"
+        elif _is_nan(value):
+            cell, note = _fmt(None), note or _nan_reason(key, pred)
+        else:
+            cell = _fmt(float(value)) if isinstance(value, (int, float)) else _esc(value)
+        rows.append([_esc(METRIC_LABELS.get(key, key)), cell, _esc(note)])
+    return _table(["metric", "value", "note"], rows)
+
+
+def _defect_table(pred: Predictions, image_threshold: float | None) -> str:
+    """Per defect type: count, mean / std score, image AUROC against the good images, share flagged."""
+    from kdad.metrics import MetricWarning, image_auroc
+
+    types = np.asarray(pred.defect_types, dtype=object)
+    good = pred.labels == 0
+    order = sorted(set(pred.defect_types), key=lambda t: (t != "good", t))
+    rows = []
+    for t in order:
+        sel = types == t
+        s = pred.scores[sel].astype(np.float64)
+        auroc = "—"
+        if t != "good":
+            with warnings.catch_warnings():  # no good images: nan, shown as n/a
+                warnings.simplefilter("ignore", MetricWarning)
+                both = sel | good
+                auroc = _fmt(image_auroc(pred.scores[both], (~good)[both].astype(np.int64)))
+        flagged = None if image_threshold is None else float((s >= image_threshold).mean())
+        rows.append([_esc(t), _fmt(int(sel.sum())), _fmt(float(s.mean())), _fmt(float(s.std())),
+                     auroc, _fmt(flagged, 3)])
+    header = ["defect type", "images", "mean score", "std score", "image AUROC vs good",
+              "share flagged at image threshold"]
+    return _table(header, rows)
+
+
+def _header(result: dict[str, Any]) -> str:
+    thr = result.get("thresholds") or {}
+    facts = [("method", result.get("method")), ("category", result.get("category")),
+             ("images", result.get("n_images")), ("image size", result.get("image_size")),
+             ("protocol", result.get("protocol"))]
+    if thr:
+        facts += [("image threshold", thr.get("image")), ("pixel threshold", thr.get("pixel")),
+                  ("threshold source", thr.get("source"))]
+    else:
+        facts.append(("thresholds", "none stored with the model"))
+    info = result.get("train_info") or {}
+    for key, label in (("train_seconds", "train seconds"), ("train_images_per_s", "train images/s")):
+        if key in info:
+            facts.append((label, info[key]))
+    facts += [(f"train {k}".replace("_", " "), v) for k, v in info.items()
+              if k not in ("train_seconds", "train_images_per_s")]
+    return _table(["run", "value"], [[_esc(k), _fmt(v)] for k, v in facts])
+
+
+# ------------------------------------------------------------------------------------------- public
+def write_report(path: Path, result: dict[str, Any], pred: Predictions, max_gallery: int = 8) -> None:
+    """Write a self-contained HTML report of one evaluated run to `path` (atomically).
+
+    result: the metrics.json dict of `evaluate_run` (method, category, n_images, image_size, protocol,
+    metrics, thresholds, train_info); pred: its Predictions, maps (N, H, W) and masks (N, H, W) when
+    kept. max_gallery: rows per gallery section (worst false positives, worst false negatives).
+    Handles sets without defects, without masks and with NaN metrics.
+    """
+    if len(pred.scores) == 0:
+        raise KdadError(f"write_report {path}: the predictions hold no images")
+    metrics = result.get("metrics") or {}
+    thr = (result.get("thresholds") or {}).get("image")
+    image_threshold = None if _is_nan(thr) else float(thr)
+    title = f"kdad report: {result.get('method', '?')} on {result.get('category', '?')}"
+    parts = [f"<h1>{_esc(title)}</h1>", _header(result), "<h2>Metrics</h2>", _metrics_table(result, pred),
+             '<p class="note">F1-max values pick the threshold on the test labels (an oracle).</p>']
+    curves, note = _curves_figure(pred, metrics)
+    parts += ["<h2>Curves</h2>", _img(curves, "ROC, PR and PRO curves"), f'<p class="note">{_esc(note)}</p>']
+    parts += ["<h2>Score histogram</h2>", _img(_histogram_png(pred, image_threshold), "score histogram"),
+              "<h2>Per defect type</h2>", _defect_table(pred, image_threshold),
+              "<h2>Gallery</h2>", _gallery(pred, result, max_gallery)]
+    atomic_write_text(path, _page(title, "".join(parts)))
+
+
+# ------------------------------------------------------------------------------------------- compare
+def _load_run(run_dir: Path) -> dict[str, Any]:
+    path = run_dir / "metrics.json"
+    if not path.is_file():
+        raise KdadError(f"run folder {run_dir} has no metrics.json (run `kdad evaluate {run_dir}` first)")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise KdadError(f"cannot read {path}: {e}") from e
+    if not isinstance(data, dict) or not isinstance(data.get("metrics"), dict):
+        raise KdadError(f"{path} has no 'metrics' object; is it a kdad evaluate output?")
+    return data
+
+
+def _run_names(run_dirs: Sequence[Path]) -> list[str]:
+    """Folder names, widened to parent/name where two runs share a name."""
+    names = [d.name or str(d) for d in run_dirs]
+    return [str(Path(d.parent.name) / d.name) if names.count(n) > 1 else n for d, n in zip(run_dirs, names)]
+
+
+def _as_float(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float("nan")
+
+
+def _method_means(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str, Any]]:
+    """Mean of each metric per method over its categories (finite values only, counted in `n_finite`)."""
+    means = []
+    for method in dict.fromkeys(r["method"] for r in rows):
+        mine = [r for r in rows if r["method"] == method]
+        row: dict[str, Any] = {"run": f"mean of {method}", "method": method,
+                               "category": f"{len({r['category'] for r in mine})} categories", "n_finite": {}}
+        for key in (*keys, "train_images_per_s"):
+            vals = np.array([r[key] for r in mine], dtype=np.float64)
+            finite = vals[np.isfinite(vals)]
+            row[key] = float(finite.mean()) if finite.size else float("nan")
+            row["n_finite"][key] = f"{finite.size}/{vals.size}"
+        means.append(row)
+    return means
+
+
+def _bar_chart_png(series: list[dict[str, Any]], keys: Sequence[str]) -> bytes:
+    fig, (ax,) = _new_figure(1, max(8.0, 1.6 * len(keys) + 0.25 * len(series) * len(keys)), 4.4)
+    width = 0.8 / max(len(series), 1)
+    x = np.arange(len(keys))
+    for j, row in enumerate(series):
+        ax.bar(x + (j - (len(series) - 1) / 2) * width, [row[k] for k in keys], width, label=row["run"])
+    ax.set_xticks(x, [METRIC_LABELS.get(k, k) for k in keys])
+    ax.set(ylim=(0, 1.05), ylabel="value", title="Main metrics (missing bars: n/a)")
+    ax.legend(fontsize=7, ncols=max(1, len(series) // 12 + 1), loc="lower right")
+    return _figure_png(fig)
+
+
+def compare_runs(run_dirs: list[Path], out_path: Path) -> dict[str, Any]:
+    """Compare evaluated runs side by side in one self-contained HTML page at `out_path`.
+
+    Each run folder must hold the metrics.json of `evaluate_run` (else KdadError naming the folder).
+    Returns {"runs": [row, ...], "method_means": [row, ...], "out_path": str}; a row holds run, method,
+    category, every metric and train_images_per_s (NaN when unknown). Method means appear when the runs
+    span several categories.
+    """
+    if not run_dirs:
+        raise KdadError("compare_runs: no run folders given")
+    dirs = [Path(d) for d in run_dirs]
+    runs = [_load_run(d) for d in dirs]
+    extra = dict.fromkeys(k for r in runs for k in r["metrics"] if k not in METRIC_LABELS)
+    keys = [*METRIC_LABELS, *extra]
+    rows = []
+    for name, d, run in zip(_run_names(dirs), dirs, runs):
+        row = {"run": name, "dir": str(d), "method": str(run.get("method", "?")),
+               "category": str(run.get("category", "?"))}
+        row.update({k: _as_float(run["metrics"].get(k)) for k in keys})
+        row["train_images_per_s"] = _as_float((run.get("train_info") or {}).get("train_images_per_s"))
+        rows.append(row)
+    several = len({r["category"] for r in rows}) > 1
+    means = _method_means(rows, keys) if several else []
+    page = _compare_page(rows, means, keys)
+    atomic_write_text(out_path, page)
+    return {"runs": rows, "method_means": means, "out_path": str(out_path)}
+
+
+def _compare_page(rows: list[dict[str, Any]], means: list[dict[str, Any]], keys: Sequence[str]) -> str:
+    finite = {k: [r[k] for r in rows if math.isfinite(r[k])] for k in keys}
+    best = {k: max(v) if v else None for k, v in finite.items()}
+
+    def cells(r: dict[str, Any]) -> list[str]:
+        out = [_esc(r["run"]), _esc(r["method"]), _esc(r["category"])]
+        for k in keys:
+            text = _fmt(r[k])
+            if "n_finite" in r:  # a mean row: say when it averages fewer runs than the method has
+                num, den = r["n_finite"][k].split("/")
+                text += f' <span class="note">({num}/{den})</span>' if num not in ("0", den) else ""
+            elif best[k] is not None and r[k] == best[k]:
+                text = f"<b>{text}</b>"
+            out.append(text)
+        return out + [_fmt(r["train_images_per_s"], 1)]
+
+    header = ["run", "method", "category", *[METRIC_LABELS.get(k, k) for k in keys], "train images/s"]
+    table = _table(header, [cells(r) for r in rows + means], ["" for _ in rows] + ["mean" for _ in means])
+    chart_keys = [k for k in CHART_METRICS if any(math.isfinite(r[k]) for r in rows)]
+    series = means or rows
+    parts = [f"<h1>kdad: comparison of {len(rows)} runs</h1>", table,
+             '<p class="note">Bold: best run per metric. Mean rows average each method over its categories, '
+             "using finite values only ((k/n) marks a mean over k of n runs). F1-max values are oracle "
+             "scores.</p>"]
+    if chart_keys:
+        what = "method means" if means else "runs"
+        parts += [f"<h2>Main metrics ({what})</h2>", _img(_bar_chart_png(series, chart_keys), "bar chart")]
+    return _page("kdad run comparison", "".join(parts))

@@ -20,8 +20,8 @@ from tqdm.auto import tqdm
 from kdad import distributed as dist_utils
 from kdad.checkpoint import atomic_torch_save, atomic_write_text, load_bundle, make_bundle
 from kdad.config import RunConfig, dump_yaml, method_config
-from kdad.data.factory import build_dataset
-from kdad.errors import KdadError
+from kdad.data.factory import build_dataset, category_name
+from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
@@ -50,9 +50,21 @@ def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContext
     return contextlib.nullcontext()
 
 
-def _state(model: nn.Module, opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any]) -> dict[str, Any]:
-    return {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(),
+def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
+    return {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(), "gen": gen.get_state(),
             "optimizers": {k: getattr(o, "opt", o).state_dict() for k, o in opts.items()}}
+
+
+def _texture_bank(cfg: RunConfig, spec: Any) -> Any:
+    """The texture source of methods that synthesise anomalies (None for the others)."""
+    if not spec.needs_textures:
+        return None
+    if not cfg.data.texture_dir:
+        raise ConfigError(f"data.texture_dir is empty: method {cfg.method!r} synthesises anomalies from a folder "
+                          "of texture images (DTD layout), e.g. --set data.texture_dir=../shared/data/dtd/images")
+    from kdad.synthesis import TextureBank
+
+    return TextureBank(cfg.data.texture_dir, cfg.data.image_size)
 
 
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
@@ -76,9 +88,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     train_ds, val_ds = split_train_val(build_dataset(cfg.data, "train"), tc.val_fraction, tc.seed)
+    loader_gen = torch.Generator()  # reseeded every epoch so a resumed run shuffles like an uninterrupted one
     sampler = DistributedSampler(train_ds, seed=tc.seed) if distributed else None
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(tc.seed),
+                        num_workers=cfg.data.num_workers, generator=loader_gen,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     model = spec.Model(mcfg).to(device)
     opts: dict[str, Any] = dict(spec.optimizers(model, mcfg))
@@ -86,6 +99,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         dist_utils.broadcast_model(model)
         opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
 
+    textures = _texture_bank(cfg, spec)
+    category = category_name(cfg.data)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
     best_state: dict[str, torch.Tensor] | None = None
     if resume and (run_dir / "last.ckpt").is_file():
@@ -96,6 +111,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         st = ck["train_state"]
         start_epoch, it, best = st["epoch"] + 1, st["iters"], st["best"]
         torch.set_rng_state(st["rng"])
+        gen.set_state(st["gen"])
         if (run_dir / "best.ckpt").is_file():
             best_state = load_bundle(run_dir / "best.ckpt")["model"]
 
@@ -105,6 +121,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if tc.max_iters > 0:
         total_epochs = min(tc.epochs, math.ceil(tc.max_iters / max(1, len(loader))))
     for epoch in range(start_epoch, total_epochs):
+        loader_gen.manual_seed(tc.seed + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         model.train()
@@ -113,6 +130,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                    disable=not (tc.progress and main))
         for batch in bar:
             batch = _to_device(batch, device)
+            batch["textures"], batch["category"] = textures, category  # for methods that synthesise anomalies
             with _autocast(device, tc.amp):
                 logs = spec.train_step(model, batch, opts, mcfg, gen)
             losses.append(logs)
@@ -135,7 +153,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
             if (epoch + 1) % tc.ckpt_every == 0 or epoch + 1 == total_epochs:
-                atomic_torch_save(make_bundle(model, cfg, train_state=_state(model, opts, epoch, it, best)),
+                atomic_torch_save(make_bundle(model, cfg, train_state=_state(opts, epoch, it, best, gen)),
                                   run_dir / "last.ckpt")
         if tc.max_iters and it >= tc.max_iters:
             break

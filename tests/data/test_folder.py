@@ -72,3 +72,13 @@ def test_corrupt_image_is_named(folders: tuple[Path, Path, Path]) -> None:
     (good / "g1.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(DatasetError, match="g1.png"):
         FolderDataset(good, image_size=8)[1]
+
+
+def test_split_inferred_and_good_dir_optional_for_test(folders: tuple[Path, Path, Path]) -> None:
+    good, bad, masks = folders
+    assert FolderDataset(good).split == "train"
+    inferred = FolderDataset(good, bad, masks, image_size=8)
+    assert inferred.split == "test" and inferred.labels == [0, 0, 0, 1, 1, 1]
+    assert FolderDataset(None, bad, masks, image_size=8).labels == [1, 1, 1]
+    with pytest.raises(DatasetError, match="good_dir"):
+        FolderDataset(None, bad, split="train")

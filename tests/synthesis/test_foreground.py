@@ -62,3 +62,10 @@ def test_grabcut_finds_central_object() -> None:
     images[:, 1:, 16:48, 16:48] = 0.1
     fg = grabcut_foreground(images)
     assert fg[0, 0, 24:40, 24:40].mean() > 0.9 and fg[0, 0, :4].mean() < 0.1
+
+
+def test_per_image_categories() -> None:
+    images = _dark_square_on_white()
+    cfg = SynthesisConfig(foreground={"capsule": "otsu"}, perlin_threshold=-2.0)
+    _, masks = synthesize(images, cfg, torch.Generator().manual_seed(0), _white_bank(), ["capsule", "carpet"])
+    assert masks[0].sum() == 16 * 16 and masks[1].sum() == 32 * 32

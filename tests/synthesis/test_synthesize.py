@@ -47,7 +47,9 @@ def test_perlin_texture_beta_within_range() -> None:
 
 def test_clean_prob_leaves_images_clean() -> None:
     images = torch.rand(6, 3, 32, 32)
-    out, masks = synthesize(images, SynthesisConfig(kind="cutpaste", clean_prob=1.0), torch.Generator().manual_seed(0))
+    out, masks = synthesize(
+        images, SynthesisConfig(kind="cutpaste", clean_prob=1.0), torch.Generator().manual_seed(0)
+    )
     assert masks.sum() == 0 and torch.equal(out, images)
 
 

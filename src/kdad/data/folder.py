@@ -25,30 +25,37 @@ class FolderDataset(SampleDataset):
     """Good images (label 0) and, for the test split, defective images (label 1) from flat folders.
 
     Args:
-        good_dir: folder of defect-free images.
-        bad_dir: folder of defective images; only read when ``split="test"``. Their ``defect_type`` is
-            the folder's name.
+        good_dir: folder of defect-free images; may be None for a test split that has ``bad_dir``.
+        bad_dir: folder of defective images; only read when the split is ``"test"``. Their
+            ``defect_type`` is the folder's name.
         mask_dir: masks of the defective images, matched by stem: ``<stem>_mask.<ext>`` or
             ``<stem>.<ext>``. A defective image without a mask gets a zero mask and ``has_mask=False``.
         image_size: output size, int for a square or (H, W).
-        split: ``"train"`` (good images only) or ``"test"`` (good, then bad images).
+        split: ``"train"`` (good images only) or ``"test"`` (good, then bad images); None (default)
+            means ``"test"`` when ``bad_dir`` is given, else ``"train"``.
     """
 
     def __init__(
         self,
-        good_dir: PathLike,
+        good_dir: PathLike | None,
         bad_dir: PathLike | None = None,
         mask_dir: PathLike | None = None,
         image_size: Size = 256,
-        split: Split = "train",
+        split: Split | None = None,
     ) -> None:
+        if split is None:
+            split = "test" if bad_dir is not None else "train"
         if split not in ("train", "test"):
             raise DatasetError(f"split must be 'train' or 'test', got {split!r}")
-        self.good_dir = Path(good_dir)
+        self.good_dir = Path(good_dir) if good_dir is not None else None
         self.bad_dir = Path(bad_dir) if bad_dir is not None else None
         self.mask_dir = Path(mask_dir) if mask_dir is not None else None
         self.split = split
-        samples = [Sample(p, None, 0, GOOD, True) for p in _images_in(self.good_dir, "good images")]
+        if self.good_dir is None and (split == "train" or self.bad_dir is None):
+            raise DatasetError(f"FolderDataset split {split!r} needs a good_dir (and bad_dir for 'test')")
+        samples = []
+        if self.good_dir is not None:
+            samples = [Sample(p, None, 0, GOOD, True) for p in _images_in(self.good_dir, "good images")]
         if split == "test" and self.bad_dir is not None:
             samples += self._bad_samples(self.bad_dir)
         super().__init__(samples, image_size)
@@ -67,4 +74,6 @@ class FolderDataset(SampleDataset):
         return samples
 
     def __repr__(self) -> str:
-        return f"FolderDataset(good_dir={str(self.good_dir)!r}, split={self.split!r}, n={len(self)})"
+        good = str(self.good_dir) if self.good_dir is not None else None
+        bad = str(self.bad_dir) if self.bad_dir is not None else None
+        return f"FolderDataset(good_dir={good!r}, bad_dir={bad!r}, split={self.split!r}, n={len(self)})"

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from kdad.errors import ConfigError
-from kdad.methods import rd, stfpm
+from kdad.methods import rd, rdpp, stfpm, urd
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
     "rd": rd.SPEC,
     "stfpm": stfpm.SPEC,
+    "rdpp": rdpp.SPEC,
+    "urd": urd.SPEC,
 }
 
 

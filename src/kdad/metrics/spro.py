@@ -115,6 +115,8 @@ def au_spro(
     ``nan`` with a MetricWarning when there is no GT channel or no negative pixel.
     """
     checked = [check_limit(v, "limits") for v in limits]
+    if len(maps) != len(channels):
+        raise ValueError(f"got {len(maps)} maps but channels for {len(channels)} images")
     n_channels = sum(len(c) for c in channels)
     n_union, n_pixels = 0, 0
     for amap, chans in zip(maps, channels):

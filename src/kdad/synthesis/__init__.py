@@ -8,6 +8,7 @@
 Defaults follow the official codes (see docs in each module); paper values are options:
 texture opacity beta in (0.2, 1] (URD/DRAEM code; URD paper eq. 7 says [0.15, 1]: ``BETA_RANGE_PAPER``),
 every sample augmented (``clean_prob=0``; DRAEM used 0.5).
+Outputs are clamped to [0, 1] (kdad's image contract); RD++ adds its simplex noise without clipping.
 
 Example::
 
@@ -18,9 +19,8 @@ Example::
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, fields
-from types import MappingProxyType
 
 import torch
 from torch import Tensor
@@ -42,10 +42,10 @@ __all__ = [
     "BETA_RANGE_CODE",
     "BETA_RANGE_PAPER",
     "KINDS",
-    "SynthesisConfig",
-    "TextureBank",
     "URD_FOREGROUND_MVTEC",
     "URD_FOREGROUND_VISA",
+    "SynthesisConfig",
+    "TextureBank",
     "augment_textures",
     "blend",
     "compute_foreground",
@@ -129,14 +129,16 @@ class SynthesisConfig:
             value = getattr(self, f.name)
             if isinstance(value, list):
                 object.__setattr__(self, f.name, tuple(value))
-        if isinstance(self.foreground, Mapping):
-            object.__setattr__(self, "foreground", MappingProxyType(dict(self.foreground)))
+        if isinstance(self.foreground, Mapping):  # a plain dict copy, so asdict / YAML dumping work
+            object.__setattr__(self, "foreground", dict(self.foreground))
         self._validate()
 
     def _validate(self) -> None:
         def choice(key: str, valid: tuple[str, ...]) -> None:
             if getattr(self, key) not in valid:
-                raise ConfigError(f"synthesis.{key}={getattr(self, key)!r} is not valid; choose one of {valid}")
+                raise ConfigError(
+                    f"synthesis.{key}={getattr(self, key)!r} is not valid; choose one of {valid}"
+                )
 
         choice("kind", KINDS)
         choice("otsu_polarity", OTSU_POLARITIES)
@@ -164,6 +166,25 @@ class SynthesisConfig:
         return fg.get(category, "none") if category is not None else "none"
 
 
+def _foreground(images: Tensor, cfg: SynthesisConfig, category: str | Sequence[str] | None) -> Tensor | None:
+    """(B, 1, H, W) foreground, or None when no image is restricted; one category or one per image."""
+    if category is None or isinstance(category, str):
+        method = cfg.foreground_method(category)
+        return compute_foreground(images, method, cfg.otsu_polarity, cfg.grabcut_iterations)
+    if len(category) != images.shape[0]:
+        raise ConfigError(f"got {len(category)} categories for a batch of {images.shape[0]} images")
+    methods = [cfg.foreground_method(c) for c in category]
+    if all(m == "none" for m in methods):
+        return None
+    fg = torch.ones(images.shape[0], 1, *images.shape[2:], dtype=images.dtype)
+    for method in set(methods) - {"none"}:
+        rows = torch.tensor([m == method for m in methods])
+        part = compute_foreground(images[rows], method, cfg.otsu_polarity, cfg.grabcut_iterations)
+        assert part is not None
+        fg[rows] = part.to(fg.dtype)
+    return fg
+
+
 def _check_images(images: Tensor) -> None:
     if images.ndim != 4 or images.shape[1] != 3:
         raise ConfigError(f"synthesize expects images of shape (B, 3, H, W), got {tuple(images.shape)}")
@@ -174,12 +195,14 @@ def _perlin_texture(
 ) -> tuple[Tensor, Tensor]:
     if textures is None:
         raise ConfigError(
-            "synthesis kind 'perlin_texture' needs a TextureBank: pass textures=TextureBank(cfg.texture_dir, size)"
+            "synthesis kind 'perlin_texture' needs a TextureBank: "
+            "pass textures=TextureBank(cfg.texture_dir, size)"
             f" (synthesis.texture_dir={cfg.texture_dir!r})"
         )
     batch, _, height, width = images.shape
-    masks = perlin_masks(batch, (height, width), gen, cfg.perlin_scale_exp, cfg.perlin_rotation,
-                         cfg.perlin_threshold).to(images.dtype)
+    masks = perlin_masks(
+        batch, (height, width), gen, cfg.perlin_scale_exp, cfg.perlin_rotation, cfg.perlin_threshold
+    ).to(images.dtype)
     tex = textures.sample(batch, gen, (height, width)).to(images.dtype)
     if cfg.texture_augment:
         tex = augment_textures(tex, gen)
@@ -190,10 +213,14 @@ def _perlin_texture(
 
 def _cutpaste(images: Tensor, cfg: SynthesisConfig, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     def normal() -> tuple[Tensor, Tensor]:
-        return cutpaste_normal(images, gen, cfg.cutpaste_area_ratio, cfg.cutpaste_aspect_ratio, cfg.cutpaste_jitter)
+        return cutpaste_normal(
+            images, gen, cfg.cutpaste_area_ratio, cfg.cutpaste_aspect_ratio, cfg.cutpaste_jitter
+        )
 
     def scar() -> tuple[Tensor, Tensor]:
-        return cutpaste_scar(images, gen, cfg.scar_width, cfg.scar_length, cfg.scar_rotation, cfg.cutpaste_jitter)
+        return cutpaste_scar(
+            images, gen, cfg.scar_width, cfg.scar_length, cfg.scar_rotation, cfg.cutpaste_jitter
+        )
 
     if cfg.cutpaste_variant == "normal":
         return normal()
@@ -209,7 +236,7 @@ def synthesize(
     cfg: SynthesisConfig,
     gen: torch.Generator,
     textures: TextureBank | None = None,
-    category: str | None = None,
+    category: str | Sequence[str] | None = None,
     *,
     foreground: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -220,7 +247,8 @@ def synthesize(
         cfg: what to synthesise.
         gen: the only random source; the same seed gives identical outputs.
         textures: required for kind "perlin_texture".
-        category: picks the foreground method when ``cfg.foreground`` is a per-category mapping.
+        category: picks the foreground method when ``cfg.foreground`` is a per-category mapping; one name
+            for the batch, or one per image (multi-class batches).
         foreground: optional precomputed (B, 1, H, W) foreground in {0, 1} (URD computes it once per training
             image; pass it to avoid recomputing GrabCut every step). Overrides the configured method.
 
@@ -239,20 +267,26 @@ def synthesize(
         augmented, masks = _perlin_texture(images, cfg, gen, textures)
     elif cfg.kind == "simplex":
         augmented, masks = simplex_patches(
-            images, gen, _scaled_range(cfg.simplex_size_range, images.shape[-2]), cfg.simplex_amplitude,
-            cfg.simplex_octaves, cfg.simplex_persistence, cfg.simplex_frequency, cfg.simplex_field,
+            images,
+            gen,
+            _scaled_range(cfg.simplex_size_range, images.shape[-2]),
+            cfg.simplex_amplitude,
+            cfg.simplex_octaves,
+            cfg.simplex_persistence,
+            cfg.simplex_frequency,
+            cfg.simplex_field,
             cfg.simplex_seed,
         )
     else:
         augmented, masks = _cutpaste(images, cfg, gen)
 
     if foreground is None:
-        foreground = compute_foreground(
-            images, cfg.foreground_method(category), cfg.otsu_polarity, cfg.grabcut_iterations
-        )
+        foreground = _foreground(images, cfg, category)
     if foreground is not None:
         if foreground.shape != masks.shape:
-            raise ConfigError(f"foreground must have shape {tuple(masks.shape)}, got {tuple(foreground.shape)}")
+            raise ConfigError(
+                f"foreground must have shape {tuple(masks.shape)}, got {tuple(foreground.shape)}"
+            )
         masks = masks * (foreground > 0.5).to(masks.dtype)
     masks = masks * (~keep_clean).to(masks.dtype).view(-1, 1, 1, 1)
     # Clamp: RD++ adds its noise without clipping; kdad's image contract is [0, 1].

@@ -108,7 +108,9 @@ def cutpaste_normal(
     rows = torch.arange(height).view(1, height, 1)
     cols = torch.arange(width).view(1, 1, width)
     v = (batch, 1, 1)
-    inside = (rows >= ty.view(v)) & (rows < (ty + h).view(v)) & (cols >= tx.view(v)) & (cols < (tx + w).view(v))
+    inside = (
+        (rows >= ty.view(v)) & (rows < (ty + h).view(v)) & (cols >= tx.view(v)) & (cols < (tx + w).view(v))
+    )
     patch = _gather_pixels(images, rows - ty.view(v) + fy.view(v), cols - tx.view(v) + fx.view(v))
     mask = inside.unsqueeze(1).to(images.dtype)
     if jitter > 0:

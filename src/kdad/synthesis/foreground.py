@@ -33,8 +33,7 @@ URD_FOREGROUND_MVTEC: Mapping[str, str] = MappingProxyType(
         **{c: "none" for c in ("carpet", "grid", "leather", "tile", "wood", "transistor")},
         **{c: "otsu" for c in ("capsule", "screw")},
         **{
-            c: "grabcut"
-            for c in ("bottle", "cable", "hazelnut", "metal_nut", "pill", "toothbrush", "zipper")
+            c: "grabcut" for c in ("bottle", "cable", "hazelnut", "metal_nut", "pill", "toothbrush", "zipper")
         },
     }
 )
@@ -44,8 +43,18 @@ URD_FOREGROUND_VISA: Mapping[str, str] = MappingProxyType(
     {
         c: "grabcut"
         for c in (
-            "candle", "capsules", "cashew", "chewinggum", "fryum", "macaroni1", "macaroni2",
-            "pcb1", "pcb2", "pcb3", "pcb4", "pipe_fryum",
+            "candle",
+            "capsules",
+            "cashew",
+            "chewinggum",
+            "fryum",
+            "macaroni1",
+            "macaroni2",
+            "pcb1",
+            "pcb2",
+            "pcb3",
+            "pcb4",
+            "pipe_fryum",
         )
     }
 )
@@ -89,7 +98,7 @@ def _border_fraction(mask: np.ndarray) -> float:
     return float(border.mean())
 
 
-def _import_cv2():  # noqa: ANN202 - the module type is only known when OpenCV is installed
+def _import_cv2():
     try:
         import cv2
     except ImportError as exc:

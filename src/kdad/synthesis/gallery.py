@@ -70,12 +70,16 @@ def save_gallery(
         The written path.
     """
     if images.ndim != 4 or images.shape[0] == 0:
-        raise ConfigError(f"save_gallery expects images of shape (B, 3, H, W) with B >= 1, got {tuple(images.shape)}")
+        raise ConfigError(
+            f"save_gallery expects images of shape (B, 3, H, W) with B >= 1, got {tuple(images.shape)}"
+        )
     originals = images[:n].detach().cpu().to(torch.float32)
     if cfg.kind == "perlin_texture" and textures is None:
         if cfg.texture_dir is None:
-            raise ConfigError("synthesis.texture_dir must be set to show kind 'perlin_texture' (or pass textures=)")
-        textures = TextureBank(cfg.texture_dir, tuple(originals.shape[-2:]))
+            raise ConfigError(
+                "synthesis.texture_dir must be set to show kind 'perlin_texture' (or pass textures=)"
+            )
+        textures = TextureBank(cfg.texture_dir, (int(originals.shape[-2]), int(originals.shape[-1])))
     synthetic, masks = synthesize(originals, cfg, torch.Generator().manual_seed(seed), textures, category)
     grid = render_gallery(originals, synthetic, masks)
 

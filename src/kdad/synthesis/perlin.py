@@ -47,7 +47,7 @@ def perlin_noise_2d(
 
     ys = torch.arange(height, dtype=torch.float32).view(1, height, 1).expand(batch, height, width)
     xs = torch.arange(width, dtype=torch.float32).view(1, 1, width).expand(batch, height, width)
-    inside = torch.ones(batch, height, width, dtype=torch.bool)
+    inside: Tensor | None = None
     if angles_deg is not None:
         cy, cx = (height - 1) / 2.0, (width - 1) / 2.0
         theta = torch.deg2rad(angles_deg.to(torch.float32)).view(batch, 1, 1)
@@ -62,17 +62,18 @@ def perlin_noise_2d(
     pos_x = xs * (res[:, 1].view(batch, 1, 1) / width)
     cell_y, cell_x = pos_y.floor(), pos_x.floor()
     frac_y, frac_x = pos_y - cell_y, pos_x - cell_x
-    cy_i, cx_i = cell_y.long(), cell_x.long()
-
-    def corner(oy: int, ox: int) -> Tensor:
-        idx = ((cy_i + oy) * r_max + (cx_i + ox)).reshape(batch, -1, 1).expand(-1, -1, 2)
-        g = torch.gather(grads, 1, idx).reshape(batch, height, width, 2)
-        return g[..., 0] * (frac_y - oy) + g[..., 1] * (frac_x - ox)
-
-    n00, n10, n01, n11 = corner(0, 0), corner(1, 0), corner(0, 1), corner(1, 1)
+    # Gradients at the 4 cell corners (00, 10, 01, 11 as (dy, dx)), gathered in one call per component.
+    base = (cell_y * r_max + cell_x).long().view(batch, 1, height, width)
+    corner_dy = torch.tensor([0.0, 1.0, 0.0, 1.0]).view(1, 4, 1, 1)
+    corner_dx = torch.tensor([0.0, 0.0, 1.0, 1.0]).view(1, 4, 1, 1)
+    idx = (base + (corner_dy * r_max + corner_dx).long()).view(batch, -1)
+    g_y = torch.gather(grads[..., 0], 1, idx).view(batch, 4, height, width)
+    g_x = torch.gather(grads[..., 1], 1, idx).view(batch, 4, height, width)
+    dots = g_y * (frac_y.unsqueeze(1) - corner_dy) + g_x * (frac_x.unsqueeze(1) - corner_dx)
+    n00, n10, n01, n11 = dots.unbind(1)
     ty, tx = _fade(frac_y), _fade(frac_x)
     noise = math.sqrt(2) * torch.lerp(torch.lerp(n00, n10, ty), torch.lerp(n01, n11, ty), tx)
-    return torch.where(inside, noise, torch.zeros_like(noise))
+    return noise if inside is None else torch.where(inside, noise, torch.zeros_like(noise))
 
 
 def perlin_masks(

@@ -25,8 +25,20 @@ _F3 = 1.0 / 3.0
 _G3 = 1.0 / 6.0
 # The 12 edge midpoints of a cube: the classic simplex-noise gradient set.
 _GRAD3 = torch.tensor(
-    [[1, 1, 0], [-1, 1, 0], [1, -1, 0], [-1, -1, 0], [1, 0, 1], [-1, 0, 1],
-     [1, 0, -1], [-1, 0, -1], [0, 1, 1], [0, -1, 1], [0, 1, -1], [0, -1, -1]],
+    [
+        [1, 1, 0],
+        [-1, 1, 0],
+        [1, -1, 0],
+        [-1, -1, 0],
+        [1, 0, 1],
+        [-1, 0, 1],
+        [1, 0, -1],
+        [-1, 0, -1],
+        [0, 1, 1],
+        [0, -1, 1],
+        [0, 1, -1],
+        [0, -1, -1],
+    ],
     dtype=torch.float32,
 )
 
@@ -157,8 +169,11 @@ def simplex_patches(
     rows = torch.arange(height).view(1, height, 1)
     cols = torch.arange(width).view(1, 1, width)
     top_, left_ = top.view(batch, 1, 1), left.view(batch, 1, 1)
-    box = (rows >= top_) & (rows < top_ + hs.view(batch, 1, 1)) & (cols >= left_) & (
-        cols < left_ + ws.view(batch, 1, 1)
+    box = (
+        (rows >= top_)
+        & (rows < top_ + hs.view(batch, 1, 1))
+        & (cols >= left_)
+        & (cols < left_ + ws.view(batch, 1, 1))
     )
     # Each box pixel reads the noise at its position inside the box (top-left crop of the field).
     local_r = (rows - top_).clamp(0, shape[1] - 1)

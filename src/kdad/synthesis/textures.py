@@ -43,7 +43,8 @@ class TextureBank:
         self.paths = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
         if not self.paths:
             raise DatasetError(
-                f"texture folder {str(root)!r} holds no images (looked recursively for {', '.join(IMAGE_SUFFIXES)})"
+                f"texture folder {str(root)!r} holds no images "
+                f"(looked recursively for {', '.join(IMAGE_SUFFIXES)})"
             )
         self.folder: Path | None = root
         self.size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
@@ -53,7 +54,9 @@ class TextureBank:
     def from_tensor(cls, images: Tensor) -> TextureBank:
         """A bank from in-memory textures: (N, 3, H, W) uint8, or float in [0, 1]."""
         if images.ndim != 4 or images.shape[1] != 3 or images.shape[0] == 0:
-            raise DatasetError(f"textures must have shape (N, 3, H, W) with N >= 1, got {tuple(images.shape)}")
+            raise DatasetError(
+                f"textures must have shape (N, 3, H, W) with N >= 1, got {tuple(images.shape)}"
+            )
         if images.dtype != torch.uint8:
             images = (images.clamp(0, 1) * 255).round().to(torch.uint8)
         bank = cls.__new__(cls)
@@ -67,10 +70,14 @@ class TextureBank:
         height, width = self.size
         try:
             with Image.open(path) as img:
-                rgb = img.convert("RGB").resize((width, height), Image.BILINEAR)
+                rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
         except OSError as exc:
             raise DatasetError(f"cannot read texture image {str(path)!r}: {exc}") from exc
-        return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+        return (
+            torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8)
+            .view(height, width, 3)
+            .permute(2, 0, 1)
+        )
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
@@ -84,7 +91,9 @@ class TextureBank:
         idx = torch.randint(self.images.shape[0], (n,), generator=gen)
         tex = self.images[idx].to(torch.float32) / 255.0
         if size is not None and tuple(size) != self.size:
-            tex = F.interpolate(tex, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(0, 1)
+            tex = F.interpolate(tex, size=size, mode="bilinear", align_corners=False, antialias=True).clamp(
+                0, 1
+            )
         return tex
 
 

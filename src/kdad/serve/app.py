@@ -1,0 +1,231 @@
+"""FastAPI app for a loaded runner: JSON API, OpenAPI schema and an offline web page.
+
+`create_app(runner)` takes any object with the runner interface (TorchRunner, OnnxRunner): a call
+images01 (B, 3, S, S) -> (maps (B, S, S), scores (B,)), plus image_threshold, pixel_threshold,
+image_size, vmin, vmax and info(). Nothing here imports training code. Uploads are decoded with the
+same `load_image` as training and `kdad predict`, so the service sees the pixels evaluation saw.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
+from PIL import Image, UnidentifiedImageError
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from kdad import __version__
+from kdad.data.transforms import load_image
+from kdad.visualize import overlay, png_bytes
+
+STATIC_DIR = Path(__file__).parent / "static"
+ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF")
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries and part headers around the file bytes
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Request limits: bytes per image file, decoded pixels per image, files per batch request."""
+
+    max_upload_mb: float = 20.0
+    max_megapixels: float = 50.0
+    max_batch_files: int = 32
+
+    @property
+    def max_file_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    def max_body_bytes(self, path: str) -> int:
+        """Largest request body for a path (a batch may carry max_batch_files images)."""
+        files = self.max_batch_files if path.rstrip("/").endswith("/batch") else 1
+        return files * (self.max_file_bytes + MULTIPART_OVERHEAD)
+
+
+class BodyLimit:
+    """ASGI middleware: 413 before reading a body whose Content-Length is too big, and while streaming one
+    without Content-Length (chunked) as soon as it grows past the limit."""
+
+    def __init__(self, app: ASGIApp, limits: Limits) -> None:
+        self.app, self.limits = app, limits
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT"):
+            await self.app(scope, receive, send)
+            return
+        limit = self.limits.max_body_bytes(scope["path"])
+        headers = dict(scope.get("headers") or [])
+        length = headers.get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            response = JSONResponse({"detail": _too_big_message(int(length), limit)}, status_code=413)
+            await response(scope, receive, send)
+            return
+        received = 0
+
+        async def limited_receive() -> Message:
+            nonlocal received
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > limit:  # FastAPI re-raises HTTPExceptions from body parsing unchanged
+                    raise HTTPException(413, _too_big_message(received, limit))
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+def _too_big_message(size: int, limit: int) -> str:
+    return f"request body of {size / 2**20:.1f} MB exceeds the limit of {limit / 2**20:.1f} MB"
+
+
+def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> torch.Tensor:
+    """Uploaded bytes -> (3, S, S) float32 in [0, 1]; HTTPException 413 (too big), 415 (not an image), 400 (broken).
+
+    The dimensions are read from the header and checked before any pixel is decoded (decompression bombs).
+    """
+    if len(data) > limits.max_file_bytes:
+        raise HTTPException(413, f"{name}: file of {len(data) / 2**20:.1f} MB exceeds the "
+                                 f"{limits.max_upload_mb:g} MB limit")
+    if not data:
+        raise HTTPException(400, f"{name}: empty file")
+    try:
+        with Image.open(io.BytesIO(data)) as im:  # reads the header only
+            fmt, (w, h) = im.format, im.size
+    except Image.DecompressionBombError as e:
+        raise HTTPException(413, f"{name}: image dimensions too large ({e})") from e
+    except UnidentifiedImageError as e:
+        raise HTTPException(415, f"{name}: not a supported image; send PNG, JPEG, BMP or TIFF") from e
+    except Exception as e:
+        raise HTTPException(400, f"{name}: cannot read image header: {type(e).__name__}: {e}") from e
+    if fmt not in ACCEPTED_FORMATS:
+        raise HTTPException(415, f"{name}: image format {fmt} not accepted; send PNG, JPEG, BMP or TIFF")
+    if w * h > limits.max_megapixels * 1e6:
+        raise HTTPException(413, f"{name}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the "
+                                 f"{limits.max_megapixels:g} MP limit (possible decompression bomb); resize it first")
+    try:
+        return load_image(io.BytesIO(data), image_size)  # type: ignore[arg-type]  # PIL opens file objects too
+    except Exception as e:
+        raise HTTPException(400, f"{name}: cannot decode image: {e}") from e
+
+
+def _b64png(array: np.ndarray) -> str:
+    return base64.b64encode(png_bytes(array)).decode("ascii")
+
+
+def result_dict(runner: Any, name: str, score: float, amap: np.ndarray, image01: np.ndarray,
+                threshold: float | None, mask: bool) -> dict[str, Any]:
+    """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64."""
+    decision = None if threshold is None else int(score >= threshold)
+    out: dict[str, Any] = {
+        "filename": name, "score": score, "threshold": threshold, "decision": decision,
+        "label": None if decision is None else ("anomalous" if decision else "normal"),
+        "image_threshold": runner.image_threshold,
+        "heatmap_png_base64": _b64png(overlay(image01, amap, runner.vmin, runner.vmax)),
+    }
+    if mask and runner.pixel_threshold is not None:
+        out["mask_png_base64"] = _b64png(((amap >= runner.pixel_threshold) * 255).astype(np.uint8))
+    return out
+
+
+def model_info(runner: Any, limits: Limits) -> dict[str, Any]:
+    """What GET /info returns: runner facts, thresholds, the input contract, display range and limits."""
+    info = dict(runner.info())
+    size = int(runner.image_size)
+    info.setdefault("input_contract", {
+        "layout": "NCHW", "shape": ["batch", 3, size, size], "dtype": "float32", "color": "RGB", "range": [0.0, 1.0],
+        "resize": f"bilinear (PIL, antialiased) to {size}x{size}", "normalization": "inside the model"})
+    info.update({"image_threshold": runner.image_threshold, "pixel_threshold": runner.pixel_threshold,
+                 "display": {"vmin": runner.vmin, "vmax": runner.vmax}, "limits": asdict(limits),
+                 "accepted_formats": list(ACCEPTED_FORMATS), "kdad_version": __version__,
+                 "score": "raw image score = max of the anomaly map; decision = score >= threshold"})
+    return info
+
+
+def create_app(runner: Any, max_upload_mb: float = 20.0, max_megapixels: float = 50.0,
+               max_batch_files: int = 32, chunk: int = 8) -> FastAPI:
+    """The web app for one runner. Model calls run in the thread pool, one at a time (a lock), so
+    concurrent requests never run two forwards at once; decoding runs in parallel outside the lock."""
+    limits = Limits(max_upload_mb, max_megapixels, max_batch_files)
+    lock = threading.Lock()
+
+    def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        with lock, torch.inference_mode():
+            return runner(images01)
+
+    async def decode(upload: UploadFile) -> torch.Tensor:
+        name = upload.filename or "upload"
+        data = await upload.read(limits.max_file_bytes + 1)
+        return await run_in_threadpool(decode_upload, data, name, int(runner.image_size), limits)
+
+    async def score(images: list[torch.Tensor], names: list[str], threshold: float | None,
+                    mask: bool) -> list[dict[str, Any]]:
+        results: list[dict[str, Any]] = []
+        for i in range(0, len(images), chunk):
+            batch = torch.stack(images[i:i + chunk])
+            maps, scores = await run_in_threadpool(locked_call, batch)
+            for j in range(len(batch)):
+                image01 = batch[j].permute(1, 2, 0).numpy()
+                results.append(await run_in_threadpool(result_dict, runner, names[i + j], float(scores[j]),
+                                                       maps[j], image01, threshold, mask))
+        return results
+
+    app = FastAPI(title="kdad anomaly detection", version=__version__,
+                  description="Score images with a knowledge-distillation anomaly detector. "
+                              "Scores are raw (max of the anomaly map); decision = score >= threshold.")
+    app.add_middleware(BodyLimit, limits=limits)
+
+    def pick_threshold(threshold: float | None) -> float | None:
+        return runner.image_threshold if threshold is None else threshold
+
+    @app.get("/health", summary="liveness")
+    async def health() -> dict[str, Any]:
+        return {"status": "ok", "method": runner.info().get("method"), "backend": runner.info().get("backend")}
+
+    @app.get("/info", summary="model, thresholds and input contract")
+    async def info() -> dict[str, Any]:
+        return model_info(runner, limits)
+
+    @app.post("/predict", summary="score one image")
+    async def predict(file: UploadFile = File(..., description="PNG, JPEG, BMP or TIFF"),
+                      threshold: float | None = Query(None, description="override the stored image threshold"),
+                      mask: bool = Query(False, description="also return a binary mask at the pixel threshold"),
+                      ) -> dict[str, Any]:
+        image = await decode(file)
+        return (await score([image], [file.filename or "upload"], pick_threshold(threshold), mask))[0]
+
+    @app.post("/predict/batch", summary="score several images (bad files become error items)")
+    async def predict_batch(files: list[UploadFile] = File(..., description="several images"),
+                            threshold: float | None = Query(None, description="override the stored threshold"),
+                            mask: bool = Query(False, description="also return binary masks"),
+                            ) -> list[dict[str, Any]]:
+        if len(files) > limits.max_batch_files:
+            raise HTTPException(413, f"{len(files)} files exceed the batch limit of {limits.max_batch_files}")
+        items: list[dict[str, Any] | None] = [None] * len(files)
+        good: list[tuple[int, torch.Tensor]] = []
+        for i, f in enumerate(files):
+            try:
+                good.append((i, await decode(f)))
+            except HTTPException as e:
+                items[i] = {"filename": f.filename, "error": e.detail, "status": e.status_code}
+        scored = await score([t for _, t in good], [files[i].filename or f"upload{i}" for i, _ in good],
+                             pick_threshold(threshold), mask)
+        for (i, _), res in zip(good, scored):
+            items[i] = res
+        return [it for it in items if it is not None]
+
+    @app.get("/", include_in_schema=False)
+    async def index() -> FileResponse:
+        return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    return app
+

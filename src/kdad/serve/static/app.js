@@ -1,0 +1,143 @@
+// kdad web page: upload images to POST /predict, show overlays, re-decide from scores when the threshold moves.
+// Vanilla JS, no external resources, so it works offline.
+"use strict";
+
+const state = { stored: null, threshold: null, cards: [] };  // cards: {score, element}
+const $ = (id) => document.getElementById(id);
+
+function fmt(x) {
+  return x === null || x === undefined ? "–" : Number(x).toPrecision(6);
+}
+
+function setStatus(text, isError) {
+  $("status").textContent = text;
+  $("status").className = isError ? "error" : "";
+}
+
+function sliderMax() {
+  const scores = state.cards.map((c) => c.score);
+  const ref = [state.stored || 0, state.threshold || 0, ...scores];
+  return Math.max(1e-6, 2 * (state.stored || 0), 1.2 * Math.max(...ref));
+}
+
+function syncSlider() {
+  const slider = $("threshold");
+  const max = sliderMax();
+  slider.max = String(max);
+  slider.step = String(max / 2000);
+  if (state.threshold !== null) {
+    slider.value = String(state.threshold);
+    $("threshold-number").value = String(state.threshold);
+  }
+}
+
+function decide(card) {
+  const el = card.element;
+  const dec = el.querySelector(".decision");
+  el.querySelector(".card-threshold").textContent = fmt(state.threshold);
+  const max = sliderMax();
+  el.querySelector(".bar-score").style.width = `${Math.min(100, (100 * card.score) / max)}%`;
+  const bar = el.querySelector(".bar-threshold");
+  bar.style.display = state.threshold === null ? "none" : "block";
+  bar.style.left = `${Math.min(100, (100 * (state.threshold || 0)) / max)}%`;
+  if (state.threshold === null) {
+    dec.textContent = "no threshold (set one with the slider)";
+    dec.className = "decision";
+    el.dataset.decision = "";
+    return;
+  }
+  const anomalous = card.score >= state.threshold;
+  dec.textContent = anomalous ? "ANOMALOUS" : "normal";
+  dec.className = `decision ${anomalous ? "anomalous" : "normal"}`;
+  el.dataset.decision = anomalous ? "1" : "0";
+}
+
+function setThreshold(value) {
+  if (!Number.isFinite(value)) return;
+  state.threshold = value;
+  syncSlider();
+  state.cards.forEach(decide);
+}
+
+function addCard(name, result) {
+  const el = $("card-template").content.firstElementChild.cloneNode(true);
+  el.querySelector(".name").textContent = name;
+  if (result.error) {
+    el.querySelector(".overlay").remove();
+    el.querySelector(".facts").innerHTML = "";
+    const msg = document.createElement("div");
+    msg.className = "error";
+    msg.textContent = `${name}: ${result.error}`;
+    el.querySelector(".facts").appendChild(msg);
+    $("results").prepend(el);
+    return;
+  }
+  el.querySelector(".overlay").src = `data:image/png;base64,${result.heatmap_png_base64}`;
+  const scoreEl = el.querySelector(".score");
+  scoreEl.textContent = fmt(result.score);
+  scoreEl.dataset.score = String(result.score);
+  el.dataset.score = String(result.score);
+  const card = { score: result.score, element: el };
+  state.cards.push(card);
+  $("results").prepend(el);
+  syncSlider();
+  state.cards.forEach(decide);
+}
+
+async function upload(files) {
+  const list = Array.from(files).filter((f) => f.size >= 0);
+  for (let i = 0; i < list.length; i++) {
+    const file = list[i];
+    setStatus(`scoring ${file.name} (${i + 1}/${list.length})…`, false);
+    const form = new FormData();
+    form.append("file", file, file.name);
+    try {
+      const response = await fetch("/predict", { method: "POST", body: form });
+      const body = await response.json().catch(() => ({ detail: response.statusText }));
+      if (!response.ok) {
+        addCard(file.name, { error: `${response.status}: ${body.detail || response.statusText}` });
+        continue;
+      }
+      addCard(file.name, body);
+    } catch (err) {
+      addCard(file.name, { error: String(err) });
+    }
+  }
+  setStatus(`${state.cards.length} image(s) scored`, false);
+}
+
+async function loadInfo() {
+  try {
+    const info = await (await fetch("/info")).json();
+    state.stored = info.image_threshold;
+    state.threshold = info.image_threshold;
+    $("stored-threshold").textContent = fmt(info.image_threshold);
+    $("model-info").textContent = `${info.method} · ${info.backend} · input ${info.image_size}×${info.image_size} RGB ` +
+      `in [0, 1] · pixel threshold ${fmt(info.pixel_threshold)}`;
+    syncSlider();
+  } catch (err) {
+    $("model-info").textContent = `cannot load /info: ${err}`;
+  }
+}
+
+function wire() {
+  const drop = $("drop");
+  $("file-input").addEventListener("change", (e) => upload(e.target.files));
+  ["dragenter", "dragover"].forEach((t) => drop.addEventListener(t, (e) => {
+    e.preventDefault();
+    drop.classList.add("over");
+  }));
+  ["dragleave", "drop"].forEach((t) => drop.addEventListener(t, (e) => {
+    e.preventDefault();
+    drop.classList.remove("over");
+  }));
+  drop.addEventListener("drop", (e) => upload(e.dataTransfer.files));
+  $("threshold").addEventListener("input", (e) => setThreshold(parseFloat(e.target.value)));
+  $("threshold-number").addEventListener("change", (e) => setThreshold(parseFloat(e.target.value)));
+  $("threshold-reset").addEventListener("click", () => {
+    if (state.stored !== null) setThreshold(state.stored);
+  });
+}
+
+wire();
+loadInfo();

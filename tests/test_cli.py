@@ -1,0 +1,39 @@
+"""CLI: help texts, print-config, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from kdad.cli import build_parser, main
+
+
+def test_every_option_has_help() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if a.dest == "command")
+    for name, p in sub.choices.items():  # type: ignore[union-attr]
+        for action in p._actions:
+            if action.dest != "help":
+                assert action.help, f"kdad {name} {action.option_strings or action.dest} has no help"
+
+
+def test_print_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--preset", "rd_cpu", "--set", "train.epochs=3", "--print-config"]) == 0
+    out = capsys.readouterr().out
+    assert "epochs: 3" in out and "efficientnet_lite0" in out
+
+
+def test_user_error_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["fit", "--preset", "rd_cpu", "--set", "train.bogus=1"]) == 2
+    err = capsys.readouterr().err
+    assert "bogus" in err and "valid keys" in err
+
+
+def test_missing_data_root_is_reported(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    assert main(["fit", "--preset", "rd_cpu", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "r")]) == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_list(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    assert "rd" in out and "stfpm" in out and "rd_paper" in out

@@ -1,0 +1,210 @@
+"""HTML reports: self-contained single-run report (edge cases included) and run comparison."""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdad.errors import KdadError
+from kdad.evaluate import Predictions
+from kdad.report import _curves, compare_runs, write_report
+
+SIZE = 32
+METRIC_NAMES = ("Image AUROC", "Image AP", "Image F1-max", "Pixel AUROC", "Pixel AP", "Pixel F1-max",
+                "AU-PRO")
+
+
+def _fake_predictions(root: Path, n_good: int = 4, n_bad: int = 3, with_masks: bool = True) -> Predictions:
+    """Tiny MVTec-like test set on disk (PNG files) with random maps; defects get brighter regions."""
+    rng = np.random.default_rng(0)
+    paths, types, labels = [], [], []
+    maps = rng.random((n_good + n_bad, SIZE, SIZE)).astype(np.float32) * 0.5
+    masks = np.zeros((n_good + n_bad, SIZE, SIZE), bool)
+    for i in range(n_good + n_bad):
+        kind = "good" if i < n_good else ("scratch" if i % 2 else "crack")
+        folder = root / "bottle" / "test" / kind
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{i:03d}.png"
+        Image.fromarray(rng.integers(0, 255, (SIZE + 8, SIZE + 8, 3), dtype=np.uint8)).save(path)
+        paths.append(str(path))
+        types.append(kind)
+        labels.append(int(kind != "good"))
+        if kind != "good":
+            y, x = rng.integers(2, SIZE - 10, size=2)
+            masks[i, y : y + 8, x : x + 8] = True
+            maps[i][masks[i]] += 0.4 + 0.1 * i
+    scores = maps.reshape(len(maps), -1).max(axis=1)
+    has_mask = np.full(len(maps), with_masks)
+    return Predictions(scores=scores, labels=np.array(labels, np.int64), paths=paths, defect_types=types,
+                       map_means=maps.mean(axis=(1, 2)), maps=maps, masks=masks, has_mask=has_mask)
+
+
+def _result(pred: Predictions, metrics: dict[str, float] | None = None) -> dict:
+    from kdad.evaluate import compute_metrics
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # undefined metrics warn; here they are the point
+        computed = compute_metrics(pred) if metrics is None else metrics
+    thresholds = {"image": 0.7, "pixel": 0.45, "source": "normal-image quantiles"}
+    train_info = {"train_seconds": 12.5, "train_images_per_s": 40.0}
+    return {"method": "rd4ad", "category": "bottle", "n_images": len(pred.scores), "image_size": SIZE,
+            "metrics": computed, "thresholds": thresholds, "protocol": "test protocol string",
+            "train_info": train_info}
+
+
+def _assert_self_contained(text: str) -> None:
+    assert "data:image/png;base64," in text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", text)
+    assert "http://" not in text and "https://" not in text
+    assert "<script" not in text.lower()
+
+
+def test_report_full(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data")
+    result = _result(pred)
+    out = tmp_path / "run" / "report.html"
+    write_report(out, result, pred)
+    text = out.read_text()
+    _assert_self_contained(text)
+    for name in METRIC_NAMES:
+        assert name in text
+    assert "Worst false positives" in text and "Worst false negatives" in text
+    assert text.count('<div class="row">') == 7  # 4 good + 3 defective images, all within max_gallery
+    assert "scratch" in text and "crack" in text and "rd4ad" in text and "test protocol string" in text
+    assert "train images/s" in text and "normal-image quantiles" in text
+    assert "ground truth outlined" in text
+    assert not list(out.parent.glob(".*.tmp"))  # atomic write leaves no temporary file
+
+
+def test_report_gallery_limit_and_missing_image(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data")
+    good = np.flatnonzero(pred.labels == 0)
+    Path(pred.paths[good[np.argmax(pred.scores[good])]]).unlink()  # the worst false positive
+    write_report(tmp_path / "r.html", _result(pred), pred, max_gallery=2)
+    text = (tmp_path / "r.html").read_text()
+    assert text.count('<div class="row">') == 4
+    assert "image not loaded" in text
+
+
+def test_report_no_defects(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data", n_bad=0)
+    result = _result(pred)
+    assert np.isnan(result["metrics"]["image_auroc"]) and np.isnan(result["metrics"]["au_pro"])
+    write_report(tmp_path / "r.html", result, pred)
+    text = (tmp_path / "r.html").read_text()
+    _assert_self_contained(text)
+    assert "n/a" in text and "no defective test images" in text and "no mask has a defect pixel" in text
+    assert "no defective images in the test set" in text
+
+
+def test_report_no_masks(tmp_path: Path) -> None:
+    from kdad.metrics import image_auroc
+
+    pred = _fake_predictions(tmp_path / "data", with_masks=False)
+    # compute_metrics cannot take has_mask all False yet (evaluate_maps gets 0 maps for N scores)
+    metrics = {"image_auroc": image_auroc(pred.scores, pred.labels), "pixel_auroc": float("nan"),
+               "au_pro": float("nan")}
+    result = _result(pred, metrics)
+    write_report(tmp_path / "r.html", result, pred)
+    text = (tmp_path / "r.html").read_text()
+    _assert_self_contained(text)
+    assert "no ground-truth masks" in text and "no ground-truth mask" in text
+    assert "ground truth outlined" not in text
+
+
+def test_report_without_maps(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data")
+    result = _result(pred)
+    pred.maps, pred.masks, pred.has_mask = None, None, None
+    write_report(tmp_path / "r.html", result, pred)
+    text = (tmp_path / "r.html").read_text()
+    _assert_self_contained(text)
+    assert "no gallery" in text
+
+
+def test_report_nan_metric_and_no_thresholds(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data")
+    result = _result(pred)
+    result["metrics"]["au_pro"] = float("nan")
+    result["metric_notes"] = {"au_pro": "skipped on purpose"}
+    result["thresholds"] = {}
+    write_report(tmp_path / "r.html", result, pred)
+    text = (tmp_path / "r.html").read_text()
+    assert "skipped on purpose" in text and "none stored with the model" in text
+    assert "percentile of test pixels" in text  # colour range without a stored pixel threshold
+
+
+def test_report_subsamples_pixels(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdad.report
+
+    monkeypatch.setattr(kdad.report, "MAX_CURVE_PIXELS", 1000)
+    monkeypatch.setattr(kdad.report, "MAX_PRO_PIXELS", 3 * SIZE * SIZE)
+    pred = _fake_predictions(tmp_path / "data")
+    write_report(tmp_path / "r.html", _result(pred), pred)
+    text = (tmp_path / "r.html").read_text()
+    assert "1,000 of 7,168 pixels" in text and "seeded uniform sample" in text
+    assert "a seeded subset of 3 of the images" in text
+
+
+def test_curves_match_sklearn() -> None:
+    metrics = pytest.importorskip("sklearn.metrics")
+    rng = np.random.default_rng(1)
+    scores = rng.integers(0, 20, 300).astype(np.float64)  # many ties
+    labels = rng.random(300) < 0.3
+    fpr, tpr, recall, precision = _curves(scores, labels)
+    area = float(np.sum(np.diff(fpr) * (tpr[1:] + tpr[:-1]) / 2))
+    assert area == pytest.approx(metrics.roc_auc_score(labels, scores))
+    ap = float(np.sum(np.diff(recall) * precision[1:]))
+    assert ap == pytest.approx(metrics.average_precision_score(labels, scores))
+    assert _curves(scores, np.zeros(300, bool)) is None
+
+
+def _fake_run(folder: Path, method: str, category: str, auroc: float, nan_pro: bool = False) -> Path:
+    folder.mkdir(parents=True)
+    metrics = {"image_auroc": auroc, "image_ap": 0.9, "image_f1_max": 0.8, "pixel_auroc": 0.95,
+               "pixel_ap": 0.5, "pixel_f1_max": 0.55, "au_pro": float("nan") if nan_pro else 0.9}
+    result = {"method": method, "category": category, "n_images": 10, "image_size": 256, "metrics": metrics,
+              "thresholds": {}, "train_info": {"train_images_per_s": 50.0}}
+    (folder / "metrics.json").write_text(json.dumps(result))
+    return folder
+
+
+def test_compare_runs(tmp_path: Path) -> None:
+    runs = [_fake_run(tmp_path / "a", "rd4ad", "bottle", 0.99),
+            _fake_run(tmp_path / "b", "stpm", "bottle", 0.97)]
+    out = tmp_path / "cmp" / "compare.html"
+    summary = compare_runs(runs, out)
+    text = out.read_text()
+    _assert_self_contained(text)
+    assert [r["run"] for r in summary["runs"]] == ["a", "b"]
+    assert summary["method_means"] == []  # one category: no mean rows
+    assert "rd4ad" in text and "stpm" in text and "Image AUROC" in text and "train images/s" in text
+    assert "<b>0.9900</b>" in text
+
+
+def test_compare_runs_means_over_categories(tmp_path: Path) -> None:
+    runs = [_fake_run(tmp_path / "r1", "rd4ad", "bottle", 1.0),
+            _fake_run(tmp_path / "r2", "rd4ad", "cable", 0.9, nan_pro=True),
+            _fake_run(tmp_path / "r3", "stpm", "bottle", 0.8),
+            _fake_run(tmp_path / "r4", "stpm", "cable", 0.6)]
+    summary = compare_runs(runs, tmp_path / "c.html")
+    means = {m["method"]: m for m in summary["method_means"]}
+    assert means["rd4ad"]["image_auroc"] == pytest.approx(0.95)
+    assert means["stpm"]["image_auroc"] == pytest.approx(0.7)
+    assert means["rd4ad"]["au_pro"] == pytest.approx(0.9)  # the NaN run is left out, and flagged
+    text = (tmp_path / "c.html").read_text()
+    assert "mean of rd4ad" in text and "(1/2)" in text and "n/a" in text
+
+
+def test_compare_runs_missing_metrics(tmp_path: Path) -> None:
+    good = _fake_run(tmp_path / "ok", "rd4ad", "bottle", 0.9)
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(KdadError, match="empty_run.*metrics.json"):
+        compare_runs([good, tmp_path / "empty_run"], tmp_path / "c.html")
+    assert not (tmp_path / "c.html").exists()

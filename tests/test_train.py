@@ -1,0 +1,87 @@
+"""The engine: fit, checkpoints (atomic, weights_only), resume, held-out selection, thresholds."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.config import load_config
+from kdad.data.demo import make_demo_dataset
+from kdad.errors import KdadError
+from kdad.evaluate import evaluate_run
+from kdad.train import fit
+
+TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
+        "train.progress=false", "train.eval_batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "d", n_train=12, n_test_good=4, n_test_bad=4,
+                             size=64, kind="object")
+
+
+def test_fit_writes_bundle_and_loads_weights_only(demo_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.epochs=2", *TINY])
+    run = fit(cfg, tmp_path / "run")
+    for name in ("config.yaml", "last.ckpt", "model.ckpt", "train_log.jsonl", "train_info.json"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob(".*.tmp"))  # atomic writes leave no temporaries
+    raw = torch.load(run / "model.ckpt", weights_only=True)
+    assert raw["method"] == "rd" and raw["thresholds"]["image"] > 0
+    model, cfg2 = model_from_bundle(load_bundle(run))
+    assert cfg2.train.epochs == 2
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1]
+    result = evaluate_run(run, report=False)
+    assert set(result["metrics"]) >= {"image_auroc", "pixel_auroc", "au_pro"}
+    assert (run / "scores.csv").is_file()
+
+
+def test_resume_continues_from_last_checkpoint(demo_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.epochs=1", *TINY])
+    run = fit(cfg, tmp_path / "run")
+    cfg2 = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.epochs=3", *TINY])
+    fit(cfg2, run, resume=True)
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+
+
+def test_resume_matches_uninterrupted_run(demo_root: Path, tmp_path: Path) -> None:
+    over = [f"data.root={demo_root}", *TINY, "train.val_fraction=0"]
+    full = fit(load_config("rd_cpu", [], over + ["train.epochs=2"]), tmp_path / "full")
+    part = fit(load_config("rd_cpu", [], over + ["train.epochs=1"]), tmp_path / "part")
+    fit(load_config("rd_cpu", [], over + ["train.epochs=2"]), part, resume=True)
+    a = load_bundle(full)["model"]
+    b = load_bundle(part)["model"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_held_out_selection_keeps_best_epoch(demo_root: Path, tmp_path: Path) -> None:
+    over = [f"data.root={demo_root}", "train.epochs=3", "train.val_fraction=0.25", "train.select=val_map_mean",
+            "method=stfpm", "model.lr=0.01"]
+    cfg = load_config("stfpm_cpu", [], over + TINY)
+    run = fit(cfg, tmp_path / "run")
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    best_epoch = min(log, key=lambda r: r["val_map_mean"])["epoch"]
+    info = json.loads((run / "train_info.json").read_text())
+    assert info["selected_epoch"] == best_epoch
+    assert (run / "best.ckpt").is_file()
+
+
+def test_val_fraction_too_large_is_an_error(demo_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.val_fraction=1.0", *TINY])
+    with pytest.raises(KdadError, match="val_fraction"):
+        fit(cfg, tmp_path / "run")
+
+
+def test_corrupt_checkpoint_names_file(tmp_path: Path) -> None:
+    bad = tmp_path / "model.ckpt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(KdadError, match="model.ckpt"):
+        load_bundle(bad)
