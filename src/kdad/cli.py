@@ -25,6 +25,9 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--method", help="shortcut for --set method=NAME")
     g.add_argument("--data", metavar="DIR", help="shortcut for --set data.root=DIR (an MVTec-layout category folder)")
     g.add_argument("--device", help="shortcut for --set train.device=DEV (auto, cpu, cuda, cuda:1)")
+    g.add_argument("--categories", metavar="A,B,C",
+                   help="several categories (names under --data, or folder paths): one model over all of them "
+                        "(multi-class), unless `fit --per-category` trains one model each")
     g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
 
@@ -38,6 +41,9 @@ def _config_from_args(args: argparse.Namespace):  # noqa: ANN202
         overrides.append(f"data.root={args.data}")
     if args.device:
         overrides.append(f"train.device={args.device}")
+    if getattr(args, "categories", None):
+        names = [c.strip() for c in args.categories.split(",") if c.strip()]
+        overrides.append("data.categories=" + json.dumps(names))
     return load_config(args.preset, args.config, overrides)
 
 
@@ -55,13 +61,21 @@ def cmd_fit(args: argparse.Namespace) -> int:
         print(dump_yaml(cfg), end="")
         return 0
     run_dir = Path(args.out) if args.out else _default_run_dir(cfg.method, cfg.data.root or cfg.data.good_dir)
-    fit(cfg, run_dir, resume=args.resume)
-    print(f"trained {cfg.method}: {run_dir / 'model.ckpt'}")
-    if args.test:
-        from kdad.evaluate import evaluate_run
+    jobs = [(cfg, run_dir)]
+    if args.per_category and cfg.data.categories:
+        import dataclasses
 
-        res = evaluate_run(run_dir, device=cfg.train.device)
-        print(json.dumps(res["metrics"], indent=2))
+        from kdad.data.factory import category_configs
+
+        jobs = [(dataclasses.replace(cfg, data=c), run_dir / c.category) for c in category_configs(cfg.data)]
+    for job_cfg, job_dir in jobs:
+        fit(job_cfg, job_dir, resume=args.resume)
+        print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
+        if args.test:
+            from kdad.evaluate import evaluate_run
+
+            res = evaluate_run(job_dir, device=job_cfg.train.device)
+            print(json.dumps(res["metrics"], indent=2))
     return 0
 
 
@@ -125,6 +139,33 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from kdad.report import compare_runs
+
+    out = Path(args.out)
+    compare_runs([Path(r) for r in args.runs], out)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_synth_gallery(args: argparse.Namespace) -> int:
+    from kdad.data.factory import build_dataset
+    from kdad.synthesis import SynthesisConfig, TextureBank
+    from kdad.synthesis.gallery import save_gallery
+    import torch
+
+    cfg = _config_from_args(args)
+    ds = build_dataset(cfg.data, "train")
+    n = min(args.n, len(ds))  # type: ignore[arg-type]
+    images = torch.stack([ds[i]["image"] for i in range(n)])
+    scfg = SynthesisConfig(kind=args.kind, texture_dir=cfg.data.texture_dir or "")
+    bank = TextureBank(cfg.data.texture_dir, cfg.data.image_size) if args.kind == "perlin_texture" else None
+    path = save_gallery(images, scfg, Path(args.out), n=n, seed=cfg.train.seed, textures=bank,
+                        category=args.category)
+    print(f"wrote {path}")
+    return 0
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from kdad.config import list_presets
     from kdad.methods import METHODS
@@ -150,6 +191,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<method>_<data>_<time>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/last.ckpt if present")
     p.add_argument("--test", action="store_true", help="evaluate on the test split right after training")
+    p.add_argument("--per-category", action="store_true",
+                   help="with --categories: train one model per category into <out>/<category> (one-class mode)")
     p.set_defaults(func=cmd_fit)
 
     p = sub.add_parser("test", help="evaluate a run: metrics.json, scores.csv, report.html")
@@ -202,6 +245,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="override the demo preset's epochs")
     p.add_argument("--device", help="auto, cpu, cuda")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("report", help="compare several tested runs side by side in one HTML page")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run folders that contain metrics.json")
+    p.add_argument("--out", default="comparison.html", help="output HTML file (default comparison.html)")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("synth-gallery", help="save a PNG grid of synthetic anomalies with their masks")
+    _add_config_options(p)
+    p.add_argument("--kind", choices=["perlin_texture", "simplex", "cutpaste"], default="perlin_texture",
+                   help="synthesis kind (default perlin_texture; it needs data.texture_dir)")
+    p.add_argument("--category", help="category name selecting the foreground rule (e.g. bottle)")
+    p.add_argument("-n", type=int, default=8, help="number of training images shown (default 8)")
+    p.add_argument("--out", default="synthesis_gallery.png", help="output PNG (default synthesis_gallery.png)")
+    p.set_defaults(func=cmd_synth_gallery)
 
     p = sub.add_parser("list", help="list methods and presets")
     p.set_defaults(func=cmd_list)

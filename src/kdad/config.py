@@ -27,6 +27,8 @@ class DataConfig:
     root: str = ""  # MVTec-layout category folder (train/, test/, ground_truth/)
     format: str = "mvtec"  # "mvtec" | "folder"
     category: str = ""  # name used in reports (defaults to the root's folder name)
+    categories: list[str] = field(default_factory=list)  # multi-class: one model over these (names under root, or paths)
+    balanced: bool = True  # multi-class: sample every category equally often whatever its size
     image_size: int = 256
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
@@ -34,6 +36,9 @@ class DataConfig:
     test_good_dir: str = ""  # folder format: normal test images
     texture_dir: str = ""  # texture source for anomaly synthesis (DTD layout)
     num_workers: int = 0
+    split_file: str = ""  # visa: split CSV (default split_csv/1cls.csv); realiad: JSON or its folder
+    view: str = ""  # realiad: cameras to use, e.g. "C1" or "C1,C3" (empty = all five)
+    val_split: str = ""  # a split of held-out normals for thresholds/selection, e.g. "validation" (mvtec_ad2)
 
 
 @dataclass

@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from kdad.checkpoint import atomic_write_text, load_bundle, model_from_bundle
 from kdad.config import DataConfig, TrainConfig
-from kdad.data.factory import build_dataset, category_name
+from kdad.data.factory import dataset_parts
 from kdad.seed import resolve_device
 
 
@@ -85,14 +85,15 @@ def display_range(pixel_threshold: float, maps: np.ndarray | None = None) -> dic
     return {"vmin": vmin, "vmax": max(2 * pixel_threshold - vmin, vmin + 1e-6)}
 
 
-def write_scores_csv(path: Path, pred: Predictions, image_threshold: float | None) -> None:
-    """Per-image scores (and decisions at the stored threshold) as CSV, written atomically."""
+def write_scores_csv(path: Path, preds: dict[str, Predictions], image_threshold: float | None) -> None:
+    """Per-image scores (and decisions at the stored threshold) per category as CSV, written atomically."""
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "defect_type", "label", "score", "decision"])
-    for p, t, lab, s in zip(pred.paths, pred.defect_types, pred.labels, pred.scores):
-        decision = "" if image_threshold is None else int(s >= image_threshold)
-        w.writerow([p, t, int(lab), f"{float(s):.6g}", decision])
+    w.writerow(["category", "path", "defect_type", "label", "score", "decision"])
+    for cat, pred in preds.items():
+        for p, t, lab, s in zip(pred.paths, pred.defect_types, pred.labels, pred.scores):
+            decision = "" if image_threshold is None else int(s >= image_threshold)
+            w.writerow([cat, p, t, int(lab), f"{float(s):.6g}", decision])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -116,33 +117,58 @@ def compute_metrics(pred: Predictions, pro_limit: float = 0.3) -> dict[str, floa
     return {k: float(v) if isinstance(v, (int, float, np.floating)) else v for k, v in metrics.items()}
 
 
+def _mean_metrics(per_category: dict[str, dict[str, Any]]) -> dict[str, float]:
+    """Mean of each metric over categories (NaN-aware: a category without the metric is left out)."""
+    keys = sorted({k for r in per_category.values() for k in r["metrics"]})
+    out = {}
+    for k in keys:
+        vals = [r["metrics"].get(k) for r in per_category.values()]
+        vals = [float(v) for v in vals if isinstance(v, (int, float)) and not np.isnan(v)]
+        out[k] = float(np.mean(vals)) if vals else float("nan")
+    return out
+
+
 def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto", out_dir: str | Path | None = None,
                  batch_size: int = 16, report: bool = True, checkpoint: str | Path | None = None) -> dict[str, Any]:
-    """Test a trained run: metrics.json, scores.csv (and report.html) in out_dir (default run_dir)."""
+    """Test a trained run: metrics.json, scores.csv and report.html in out_dir (default run_dir).
+
+    Multi-class runs (data.categories) are evaluated per category; `metrics` is then the mean over
+    categories, `per_category` holds each one, and report_<category>.html is written per category.
+    """
     run_dir = Path(run_dir)
     bundle = load_bundle(checkpoint or run_dir / "model.ckpt")
     model, cfg = model_from_bundle(bundle)
     data = data or cfg.data
     dev = resolve_device(device)
     model.to(dev)
-    ds = build_dataset(data, "test")
-    pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress)
-    metrics = compute_metrics(pred)
     thr = bundle.get("thresholds") or {}
-    result: dict[str, Any] = {
-        "method": cfg.method, "category": category_name(data), "n_images": int(len(pred.scores)),
-        "image_size": data.image_size, "metrics": metrics, "thresholds": thr,
-        "display": bundle.get("display"),
+    out = Path(out_dir) if out_dir else run_dir
+    out.mkdir(parents=True, exist_ok=True)
+    base: dict[str, Any] = {
+        "method": cfg.method, "image_size": data.image_size, "thresholds": thr, "display": bundle.get("display"),
         "protocol": "maps and masks at image_size (masks bilinear-resized, binarised at 0.5); AU-PRO official "
                     "dataset-level @0.3; image label from folder; last/held-out-selected checkpoint",
         "train_info": bundle.get("train_info", {}),
     }
-    out = Path(out_dir) if out_dir else run_dir
-    out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
-    write_scores_csv(out / "scores.csv", pred, thr.get("image"))
-    if report:
-        from kdad.report import write_report
+    per_category: dict[str, dict[str, Any]] = {}
+    preds: dict[str, Predictions] = {}
+    parts = dataset_parts(data, "test")
+    for name, ds in parts:
+        pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress)
+        per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
+        preds[name] = pred
+        if report:
+            from kdad.report import write_report
 
-        write_report(out / "report.html", result, pred)
+            fname = "report.html" if len(parts) == 1 else f"report_{name}.html"
+            write_report(out / fname, {**base, "category": name, **per_category[name]}, pred)
+    if len(parts) == 1:
+        name = parts[0][0]
+        result = {**base, "category": name, **per_category[name]}
+    else:
+        result = {**base, "category": "+".join(per_category), "n_images": sum(r["n_images"] for r in per_category.values()),
+                  "metrics": _mean_metrics(per_category), "per_category": per_category,
+                  "multi_class": "one model over all categories; metrics = mean over categories"}
+    atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))
+    write_scores_csv(out / "scores.csv", preds, thr.get("image"))
     return result

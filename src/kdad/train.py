@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
 from kdad.checkpoint import atomic_torch_save, atomic_write_text, load_bundle, make_bundle
 from kdad.config import RunConfig, dump_yaml, method_config
-from kdad.data.factory import build_dataset, category_name
+from kdad.data.factory import dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
@@ -37,6 +37,24 @@ def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
         raise KdadError(f"train.val_fraction={fraction} leaves no training image out of {n}")
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     return Subset(ds, sorted(perm[n_val:])), Subset(ds, sorted(perm[:n_val]))
+
+
+def train_val_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, list[float] | None]:
+    """Training set, held-out normals (or None) and, for balanced multi-class runs, per-item sampling weights.
+
+    Each category is split on its own, so the held-out set covers every category.
+    """
+    trains, vals, weights = [], [], []
+    for _, ds in dataset_parts(cfg.data, "train"):
+        tr, va = split_train_val(ds, cfg.train.val_fraction, cfg.train.seed)
+        trains.append(tr)
+        if va is not None:
+            vals.append(va)
+        weights += [1.0 / len(tr)] * len(tr)  # type: ignore[arg-type]
+    balanced = cfg.data.balanced and len(trains) > 1
+    train_ds = trains[0] if len(trains) == 1 else ConcatDataset(trains)
+    val_ds = None if not vals else (vals[0] if len(vals) == 1 else ConcatDataset(vals))
+    return train_ds, val_ds, weights if balanced else None
 
 
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -87,9 +105,13 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
-    train_ds, val_ds = split_train_val(build_dataset(cfg.data, "train"), tc.val_fraction, tc.seed)
+    train_ds, val_ds, weights = train_val_datasets(cfg)
     loader_gen = torch.Generator()  # reseeded every epoch so a resumed run shuffles like an uninterrupted one
-    sampler = DistributedSampler(train_ds, seed=tc.seed) if distributed else None
+    sampler: Any = None
+    if distributed:
+        sampler = DistributedSampler(train_ds, seed=tc.seed)
+    elif weights is not None:
+        sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=loader_gen)
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=loader_gen,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
@@ -100,7 +122,6 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
 
     textures = _texture_bank(cfg, spec)
-    category = category_name(cfg.data)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
     best_state: dict[str, torch.Tensor] | None = None
     if resume and (run_dir / "last.ckpt").is_file():
@@ -122,7 +143,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         total_epochs = min(tc.epochs, math.ceil(tc.max_iters / max(1, len(loader))))
     for epoch in range(start_epoch, total_epochs):
         loader_gen.manual_seed(tc.seed + epoch)
-        if sampler is not None:
+        if isinstance(sampler, DistributedSampler):
             sampler.set_epoch(epoch)
         model.train()
         losses: list[dict[str, float]] = []
@@ -130,7 +151,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                    disable=not (tc.progress and main))
         for batch in bar:
             batch = _to_device(batch, device)
-            batch["textures"], batch["category"] = textures, category  # for methods that synthesise anomalies
+            batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
             with _autocast(device, tc.amp):
                 logs = spec.train_step(model, batch, opts, mcfg, gen)
             losses.append(logs)
@@ -162,8 +183,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    calib = val_ds if val_ds is not None else train_ds
+    if spec.calibrate is not None:  # map statistics live in model buffers, so they travel with every export
+        spec.calibrate(model, DataLoader(calib, batch_size=tc.eval_batch_size, shuffle=False), device)
+        model.eval()
     if main:
-        calib = val_ds if val_ds is not None else train_ds
         thr, display = thresholds_from_normals(model, calib, device, tc)
         info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHARED = REPO_ROOT.parent / "shared"
 BOTTLE = SHARED / "data" / "mvtec_ad" / "bottle"
 IMAGE_SIZE = 256
-TRAIN_STEPS = 2
+TRAIN_STEPS = 1
 
 
 def require_bottle() -> Path:
@@ -90,7 +90,7 @@ def tiny_run(method: str) -> Path:
     torch.manual_seed(0)
     model = spec.Model(mcfg)
     opts = spec.optimizers(model, mcfg)
-    train = images_to_batch(sorted((BOTTLE / "train" / "good").glob("*.png"))[:4], IMAGE_SIZE)
+    train = images_to_batch(sorted((BOTTLE / "train" / "good").glob("*.png"))[:2], IMAGE_SIZE)
     model.train()
     for _ in range(TRAIN_STEPS):
         spec.train_step(model, {"image": train, "mask": torch.zeros(len(train), 1, IMAGE_SIZE, IMAGE_SIZE)},

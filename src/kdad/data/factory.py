@@ -18,6 +18,14 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
         from kdad.data.mvtec import MVTecDataset
 
         return MVTecDataset(data.root, split=split, image_size=data.image_size)
+    if data.format == "loco":
+        if not data.root:
+            raise ConfigError("data.root is empty: give the MVTec LOCO category folder (e.g. --data path/to/pushpins)")
+        from kdad.data.loco import LocoDataset
+
+        return LocoDataset(data.root, split=split, image_size=data.image_size)  # type: ignore[arg-type]
+    if data.format in LAYOUT_FORMATS:
+        return _build_layout(data, split)
     if data.format == "folder":
         from kdad.data.folder import FolderDataset
 
@@ -29,7 +37,35 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
             raise ConfigError("data.test_good_dir and data.bad_dir are empty: nothing to test on")
         return FolderDataset(good_dir=data.test_good_dir or None, bad_dir=data.bad_dir or None,
                              mask_dir=data.mask_dir or None, image_size=data.image_size)
-    raise ConfigError(f"data.format: unknown format {data.format!r}; valid: ['mvtec', 'folder']")
+    valid = ["mvtec", "loco", "folder", *LAYOUT_FORMATS]
+    raise ConfigError(f"data.format: unknown format {data.format!r}; valid: {valid}")
+
+
+LAYOUT_FORMATS = ("visa", "btad", "mvtec_ad2", "realiad")
+"""Released layouts read from data.root (+ data.category): see docs/datasets.md."""
+
+
+def _build_layout(data: DataConfig, split: str) -> Dataset:
+    """VisA, BTAD (native or MVTec-converted), MVTec AD 2 or Real-IAD, from data.root and data.category."""
+    if not data.root:
+        raise ConfigError(f"data.root is empty: give the {data.format} dataset folder (--set data.root=...)")
+    cat = data.category or None
+    if data.format == "visa":
+        from kdad.data.visa import VisADataset
+
+        return VisADataset(data.root, split, data.image_size, cat, split_file=data.split_file or None)
+    if data.format == "btad":
+        from kdad.data.btad import btad_dataset
+
+        return btad_dataset(data.root, split, data.image_size, cat)
+    if data.format == "mvtec_ad2":
+        from kdad.data.mvtec_ad2 import MVTecAD2Dataset
+
+        return MVTecAD2Dataset(data.root, split, data.image_size, cat)
+    from kdad.data.realiad import RealIADDataset
+
+    return RealIADDataset(data.root, split, data.image_size, cat, split_file=data.split_file or None,
+                          views=data.view or None)
 
 
 def category_name(data: DataConfig) -> str:
@@ -38,3 +74,35 @@ def category_name(data: DataConfig) -> str:
         return data.category
     root = data.root or data.good_dir
     return Path(root).name if root else "data"
+
+
+class _Tagged(Dataset):
+    """Adds the category name to every item (multi-class runs report per category)."""
+
+    def __init__(self, ds: Dataset, category: str) -> None:
+        self.ds, self.category = ds, category
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict:
+        return {**self.ds[i], "category": self.category}
+
+
+def category_configs(data: DataConfig) -> list[DataConfig]:
+    """One DataConfig per category: data.categories entries are names under data.root or folder paths."""
+    import dataclasses
+
+    if not data.categories:
+        return [data]
+    out = []
+    for entry in data.categories:
+        p = Path(entry)
+        root = p if (p.is_absolute() or len(p.parts) > 1) else Path(data.root) / entry
+        out.append(dataclasses.replace(data, root=str(root), category=p.name, categories=[]))
+    return out
+
+
+def dataset_parts(data: DataConfig, split: str) -> list[tuple[str, Dataset]]:
+    """[(category, dataset with items tagged by category)] for one- or multi-category configs."""
+    return [(category_name(c), _Tagged(build_dataset(c, split), category_name(c))) for c in category_configs(data)]

@@ -13,6 +13,8 @@ from kdad.blocks.maps import AnomalyOutput
 # train_step(model, batch, optimizers, cfg, generator) -> scalars to log
 TrainStep = Callable[[nn.Module, dict[str, Any], dict[str, torch.optim.Optimizer], Any, torch.Generator], dict[str, float]]
 BuildOptimizers = Callable[[nn.Module, Any], dict[str, torch.optim.Optimizer]]
+# calibrate(model, normal_loader, device) -> None: fit map statistics on normal images after training
+Calibrate = Callable[[nn.Module, Any, torch.device], None]
 
 
 @dataclass(frozen=True)
@@ -26,6 +28,7 @@ class MethodSpec:
     train_step: TrainStep
     paper: str
     needs_textures: bool = False
+    calibrate: Calibrate | None = None  # e.g. DSKD's per-student map mean/std (stored as model buffers)
 
 
 __all__ = ["AnomalyOutput", "MethodSpec", "TrainStep", "BuildOptimizers"]

@@ -65,9 +65,9 @@ class Config:
     contrast_margin: float = 0.5
     proj_negative_slope: float = 0.01
     ssot: str = "sinkhorn"
-    ssot_grid: int = 16  # per-pixel clouds average-pooled to at most grid x grid points
+    ssot_grid: int = 8  # per-pixel clouds average-pooled to at most grid x grid points
     ssot_eps: float = 0.05  # entropic regularisation (cost on unit vectors lies in [0, 2])
-    ssot_iters: int = 20  # Sinkhorn iterations at the final epsilon, after annealing
+    ssot_iters: int = 10  # Sinkhorn iterations at the final epsilon, after annealing
     ssot_scaling: float = 0.7  # epsilon annealing factor from the cost diameter down to ssot_eps
     synthesis: dict[str, Any] = field(default_factory=dict)  # overrides of SYNTHESIS (SynthesisConfig fields)
     fuse: str = "sum"
@@ -181,8 +181,11 @@ def sinkhorn_divergence(x: Tensor, y: Tensor, eps: float, iters: int, scaling: f
     diameter = float(0.5 * torch.cdist(x.detach(), y.detach()).pow(2).amax().clamp_min(eps))
     schedule = [diameter * scaling**k for k in range(int(math.log(eps / diameter) / math.log(scaling)) + 1)]
     schedule = [e for e in schedule if e > eps] + [eps] * iters
-    div = _ot_eps(x, y, schedule) - 0.5 * _ot_eps(x, x, schedule) - 0.5 * _ot_eps(y, y, schedule)
-    return div.clamp_min(0.0)
+    if x.shape == y.shape:  # one batched solve for the three transport problems
+        xy, xx, yy = _ot_eps(torch.cat([x, x, y]), torch.cat([y, x, y]), schedule).chunk(3)
+    else:
+        xy, xx, yy = _ot_eps(x, y, schedule), _ot_eps(x, x, schedule), _ot_eps(y, y, schedule)
+    return (xy - 0.5 * xx - 0.5 * yy).clamp_min(0.0)
 
 
 def ssot_loss(proj: list[Tensor], cfg: Config, gen: torch.Generator) -> Tensor:

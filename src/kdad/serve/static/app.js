@@ -67,7 +67,7 @@ function addCard(name, result) {
     el.querySelector(".facts").innerHTML = "";
     const msg = document.createElement("div");
     msg.className = "error";
-    msg.textContent = `${name}: ${result.error}`;
+    msg.textContent = result.error;
     el.querySelector(".facts").appendChild(msg);
     $("results").prepend(el);
     return;

@@ -1,0 +1,110 @@
+"""`kdad predict`: both backends agree on real bottle images, overlays/masks, globs, error rows, streaming."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from kdad.cli import main
+from kdad.infer import expand_inputs, stream_predictions
+from tests.deploy import bottle_test_images, exported, tiny_run
+
+pytest.importorskip("onnxruntime")
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """bottle test images in <defect>/ subfolders, plus one corrupt PNG and one non-image file."""
+    root = tmp_path_factory.mktemp("predict_inputs")
+    for p in bottle_test_images(2):
+        (root / p.parent.name).mkdir(exist_ok=True)
+        shutil.copy(p, root / p.parent.name / p.name)
+    (root / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not really a png")
+    (root / "notes.txt").write_text("not an image, ignored when scanning folders")
+    return root
+
+
+def _read(out: Path) -> dict[str, dict[str, Any]]:
+    rows = json.loads((out / "predictions.json").read_text())
+    assert (out / "predictions.csv").read_text().splitlines()[0] == "path,score,decision,error"
+    return {Path(r["path"]).name if "corrupt" in r["path"] else "/".join(Path(r["path"]).parts[-2:]): r
+            for r in rows}
+
+
+def test_torch_and_onnx_backends_agree(image_folder: Path, tmp_path: Path) -> None:
+    run, graph = tiny_run("rd"), exported("rd")
+    out_t, out_o = tmp_path / "torch", tmp_path / "onnx"
+    assert main(["predict", str(run), str(image_folder), "--out", str(out_t), "--overlays", "--masks",
+                 "--batch-size", "3", "--backend", "torch", "--device", "cpu"]) == 0
+    assert main(["predict", str(run), str(image_folder), "--out", str(out_o), "--backend", "onnx",
+                 "--workers", "2", "--batch-size", "4"]) == 0
+    rows_t, rows_o = _read(out_t), _read(out_o)
+    assert rows_t.keys() == rows_o.keys()
+    n_images = len(bottle_test_images(2))
+    assert len(rows_t) == n_images + 1  # the .txt is not an image; the corrupt .png is an error row
+    bad = rows_t.pop("corrupt.png"), rows_o.pop("corrupt.png")
+    for r in bad:
+        assert r["score"] is None and r["decision"] is None and "corrupt.png" in r["error"]
+    scores_t = np.array([rows_t[k]["score"] for k in sorted(rows_t)])
+    scores_o = np.array([rows_o[k]["score"] for k in sorted(rows_t)])
+    assert np.abs(scores_t - scores_o).max() <= 1e-4
+    assert [rows_t[k]["decision"] for k in sorted(rows_t)] == [rows_o[k]["decision"] for k in sorted(rows_t)]
+    assert {r["decision"] for r in rows_t.values()} == {0, 1}  # the threshold splits the sample
+    overlays = sorted((out_t / "overlays").glob("*.png"))
+    assert len(overlays) == n_images and not (out_o / "overlays").exists()
+    assert overlays[0].name.startswith("broken_large__")  # names relative to the common input folder
+    assert Image.open(overlays[0]).size == (256, 256)
+    masks = sorted((out_t / "masks").glob("*.png"))
+    assert len(masks) == n_images and set(np.unique(np.asarray(Image.open(masks[0])))) <= {0, 255}
+    assert graph.is_file()
+
+
+def test_glob_and_onnx_file(image_folder: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pattern = str(image_folder / "good" / "*.png")
+    assert main(["predict", str(exported("rd")), pattern, "--out", str(tmp_path), "--threshold", "1e9"]) == 0
+    rows = json.loads((tmp_path / "predictions.json").read_text())
+    assert len(rows) == len(list((image_folder / "good").glob("*.png"))) == 2
+    assert all(r["decision"] == 0 and r["error"] is None for r in rows)
+    assert main(["predict", str(exported("rd")), str(image_folder / "nothing*.png"), "--out", str(tmp_path)]) == 2
+    assert "no image matches" in capsys.readouterr().err
+
+
+def test_onnx_backend_without_export_says_so(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    shutil.copy(tiny_run("rd") / "model.ckpt", run / "model.ckpt")
+    img = bottle_test_images(1)[0]
+    assert main(["predict", str(run), str(img), "--backend", "onnx", "--out", str(tmp_path / "o")]) == 2
+    assert "kdad export" in capsys.readouterr().err
+
+
+class _CountingRunner:
+    """Fake runner recording batch sizes; score = mean pixel."""
+
+    image_threshold, pixel_threshold, image_size, vmin, vmax = 0.5, None, 8, 0.0, 1.0
+
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
+    def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(len(images01))
+        return images01.mean(1).numpy(), images01.flatten(1).mean(1).numpy()
+
+
+def test_streaming_is_bounded(tmp_path: Path) -> None:
+    for i in range(40):
+        Image.new("RGB", (8, 8), (i * 6, 0, 0)).save(tmp_path / f"{i:03d}.png")
+    paths = expand_inputs([str(tmp_path)])
+    runner = _CountingRunner()
+    stream = stream_predictions(runner, paths, 8, batch_size=4, progress=False)
+    first = next(stream)
+    assert first[0].error == "" and runner.calls == [4]  # one batch decoded and scored, not the whole folder
+    rest = list(stream)
+    assert len(rest) == 39 and max(runner.calls) == 4 and sum(runner.calls) == 40

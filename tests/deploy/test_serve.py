@@ -1,0 +1,182 @@
+"""The FastAPI service: endpoints, limits, hostile uploads and concurrent clients on a real uvicorn server."""
+
+from __future__ import annotations
+
+import base64
+import io
+import struct
+import subprocess
+import sys
+import zlib
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from PIL import Image
+
+pytest.importorskip("fastapi")
+pytest.importorskip("httpx")
+
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from kdad.data.transforms import load_image  # noqa: E402
+from kdad.runner import TorchRunner  # noqa: E402
+from kdad.serve import create_app  # noqa: E402
+from tests.deploy import REPO_ROOT, bottle_test_images, exported, live_server, tiny_run  # noqa: E402
+
+MAX_MB = 1.0
+
+
+@pytest.fixture(scope="module")
+def runner() -> TorchRunner:
+    return TorchRunner(tiny_run("rd"), device="cpu")
+
+
+@pytest.fixture(scope="module")
+def client(runner: TorchRunner) -> TestClient:
+    return TestClient(create_app(runner, max_upload_mb=MAX_MB))
+
+
+def _upload(path: Path) -> dict[str, Any]:
+    return {"file": (path.name, path.read_bytes(), "image/png")}
+
+
+def _png_size(b64: str) -> tuple[int, int]:
+    return Image.open(io.BytesIO(base64.b64decode(b64))).size
+
+
+def test_health_and_info(client: TestClient, runner: TorchRunner) -> None:
+    assert client.get("/health").json()["status"] == "ok"
+    info = client.get("/info").json()
+    assert info["method"] == "rd" and info["image_size"] == 256
+    assert info["image_threshold"] == runner.image_threshold and info["pixel_threshold"] == runner.pixel_threshold
+    assert info["input_contract"]["range"] == [0.0, 1.0] and info["input_contract"]["color"] == "RGB"
+    assert info["limits"]["max_upload_mb"] == MAX_MB
+    assert client.get("/openapi.json").json()["paths"].keys() >= {"/predict", "/predict/batch", "/info", "/health"}
+    assert client.get("/docs").status_code == 200
+    page = client.get("/")
+    assert page.status_code == 200 and "threshold" in page.text and "http" not in page.text.split("<footer")[0]
+    assert client.get("/static/app.js").status_code == 200
+
+
+def test_predict_matches_runner(client: TestClient, runner: TorchRunner) -> None:
+    path = next(p for p in bottle_test_images(1) if p.parent.name != "good")
+    body = client.post("/predict", files=_upload(path), params={"mask": "true"}).json()
+    _, scores = runner(load_image(path, 256)[None])
+    assert abs(body["score"] - float(scores[0])) <= 1e-6  # same decoding and forward as `kdad predict`
+    assert body["threshold"] == runner.image_threshold
+    assert body["decision"] == int(body["score"] >= runner.image_threshold)
+    assert _png_size(body["heatmap_png_base64"]) == (256, 256)
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
+    assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
+    low = client.post("/predict", files=_upload(path), params={"threshold": 0}).json()
+    high = client.post("/predict", files=_upload(path), params={"threshold": 1e9}).json()
+    assert (low["decision"], high["decision"], low["threshold"]) == (1, 0, 0)
+    assert "mask_png_base64" not in low
+
+
+def test_batch_with_a_bad_file(client: TestClient) -> None:
+    paths = bottle_test_images(1)[:3]
+    files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
+    files.append(("files", ("readme.txt", b"hello, not an image", "text/plain")))
+    items = client.post("/predict/batch", files=files).json()
+    assert len(items) == 4
+    assert all(isinstance(it["score"], float) for it in items[:3])
+    assert items[3]["status"] == 415 and "not a supported image" in items[3]["error"]
+    single = client.post("/predict", files=_upload(paths[1])).json()
+    assert abs(items[1]["score"] - single["score"]) <= 1e-5
+
+
+def test_rejects_non_images_and_oversize(client: TestClient) -> None:
+    r = client.post("/predict", files={"file": ("notes.txt", b"just some text", "text/plain")})
+    assert r.status_code == 415 and "not a supported image" in r.json()["detail"]
+    r = client.post("/predict", files={"file": ("empty.png", b"", "image/png")})
+    assert r.status_code == 400
+    big = b"\0" * int((MAX_MB + 0.5) * 2**20)
+    r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
+
+    def chunks() -> Any:  # no Content-Length: the limit applies while the body streams in
+        for _ in range(40):
+            yield b"x" * 65536
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 413
+
+
+def _bomb_png(width: int, height: int) -> bytes:
+    """A ~17 kB 1-bit PNG, 12000 x 12000, with its IHDR rewritten to claim width x height."""
+    buf = io.BytesIO()
+    Image.new("1", (12000, 12000)).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    ihdr = bytearray(data[12:29])  # b"IHDR" + 13 bytes of header fields
+    ihdr[4:12] = struct.pack(">II", width, height)
+    data[12:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(ihdr)))
+    return bytes(data)
+
+
+@pytest.mark.parametrize("side", [12000, 30000])
+def test_rejects_decompression_bombs(client: TestClient, side: int) -> None:
+    payload = _bomb_png(side, side)
+    assert len(payload) < 64 * 1024
+    r = client.post("/predict", files={"file": ("bomb.png", payload, "image/png")})
+    assert r.status_code == 413, r.text
+    assert "too large" in r.json()["detail"] or "megapixels" in r.json()["detail"]
+
+
+def test_onnx_app_agrees(client: TestClient) -> None:
+    from kdad.export import OnnxRunner
+
+    onnx_client = TestClient(create_app(OnnxRunner(exported("rd"))))
+    path = bottle_test_images(1)[0]
+    a = client.post("/predict", files=_upload(path)).json()
+    b = onnx_client.post("/predict", files=_upload(path)).json()
+    assert abs(a["score"] - b["score"]) <= 1e-4 and a["decision"] == b["decision"]
+    assert onnx_client.get("/info").json()["backend"] == "onnxruntime"
+
+
+def test_parallel_clients_on_live_server(runner: TorchRunner) -> None:
+    paths = bottle_test_images(1)
+    payloads = [(f"{p.parent.name}_{p.name}", p.read_bytes()) for p in paths]  # unique names
+    n_clients = 32
+    with live_server(create_app(runner, max_upload_mb=MAX_MB)) as url:
+        def one(i: int) -> tuple[int, float, str]:
+            name, data = payloads[i % len(payloads)]
+            with httpx.Client(base_url=url, timeout=120) as http:
+                if i % 8 == 7:
+                    return http.get("/health").status_code, 0.0, name
+                r = http.post("/predict", files={"file": (name, data, "image/png")})
+                return r.status_code, r.json()["score"], name
+
+        with ThreadPoolExecutor(max_workers=n_clients) as pool:
+            results = list(pool.map(one, range(n_clients)))
+    assert [status for status, _, _ in results] == [200] * n_clients
+    by_name: dict[str, set[float]] = {}
+    for _, score, name in results:
+        if score:
+            by_name.setdefault(name, set()).add(round(score, 5))
+    assert len(by_name) == len(paths) and all(len(v) == 1 for v in by_name.values())  # results don't mix up
+
+
+def test_app_module_imports_no_training_code() -> None:
+    code = ("import sys, kdad.serve.app; bad = [m for m in ('kdad.train', 'kdad.methods', 'kdad.checkpoint', "
+            "'kdad.evaluate', 'kdad.config') if m in sys.modules]; print(bad)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
+def test_cli_serve_wires_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from kdad.cli import main
+
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app, **kw))
+    assert main(["serve", str(tiny_run("rd")), "--port", "8123", "--max-upload-mb", "5", "--device", "cpu"]) == 0
+    assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
+    assert TestClient(seen["app"]).get("/info").json()["limits"]["max_upload_mb"] == 5.0
