@@ -5,7 +5,7 @@ over plain RD on MVTec AD bottle and MTD magnetic_tile? Same iterations, batch, 
 Caveat: a few hundred images seen per run is far from the papers' budgets (RD++ steps its optimizers every
 2nd batch, so it gets half the updates, as its official gradient accumulation).
 
-Run:  python benchmarks/rd_family.py [--iters 40] [--batch 8] [--out benchmarks/results/rd_family.json]
+Run:  python benchmarks/rd_family.py [--iters 12] [--batch 8] [--out benchmarks/results/rd_family.json]
 Reads ../shared/data (MVTec bottle, MTD, DTD textures). Results are written after every run, so a partial
 file survives an interruption. Metrics: kdad.evaluate (I-AUROC, P-AUROC, AU-PRO@0.3, dataset level).
 """
@@ -78,7 +78,7 @@ def run_one(method: str, category: str, args: argparse.Namespace, work: Path) ->
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iters", type=int, default=40)
+    parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--methods", nargs="+", default=list(PRESETS))

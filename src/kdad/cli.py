@@ -179,6 +179,13 @@ def cmd_list(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_data_check(args: argparse.Namespace) -> int:
+    from kdad.data.check import check_dataset
+
+    report = check_dataset(args.path, args.format, category=args.category, split_file=args.split_file)
+    print(report.text())
+    return 1 if report.errors else 0  # warnings alone pass
+
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; every option has help text."""
     parser = argparse.ArgumentParser(prog="kdad", description="Knowledge-distillation anomaly detection.",
@@ -259,6 +266,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", type=int, default=8, help="number of training images shown (default 8)")
     p.add_argument("--out", default="synthesis_gallery.png", help="output PNG (default synthesis_gallery.png)")
     p.set_defaults(func=cmd_synth_gallery)
+
+    p = sub.add_parser("data", help="dataset tools (`kdad data check PATH`)")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    q = data_sub.add_parser("check", help="detect the layout, count images per split and defect type, list problems "
+                            "(exit 1 on errors)")
+    q.add_argument("path", help="dataset folder or one category folder")
+    q.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "btad", "mvtec_ad2", "realiad", "loco"],
+                   help="layout (default auto: detected)")
+    q.add_argument("--category", help="check only this category of a multi-category folder")
+    q.add_argument("--split-file", help="VisA split CSV or Real-IAD JSON (or its folder) if not at the released place")
+    q.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("list", help="list methods and presets")
     p.set_defaults(func=cmd_list)

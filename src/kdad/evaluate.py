@@ -128,6 +128,34 @@ def _mean_metrics(per_category: dict[str, dict[str, Any]]) -> dict[str, float]:
     return out
 
 
+def loco_metrics(pred: Predictions, ds: Any) -> dict[str, float]:
+    """MVTec LOCO AD protocol (REFERENCE §5) on gathered predictions of a dataset with per-defect channels.
+
+    AU-sPRO at LOCO's limits for structural and logical anomalies, each with all good images, and their mean
+    (keys ``au_spro_<subset>@<limit>``); image AUROC per subset and mean (``image_auroc_<subset>``). Channels
+    come from ``ds.spro_channels(i, map size)`` by index, in the order ``predict`` used.
+    """
+    from kdad.metrics import image_auroc, loco_spro_subsets
+    from kdad.metrics.spro import LOCO_LIMITS, LOCO_SUBSETS
+
+    assert pred.maps is not None
+    kinds = list(ds.loco_kinds)
+    if len(kinds) != len(pred.scores):
+        raise ValueError(f"LOCO dataset has {len(kinds)} items but predictions cover {len(pred.scores)}")
+    size = (int(pred.maps.shape[1]), int(pred.maps.shape[2]))
+    channels = [ds.spro_channels(i, size) for i in range(len(kinds))]
+    out: dict[str, float] = {}
+    for subset, values in loco_spro_subsets(pred.maps, channels, kinds, LOCO_LIMITS).items():
+        out.update({f"au_spro_{subset}@{limit:g}": float(v) for limit, v in values.items()})
+    aurocs = []
+    for subset in LOCO_SUBSETS:
+        keep = np.array([k in ("good", subset) for k in kinds])
+        aurocs.append(float(image_auroc(pred.scores[keep], pred.labels[keep])))
+        out[f"image_auroc_{subset.split('_')[0]}"] = aurocs[-1]
+    out["image_auroc_mean"] = float(np.mean(aurocs))
+    return out
+
+
 def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto", out_dir: str | Path | None = None,
                  batch_size: int = 16, report: bool = True, checkpoint: str | Path | None = None) -> dict[str, Any]:
     """Test a trained run: metrics.json, scores.csv and report.html in out_dir (default run_dir).
@@ -156,6 +184,9 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     for name, ds in parts:
         pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
+        inner = getattr(ds, "ds", ds)  # dataset_parts tags items; LOCO channels live on the inner dataset
+        if callable(getattr(inner, "spro_channels", None)):  # MVTec LOCO AD: AU-sPRO per subset
+            per_category[name]["metrics"].update(loco_metrics(pred, inner))
         preds[name] = pred
         if report:
             from kdad.report import write_report

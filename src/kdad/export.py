@@ -31,8 +31,10 @@ METADATA_FORMAT = "kdad-onnx/1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 PARITY_TOLERANCE = 1e-4
-INPUT_CONTRACT_TEXT = ("RGB, resized to image_size x image_size (bilinear), scaled to [0, 1]; "
-                       "normalisation happens inside the model")
+INPUT_CONTRACT_TEXT = (
+    "RGB, resized to image_size x image_size (bilinear), scaled to [0, 1]; "
+    "normalisation happens inside the model"
+)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -50,10 +52,14 @@ def metadata_path(onnx_path: str | Path) -> Path:
 
 
 def input_contract(image_size: int, model: nn.Module | None = None) -> dict[str, Any]:
-    """What the graph's input must be; the normalisation constants are informational (they are in the graph)."""
+    """What the graph's input must be; the mean/std listed are informational (they are in the graph)."""
     contract: dict[str, Any] = {
-        "name": INPUT_NAME, "layout": "NCHW", "shape": ["batch", 3, image_size, image_size], "dtype": "float32",
-        "color": "RGB", "range": [0.0, 1.0],
+        "name": INPUT_NAME,
+        "layout": "NCHW",
+        "shape": ["batch", 3, image_size, image_size],
+        "dtype": "float32",
+        "color": "RGB",
+        "range": [0.0, 1.0],
         "resize": f"bilinear (PIL, antialiased) to {image_size}x{image_size}, no crop, aspect ratio not kept",
         "normalization": "inside the graph; do NOT subtract mean / divide by std before feeding it",
     }
@@ -77,8 +83,10 @@ def _failing_component(model: nn.Module, exc: BaseException) -> str:
 def _child_inputs(module: nn.Module, args: tuple[Any, ...]) -> dict[str, tuple[Any, ...]]:
     """Positional inputs each direct child receives during one forward of `module` on `args`."""
     seen: dict[str, tuple[Any, ...]] = {}
-    hooks = [child.register_forward_pre_hook(lambda _m, a, n=name: seen.setdefault(n, a))
-             for name, child in module.named_children()]
+    hooks = [
+        child.register_forward_pre_hook(lambda _m, a, n=name: seen.setdefault(n, a))
+        for name, child in module.named_children()
+    ]
     try:
         with torch.no_grad():
             module(*args)
@@ -101,8 +109,14 @@ def _locate_conversion_failure(model: nn.Module, example: torch.Tensor, opset: i
             try:
                 with warnings.catch_warnings(), torch.no_grad():
                     warnings.simplefilter("ignore")
-                    torch.onnx.export(child, child_args, io.BytesIO(), opset_version=opset, dynamo=False)
-            except Exception:
+                    torch.onnx.export(
+                        child,
+                        child_args,
+                        io.BytesIO(),  # type: ignore[arg-type]
+                        opset_version=opset,
+                        dynamo=False,
+                    )
+            except Exception:  # noqa: BLE001  # any failure marks the child to descend into
                 failing, module, args = name, child, child_args
                 break
         if not failing:
@@ -118,8 +132,17 @@ def _export_torchscript(model: nn.Module, example: torch.Tensor, opset: int) -> 
         # The legacy exporter warns about its own deprecation and about Python ints in timm's "SAME"
         # padding; both are harmless here because H and W are fixed (only the batch axis is dynamic).
         warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), buf, input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                          dynamic_axes=axes, opset_version=opset, do_constant_folding=True, dynamo=False)
+        torch.onnx.export(
+            model,
+            (example,),
+            buf,  # type: ignore[arg-type]  # file objects work
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_axes=axes,
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
     return buf.getvalue()
 
 
@@ -127,8 +150,15 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> bytes
     batch = torch.export.Dim("batch", min=1, max=1024)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        program = torch.onnx.export(model, (example,), input_names=[INPUT_NAME], output_names=list(OUTPUT_NAMES),
-                                    dynamic_shapes=({0: batch},), opset_version=opset, dynamo=True)
+        program = torch.onnx.export(
+            model,
+            (example,),
+            input_names=[INPUT_NAME],
+            output_names=list(OUTPUT_NAMES),
+            dynamic_shapes=({0: batch},),
+            opset_version=opset,
+            dynamo=True,
+        )
     fd, tmp = tempfile.mkstemp(suffix=".onnx")
     os.close(fd)
     try:
@@ -138,8 +168,9 @@ def _export_dynamo(model: nn.Module, example: torch.Tensor, opset: int) -> bytes
         Path(tmp).unlink(missing_ok=True)
 
 
-def export_model_bytes(model: nn.Module, image_size: int, opset: int = DEFAULT_OPSET,
-                       exporter: str = "auto") -> tuple[bytes, str]:
+def export_model_bytes(
+    model: nn.Module, image_size: int, opset: int = DEFAULT_OPSET, exporter: str = "auto"
+) -> tuple[bytes, str]:
     """Export `model.forward` (B, 3, S, S) in [0, 1] -> (anomaly_map (B,1,S,S), score (B,)) to ONNX bytes.
 
     exporter: "torchscript" (legacy `dynamo=False`), "dynamo", or "auto" (torchscript, else dynamo).
@@ -160,22 +191,28 @@ def export_model_bytes(model: nn.Module, image_size: int, opset: int = DEFAULT_O
             errors.append(f"{name} exporter unavailable: {e}")
         except TypeError as e:  # a torch without the legacy exporter rejects dynamo=False / dynamic_axes
             errors.append(f"{name} exporter unavailable in torch {torch.__version__}: {e}")
-        except Exception as e:
+        except Exception as e:  # noqa: BLE001  # exporter errors have many types; all are reported
             where = _failing_component(model, e)
             if not where and name == "torchscript":
                 try:
                     where = _locate_conversion_failure(model, example, opset)
-                except Exception:  # the search is best effort; the original error is what matters
+                except Exception:  # noqa: BLE001  # best effort; the original error is what matters
                     where = "(unknown component)"
             where = where or "(unknown component)"
             kind = "" if where.startswith("(") else f" ({type(model.get_submodule(where)).__name__})"
             first_line = (str(e).splitlines() or [""])[0]
-            errors.append(f"{name} exporter failed in component {where!r}{kind}: {type(e).__name__}: {first_line}")
-    raise KdadError(f"ONNX export of {type(model).__module__}.{type(model).__name__} (opset {opset}) failed: "
-                    + "; ".join(errors))
+            errors.append(
+                f"{name} exporter failed in component {where!r}{kind}: {type(e).__name__}: {first_line}"
+            )
+    raise KdadError(
+        f"ONNX export of {type(model).__module__}.{type(model).__name__} (opset {opset}) failed: "
+        + "; ".join(errors)
+    )
 
 
-def check_parity(model: nn.Module, graph: bytes, image_size: int, batches: tuple[int, ...] = (1, 3)) -> dict[str, Any]:
+def check_parity(
+    model: nn.Module, graph: bytes, image_size: int, batches: tuple[int, ...] = (1, 3)
+) -> dict[str, Any]:
     """Run the graph in ONNX Runtime (CPU) and the model in PyTorch on fixed random batches of each size
     (sizes other than the export example's 2 prove the dynamic batch axis).
 
@@ -190,11 +227,17 @@ def check_parity(model: nn.Module, graph: bytes, image_size: int, batches: tuple
         amap, score = session.run(list(OUTPUT_NAMES), {INPUT_NAME: x.numpy()})
         map_diff = max(map_diff, float(np.abs(amap - out.anomaly_map.numpy()).max()))
         score_diff = max(score_diff, float(np.abs(score - out.score.numpy()).max()))
-    res = {"max_abs_map_diff": map_diff, "max_abs_score_diff": score_diff, "batches": list(batches),
-           "input": "uniform random in [0, 1]"}
-    if res["max_abs_map_diff"] > PARITY_TOLERANCE:
-        raise KdadError(f"exported graph differs from PyTorch: max |map diff| {res['max_abs_map_diff']:.3g} "
-                        f"> {PARITY_TOLERANCE} on a random batch")
+    res = {
+        "max_abs_map_diff": map_diff,
+        "max_abs_score_diff": score_diff,
+        "batches": list(batches),
+        "input": "uniform random in [0, 1]",
+    }
+    if map_diff > PARITY_TOLERANCE:
+        raise KdadError(
+            f"exported graph differs from PyTorch: max |map diff| {map_diff:.3g} "
+            f"> {PARITY_TOLERANCE} on a random batch"
+        )
     return res
 
 
@@ -204,8 +247,13 @@ def default_onnx_path(run: str | Path) -> Path:
     return p / "model.onnx" if p.is_dir() else p.with_suffix(".onnx")
 
 
-def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = DEFAULT_OPSET,
-                exporter: str = "auto", check: bool = True) -> Path:
+def export_onnx(
+    run: str | Path,
+    out: str | Path | None = None,
+    opset: int = DEFAULT_OPSET,
+    exporter: str = "auto",
+    check: bool = True,
+) -> Path:
     """Export a run (folder with model.ckpt, or a .ckpt) to ONNX + metadata JSON; returns the graph path."""
     from kdad.checkpoint import load_bundle, model_from_bundle
 
@@ -225,8 +273,16 @@ def export_onnx(run: str | Path, out: str | Path | None = None, opset: int = DEF
     return out_path
 
 
-def build_metadata(model: nn.Module, method: str, image_size: int, bundle: dict[str, Any], exporter: str,
-                   opset: int, graph: bytes, checkpoint: Path | None) -> dict[str, Any]:
+def build_metadata(
+    model: nn.Module,
+    method: str,
+    image_size: int,
+    bundle: dict[str, Any],
+    exporter: str,
+    opset: int,
+    graph: bytes,
+    checkpoint: Path | None,
+) -> dict[str, Any]:
     """The <name>.json written beside the graph (plain JSON; thresholds are editable by hand)."""
     thr = dict(bundle.get("thresholds") or {})
     disp = dict(bundle.get("display") or {})
@@ -235,10 +291,18 @@ def build_metadata(model: nn.Module, method: str, image_size: int, bundle: dict[
         "method": method,
         "image_size": image_size,
         "input": input_contract(image_size, model),
-        "outputs": {OUTPUT_NAMES[0]: {"shape": ["batch", 1, image_size, image_size], "dtype": "float32",
-                                      "meaning": "raw per-pixel anomaly (higher = more anomalous)"},
-                    OUTPUT_NAMES[1]: {"shape": ["batch"], "dtype": "float32",
-                                      "meaning": "raw image score = max of anomaly_map"}},
+        "outputs": {
+            OUTPUT_NAMES[0]: {
+                "shape": ["batch", 1, image_size, image_size],
+                "dtype": "float32",
+                "meaning": "raw per-pixel anomaly (higher = more anomalous)",
+            },
+            OUTPUT_NAMES[1]: {
+                "shape": ["batch"],
+                "dtype": "float32",
+                "meaning": "raw image score = max of anomaly_map",
+            },
+        },
         "thresholds": {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source")},
         "display": {"vmin": disp.get("vmin"), "vmax": disp.get("vmax")},
         "kdad_version": __version__,
@@ -246,8 +310,10 @@ def build_metadata(model: nn.Module, method: str, image_size: int, bundle: dict[
         "exporter": exporter,
         "opset": opset,
         "graph_sha256": hashlib.sha256(graph).hexdigest(),
-        "source_checkpoint": {"path": str(checkpoint) if checkpoint else None,
-                              "sha256": sha256_file(checkpoint) if checkpoint else None},
+        "source_checkpoint": {
+            "path": str(checkpoint) if checkpoint else None,
+            "sha256": sha256_file(checkpoint) if checkpoint else None,
+        },
     }
 
 
@@ -266,8 +332,10 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
     """Load and validate the metadata JSON beside a graph; errors name the file."""
     mpath = metadata_path(onnx_path)
     if not mpath.is_file():
-        raise KdadError(f"metadata file {mpath} for {onnx_path} is missing; re-run `kdad export` "
-                        "(the graph alone does not say its image size, thresholds or input contract)")
+        raise KdadError(
+            f"metadata file {mpath} for {onnx_path} is missing; re-run `kdad export` "
+            "(the graph alone does not say its image size, thresholds or input contract)"
+        )
     try:
         meta = json.loads(mpath.read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -281,24 +349,34 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
 
 
 class OnnxRunner:
-    """ONNX Runtime inference with TorchRunner's interface: images01 (B,3,S,S) -> (maps (B,S,S), scores (B,))."""
+    """ONNX Runtime inference, TorchRunner's interface: images01 (B,3,S,S) -> (maps (B,S,S), scores (B,))."""
 
-    def __init__(self, path: str | Path, image_threshold: float | None = None,
-                 providers: list[str] | None = None, verify: bool = True) -> None:
+    def __init__(
+        self,
+        path: str | Path,
+        image_threshold: float | None = None,
+        providers: list[str] | None = None,
+        verify: bool = True,
+    ) -> None:
         self.path = Path(path)
         if not self.path.is_file():
             raise KdadError(f"ONNX graph not found: {self.path}")
         self.meta = read_metadata(self.path)
         if verify and self.meta.get("graph_sha256") and sha256_file(self.path) != self.meta["graph_sha256"]:
-            raise KdadError(f"{self.path} does not match its metadata {metadata_path(self.path)} (graph_sha256 "
-                            "differs); the graph was replaced after export, re-run `kdad export`")
+            raise KdadError(
+                f"{self.path} does not match its metadata {metadata_path(self.path)} (graph_sha256 "
+                "differs); the graph was replaced after export, re-run `kdad export`"
+            )
         self.session = _session(str(self.path), str(self.path), providers)
         self.image_size = int(self.meta["image_size"])
         self._check_graph_io()
         thr = self.meta.get("thresholds") or {}
         stored = thr.get("image")
-        self.image_threshold: float | None = float(image_threshold) if image_threshold is not None else (
-            None if stored is None else float(stored))
+        self.image_threshold: float | None = (
+            float(image_threshold)
+            if image_threshold is not None
+            else (None if stored is None else float(stored))
+        )
         self.pixel_threshold: float | None = None if thr.get("pixel") is None else float(thr["pixel"])
         disp = self.meta.get("display") or {}
         self.vmin = float(disp["vmin"]) if disp.get("vmin") is not None else 0.0
@@ -308,27 +386,43 @@ class OnnxRunner:
         inputs = self.session.get_inputs()
         outs = [o.name for o in self.session.get_outputs()]
         shape = list(inputs[0].shape) if inputs else []
-        if (len(inputs) != 1 or inputs[0].name != INPUT_NAME or shape[1:] != [3, self.image_size, self.image_size]
-                or sorted(outs) != sorted(OUTPUT_NAMES)):
-            raise KdadError(f"{self.path}: graph inputs/outputs {[(i.name, i.shape) for i in inputs]} -> {outs} do "
-                            f"not match metadata (input {INPUT_NAME!r} [batch, 3, {self.image_size}, "
-                            f"{self.image_size}], outputs {list(OUTPUT_NAMES)})")
+        if (
+            len(inputs) != 1
+            or inputs[0].name != INPUT_NAME
+            or shape[1:] != [3, self.image_size, self.image_size]
+            or sorted(outs) != sorted(OUTPUT_NAMES)
+        ):
+            raise KdadError(
+                f"{self.path}: graph inputs/outputs {[(i.name, i.shape) for i in inputs]} -> {outs} do "
+                f"not match metadata (input {INPUT_NAME!r} [batch, 3, {self.image_size}, "
+                f"{self.image_size}], outputs {list(OUTPUT_NAMES)})"
+            )
 
     def __call__(self, images01: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Images in [0, 1], float32 (B, 3, S, S) -> maps (B, S, S) and scores (B,) as numpy float32."""
         x = images01.detach().cpu().numpy() if isinstance(images01, torch.Tensor) else np.asarray(images01)
         x = np.ascontiguousarray(x, dtype=np.float32)
         if x.ndim != 4 or x.shape[1:] != (3, self.image_size, self.image_size):
-            raise KdadError(f"{self.path} expects (B, 3, {self.image_size}, {self.image_size}) float32 in [0, 1], "
-                            f"got shape {tuple(x.shape)}")
+            raise KdadError(
+                f"{self.path} expects (B, 3, {self.image_size}, {self.image_size}) float32 in [0, 1], "
+                f"got shape {tuple(x.shape)}"
+            )
         amap, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
         return amap[:, 0], score
 
     def info(self) -> dict[str, Any]:
         """Model facts for humans and the web service (same keys as TorchRunner.info)."""
-        return {"method": self.meta["method"], "image_size": self.image_size, "image_threshold": self.image_threshold,
-                "pixel_threshold": self.pixel_threshold, "backend": "onnxruntime",
-                "device": ",".join(self.session.get_providers()), "input": INPUT_CONTRACT_TEXT,
-                "input_contract": self.meta["input"], "exporter": self.meta.get("exporter"),
-                "opset": self.meta.get("opset"), "kdad_version": self.meta.get("kdad_version"),
-                "graph": str(self.path)}
+        return {
+            "method": self.meta["method"],
+            "image_size": self.image_size,
+            "image_threshold": self.image_threshold,
+            "pixel_threshold": self.pixel_threshold,
+            "backend": "onnxruntime",
+            "device": ",".join(self.session.get_providers()),
+            "input": INPUT_CONTRACT_TEXT,
+            "input_contract": self.meta["input"],
+            "exporter": self.meta.get("exporter"),
+            "opset": self.meta.get("opset"),
+            "kdad_version": self.meta.get("kdad_version"),
+            "graph": str(self.path),
+        }

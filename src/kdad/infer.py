@@ -6,9 +6,10 @@ import csv
 import glob
 import json
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -49,7 +50,7 @@ class _Paths(Dataset):
         p = self.paths[i]
         try:
             return {"image": load_image(p, self.size), "path": str(p), "error": ""}
-        except Exception as e:  # a bad file must not stop a long batch run: it is reported per row
+        except Exception as e:  # noqa: BLE001  # a bad file must not stop a long batch run: it is reported per row
             return {"image": torch.zeros(3, self.size, self.size), "path": str(p), "error": str(e)}
 
 
@@ -88,7 +89,7 @@ def common_base(paths: Sequence[Path]) -> Path | None:
 
 
 def out_name(path: str, suffix: str, base: Path | None = None) -> str:
-    """Flattened unique output name for an input path (relative to `base` when given): a/b/c.png -> a__b__c."""
+    """Flattened unique output name for a path (relative to `base` if given): a/b/c.png -> a__b__c<suffix>."""
     p = Path(path)
     if base is not None:
         try:

@@ -26,7 +26,7 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
     if backend not in (None, "torch", "onnx"):
         raise KdadError(f"unknown backend {backend!r}; valid: torch, onnx")
     if path.suffix == ".onnx" and backend == "torch":
-        raise KdadError(f"{path} is an ONNX graph; use --backend onnx or give the run folder / .ckpt for torch")
+        raise KdadError(f"{path} is an ONNX graph; use --backend onnx, or the run folder / .ckpt for torch")
     if backend == "onnx" or path.suffix == ".onnx":
         from kdad.export import OnnxRunner, default_onnx_path
 

@@ -45,12 +45,15 @@ def train_val_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, list[fl
     Each category is split on its own, so the held-out set covers every category.
     """
     trains, vals, weights = [], [], []
+    fraction = 0.0 if cfg.data.val_split else cfg.train.val_fraction
     for _, ds in dataset_parts(cfg.data, "train"):
-        tr, va = split_train_val(ds, cfg.train.val_fraction, cfg.train.seed)
+        tr, va = split_train_val(ds, fraction, cfg.train.seed)
         trains.append(tr)
         if va is not None:
             vals.append(va)
         weights += [1.0 / len(tr)] * len(tr)  # type: ignore[arg-type]
+    if cfg.data.val_split:  # a released split of held-out normals (MVTec AD 2 "validation") replaces the hold-out
+        vals = [ds for _, ds in dataset_parts(cfg.data, cfg.data.val_split)]
     balanced = cfg.data.balanced and len(trains) > 1
     train_ds = trains[0] if len(trains) == 1 else ConcatDataset(trains)
     val_ds = None if not vals else (vals[0] if len(vals) == 1 else ConcatDataset(vals))

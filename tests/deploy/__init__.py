@@ -82,9 +82,17 @@ def tiny_run(method: str) -> Path:
     from kdad.methods import get_method
 
     require_bottle()
-    cfg = load_config(None, None, [f"method={method}", "model.backbone=efficientnet_lite0",
-                                   f"model.weights={_teacher_weights()}", f"data.image_size={IMAGE_SIZE}",
-                                   f"data.root={BOTTLE}"])
+    cfg = load_config(
+        None,
+        None,
+        [
+            f"method={method}",
+            "model.backbone=efficientnet_lite0",
+            f"model.weights={_teacher_weights()}",
+            f"data.image_size={IMAGE_SIZE}",
+            f"data.root={BOTTLE}",
+        ],
+    )
     spec = get_method(method)
     mcfg = method_config(cfg)
     torch.manual_seed(0)
@@ -93,8 +101,13 @@ def tiny_run(method: str) -> Path:
     train = images_to_batch(sorted((BOTTLE / "train" / "good").glob("*.png"))[:2], IMAGE_SIZE)
     model.train()
     for _ in range(TRAIN_STEPS):
-        spec.train_step(model, {"image": train, "mask": torch.zeros(len(train), 1, IMAGE_SIZE, IMAGE_SIZE)},
-                        opts, mcfg, torch.Generator().manual_seed(0))
+        spec.train_step(
+            model,
+            {"image": train, "mask": torch.zeros(len(train), 1, IMAGE_SIZE, IMAGE_SIZE)},
+            opts,
+            mcfg,
+            torch.Generator().manual_seed(0),
+        )
     model.eval()
     with torch.inference_mode():
         out = model(images_to_batch(bottle_test_images(2), IMAGE_SIZE))

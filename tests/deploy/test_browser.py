@@ -1,4 +1,4 @@
-"""End to end in headless Chromium: upload a bottle image on the web page, compare with the API, move the slider.
+"""End to end in headless Chromium: upload a bottle image on the page, compare with the API, move the slider.
 
 Skips (with the reason) when chromium, chromedriver or selenium is missing.
 """
@@ -25,7 +25,9 @@ def _find(names: tuple[str, ...]) -> str | None:
 
 @pytest.fixture(scope="module")
 def driver() -> Iterator[Any]:
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed (pip install selenium)")
+    webdriver = pytest.importorskip(
+        "selenium.webdriver", reason="selenium is not installed (pip install selenium)"
+    )
     browser, chromedriver = _find(CHROMIUM_NAMES), _find(("chromedriver",))
     if browser is None or chromedriver is None:
         pytest.skip("chromium/chromedriver not found (apt-get install -y chromium chromium-driver)")
@@ -33,12 +35,18 @@ def driver() -> Iterator[Any]:
 
     options = webdriver.ChromeOptions()
     options.binary_location = browser
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu",
-                "--window-size=1200,900", "--disable-extensions"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-dev-shm-usage",
+        "--disable-gpu",
+        "--window-size=1200,900",
+        "--disable-extensions",
+    ):
         options.add_argument(arg)
     try:
         drv = webdriver.Chrome(service=Service(chromedriver), options=options)
-    except Exception as e:  # e.g. a chromedriver that does not match the browser version
+    except Exception as e:  # noqa: BLE001  # e.g. a chromedriver that does not match the browser version
         pytest.skip(f"cannot start headless chromium: {type(e).__name__}: {str(e).splitlines()[0]}")
     drv.set_page_load_timeout(60)
     yield drv
@@ -52,8 +60,9 @@ def test_upload_shows_api_score_and_slider_redecides(driver: Any) -> None:
     runner = TorchRunner(tiny_run("rd"), device="cpu")
     image = next(p for p in bottle_test_images(1) if p.parent.name != "good")
     with live_server(create_app(runner)) as url:
-        api = httpx.post(f"{url}/predict", files={"file": (image.name, image.read_bytes(), "image/png")},
-                         timeout=120).json()
+        api = httpx.post(
+            f"{url}/predict", files={"file": (image.name, image.read_bytes(), "image/png")}, timeout=120
+        ).json()
         driver.get(f"{url}/")
         wait = WebDriverWait(driver, 60)
         wait.until(lambda d: d.find_element(By.ID, "stored-threshold").text not in ("", "–"))
@@ -72,11 +81,19 @@ def test_upload_shows_api_score_and_slider_redecides(driver: Any) -> None:
             driver.execute_script(
                 "const s = document.getElementById('threshold');"
                 "s.max = String(arguments[0] * 4); s.step = 'any'; s.value = String(arguments[0]);"
-                "s.dispatchEvent(new Event('input'));", threshold)
+                "s.dispatchEvent(new Event('input'));",
+                threshold,
+            )
             assert card.get_attribute("data-decision") == expected
-            assert card.find_element(By.CSS_SELECTOR, ".decision").text == ("ANOMALOUS" if expected == "1" else "normal")
-        assert driver.execute_script("return performance.getEntriesByType('resource').length") == requests_before
+            assert card.find_element(By.CSS_SELECTOR, ".decision").text == (
+                "ANOMALOUS" if expected == "1" else "normal"
+            )
+        assert (
+            driver.execute_script("return performance.getEntriesByType('resource').length") == requests_before
+        )
         external = driver.execute_script(
-            "return performance.getEntriesByType('resource').map(e => e.name).filter(n => !n.startsWith(arguments[0]))",
-            url)
+            "return performance.getEntriesByType('resource').map(e => e.name)"
+            ".filter(n => !n.startsWith(arguments[0]))",
+            url,
+        )
         assert external == []  # the page loads nothing from outside the server (works offline)

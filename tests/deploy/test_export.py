@@ -43,7 +43,9 @@ def test_onnx_parity_on_bottle_images(method: str) -> None:
         worst_score = max(worst_score, float(np.abs(o_scores - t_scores).max()))
         thr = torch_runner.image_threshold
         assert list(o_scores >= thr) == list(t_scores >= thr)
-    print(f"\n{method}: max |map diff| {worst_map:.3e}, max |score diff| {worst_score:.3e} on {len(paths)} images")
+    print(
+        f"\n{method}: max |map diff| {worst_map:.3e}, max |score diff| {worst_score:.3e}, {len(paths)} images"
+    )
     assert worst_map <= MAP_TOLERANCE
     assert worst_score <= MAP_TOLERANCE
 

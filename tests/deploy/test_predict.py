@@ -34,17 +34,53 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _read(out: Path) -> dict[str, dict[str, Any]]:
     rows = json.loads((out / "predictions.json").read_text())
     assert (out / "predictions.csv").read_text().splitlines()[0] == "path,score,decision,error"
-    return {Path(r["path"]).name if "corrupt" in r["path"] else "/".join(Path(r["path"]).parts[-2:]): r
-            for r in rows}
+    return {
+        Path(r["path"]).name if "corrupt" in r["path"] else "/".join(Path(r["path"]).parts[-2:]): r
+        for r in rows
+    }
 
 
 def test_torch_and_onnx_backends_agree(image_folder: Path, tmp_path: Path) -> None:
     run, graph = tiny_run("rd"), exported("rd")
     out_t, out_o = tmp_path / "torch", tmp_path / "onnx"
-    assert main(["predict", str(run), str(image_folder), "--out", str(out_t), "--overlays", "--masks",
-                 "--batch-size", "3", "--backend", "torch", "--device", "cpu"]) == 0
-    assert main(["predict", str(run), str(image_folder), "--out", str(out_o), "--backend", "onnx",
-                 "--workers", "2", "--batch-size", "4"]) == 0
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(image_folder),
+                "--out",
+                str(out_t),
+                "--overlays",
+                "--masks",
+                "--batch-size",
+                "3",
+                "--backend",
+                "torch",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(
+            [
+                "predict",
+                str(run),
+                str(image_folder),
+                "--out",
+                str(out_o),
+                "--backend",
+                "onnx",
+                "--workers",
+                "2",
+                "--batch-size",
+                "4",
+            ]
+        )
+        == 0
+    )
     rows_t, rows_o = _read(out_t), _read(out_o)
     assert rows_t.keys() == rows_o.keys()
     n_images = len(bottle_test_images(2))
@@ -72,7 +108,10 @@ def test_glob_and_onnx_file(image_folder: Path, tmp_path: Path, capsys: pytest.C
     rows = json.loads((tmp_path / "predictions.json").read_text())
     assert len(rows) == len(list((image_folder / "good").glob("*.png"))) == 2
     assert all(r["decision"] == 0 and r["error"] is None for r in rows)
-    assert main(["predict", str(exported("rd")), str(image_folder / "nothing*.png"), "--out", str(tmp_path)]) == 2
+    assert (
+        main(["predict", str(exported("rd")), str(image_folder / "nothing*.png"), "--out", str(tmp_path)])
+        == 2
+    )
     assert "no image matches" in capsys.readouterr().err
 
 

@@ -12,7 +12,7 @@ from kdad.train import fit
 
 
 def test_rd_lite0_detects_bottle_defects(bottle_dir: Path, tmp_path: Path) -> None:
-    cfg = load_config("rd_cpu", [], [f"data.root={bottle_dir}", "train.progress=false"])
+    cfg = load_config("rd_cpu", [], [f"data.root={bottle_dir}", "train.progress=false", "train.epochs=6"])
     run = fit(cfg, tmp_path / "run")
     result = evaluate_run(run, report=True)
     m = result["metrics"]

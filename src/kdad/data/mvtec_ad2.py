@@ -40,7 +40,7 @@ def resolve_category(root: PathLike, category: str | None) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
-    if not category:
+    if not category or (root.name == category and not (root / category).is_dir()):
         return root
     if not (root / category).is_dir():
         found = sorted(d.name for d in root.iterdir() if (d / "train" / GOOD).is_dir())

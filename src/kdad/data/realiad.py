@@ -130,9 +130,9 @@ def read_split_json(path: PathLike) -> dict[str, Any]:
     if not isinstance(data, dict) or not any(isinstance(data.get(k), list) for k in ("train", "test")):
         raise DatasetError(f"{path}: expected a JSON object with 'train' and 'test' lists")
     for split in ("train", "test"):
-        for i, e in enumerate(data.get(split) or []):
-            if not isinstance(e, dict) or "image_path" not in e or "anomaly_class" not in e:
-                raise DatasetError(f"{path}: {split}[{i}] needs 'image_path' and 'anomaly_class', got {e!r}")
+        for i, entry in enumerate(data.get(split) or []):
+            if not isinstance(entry, dict) or "image_path" not in entry or "anomaly_class" not in entry:
+                raise DatasetError(f"{path}: {split}[{i}] needs 'image_path' and 'anomaly_class', got {entry!r}")
     return data
 
 
@@ -166,6 +166,8 @@ class RealIADDataset(DraftSampleDataset):
         if split not in ("train", "test"):
             raise DatasetError(f"Real-IAD split must be 'train' or 'test', got {split!r}")
         root = Path(root)
+        if category and root.name == category and (root.parent / "realiad_jsons").is_dir():
+            root = root.parent  # multi-class configs give <root>/<category>
         if not root.is_dir():
             raise DatasetError(f"dataset folder not found: {root}")
         if not category:
@@ -233,7 +235,7 @@ def sample_level(
 def _image_metrics(labels: np.ndarray, scores: np.ndarray) -> dict[str, float]:
     from kdad.metrics import image_ap, image_auroc
 
-    return {"n": int(len(labels)), "n_anomalous": int(labels.sum()),
+    return {"n": len(labels), "n_anomalous": int(labels.sum()),
             "image_auroc": image_auroc(scores, labels), "image_ap": image_ap(scores, labels)}
 
 

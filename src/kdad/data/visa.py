@@ -26,7 +26,15 @@ import torch
 from PIL import Image
 
 from kdad.data.mvtec import GOOD, Sample, SampleDataset
-from kdad.data.transforms import PathLike, Size, _check_same_size, _hw, _mask_tensor, _to_rgb_float, open_image
+from kdad.data.transforms import (
+    PathLike,
+    Size,
+    _check_same_size,
+    _hw,
+    _mask_tensor,
+    _to_rgb_float,
+    open_image,
+)
 from kdad.errors import DatasetError
 
 VISA_CATEGORIES: tuple[str, ...] = (
@@ -137,7 +145,7 @@ def resolve_root(root: PathLike, category: str | None) -> tuple[Path, str]:
     root = Path(root)
     if not root.is_dir():
         raise DatasetError(f"dataset folder not found: {root}")
-    if (root / "Data").is_dir() and not category:
+    if (root / "Data").is_dir() and (not category or category == root.name):
         return root.parent, root.name
     if not category:
         found = sorted(d.name for d in root.iterdir() if (d / "Data").is_dir())

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 from kdad.errors import ConfigError
-from kdad.methods import rd, rdpp, stfpm, urd
+from kdad.methods import dskd, rd, rdpp, snl, stfpm, urd
+from kdad.methods import bkd
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
+    "bkd": bkd.SPEC,
     "rd": rd.SPEC,
     "stfpm": stfpm.SPEC,
     "rdpp": rdpp.SPEC,
     "urd": urd.SPEC,
+    "dskd": dskd.SPEC,
+    "snl": snl.SPEC,
 }
 
 

@@ -7,15 +7,22 @@ from typing import Any
 from kdad.serve.app import Limits, create_app
 
 
-def serve(runner: Any, host: str = "127.0.0.1", port: int = 8000, max_upload_mb: float = 20.0,
-          log_level: str = "info") -> None:
+def serve(
+    runner: Any,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_upload_mb: float = 20.0,
+    log_level: str = "info",
+) -> None:
     """Run the app for `runner` with uvicorn until interrupted (one process; model calls serialised)."""
     import uvicorn
 
     app = create_app(runner, max_upload_mb=max_upload_mb)
     info = runner.info()
-    print(f"kdad serve: {info.get('method')} on {info.get('backend')}; web page http://{host}:{port}/ , "
-          f"API docs http://{host}:{port}/docs (schema /openapi.json)")
+    print(
+        f"kdad serve: {info.get('method')} on {info.get('backend')}; web page http://{host}:{port}/ , "
+        f"API docs http://{host}:{port}/docs (schema /openapi.json)"
+    )
     uvicorn.run(app, host=host, port=port, log_level=log_level)
 
 

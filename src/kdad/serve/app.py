@@ -13,7 +13,7 @@ import io
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 import torch
@@ -88,13 +88,14 @@ def _too_big_message(size: int, limit: int) -> str:
 
 
 def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> torch.Tensor:
-    """Uploaded bytes -> (3, S, S) float32 in [0, 1]; HTTPException 413 (too big), 415 (not an image), 400 (broken).
+    """Uploaded bytes -> (3, S, S) float32 in [0, 1]; HTTPException 413 (too big), 415 (no image), 400 (bad).
 
     The dimensions are read from the header and checked before any pixel is decoded (decompression bombs).
     """
     if len(data) > limits.max_file_bytes:
-        raise HTTPException(413, f"{name}: file of {len(data) / 2**20:.1f} MB exceeds the "
-                                 f"{limits.max_upload_mb:g} MB limit")
+        raise HTTPException(
+            413, f"{name}: file of {len(data) / 2**20:.1f} MB exceeds the {limits.max_upload_mb:g} MB limit"
+        )
     if not data:
         raise HTTPException(400, f"{name}: empty file")
     try:
@@ -109,8 +110,11 @@ def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> to
     if fmt not in ACCEPTED_FORMATS:
         raise HTTPException(415, f"{name}: image format {fmt} not accepted; send PNG, JPEG, BMP or TIFF")
     if w * h > limits.max_megapixels * 1e6:
-        raise HTTPException(413, f"{name}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the "
-                                 f"{limits.max_megapixels:g} MP limit (possible decompression bomb); resize it first")
+        raise HTTPException(
+            413,
+            f"{name}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the "
+            f"{limits.max_megapixels:g} MP limit (possible decompression bomb); resize it first",
+        )
     try:
         return load_image(io.BytesIO(data), image_size)  # type: ignore[arg-type]  # PIL opens file objects too
     except Exception as e:
@@ -121,12 +125,22 @@ def _b64png(array: np.ndarray) -> str:
     return base64.b64encode(png_bytes(array)).decode("ascii")
 
 
-def result_dict(runner: Any, name: str, score: float, amap: np.ndarray, image01: np.ndarray,
-                threshold: float | None, mask: bool) -> dict[str, Any]:
+def result_dict(
+    runner: Any,
+    name: str,
+    score: float,
+    amap: np.ndarray,
+    image01: np.ndarray,
+    threshold: float | None,
+    mask: bool,
+) -> dict[str, Any]:
     """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64."""
     decision = None if threshold is None else int(score >= threshold)
     out: dict[str, Any] = {
-        "filename": name, "score": score, "threshold": threshold, "decision": decision,
+        "filename": name,
+        "score": score,
+        "threshold": threshold,
+        "decision": decision,
         "label": None if decision is None else ("anomalous" if decision else "normal"),
         "image_threshold": runner.image_threshold,
         "heatmap_png_base64": _b64png(overlay(image01, amap, runner.vmin, runner.vmax)),
@@ -140,18 +154,39 @@ def model_info(runner: Any, limits: Limits) -> dict[str, Any]:
     """What GET /info returns: runner facts, thresholds, the input contract, display range and limits."""
     info = dict(runner.info())
     size = int(runner.image_size)
-    info.setdefault("input_contract", {
-        "layout": "NCHW", "shape": ["batch", 3, size, size], "dtype": "float32", "color": "RGB", "range": [0.0, 1.0],
-        "resize": f"bilinear (PIL, antialiased) to {size}x{size}", "normalization": "inside the model"})
-    info.update({"image_threshold": runner.image_threshold, "pixel_threshold": runner.pixel_threshold,
-                 "display": {"vmin": runner.vmin, "vmax": runner.vmax}, "limits": asdict(limits),
-                 "accepted_formats": list(ACCEPTED_FORMATS), "kdad_version": __version__,
-                 "score": "raw image score = max of the anomaly map; decision = score >= threshold"})
+    info.setdefault(
+        "input_contract",
+        {
+            "layout": "NCHW",
+            "shape": ["batch", 3, size, size],
+            "dtype": "float32",
+            "color": "RGB",
+            "range": [0.0, 1.0],
+            "resize": f"bilinear (PIL, antialiased) to {size}x{size}",
+            "normalization": "inside the model",
+        },
+    )
+    info.update(
+        {
+            "image_threshold": runner.image_threshold,
+            "pixel_threshold": runner.pixel_threshold,
+            "display": {"vmin": runner.vmin, "vmax": runner.vmax},
+            "limits": asdict(limits),
+            "accepted_formats": list(ACCEPTED_FORMATS),
+            "kdad_version": __version__,
+            "score": "raw image score = max of the anomaly map; decision = score >= threshold",
+        }
+    )
     return info
 
 
-def create_app(runner: Any, max_upload_mb: float = 20.0, max_megapixels: float = 50.0,
-               max_batch_files: int = 32, chunk: int = 8) -> FastAPI:
+def create_app(
+    runner: Any,
+    max_upload_mb: float = 20.0,
+    max_megapixels: float = 50.0,
+    max_batch_files: int = 32,
+    chunk: int = 8,
+) -> FastAPI:
     """The web app for one runner. Model calls run in the thread pool, one at a time (a lock), so
     concurrent requests never run two forwards at once; decoding runs in parallel outside the lock."""
     limits = Limits(max_upload_mb, max_megapixels, max_batch_files)
@@ -166,21 +201,28 @@ def create_app(runner: Any, max_upload_mb: float = 20.0, max_megapixels: float =
         data = await upload.read(limits.max_file_bytes + 1)
         return await run_in_threadpool(decode_upload, data, name, int(runner.image_size), limits)
 
-    async def score(images: list[torch.Tensor], names: list[str], threshold: float | None,
-                    mask: bool) -> list[dict[str, Any]]:
+    async def score(
+        images: list[torch.Tensor], names: list[str], threshold: float | None, mask: bool
+    ) -> list[dict[str, Any]]:
         results: list[dict[str, Any]] = []
         for i in range(0, len(images), chunk):
-            batch = torch.stack(images[i:i + chunk])
+            batch = torch.stack(images[i : i + chunk])
             maps, scores = await run_in_threadpool(locked_call, batch)
             for j in range(len(batch)):
                 image01 = batch[j].permute(1, 2, 0).numpy()
-                results.append(await run_in_threadpool(result_dict, runner, names[i + j], float(scores[j]),
-                                                       maps[j], image01, threshold, mask))
+                results.append(
+                    await run_in_threadpool(
+                        result_dict, runner, names[i + j], float(scores[j]), maps[j], image01, threshold, mask
+                    )
+                )
         return results
 
-    app = FastAPI(title="kdad anomaly detection", version=__version__,
-                  description="Score images with a knowledge-distillation anomaly detector. "
-                              "Scores are raw (max of the anomaly map); decision = score >= threshold.")
+    app = FastAPI(
+        title="kdad anomaly detection",
+        version=__version__,
+        description="Score images with a knowledge-distillation anomaly detector. "
+        "Scores are raw (max of the anomaly map); decision = score >= threshold.",
+    )
     app.add_middleware(BodyLimit, limits=limits)
 
     def pick_threshold(threshold: float | None) -> float | None:
@@ -188,25 +230,31 @@ def create_app(runner: Any, max_upload_mb: float = 20.0, max_megapixels: float =
 
     @app.get("/health", summary="liveness")
     async def health() -> dict[str, Any]:
-        return {"status": "ok", "method": runner.info().get("method"), "backend": runner.info().get("backend")}
+        return {
+            "status": "ok",
+            "method": runner.info().get("method"),
+            "backend": runner.info().get("backend"),
+        }
 
     @app.get("/info", summary="model, thresholds and input contract")
     async def info() -> dict[str, Any]:
         return model_info(runner, limits)
 
     @app.post("/predict", summary="score one image")
-    async def predict(file: UploadFile = File(..., description="PNG, JPEG, BMP or TIFF"),
-                      threshold: float | None = Query(None, description="override the stored image threshold"),
-                      mask: bool = Query(False, description="also return a binary mask at the pixel threshold"),
-                      ) -> dict[str, Any]:
+    async def predict(
+        file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF")],
+        threshold: Annotated[float | None, Query(description="override the stored threshold")] = None,
+        mask: Annotated[bool, Query(description="also return a mask at the pixel threshold")] = False,
+    ) -> dict[str, Any]:
         image = await decode(file)
         return (await score([image], [file.filename or "upload"], pick_threshold(threshold), mask))[0]
 
     @app.post("/predict/batch", summary="score several images (bad files become error items)")
-    async def predict_batch(files: list[UploadFile] = File(..., description="several images"),
-                            threshold: float | None = Query(None, description="override the stored threshold"),
-                            mask: bool = Query(False, description="also return binary masks"),
-                            ) -> list[dict[str, Any]]:
+    async def predict_batch(
+        files: Annotated[list[UploadFile], File(description="several images")],
+        threshold: Annotated[float | None, Query(description="override the threshold")] = None,
+        mask: Annotated[bool, Query(description="also return binary masks")] = False,
+    ) -> list[dict[str, Any]]:
         if len(files) > limits.max_batch_files:
             raise HTTPException(413, f"{len(files)} files exceed the batch limit of {limits.max_batch_files}")
         items: list[dict[str, Any] | None] = [None] * len(files)
@@ -216,9 +264,13 @@ def create_app(runner: Any, max_upload_mb: float = 20.0, max_megapixels: float =
                 good.append((i, await decode(f)))
             except HTTPException as e:
                 items[i] = {"filename": f.filename, "error": e.detail, "status": e.status_code}
-        scored = await score([t for _, t in good], [files[i].filename or f"upload{i}" for i, _ in good],
-                             pick_threshold(threshold), mask)
-        for (i, _), res in zip(good, scored):
+        scored = await score(
+            [t for _, t in good],
+            [files[i].filename or f"upload{i}" for i, _ in good],
+            pick_threshold(threshold),
+            mask,
+        )
+        for (i, _), res in zip(good, scored, strict=True):
             items[i] = res
         return [it for it in items if it is not None]
 
@@ -228,4 +280,3 @@ def create_app(runner: Any, max_upload_mb: float = 20.0, max_megapixels: float =
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app
-

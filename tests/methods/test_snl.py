@@ -1,0 +1,178 @@
+"""SNL: each loss pinned on hand-checkable tensors, each switch trains, all-off is RD; every method in multi-class mode."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from kdad.config import from_dict, load_config
+from kdad.data.demo import make_demo_dataset
+from kdad.errors import ConfigError
+from kdad.evaluate import evaluate_run
+from kdad.methods import METHODS, get_method
+from kdad.methods import rd, snl
+from kdad.train import fit
+
+TINY = {"backbone": "resnet18", "weights": "random"}
+SHARED = Path(__file__).resolve().parents[2].parent / "shared"
+TEXTURES = SHARED / "data" / "dtd" / "images"
+SWITCHES = ("global_loss", "spatial", "channel", "intra", "inter", "cram")
+
+
+def feature(values: list[list[float]]) -> torch.Tensor:
+    """(C, P) nested list -> a (1, C, 1, P) feature map."""
+    return torch.tensor(values, dtype=torch.float32).unsqueeze(0).unsqueeze(2)
+
+
+def rotation(c: int, seed: int = 0) -> torch.Tensor:
+    q, _ = torch.linalg.qr(torch.randn(c, c, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def rotate_channels(x: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    return torch.einsum("dc,bchw->bdhw", q, x)
+
+
+# ----------------------------------------------------------------------------- (a) spatial-channel
+def test_cosine_distance_identical_orthogonal_opposite_and_zero() -> None:
+    e1, e2 = torch.tensor([1.0, 0.0]), torch.tensor([0.0, 3.0])
+    assert float(snl.cosine_distance_along(e1, e1, 0)) == pytest.approx(0.0)
+    assert float(snl.cosine_distance_along(e1, e2, 0)) == pytest.approx(1.0)
+    assert float(snl.cosine_distance_along(e1, -2 * e1, 0)) == pytest.approx(2.0)
+    assert float(snl.cosine_distance_along(torch.zeros(2), torch.zeros(2), 0)) == 0.0  # dead channel: no penalty
+
+
+def test_spatial_and_channel_losses_on_hand_values() -> None:
+    t = feature([[1.0, 0.0], [0.0, 1.0]])  # C=2, positions p0=(1,0), p1=(0,1)
+    s = feature([[0.0, 1.0], [1.0, 0.0]])  # every position and every channel orthogonal to the teacher's
+    assert float(snl.spatial_loss([t, t], [s, s])) == pytest.approx(2.0)  # 1 per layer, summed
+    assert float(snl.channel_loss([t], [s])) == pytest.approx(1.0)
+    assert float(snl.spatial_loss([t], [t])) == 0.0 and float(snl.channel_loss([t], [t])) == 0.0
+
+
+def test_spatial_ignores_per_position_scale_channel_ignores_per_channel_scale() -> None:
+    t = feature([[1.0, 1.0], [1.0, 1.0]])
+    per_position = feature([[1.0, 2.0], [1.0, 2.0]])  # position p1 scaled by 2
+    per_channel = feature([[1.0, 1.0], [3.0, 3.0]])  # channel c1 scaled by 3
+    assert float(snl.spatial_loss([t], [per_position])) == pytest.approx(0.0, abs=1e-7)
+    assert float(snl.channel_loss([t], [per_position])) == pytest.approx(1 - 3 / math.sqrt(10))
+    assert float(snl.channel_loss([t], [per_channel])) == pytest.approx(0.0, abs=1e-7)
+    assert float(snl.spatial_loss([t], [per_channel])) == pytest.approx(1 - 4 / math.sqrt(20))
+
+
+# ----------------------------------------------------------------------------- (b) affinities
+def test_intra_affinity_hand_value_and_shape_bound() -> None:
+    aligned = feature([[1.0, 1.0], [0.0, 0.0]])  # both positions point the same way: Gram all ones
+    orthogonal = feature([[1.0, 0.0], [0.0, 1.0]])  # Gram identity
+    assert float(snl.intra_loss([aligned], [aligned], 16)) == 0.0
+    assert float(snl.intra_loss([aligned], [orthogonal], 16)) == pytest.approx(0.5)  # 2 of 4 entries off by 1
+    big = torch.randn(2, 8, 64, 64)
+    assert snl.intra_affinity(big, 16).shape == (2, 256, 256)  # pooled to 16x16 before the HW x HW Gram
+
+
+def test_intra_affinity_invariant_to_channel_rotation_and_position_scale() -> None:
+    t = torch.randn(2, 6, 5, 5, generator=torch.Generator().manual_seed(0))
+    scale = torch.rand(2, 1, 5, 5, generator=torch.Generator().manual_seed(1)) + 0.5
+    s = rotate_channels(t, rotation(6)) * scale
+    assert float(snl.intra_loss([t], [s], 16)) == pytest.approx(0.0, abs=1e-10)
+    assert float(snl.spatial_loss([t], [s])) > 0.1  # the pointwise term does see the rotation
+
+
+def test_inter_affinity_hand_value_and_invariances() -> None:
+    same = torch.cat([feature([[1.0, 1.0], [0.0, 0.0]])] * 2)  # two images with the same descriptor
+    different = torch.cat([feature([[1.0, 1.0], [0.0, 0.0]]), feature([[0.0, 0.0], [2.0, 2.0]])])
+    assert float(snl.inter_loss([same], [different])) == pytest.approx(0.5)  # B x B: ones vs identity
+    assert float(snl.inter_loss([same[:1]], [different[1:]])) == 0.0  # one image: no structure to match
+    t = torch.randn(3, 6, 4, 4, generator=torch.Generator().manual_seed(2))
+    s = rotate_channels(t, rotation(6, 3)) * torch.tensor([0.5, 1.0, 4.0]).view(3, 1, 1, 1)
+    s = s.flatten(2)[:, :, torch.randperm(16, generator=torch.Generator().manual_seed(4))].view_as(t)
+    assert float(snl.inter_loss([t], [s])) == pytest.approx(0.0, abs=1e-10)  # rotation, image scale, shuffle
+
+
+# ----------------------------------------------------------------------------- (c) CRAM
+def test_cram_compactness_hand_values_and_identity_start() -> None:
+    cram = snl.CRAM(dim=3, centres=2, temperature=0.1)
+    with torch.no_grad():
+        cram.centres.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+    off_both = torch.tensor([0.0, 0.0, 5.0]).view(1, 3, 1, 1)  # orthogonal to both: a = 1/2, |z - c|^2 = 2
+    assert float(cram.compactness(off_both)) == pytest.approx(2.0)
+    on_centre = torch.tensor([2.0, 0.0, 0.0]).view(1, 3, 1, 1)
+    expected = 2 * math.exp(-10) / (1 + math.exp(-10))  # only the far centre (|z - c|^2 = 2) contributes
+    assert float(cram.compactness(on_centre)) == pytest.approx(expected, rel=1e-4)
+    code = torch.randn(2, 3, 4, 4)
+    assert torch.equal(cram(code), code)  # zero-initialised projection: training starts from RD
+
+
+def test_cram_gets_gradients_after_one_step() -> None:
+    cfg = snl.Config(**TINY)
+    model = snl.Model(cfg)
+    opts = snl.optimizers(model, cfg)
+    snl.train_step(model, {"image": torch.rand(2, 3, 64, 64)}, opts, cfg, torch.Generator())
+    assert model.cram is not None and model.cram.project.weight.abs().sum() > 0
+    assert model.cram.centres.grad is not None and model.cram.centres.grad.abs().sum() > 0
+
+
+# ----------------------------------------------------------------------------- switches and RD equivalence
+@pytest.mark.parametrize("off", [*SWITCHES, "all_snl"])
+def test_each_switch_builds_and_trains_one_step(off: str) -> None:
+    flags = {k: False for k in SWITCHES if k != "global_loss"} if off == "all_snl" else {off: False}
+    cfg = from_dict(snl.Config, {**TINY, **flags})
+    torch.manual_seed(0)
+    model = snl.Model(cfg)
+    assert (model.cram is None) == (not cfg.cram)
+    logs = snl.train_step(model, {"image": torch.rand(3, 3, 64, 64)}, snl.optimizers(model, cfg), cfg,
+                          torch.Generator())
+    names = {"global_loss": "global", "cram": "compact"}
+    enabled = {names.get(k, k) for k in SWITCHES if getattr(cfg, k)}
+    assert {k[5:] for k in logs if k.startswith("loss_")} == enabled
+    assert all(math.isfinite(v) for v in logs.values())
+    model.eval()
+    with torch.inference_mode():
+        assert model(torch.rand(1, 3, 64, 64)).anomaly_map.shape == (1, 1, 64, 64)
+
+
+def test_everything_off_raises() -> None:
+    with pytest.raises(ConfigError, match="every loss is off"):
+        snl.Model(snl.Config(**TINY, **{k: False for k in SWITCHES}))
+
+
+def test_all_snl_parts_off_is_rd() -> None:
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    maps = []
+    for spec, extra in ((rd, {}), (snl, {k: False for k in SWITCHES if k != "global_loss"})):
+        cfg = from_dict(spec.Config, {**TINY, **extra})
+        torch.manual_seed(5)
+        model = spec.Model(cfg)
+        spec.train_step(model, {"image": x}, spec.optimizers(model, cfg), cfg, torch.Generator())
+        model.eval()
+        with torch.inference_mode():
+            maps.append(model(x).anomaly_map)
+    assert torch.equal(maps[0], maps[1])
+
+
+# ----------------------------------------------------------------------------- every method, multi-class
+@pytest.fixture(scope="module")
+def two_categories(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("snl_mc")
+    make_demo_dataset(root / "washer", n_train=4, n_test_good=2, n_test_bad=2, size=64, kind="object")
+    make_demo_dataset(root / "fabric", n_train=4, n_test_good=2, n_test_bad=2, size=64, kind="texture", seed=1)
+    return root
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_trains_one_model_over_two_categories(name: str, two_categories: Path, tmp_path: Path) -> None:
+    overrides = [f"method={name}", f"data.root={two_categories}", "data.categories=[washer, fabric]",
+                 "data.image_size=64", "train.batch_size=4", "train.max_iters=2", "train.epochs=2",
+                 "train.progress=false", "train.device=cpu", "model.backbone=resnet18", "model.weights=random"]
+    if get_method(name).needs_textures:
+        if not TEXTURES.is_dir():
+            pytest.skip(f"{name} synthesises anomalies from textures; shared data not found at {TEXTURES}")
+        overrides.append(f"data.texture_dir={TEXTURES}")
+    run = fit(load_config(None, [], overrides), tmp_path / name)
+    res = evaluate_run(run, device="cpu", report=False)
+    assert set(res["per_category"]) == {"washer", "fabric"}
+    assert all(r["n_images"] == 4 for r in res["per_category"].values())
+    assert res["multi_class"] and math.isfinite(res["metrics"]["pixel_auroc"])
