@@ -40,7 +40,7 @@ def resolve_product(root: PathLike, category: str | None) -> Path:
 
 def is_native(product: Path) -> bool:
     """True for the native layout (``train/ok``), False for the MVTec-converted one (``train/good``)."""
-    return (product / "train" / OK).is_dir() or (product / "test" / KO).is_dir()
+    return (product / "train" / OK).is_dir() or (product / "test" / OK).is_dir()
 
 
 class BTADDataset(SampleDataset):

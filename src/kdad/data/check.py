@@ -128,7 +128,7 @@ def detect_format(path: PathLike) -> str:
             return "mvtec_ad2"
         if (d / "test" / "logical_anomalies").is_dir() or (d / "test" / "structural_anomalies").is_dir():
             return "loco"
-        if (d / "train" / "ok").is_dir() or (d / "test" / "ko").is_dir():
+        if (d / "train" / "ok").is_dir() or (d / "test" / "ok").is_dir():
             return "btad"
     if any((d / "train").is_dir() and (d / "test").is_dir() for d in folders):
         return "mvtec"
@@ -226,7 +226,7 @@ def _scan_loco(rep: CheckReport, root: Path, category: str | None) -> None:
 
 
 def _scan_btad(rep: CheckReport, root: Path, category: str | None) -> None:
-    for c in _categories(root, lambda d: (d / "train" / "ok").is_dir() or (d / "test" / "ko").is_dir(), category):
+    for c in _categories(root, lambda d: (d / "train" / "ok").is_dir() or (d / "test" / "ok").is_dir(), category):
         _add_folder(rep, c.name, "train", c / "train" / "ok", 0, GOOD)
         _add_folder(rep, c.name, "test", c / "test" / "ok", 0, GOOD)
         _add_folder(rep, c.name, "test", c / "test" / "ko", 1, "ko", c / "ground_truth" / "ko")

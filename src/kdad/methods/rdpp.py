@@ -22,6 +22,7 @@ Synthesis clamps x~ to [0, 1] (kdad's image contract); the official code does no
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -96,7 +97,7 @@ class ProjLayer(nn.Module):
         super().__init__()
         widths = [c_in, max(1, c_in // 2), max(1, c_in // 4), max(1, c_in // 2), c_out]
         layers: list[nn.Module] = []
-        for a, b in zip(widths[:-1], widths[1:]):
+        for a, b in itertools.pairwise(widths):
             layers += [nn.Conv2d(a, b, 3, padding=1), nn.InstanceNorm2d(b), nn.LeakyReLU(negative_slope)]
         self.net = nn.Sequential(*layers)
 
@@ -106,6 +107,8 @@ class ProjLayer(nn.Module):
 
 class Model(nn.Module):
     """Frozen teacher + projection + OCBE + decoder. forward(images in [0,1], (B,3,H,W)) -> AnomalyOutput."""
+
+    accum_count: Tensor
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -206,8 +209,8 @@ def ssot_loss(proj: list[Tensor], cfg: Config, gen: torch.Generator) -> Tensor:
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """Projection Adam and distillation Adam (OCBE + decoder)."""
     distill = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
-    return {"proj": torch.optim.Adam(model.proj.parameters(), lr=cfg.proj_lr, betas=tuple(cfg.betas)),
-            "distill": torch.optim.Adam(distill, lr=cfg.lr, betas=tuple(cfg.betas))}
+    return {"proj": torch.optim.Adam(model.proj.parameters(), lr=cfg.proj_lr, betas=cfg.betas),
+            "distill": torch.optim.Adam(distill, lr=cfg.lr, betas=cfg.betas)}
 
 
 def train_step(

@@ -233,9 +233,9 @@ def student_loss(s_n: list[Tensor], s_a: list[Tensor], t_n: list[Tensor], e_n: l
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """Student Adam (OCBE + decoder + GII); teacher Adam when the expert trains it."""
     student = [p for m in model.student_modules() for p in m.parameters()]
-    opts = {"student": torch.optim.Adam(student, lr=cfg.lr, betas=tuple(cfg.betas))}
+    opts: dict[str, torch.optim.Optimizer] = {"student": torch.optim.Adam(student, lr=cfg.lr, betas=cfg.betas)}
     if cfg.expert:
-        opts["teacher"] = torch.optim.Adam(model.teacher.parameters(), lr=cfg.teacher_lr, betas=tuple(cfg.betas))
+        opts["teacher"] = torch.optim.Adam(model.teacher.parameters(), lr=cfg.teacher_lr, betas=cfg.betas)
     return opts
 
 
@@ -268,7 +268,7 @@ def train_step(
             e_a = list(model.expert.features(images_a)) if cfg.teacher_loss == "official" else None
         model.teacher.train()
         t_n, t_a = model.teacher.features(images), model.teacher.features(images_a)  # two BN batches
-        m_a = layer_masks(masks, [tuple(t.shape[-2:]) for t in t_a], cfg.mask_threshold)
+        m_a = layer_masks(masks, [(int(t.shape[-2]), int(t.shape[-1])) for t in t_a], cfg.mask_threshold)
         loss_t = teacher_loss(t_n, t_a, e_n, m_a, e_a)
         opts["teacher"].zero_grad(set_to_none=True)
         loss_t.backward()
