@@ -268,7 +268,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_synth_gallery)
 
     p = sub.add_parser("data", help="dataset tools (`kdad data check PATH`)")
-    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    data_sub = p.add_subparsers(dest="data_command", required=True, metavar="ACTION", help="check")
     q = data_sub.add_parser("check", help="detect the layout, count images per split and defect type, list problems "
                             "(exit 1 on errors)")
     q.add_argument("path", help="dataset folder or one category folder")

@@ -25,7 +25,7 @@ class DataConfig:
     """Where the images are and how they are read."""
 
     root: str = ""  # MVTec-layout category folder (train/, test/, ground_truth/)
-    format: str = "mvtec"  # "mvtec" | "folder"
+    format: str = "mvtec"  # "mvtec" | "folder" | "visa" | "btad" | "mvtec_ad2" | "realiad" (docs/datasets.md)
     category: str = ""  # name used in reports (defaults to the root's folder name)
     categories: list[str] = field(default_factory=list)  # multi-class: one model over these (names under root, or paths)
     balanced: bool = True  # multi-class: sample every category equally often whatever its size

@@ -204,6 +204,8 @@ def export_model_bytes(
             errors.append(
                 f"{name} exporter failed in component {where!r}{kind}: {type(e).__name__}: {first_line}"
             )
+            if isinstance(e, KdadError):  # the model refused (missing state): no exporter helps
+                break
     raise KdadError(
         f"ONNX export of {type(model).__module__}.{type(model).__name__} (opset {opset}) failed: "
         + "; ".join(errors)

@@ -14,7 +14,7 @@ from PIL import Image
 
 from kdad.cli import main
 from kdad.infer import expand_inputs, stream_predictions
-from tests.deploy import bottle_test_images, exported, tiny_run
+from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
 
 pytest.importorskip("onnxruntime")
 
@@ -96,7 +96,7 @@ def test_torch_and_onnx_backends_agree(image_folder: Path, tmp_path: Path) -> No
     overlays = sorted((out_t / "overlays").glob("*.png"))
     assert len(overlays) == n_images and not (out_o / "overlays").exists()
     assert overlays[0].name.startswith("broken_large__")  # names relative to the common input folder
-    assert Image.open(overlays[0]).size == (256, 256)
+    assert Image.open(overlays[0]).size == (IMAGE_SIZE, IMAGE_SIZE)
     masks = sorted((out_t / "masks").glob("*.png"))
     assert len(masks) == n_images and set(np.unique(np.asarray(Image.open(masks[0])))) <= {0, 255}
     assert graph.is_file()

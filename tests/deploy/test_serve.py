@@ -25,7 +25,7 @@ from fastapi.testclient import TestClient
 from kdad.data.transforms import load_image
 from kdad.runner import TorchRunner
 from kdad.serve import create_app
-from tests.deploy import REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
+from tests.deploy import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
 
 MAX_MB = 1.0
 
@@ -51,7 +51,7 @@ def _png_size(b64: str) -> tuple[int, int]:
 def test_health_and_info(client: TestClient, runner: TorchRunner) -> None:
     assert client.get("/health").json()["status"] == "ok"
     info = client.get("/info").json()
-    assert info["method"] == "rd" and info["image_size"] == 256
+    assert info["method"] == "rd" and info["image_size"] == IMAGE_SIZE
     assert (
         info["image_threshold"] == runner.image_threshold
         and info["pixel_threshold"] == runner.pixel_threshold
@@ -75,13 +75,13 @@ def test_health_and_info(client: TestClient, runner: TorchRunner) -> None:
 def test_predict_matches_runner(client: TestClient, runner: TorchRunner) -> None:
     path = next(p for p in bottle_test_images(1) if p.parent.name != "good")
     body = client.post("/predict", files=_upload(path), params={"mask": "true"}).json()
-    _, scores = runner(load_image(path, 256)[None])
+    _, scores = runner(load_image(path, IMAGE_SIZE)[None])
     assert abs(body["score"] - float(scores[0])) <= 1e-6  # same decoding and forward as `kdad predict`
     assert body["threshold"] == runner.image_threshold
     assert body["decision"] == int(body["score"] >= runner.image_threshold)
-    assert _png_size(body["heatmap_png_base64"]) == (256, 256)
+    assert _png_size(body["heatmap_png_base64"]) == (IMAGE_SIZE, IMAGE_SIZE)
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
-    assert mask.shape == (256, 256) and set(np.unique(mask)) <= {0, 255}
+    assert mask.shape == (IMAGE_SIZE, IMAGE_SIZE) and set(np.unique(mask)) <= {0, 255}
     low = client.post("/predict", files=_upload(path), params={"threshold": 0}).json()
     high = client.post("/predict", files=_upload(path), params={"threshold": 1e9}).json()
     assert (low["decision"], high["decision"], low["threshold"]) == (1, 0, 0)

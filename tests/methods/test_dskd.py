@@ -19,8 +19,8 @@ TINY = {"backbone": "resnet18", "weights": "random"}
 
 def test_identical_student_and_teacher_give_zero_loss() -> None:
     t = torch.randn(2, 8, 5, 4, generator=torch.Generator().manual_seed(0))
-    assert float(dskd.contextual_affinity_loss([t, t], [t.clone(), t.clone()])) == pytest.approx(0.0, abs=1e-6)
-    assert float(dskd.contextual_affinity_map(t, 3.0 * t).abs().max()) < 1e-6  # cosine: scale does not matter
+    assert float(dskd.contextual_affinity_loss([t, t], [t.clone(), t.clone()])) == pytest.approx(0.0, abs=1e-5)
+    assert float(dskd.contextual_affinity_map(t, 3.0 * t).abs().max()) < 1e-5  # cosine: scale does not matter
 
 
 def test_position_swapped_student_is_penalised() -> None:
@@ -29,7 +29,7 @@ def test_position_swapped_student_is_penalised() -> None:
     s[..., [0, 4]] = s[..., [4, 0]]  # two positions exchanged: every vector is still a "normal" teacher vector
     kl = dskd.contextual_affinity_map(t, s.view_as(t)).flatten()
     assert kl[0] > 1e-3 and kl[4] > 1e-3
-    assert float(kl[[1, 2, 3, 5, 6, 7, 8]].abs().max()) < 1e-6  # untouched positions match exactly
+    assert float(kl[[1, 2, 3, 5, 6, 7, 8]].abs().max()) < 1e-5  # untouched positions match exactly
 
 
 def test_hand_checked_two_positions() -> None:
@@ -165,3 +165,16 @@ def test_loco_end_to_end_fit_calibrate_evaluate(tmp_path: Path) -> None:
 
     state = load_bundle(run / "model.ckpt")["model"]
     assert not torch.equal(state["map_std"], torch.ones(2))  # calibrated on LOCO validation normals
+
+
+def test_matches_direct_kl_of_eqs_3_to_6() -> None:
+    g = torch.Generator().manual_seed(5)
+    t, s = torch.randn(2, 16, 6, 6, generator=g), torch.randn(2, 16, 6, 6, generator=g)
+    for temperature in (0.1, 1.0, 4.0):
+        tn = torch.nn.functional.normalize(t.flatten(2), dim=1).double()
+        sn = torch.nn.functional.normalize(s.flatten(2), dim=1).double()
+        log_pt = torch.log_softmax(tn.transpose(1, 2) @ tn / temperature, -1)  # eqs. 3-4
+        log_ps = torch.log_softmax(sn.transpose(1, 2) @ tn / temperature, -1)  # eq. 5
+        kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # eq. 6
+        got = dskd.contextual_affinity_map(t, s, temperature, chunk=5).flatten(1).double()
+        assert torch.allclose(got, kl, atol=1e-4 * max(1.0, temperature**2), rtol=1e-4)

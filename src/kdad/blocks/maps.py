@@ -8,7 +8,8 @@ The blur here is separable with the same symmetric padding, so it matches scipy 
 
 from __future__ import annotations
 
-from typing import Literal, NamedTuple, Sequence
+from collections.abc import Sequence
+from typing import Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +34,24 @@ def normalized_sq_distance(a: Tensor, b: Tensor) -> Tensor:
     """Squared L2 of channel-normalised features (STFPM): (B, C, h, w) x2 -> (B, 1, h, w), in [0, 4]."""
     diff = F.normalize(a, dim=1) - F.normalize(b, dim=1)
     return (diff * diff).sum(dim=1, keepdim=True)
+
+
+def _channel_dots(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(a.b, a.a, b.b) summed over channels, (B, 1, h, w) each; one fused pass per product, no temporaries kept."""
+    return (a * b).sum(1, keepdim=True), (a * a).sum(1, keepdim=True), (b * b).sum(1, keepdim=True)
+
+
+def cosine_distance_fast(a: Tensor, b: Tensor) -> Tensor:
+    """cosine_distance from plain channel sums (about 10x faster on CPU, equal to ~1e-6; eps only for 0 vectors)."""
+    dot, na, nb = _channel_dots(a, b)
+    return 1.0 - dot * torch.rsqrt((na * nb).clamp_min(1e-16))
+
+
+def normalized_sq_distance_fast(a: Tensor, b: Tensor) -> Tensor:
+    """normalized_sq_distance as |a^|^2 + |b^|^2 - 2 a^.b^ from channel sums (F.normalize's eps 1e-12)."""
+    dot, na, nb = _channel_dots(a, b)
+    ia, ib = 1.0 / na.sqrt().clamp_min(1e-12), 1.0 / nb.sqrt().clamp_min(1e-12)
+    return (na * ia * ia + nb * ib * ib - 2.0 * dot * ia * ib).clamp_min(0.0)
 
 
 def symmetric_indices(n: int, radius: int) -> Tensor:
@@ -123,18 +142,118 @@ class AnomalyMapHead(nn.Module):
         return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
 
 
+def resize_matrix(n_in: int, n_out: int, align_corners: bool) -> Tensor:
+    """(n_out, n_in) float64 matrix R with R @ v == F.interpolate(v, n_out, mode="linear", align_corners)."""
+    eye = torch.eye(n_in, dtype=torch.float64).unsqueeze(1)  # n_in signals of length n_in
+    if n_in == n_out:
+        return eye[:, 0]
+    cols = F.interpolate(eye, size=n_out, mode="linear", align_corners=align_corners)
+    return cols[:, 0].T.contiguous()
+
+
+def blur_matrix(n: int, sigma: float, truncate: float = 4.0) -> Tensor:
+    """(n, n) float64 matrix G with G @ v == GaussianBlur(sigma) of v along one axis (scipy 'reflect')."""
+    if sigma <= 0:
+        return torch.eye(n, dtype=torch.float64)
+    radius = int(truncate * sigma + 0.5)
+    x = torch.arange(-radius, radius + 1, dtype=torch.float64)
+    k = torch.exp(-0.5 * (x / sigma) ** 2)
+    k = k / k.sum()
+    idx = symmetric_indices(n, radius)  # padded position p reads source idx[p]
+    g = torch.zeros(n, n, dtype=torch.float64)
+    rows = torch.arange(n).repeat_interleave(2 * radius + 1)
+    cols = torch.stack([idx[i : i + 2 * radius + 1] for i in range(n)]).flatten()
+    g.index_put_((rows, cols), k.repeat(n), accumulate=True)
+    return g
+
+
+class FastAnomalyMapHead(AnomalyMapHead):
+    """AnomalyMapHead with resize + fuse + blur as small matrix products (inference speed path).
+
+    Bilinear resizing and the Gaussian blur are linear and separable, so for each layer
+    blur(resize(m)) = (G R_h) m (G R_w)^T; with fuse="sum" the layers are summed inside one product:
+    out = [B_h1 m_1, ..., B_hL m_L] @ [B_w1; ...; B_wL]^T. Mathematically identical to AnomalyMapHead
+    (fp32 rounding differs by ~1e-7); it always runs in fp32, also under autocast. Matrices are cached
+    per (layer shapes, size, device).
+    """
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self._mats: dict[tuple[object, ...], object] = {}
+
+    def layer_maps(self, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
+        """As AnomalyMapHead.layer_maps, from channel sums (contiguous with channels_last features)."""
+        fn = cosine_distance_fast if self.distance == "cosine" else normalized_sq_distance_fast
+        return [fn(t.float(), s.float()).contiguous() for t, s in zip(teacher, student)]
+
+    @classmethod
+    def from_head(cls, head: AnomalyMapHead) -> FastAnomalyMapHead:
+        """A fast head with the same options (and so the same maps) as `head`."""
+        fast = cls(head.distance, head.fuse, head.blur.sigma, head.align_corners, head.fuse_level)  # type: ignore[arg-type]
+        return fast.to(head.blur.kernel_h.device)
+
+    def _matrices(
+        self, shapes: list[tuple[int, int]], size: tuple[int, int], device: torch.device
+    ) -> tuple[list[tuple[Tensor, Tensor] | None], tuple[Tensor, Tensor] | None]:
+        """Per-layer (left, right) matrices (None = identity) and the final ones after fusing (None = none)."""
+        key = (tuple(shapes), tuple(size), str(device))
+        if key not in self._mats:
+            ac, sigma = self.align_corners, self.blur.sigma
+            inter = shapes[self.fuse_level] if self.fuse_level is not None else size
+            folded = self.fuse_level is None and self.fuse == "sum"  # blur commutes with the sum: fold it in
+            gh, gw = (blur_matrix(size[0], sigma), blur_matrix(size[1], sigma)) if folded else (None, None)
+            layers: list[tuple[Tensor, Tensor] | None] = []
+            for h, w in shapes:
+                if (h, w) == tuple(inter) and gh is None:
+                    layers.append(None)
+                    continue
+                rh, rw = resize_matrix(h, inter[0], ac), resize_matrix(w, inter[1], ac)
+                layers.append((rh, rw) if gh is None or gw is None else (gh @ rh, gw @ rw))
+            final = None
+            if not folded and (tuple(inter) != tuple(size) or sigma > 0):
+                final = (blur_matrix(size[0], sigma) @ resize_matrix(inter[0], size[0], ac),
+                         blur_matrix(size[1], sigma) @ resize_matrix(inter[1], size[1], ac))
+            self._mats[key] = (
+                [None if p is None else (p[0].float().to(device), p[1].float().to(device)) for p in layers],
+                None if final is None else (final[0].float().to(device), final[1].float().to(device)),
+            )
+        return self._mats[key]  # type: ignore[return-value]
+
+    def forward(self, teacher: Sequence[Tensor], student: Sequence[Tensor], size: tuple[int, int]) -> AnomalyOutput:
+        with torch.autocast(teacher[0].device.type, enabled=False):
+            maps = self.layer_maps(teacher, student)
+            layers, final = self._matrices([(int(m.shape[-2]), int(m.shape[-1])) for m in maps], size, maps[0].device)
+            if self.fuse_level is None and self.fuse == "sum" and all(p is not None for p in layers):
+                left = torch.cat([p[0] @ m for p, m in zip(layers, maps) if p is not None], dim=-1)
+                amap = left @ torch.cat([p[1] for p in layers if p is not None], dim=1).T
+            else:
+                fused: Tensor | None = None
+                for p, m in zip(layers, maps):
+                    m = m if p is None else p[0] @ m @ p[1].T
+                    fused = m if fused is None else (fused + m if self.fuse == "sum" else fused * m)
+                assert fused is not None, "at least one layer is required"
+                amap = fused if final is None else final[0] @ fused @ final[1].T
+            amap = amap.contiguous()
+        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+
 def blur_radius(sigma: float, truncate: float = 4.0) -> int:
     """Radius of the blur kernel (scipy convention)."""
     return int(truncate * sigma + 0.5) if sigma > 0 else 0
 
 
 __all__ = [
-    "AnomalyOutput",
     "AnomalyMapHead",
+    "AnomalyOutput",
+    "FastAnomalyMapHead",
     "GaussianBlur",
-    "cosine_distance",
-    "normalized_sq_distance",
-    "gaussian_kernel1d",
-    "symmetric_indices",
+    "blur_matrix",
     "blur_radius",
+    "cosine_distance",
+    "cosine_distance_fast",
+    "gaussian_kernel1d",
+    "normalized_sq_distance",
+    "normalized_sq_distance_fast",
+    "resize_matrix",
+    "symmetric_indices",
 ]

@@ -51,7 +51,7 @@ class UNetHead(nn.Module):
         super().__init__()
         if len(channels) != 3:
             raise ValueError(f"UNetHead needs 3 levels, got channels={list(channels)}")
-        n_up = int(round(math.log2(first_stride)))
+        n_up = round(math.log2(first_stride))
         if 2**n_up != first_stride:
             raise ValueError(f"UNetHead needs a power-of-two first stride, got {first_stride}")
         c1, c2, c3 = channels

@@ -41,7 +41,7 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
     raise ConfigError(f"data.format: unknown format {data.format!r}; valid: {valid}")
 
 
-LAYOUT_FORMATS = ("visa", "btad", "mvtec_ad2", "realiad")
+LAYOUT_FORMATS = ("visa", "btad", "mvtec_ad2", "realiad", "3cad")
 """Released layouts read from data.root (+ data.category): see docs/datasets.md."""
 
 
@@ -62,6 +62,10 @@ def _build_layout(data: DataConfig, split: str) -> Dataset:
         from kdad.data.mvtec_ad2 import MVTecAD2Dataset
 
         return MVTecAD2Dataset(data.root, split, data.image_size, cat)
+    if data.format == "3cad":
+        from kdad.data.threecad import ThreeCADDataset
+
+        return ThreeCADDataset(data.root, split, data.image_size, cat)  # type: ignore[arg-type]
     from kdad.data.realiad import RealIADDataset
 
     return RealIADDataset(data.root, split, data.image_size, cat, split_file=data.split_file or None,

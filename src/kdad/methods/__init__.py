@@ -5,6 +5,7 @@ from __future__ import annotations
 from kdad.errors import ConfigError
 from kdad.methods import dskd, rd, rdpp, snl, stfpm, urd
 from kdad.methods import bkd
+from kdad.methods import cfrg
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -15,6 +16,7 @@ METHODS: dict[str, MethodSpec] = {
     "urd": urd.SPEC,
     "dskd": dskd.SPEC,
     "snl": snl.SPEC,
+    "cfrg": cfrg.SPEC,
 }
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
-from kdad.blocks.deform_align import PyramidAlign
+from kdad.blocks.deform_align import IMPLS, PyramidAlign
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, cosine_distance
 from kdad.blocks.memory import MemoryModule
 from kdad.blocks.teachers import build_encoder
@@ -44,6 +44,7 @@ class Config:
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
     shots: int = 2  # k (Table 2/4: 2, 4, 8)
     lr: float = 0.005
+    align_lr: float = 0.0005  # alignment module; 0.005 lets the offsets diverge (docs/methods/bkd.md)
     betas: tuple[float, float] = (0.5, 0.999)
     # Table 4 ablation switches
     augment: bool = True
@@ -59,6 +60,7 @@ class Config:
     offset_channels: int = 64
     deform_groups: int = 8  # reduced to gcd(deform_groups, teacher channels)
     modulated: bool = True  # DCNv2 modulation masks (eq. 2)
+    dcn_impl: str = "torchvision"  # or "grid": the same operator via grid_sample (faster backward on CPU)
     act_slope: float = 0.1  # LeakyReLU of the offset branch
     # memory (eqs. 6-10)
     memory_items: int = 200
@@ -178,6 +180,8 @@ def _check(cfg: Config, channels: Sequence[int]) -> None:
         raise ConfigError(f"bkd: shots={cfg.shots} must be >= 1 (the paper uses 2, 4 or 8)")
     if cfg.support_reduce not in SUPPORT_REDUCE:
         raise ConfigError(f"bkd: support_reduce={cfg.support_reduce!r}; valid: {SUPPORT_REDUCE}")
+    if cfg.dcn_impl not in IMPLS:
+        raise ConfigError(f"bkd: dcn_impl={cfg.dcn_impl!r}; valid: {IMPLS}")
     if cfg.aug_padding not in PADDING:
         raise ConfigError(f"bkd: aug_padding={cfg.aug_padding!r}; valid: {PADDING}")
 
@@ -194,7 +198,7 @@ class Model(nn.Module):
         _check(cfg, channels)
         groups = math.gcd(cfg.deform_groups, *channels)
         self.align = PyramidAlign(channels, self.encoder.strides, cfg.offset_channels, groups, cfg.modulated,
-                                  cfg.act_slope) if cfg.dcn else None
+                                  cfg.act_slope, cfg.dcn_impl) if cfg.dcn else None
         self.memories = nn.ModuleList(
             MemoryModule(cfg.memory_items, c, cfg.memory_threshold, cfg.memory_eps, cfg.memory_temperature,
                          cfg.memory_renormalize) for c in channels
@@ -277,9 +281,12 @@ def bkd_loss(p: Pairs, cfg: Config) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
-    """One Adam over alignment, memory, OCBE and decoder (the teacher is frozen)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))}
+    """One Adam over memory, OCBE and decoder (lr) and the alignment module (align_lr); the teacher is frozen."""
+    align = [p for p in model.align.parameters()] if model.align is not None else []
+    ids = {id(p) for p in align}
+    rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": align, "lr": cfg.align_lr}] if align else [])
+    return {"student": torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))}
 
 
 def train_step(

@@ -63,34 +63,40 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------- contextual affinity
-def _affinity_kl_rows(t_rows: Tensor, s_rows: Tensor, t_all: Tensor, temperature: float) -> Tensor:
-    """Eq. 6 for a block of rows: (B, R, C) unit teacher/student rows, (B, C, N) unit teacher -> (B, R)."""
-    log_pt = F.log_softmax(torch.bmm(t_rows, t_all) / temperature, dim=-1)
-    log_ps = F.log_softmax(torch.bmm(s_rows, t_all) / temperature, dim=-1)
-    return temperature * temperature * (log_pt.exp() * (log_pt - log_ps)).sum(-1)
+def _student_lse(s_rows: Tensor, t_all: Tensor, temperature: float) -> Tensor:
+    """log sum_j exp(cos(s_i, t_j) / T): (B, R, C) unit student rows, (B, C, N) unit teacher -> (B, R)."""
+    return torch.logsumexp(torch.bmm(s_rows, t_all) / temperature, dim=-1)
 
 
 def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float = 1.0, chunk: int = 1024) -> Tensor:
-    """Per-position T^2 KL(P_T,i || P_S,i) (eqs. 3-6): (B, C, h, w) x2 -> (B, 1, h, w), >= 0.
+    """Per-position T^2 KL(P_T,i || P_S,i) (eqs. 3-6): (B, C, h, w) x2 -> (B, 1, h, w), >= 0 up to rounding.
 
     P_T,i = softmax_j cos(t_i, t_j)/T and P_S,i = softmax_j cos(s_i, t_j)/T, j over all h*w positions of the
-    same image (the student row is compared with the *teacher* map, eq. 5). Rows are processed ``chunk`` at a
-    time; with gradients each chunk is checkpointed, so peak memory is ~6 x B x chunk x h*w floats.
+    same image (the student row is compared with the *teacher* map, eq. 5; the teacher is a fixed target).
+    Since sum_j P_T,ij = 1, KL_i = sum_j p_ij a_ij/T - LSE_j(a_ij/T) - s_i . (sum_j p_ij t_j)/T + LSE_j(a^s_ij/T):
+    only the student log-sum-exp needs gradients. Rows are processed ``chunk`` at a time and that term is
+    checkpointed, so peak memory is ~3 x B x chunk x h*w floats whatever h*w is (docs/methods/dskd.md).
     """
     b, c, h, w = teacher.shape
     amp = torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled() else contextlib.nullcontext()
     with amp:
-        t_all = F.normalize(teacher.float().flatten(2), dim=1)  # (B, C, N)
+        t_all = F.normalize(teacher.detach().float().flatten(2), dim=1)  # (B, C, N)
         s_all = F.normalize(student.float().flatten(2), dim=1)
         t_rows, s_rows = t_all.transpose(1, 2), s_all.transpose(1, 2)  # (B, N, C)
-        n = h * w
-        step = max(1, int(chunk))
         grad = torch.is_grad_enabled() and student.requires_grad
-        outs = []
-        for i in range(0, n, step):
-            args = (t_rows[:, i:i + step], s_rows[:, i:i + step], t_all, temperature)
-            outs.append(checkpoint(_affinity_kl_rows, *args, use_reentrant=False) if grad else _affinity_kl_rows(*args))
-        return torch.cat(outs, dim=1).view(b, 1, h, w)
+        outs, step = [], max(1, int(chunk))
+        for i in range(0, h * w, step):
+            t_c, s_c = t_rows[:, i:i + step], s_rows[:, i:i + step]
+            with torch.no_grad():  # teacher side: sum_j p log p and the context vector sum_j p_ij t_j
+                logits = torch.bmm(t_c, t_all) / temperature
+                lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+                p = torch.exp(logits - lse)
+                neg_entropy = (p * logits).sum(-1) - lse.squeeze(-1)
+                context = torch.bmm(p, t_rows)  # (B, R, C)
+            lse_s = (checkpoint(_student_lse, s_c, t_all, temperature, use_reentrant=False) if grad
+                     else _student_lse(s_c, t_all, temperature))
+            outs.append(neg_entropy - (s_c * context).sum(-1) / temperature + lse_s)
+        return (temperature * temperature * torch.cat(outs, dim=1)).view(b, 1, h, w)
 
 
 def contextual_affinity_loss(teacher: list[Tensor], student: list[Tensor], temperature: float = 1.0,

@@ -13,8 +13,9 @@ Inference = RD's map (sum over layers of 1 - cos, Gaussian sigma 4), score = max
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -115,9 +116,8 @@ class CRAM(nn.Module):
         super().__init__()
         self.centres = nn.Parameter(F.normalize(torch.randn(centres, dim), dim=1))
         self.temperature = float(temperature)
-        self.project = nn.Conv2d(dim, dim, 1)
+        self.project = nn.Conv2d(dim, dim, 1, bias=False)
         nn.init.zeros_(self.project.weight)
-        nn.init.zeros_(self.project.bias)
 
     def assign(self, code: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """(unit code (B, P, D), unit centres (K, D), soft assignment (B, P, K)) for a code (B, D, h, w)."""
@@ -179,7 +179,7 @@ class Model(nn.Module):
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam over OCBE + CRAM + decoder (the teacher is frozen)."""
     params = [p for m in (model.bottleneck, model.cram, model.decoder) if m is not None for p in m.parameters()]
-    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))}
+    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))}
 
 
 def snl_losses(model: Model, images: Tensor, cfg: Config) -> dict[str, Tensor]:

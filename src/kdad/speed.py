@@ -1,0 +1,216 @@
+"""Inference speed: one call turns a trained model into a fast inference callable.
+
+``optimize_for_inference(model, device, precision)`` returns ``FastInference``: images in [0, 1],
+(B, 3, H, W) -> ``AnomalyOutput`` (float32 map (B, 1, H, W), score (B,)), the same contract as
+``model.forward``. Levers, each measured in benchmarks/vs_anomalib.py (docs/benchmarks.md):
+
+- ``torch.inference_mode`` (no autograd bookkeeping);
+- eval BatchNorm folded into the preceding convolution (exact up to fp32 rounding);
+- ``FastAnomalyMapHead``: distances from channel sums, resize + fuse + Gaussian blur as small matrix
+  products (mathematically the same map);
+- channels_last memory format (oneDNN / cuDNN NHWC kernels);
+- precision "bf16" (or "fp16" on CUDA): autocast for the network; the anomaly-map head stays fp32;
+- ``compile=True``: ``torch.compile`` of the result (first calls compile).
+
+With precision="fp32" maps equal eager ``model(images)`` within 1e-5 (tests/test_speed.py). bf16 maps
+differ by up to ~1e-2 of a map's range; tests/test_speed.py bounds that, and benchmarks record the
+image AUROC cost. The default inference path (``model.forward`` in eager fp32) is unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, FastAnomalyMapHead
+from kdad.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
+def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+    """Scale conv's output channels and shift its bias so that conv' = bn(conv) (bn in eval mode)."""
+    assert bn.running_mean is not None and bn.running_var is not None
+    scale = torch.rsqrt(bn.running_var.double() + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight.double()
+    shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.bias is not None else 0.0)
+    weight = conv.weight.double()  # type: ignore[union-attr]
+    if isinstance(conv, nn.ConvTranspose2d):  # (in, out / groups, kh, kw); only groups == 1 reaches here
+        weight = weight * scale.view(1, -1, 1, 1)
+    else:  # (out, in / groups, kh, kw)
+        weight = weight * scale.view(-1, 1, 1, 1)
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift  # type: ignore[union-attr]
+    dtype = conv.weight.dtype  # type: ignore[union-attr]
+    conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
+    conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+
+
+def _bn_replacement(bn: nn.BatchNorm2d) -> nn.Module:
+    """What stays of a folded BN: nothing, or timm BatchNormAct2d's dropout + activation."""
+    act = getattr(bn, "act", None)
+    drop = getattr(bn, "drop", None)
+    parts = [m for m in (drop, act) if isinstance(m, nn.Module)]
+    return nn.Sequential(*parts) if parts else nn.Identity()
+
+
+def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[str, nn.Module, str, nn.BatchNorm2d]]:
+    """(conv name, conv, bn name, bn) where every call of bn reads the output of the same conv."""
+    produced: dict[int, tuple[str, Tensor]] = {}
+    seen: dict[str, set[str]] = {}
+    names = {m: n for n, m in model.named_modules()}
+    handles = []
+
+    def conv_hook(mod: nn.Module, _inp: Any, out: Any) -> None:
+        if isinstance(out, Tensor):
+            produced[id(out)] = (names[mod], out)  # keep the tensor alive so ids stay unique
+
+    def bn_hook(mod: nn.Module, inp: Any) -> None:
+        src = produced.get(id(inp[0])) if inp and isinstance(inp[0], Tensor) else None
+        seen.setdefault(names[mod], set()).add(src[0] if src is not None and src[1] is inp[0] else "")
+
+    for mod in model.modules():
+        if isinstance(mod, _CONVS):
+            handles.append(mod.register_forward_hook(conv_hook))
+        elif isinstance(mod, nn.BatchNorm2d):
+            handles.append(mod.register_forward_pre_hook(bn_hook))
+    try:
+        with torch.inference_mode():
+            model(example)
+    finally:
+        for h in handles:
+            h.remove()
+    modules = dict(model.named_modules())
+    by_conv: dict[str, list[str]] = {}
+    for bn_name, sources in seen.items():
+        if len(sources) == 1 and "" not in sources:
+            by_conv.setdefault(next(iter(sources)), []).append(bn_name)
+    pairs = []
+    for conv_name, bns in by_conv.items():
+        conv, bn = modules[conv_name], modules[bns[0]]
+        groups = getattr(conv, "groups", 1)
+        if len(bns) == 1 and bn.track_running_stats and not (isinstance(conv, nn.ConvTranspose2d) and groups != 1):
+            pairs.append((conv_name, conv, bns[0], bn))  # type: ignore[arg-type]
+    return pairs
+
+
+def _set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def fold_batchnorm(model: nn.Module, example: Tensor, atol: float = 1e-4) -> int:
+    """Fold eval-mode BatchNorm2d layers into the convolution that feeds them, in place; returns the count.
+
+    Pairs are found by running `example` (B, 3, H, W) in [0, 1] once; the fold is kept only if the
+    anomaly map still matches within `atol` relative to the map's range (else the model is restored).
+    Only for inference: folded BNs are gone, so the state dict no longer fits a checkpoint.
+    """
+    model.eval()
+    with torch.inference_mode():
+        ref = model(example).anomaly_map.float()
+    pairs = _conv_bn_pairs(model, example)
+    undo = []
+    for conv_name, conv, bn_name, bn in pairs:
+        undo.append((bn_name, bn, conv, conv.weight, conv.bias))
+        _fold_into(conv, bn)
+        _set_submodule(model, bn_name, _bn_replacement(bn))
+    with torch.inference_mode():
+        new = model(example).anomaly_map.float()
+    scale = float(ref.abs().max().clamp_min(1e-6))
+    if pairs and not torch.allclose(new, ref, atol=atol * scale, rtol=0.0):
+        for bn_name, bn, conv, weight, bias in reversed(undo):
+            conv.weight, conv.bias = weight, bias
+            _set_submodule(model, bn_name, bn)
+        return 0
+    return len(pairs)
+
+
+def use_fast_heads(model: nn.Module) -> int:
+    """Replace every AnomalyMapHead submodule by an equivalent FastAnomalyMapHead, in place; returns the count."""
+    names = [n for n, m in model.named_modules() if type(m) is AnomalyMapHead and n]
+    for name in names:
+        _set_submodule(model, name, FastAnomalyMapHead.from_head(model.get_submodule(name)))  # type: ignore[arg-type]
+    return len(names)
+
+
+class FastInference:
+    """Callable images01 (B, 3, H, W) in [0, 1] -> AnomalyOutput with float32 map and score."""
+
+    def __init__(self, module: nn.Module, device: torch.device, precision: str, channels_last: bool,
+                 compiled: Any = None) -> None:
+        self.module = module
+        self.device = device
+        self.precision = precision
+        self.channels_last = channels_last
+        self._fn = compiled if compiled is not None else module
+        self.info: dict[str, Any] = {}
+
+    @contextlib.contextmanager
+    def _context(self) -> Iterator[None]:
+        with torch.inference_mode():
+            if self.precision == "fp32":
+                yield
+            else:
+                with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
+                    yield
+
+    def __call__(self, images01: Tensor) -> AnomalyOutput:
+        with self._context():
+            x = images01.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            out = self._fn(x)
+            return AnomalyOutput(out.anomaly_map.float(), out.score.float())
+
+
+def optimize_for_inference(
+    model: nn.Module,
+    device: str | torch.device = "cpu",
+    precision: str = "fp32",
+    channels_last: bool = True,
+    compile: bool = False,
+    fold_bn: bool = True,
+    fast_head: bool = True,
+    inplace: bool = False,
+    image_size: int = 256,
+) -> FastInference:
+    """A fast inference callable for a kdad model (any METHODS entry).
+
+    precision: "fp32" (maps within 1e-5 of eager), "bf16" (autocast; CPU with AVX-512 BF16/AMX, or CUDA)
+    or "fp16" (CUDA autocast). inplace=False works on a deep copy, so `model` stays trainable and
+    checkpointable; inplace=True saves the copy's memory but folds BatchNorm inside `model`.
+    image_size: side of the example used to find conv->BN pairs.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
+    dev = torch.device(device)
+    if precision == "fp16" and dev.type != "cuda":
+        raise ConfigError(f"precision 'fp16' needs a CUDA device, got {dev}; use 'bf16' or 'fp32' on {dev.type}")
+    net = model if inplace else copy.deepcopy(model)
+    net.eval().to(dev)
+    info: dict[str, Any] = {"precision": precision, "channels_last": channels_last, "compile": compile}
+    if fast_head:
+        info["fast_heads"] = use_fast_heads(net)
+    if fold_bn:
+        example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(dev)
+        info["folded_bn"] = fold_batchnorm(net, example)
+    if channels_last:
+        net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    net.requires_grad_(False)
+    compiled = torch.compile(net, dynamic=False) if compile else None
+    fast = FastInference(net, dev, precision, channels_last, compiled)
+    fast.info = info
+    return fast
+
+
+__all__ = ["PRECISIONS", "FastInference", "Precision", "fold_batchnorm", "optimize_for_inference", "use_fast_heads"]

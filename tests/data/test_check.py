@@ -1,0 +1,166 @@
+"""`kdad data check`: layout detection, counts, and each kind of problem seeded into small fixtures."""
+
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from kdad.cli import main
+from kdad.data.check import check_dataset, detect_format
+from tests.data.test_btad import make_btad
+from tests.data.test_mvtec_ad2 import make_mvtec_ad2
+from tests.data.test_realiad import make_realiad
+from tests.data.test_visa import defect_mask, make_visa, part_image
+
+SIZE = (48, 40)
+
+
+def make_mvtec(root: Path) -> Path:
+    """MVTec AD layout, category ``widget``: 3 train, test good 1 + scratch 2 (with masks)."""
+    c = root / "widget"
+    for i in range(3):
+        part_image(c / "train" / "good" / f"{i:03d}.png", seed=i, size=SIZE)
+    part_image(c / "test" / "good" / "000.png", seed=10, size=SIZE)
+    for i in range(2):
+        part_image(c / "test" / "scratch" / f"{i:03d}.png", seed=20 + i, defect=True, size=SIZE)
+        defect_mask(c / "ground_truth" / "scratch" / f"{i:03d}_mask.png", size=SIZE)
+    return root
+
+
+def make_loco(root: Path) -> Path:
+    """MVTec LOCO layout: one folder of masks per defective image."""
+    c = root / "pushpins"
+    for split in ["train", "validation", "test"]:
+        part_image(c / split / "good" / "000.png", seed=len(split), size=SIZE)
+    part_image(c / "test" / "logical_anomalies" / "000.png", seed=5, defect=True, size=SIZE)
+    defect_mask(c / "ground_truth" / "logical_anomalies" / "000" / "000.png", size=SIZE)
+    return root
+
+
+LAYOUTS: dict[str, Callable[[Path], Path]] = {
+    "mvtec": make_mvtec, "loco": make_loco, "visa": make_visa, "btad": make_btad,
+    "mvtec_ad2": make_mvtec_ad2, "realiad": make_realiad,
+}
+
+
+@pytest.mark.parametrize("fmt", list(LAYOUTS))
+def test_clean_layouts_pass(fmt: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = LAYOUTS[fmt](tmp_path / fmt)
+    assert detect_format(root) == fmt
+    assert main(["data", "check", str(root)]) == 0
+    out = capsys.readouterr().out
+    assert f"format {fmt}" in out and "0 error(s), 0 warning(s)" in out
+    report = check_dataset(root, fmt)
+    assert report.problems == [] and len(report.entries) > 0
+
+
+def test_counts_per_split_and_defect_type(tmp_path: Path) -> None:
+    counts = check_dataset(make_visa(tmp_path / "visa"), category="candle").counts()
+    assert counts == {("candle", "test", "anomaly"): 2, ("candle", "test", "good"): 1, ("candle", "train", "good"): 3}
+    counts = check_dataset(make_mvtec_ad2(tmp_path / "ad2")).counts()
+    assert counts[("can", "validation", "good")] == 2 and counts[("can", "test_private", "unlabeled")] == 1
+    counts = check_dataset(make_realiad(tmp_path / "riad")).counts()
+    assert counts == {("audiojack", "test", "QS"): 2, ("audiojack", "test", "good"): 8,
+                      ("audiojack", "train", "good"): 10}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _truncated_jpeg(c: Path) -> Path:
+    path = c / "test" / "good" / "000.png"
+    jpg = path.with_suffix(".jpg")
+    Image.open(path).save(jpg, quality=95)
+    path.unlink()
+    _truncate(jpg)
+    return jpg
+
+
+def _orphan_mask(c: Path) -> Path:
+    defect_mask(c / "ground_truth" / "scratch" / "007_mask.png", size=SIZE)
+    return c / "ground_truth" / "scratch" / "007_mask.png"
+
+
+def _missing_mask(c: Path) -> Path:
+    (c / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    return c / "test" / "scratch" / "001.png"
+
+
+def _mask_size(c: Path) -> Path:
+    defect_mask(c / "ground_truth" / "scratch" / "000_mask.png", size=(SIZE[0] + 2, SIZE[1]))
+    return c / "ground_truth" / "scratch" / "000_mask.png"
+
+
+def _non_binary(c: Path) -> Path:
+    arr = np.zeros((SIZE[1], SIZE[0]), np.uint8)
+    arr[5:10, 5:10], arr[12:20, 12:20] = 128, 255
+    Image.fromarray(arr).save(c / "ground_truth" / "scratch" / "000_mask.png")
+    return c / "ground_truth" / "scratch" / "000_mask.png"
+
+
+def _empty_train(c: Path) -> Path:
+    for p in (c / "train" / "good").iterdir():
+        p.unlink()
+    return c
+
+
+def _train_test_duplicate(c: Path) -> Path:
+    shutil.copy(c / "test" / "scratch" / "000.png", c / "train" / "good" / "009.png")
+    return c / "train" / "good" / "009.png"  # reported on the training copy; the message names the test file
+
+
+def _in_split_duplicate(c: Path) -> Path:
+    shutil.copy(c / "train" / "good" / "000.png", c / "train" / "good" / "009.png")
+    return c / "train" / "good" / "000.png"
+
+
+SEEDS = [  # (seed, kind, level)
+    (lambda c: (_truncate(c / "train" / "good" / "001.png"), c / "train" / "good" / "001.png")[1], "unreadable", "error"),
+    (_truncated_jpeg, "unreadable", "error"),
+    (_orphan_mask, "orphan_mask", "error"),
+    (_missing_mask, "missing_mask", "error"),
+    (_mask_size, "mask_size", "error"),
+    (_non_binary, "mask_values", "warning"),
+    (_empty_train, "empty_split", "error"),
+    (_train_test_duplicate, "duplicate", "error"),
+    (_in_split_duplicate, "duplicate", "warning"),
+]
+
+
+@pytest.mark.parametrize("seed,kind,level", SEEDS, ids=[f"{k}-{lv}-{i}" for i, (_, k, lv) in enumerate(SEEDS)])
+def test_each_problem_is_found(seed: Callable[[Path], Path], kind: str, level: str, tmp_path: Path,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_mvtec(tmp_path / "mvtec")
+    culprit = seed(root / "widget")
+    report = check_dataset(root)
+    assert [(p.level, p.kind) for p in report.problems] == [(level, kind)], report.text()
+    assert report.problems[0].path == str(culprit)
+    code = main(["data", "check", str(root / "widget"), "--format", "mvtec"])
+    assert code == (1 if level == "error" else 0)
+    out = capsys.readouterr().out
+    assert f"{level.upper()}" in out and str(culprit) in out
+
+
+def test_split_file_problems(tmp_path: Path) -> None:
+    visa = make_visa(tmp_path / "visa")
+    (visa / "candle" / "Data" / "Images" / "Normal" / "0001.JPG").unlink()
+    part_image(visa / "pcb1" / "Data" / "Images" / "Normal" / "0099.JPG", seed=99)
+    kinds = {(p.kind, Path(p.path).name) for p in check_dataset(visa).problems}
+    assert kinds == {("missing_file", "0001.JPG"), ("unlisted", "0099.JPG")}
+    riad = make_realiad(tmp_path / "riad")
+    mask = next((riad / "realiad_256" / "audiojack" / "NG").rglob("*_C1_*.png"))
+    mask.unlink()
+    problems = check_dataset(riad).problems
+    assert [(p.kind, p.path) for p in problems] == [("missing_mask", str(mask.with_suffix(".jpg")))]
+
+
+def test_bad_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["data", "check", str(tmp_path / "nope")]) == 2
+    (tmp_path / "empty").mkdir()
+    assert main(["data", "check", str(tmp_path / "empty")]) == 2
+    assert "--format" in capsys.readouterr().err
