@@ -261,7 +261,7 @@ def bench_config(method: str, backbone: str, dev: torch.device, args: argparse.N
     for b in args.infer_batches:
         rounds = args.rounds_big if (big and b > 1) or (b > 16) else args.rounds
         x = torch.rand(b, 3, SIZE, SIZE, device=dev)
-        res["infer"][f"b{b}"] = interleaved(fns, x, rounds, dev, calls=args.calls if b == 1 else 1)
+        res["infer"][f"b{b}"] = interleaved(fns, x, rounds, dev, args.warmup, args.calls if b == 1 else args.calls_big)
         print(f"   infer b{b}: " + ", ".join(f"{k} {v['img_s']:.2f}" for k, v in res["infer"][f"b{b}"].items()), flush=True)
     del fns
     tfns: dict[str, Callable[[Tensor], None]] = {}
@@ -270,7 +270,8 @@ def bench_config(method: str, backbone: str, dev: torch.device, args: argparse.N
     tfns["kdad_fp32"] = kdad_train_fn(method, backbone, dev)
     tfns[f"kdad_{args.low}_channels_last"] = kdad_train_fn(method, backbone, dev, args.low, channels_last=True)
     x = torch.rand(args.train_batch, 3, SIZE, SIZE, device=dev)
-    res["train"] = {f"b{args.train_batch}": interleaved(tfns, x, args.rounds_big if big else args.rounds, dev)}
+    res["train"] = {f"b{args.train_batch}": interleaved(tfns, x, args.rounds_big if big else args.rounds, dev,
+                                                        args.warmup, args.calls_big)}
     print("   train: " + ", ".join(f"{k} {v['img_s']:.2f}" for k, v in res["train"][f"b{args.train_batch}"].items()), flush=True)
     res["memory"] = {}
     if dev.type == "cuda":
@@ -347,7 +348,7 @@ def bench_levers(dev: torch.device, args: argparse.Namespace, backbone: str, bat
     out: dict[str, Any] = {"backbone": backbone}
     for b in batches:
         x = torch.rand(b, 3, SIZE, SIZE, device=dev)
-        rows = interleaved(fns, x, args.rounds, dev, warmup=2, calls=args.calls if b == 1 else 1)
+        rows = interleaved(fns, x, args.rounds, dev, args.warmup + 1, args.calls if b == 1 else args.calls_big)
         base = rows["eager_inference_mode"]["img_s"]
         for v in rows.values():
             v["speedup_vs_eager"] = round(v["img_s"] / base, 3)
@@ -499,11 +500,14 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--rounds-big", type=int, default=3, help="rounds for wide_resnet50_2 batches and batches > 16")
     p.add_argument("--calls", type=int, default=3, help="calls per timed sample at batch 1")
+    p.add_argument("--calls-big", type=int, default=1, help="calls per timed sample at batch > 1 (GPU: 10)")
+    p.add_argument("--warmup", type=int, default=1, help="untimed calls per variant before timing")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="also time torch.compile in the lever table")
     p.add_argument("--onnx", action="store_true", help="also time ONNX Runtime (CPU) in the lever table")
     p.add_argument("--no-memory", action="store_true")
     p.add_argument("--skip", nargs="*", default=[], help="sections to skip: configs levers head accuracy roofline")
+    p.add_argument("--merge", action="store_true", help="keep the sections of an existing --out file that are skipped")
     p.add_argument("--acc-images", type=int, default=16)
     p.add_argument("--memory-probe", nargs=5, metavar=("IMPL", "METHOD", "BACKBONE", "MODE", "BATCH"))
     args = p.parse_args()
@@ -530,22 +534,27 @@ def main() -> None:
                    "CPU: ru_maxrss growth of a fresh process over its RSS after building the model, 2 calls"),
     }, "configs": []}
 
+    if args.merge and out_path.exists():
+        old = json.loads(out_path.read_text())
+        result = {**old, "meta": {**old.get("meta", {}), "merged_run": result["meta"]}, "configs": old.get("configs", [])}
+
     def save() -> None:
         result["meta"]["loadavg_end"] = loadavg()
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps(result, indent=1) + "\n")
 
-    if "configs" not in args.skip:
-        for backbone in args.backbones:
-            for method in args.methods:
-                result["configs"].append(bench_config(method, backbone, dev, args))
-                save()
     if "levers" not in args.skip:
         result["levers"] = bench_levers(dev, args, "resnet18", args.infer_batches)
         save()
     if "head" not in args.skip:
         result["head"] = bench_head(dev, args, 16)
         save()
+    if "configs" not in args.skip:
+        result["configs"] = []
+        for backbone in args.backbones:
+            for method in args.methods:
+                result["configs"].append(bench_config(method, backbone, dev, args))
+                save()
     if "accuracy" not in args.skip:
         result["bf16_accuracy"] = bench_bf16_accuracy(dev, args)
         save()

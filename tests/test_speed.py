@@ -52,7 +52,7 @@ def test_bf16_fast_path_within_tolerance(name: str) -> None:
 
 
 def test_optimize_leaves_the_model_untouched() -> None:
-    model, x = _trained("rd")
+    model, _ = _trained("rd")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     fast = optimize_for_inference(model, "cpu", "fp32", image_size=64)
     assert fast.info["folded_bn"] > 0 and fast.info["fast_heads"] == 1

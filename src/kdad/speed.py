@@ -36,20 +36,20 @@ _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 _CONVS = (nn.Conv2d, nn.ConvTranspose2d)
 
 
-def _fold_into(conv: nn.Module, bn: nn.BatchNorm2d) -> None:
+def _fold_into(conv: nn.Conv2d | nn.ConvTranspose2d, bn: nn.BatchNorm2d) -> None:
     """Scale conv's output channels and shift its bias so that conv' = bn(conv) (bn in eval mode)."""
     assert bn.running_mean is not None and bn.running_var is not None
     scale = torch.rsqrt(bn.running_var.double() + bn.eps)
     if bn.weight is not None:
         scale = scale * bn.weight.double()
     shift = -bn.running_mean.double() * scale + (bn.bias.double() if bn.bias is not None else 0.0)
-    weight = conv.weight.double()  # type: ignore[union-attr]
+    weight: Tensor = conv.weight.double()
     if isinstance(conv, nn.ConvTranspose2d):  # (in, out / groups, kh, kw); only groups == 1 reaches here
         weight = weight * scale.view(1, -1, 1, 1)
     else:  # (out, in / groups, kh, kw)
         weight = weight * scale.view(-1, 1, 1, 1)
-    bias = shift if conv.bias is None else conv.bias.double() * scale + shift  # type: ignore[union-attr]
-    dtype = conv.weight.dtype  # type: ignore[union-attr]
+    bias = shift if conv.bias is None else conv.bias.double() * scale + shift
+    dtype = conv.weight.dtype
     conv.weight = nn.Parameter(weight.to(dtype), requires_grad=False)
     conv.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
 
@@ -122,7 +122,7 @@ def fold_batchnorm(model: nn.Module, example: Tensor, atol: float = 1e-4) -> int
     undo = []
     for conv_name, conv, bn_name, bn in pairs:
         undo.append((bn_name, bn, conv, conv.weight, conv.bias))
-        _fold_into(conv, bn)
+        _fold_into(conv, bn)  # type: ignore[arg-type]
         _set_submodule(model, bn_name, _bn_replacement(bn))
     with torch.inference_mode():
         new = model(example).anomaly_map.float()

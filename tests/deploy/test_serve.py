@@ -109,12 +109,15 @@ def test_rejects_non_images_and_oversize(client: TestClient) -> None:
     r = client.post("/predict", files={"file": ("big.png", big, "image/png")})
     assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
 
-    def chunks() -> Any:  # no Content-Length: the limit applies while the body streams in
+    def chunks() -> Any:  # valid multipart, no Content-Length: the limit applies while the body streams in
+        yield b'--bnd\r\nContent-Disposition: form-data; name="file"; filename="a.png"\r\n\r\n'
         for _ in range(40):
             yield b"x" * 65536
+        yield b"\r\n--bnd--\r\n"
 
-    r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=b"})
-    assert r.status_code == 413
+    headers = {"content-type": "multipart/form-data; boundary=bnd"}
+    r = client.post("/predict", content=chunks(), headers=headers)
+    assert r.status_code == 413 and "exceeds the limit" in r.json()["detail"]
 
 
 def _bomb_png(width: int, height: int) -> bytes:

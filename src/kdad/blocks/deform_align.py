@@ -18,7 +18,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torchvision.ops import deform_conv2d
+from torchvision.ops import deform_conv2d  # type: ignore[import-untyped]
 
 KERNEL = 3  # 3x3 kernel, 9 sampling points p_m as in eq. 2
 IMPLS = ("torchvision", "grid")
@@ -85,7 +85,8 @@ class DeformAlignLevel(nn.Module):
         n_out = groups * taps * (3 if modulated else 2)
         self.head = nn.Conv2d(offset_channels, n_out, KERNEL, padding=KERNEL // 2)
         nn.init.zeros_(self.head.weight)
-        nn.init.zeros_(self.head.bias)
+        if self.head.bias is not None:
+            nn.init.zeros_(self.head.bias)
         # identity init: centre tap = I / (initial mask value 0.5), so the aligned support starts as S^L
         weight = torch.zeros(channels, channels, KERNEL, KERNEL)
         weight[:, :, KERNEL // 2, KERNEL // 2] = torch.eye(channels) * (2.0 if modulated else 1.0)

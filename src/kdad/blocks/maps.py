@@ -190,7 +190,7 @@ class FastAnomalyMapHead(AnomalyMapHead):
     def from_head(cls, head: AnomalyMapHead) -> FastAnomalyMapHead:
         """A fast head with the same options (and so the same maps) as `head`."""
         fast = cls(head.distance, head.fuse, head.blur.sigma, head.align_corners, head.fuse_level)  # type: ignore[arg-type]
-        return fast.to(head.blur.kernel_h.device)
+        return fast.to(next(head.blur.buffers()).device)
 
     def _matrices(
         self, shapes: list[tuple[int, int]], size: tuple[int, int], device: torch.device

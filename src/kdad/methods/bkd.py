@@ -12,8 +12,9 @@ Inference compares each query with a fixed support set of training normals held 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -135,7 +136,7 @@ class SupportSet(nn.Module):
 
     def is_set(self) -> bool:
         """True once a support set is stored."""
-        return self.level0.shape[0] > 0
+        return bool(self.features()[0].shape[0] > 0)
 
     def set(self, feats: Sequence[Tensor]) -> None:
         """Store detached features (k, C_i, h_i, w_i), one per level."""
@@ -146,7 +147,7 @@ class SupportSet(nn.Module):
         for i in range(self.n_levels):  # shapes depend on image size and k, known only from the checkpoint
             key = f"{prefix}level{i}"
             if key in state_dict:
-                setattr(self, f"level{i}", torch.empty_like(state_dict[key], device=self.level0.device))
+                setattr(self, f"level{i}", torch.empty_like(state_dict[key], device=self.features()[0].device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 

@@ -75,9 +75,9 @@ def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float
     same image (the student row is compared with the *teacher* map, eq. 5; the teacher is a fixed target).
     Since sum_j P_T,ij = 1, KL_i = sum_j p_ij a_ij/T - LSE_j(a_ij/T) - s_i . (sum_j p_ij t_j)/T + LSE_j(a^s_ij/T):
     only the student log-sum-exp needs gradients. Rows are processed ``chunk`` at a time and that term is
-    checkpointed, so peak memory is ~3 x B x chunk x h*w floats whatever h*w is (docs/methods/dskd.md).
+    checkpointed, so peak memory is ~4 x B x chunk x h*w floats whatever h*w is (docs/methods/dskd.md).
     """
-    b, c, h, w = teacher.shape
+    b, _, h, w = teacher.shape
     amp = torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled() else contextlib.nullcontext()
     with amp:
         t_all = F.normalize(teacher.detach().float().flatten(2), dim=1)  # (B, C, N)
@@ -119,7 +119,7 @@ def next_stage(backbone: str, layers: tuple[int, ...], weights: str | None) -> t
         enc = build_encoder(backbone, (last, last + 1), weights=weights, frozen=False)
     except ConfigError as e:
         raise ConfigError(f"dskd: OCBE_glo needs the stage after layer {last} of {backbone!r}: {e}") from e
-    body = enc.body
+    body: Any = enc.body
     if hasattr(body, f"layer{last + 1}"):  # torchvision ResNet trunk
         return getattr(body, f"layer{last + 1}"), enc.channels[-1]
     blocks = [int(d["module"].split(".")[1]) for d in body.feature_info.get_dicts()]  # timm EfficientNet
@@ -178,6 +178,9 @@ class Model(nn.Module):
 
     forward(images in [0, 1], (B, 3, H, W)) -> AnomalyOutput; map = blur(sum of normalised student maps).
     """
+
+    map_mean: Tensor
+    map_std: Tensor
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -251,10 +254,10 @@ class Model(nn.Module):
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam per student (§4.1: each student uses RD's configuration)."""
     groups = {"local": ("loc_bottleneck", "loc_decoder"), "global": ("glo_stage", "gccb", "glo_decoder")}
-    opts = {}
+    opts: dict[str, torch.optim.Optimizer] = {}
     for name in model.students:
         params = [p for part in groups[name] for p in getattr(model, part).parameters()]
-        opts[name] = torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))
+        opts[name] = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))
     return opts
 
 

@@ -77,14 +77,15 @@ class BodyLimit:
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:  # FastAPI re-raises HTTPExceptions from body parsing unchanged
-                    raise HTTPException(413, _too_big_message(received, limit))
+                    raise HTTPException(413, _too_big_message(None, limit))
             return message
 
         await self.app(scope, limited_receive, send)
 
 
-def _too_big_message(size: int, limit: int) -> str:
-    return f"request body of {size / 2**20:.1f} MB exceeds the limit of {limit / 2**20:.1f} MB"
+def _too_big_message(size: int | None, limit: int) -> str:
+    of = "" if size is None else f" of {size / 2**20:.1f} MB"
+    return f"request body{of} exceeds the limit of {limit / 2**20:.2f} MB (--max-upload-mb per image)"
 
 
 def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> torch.Tensor:

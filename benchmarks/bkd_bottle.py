@@ -1,0 +1,150 @@
+"""BKD (k = 2/4/8) beside RD on CPU under one small budget and one teacher (EfficientNet-Lite0, 256 px).
+
+Question: does BKD's support alignment + memory bottleneck help over plain RD on MVTec AD bottle and MTD
+magnetic_tile when both get the same (tiny) budget, and what does k cost in training speed and latency?
+Caveat: on 2 shared CPU cores a BKD step with k = 8 takes tens of seconds, so the budget is a few dozen
+iterations, far from the paper's 200 epochs; the numbers say little about BKD at convergence.
+
+Run:  python benchmarks/bkd_bottle.py [--iters 10] [--batch 2] [--shots 2 4 8] [--test-per-type 10]
+Reads ../shared/data. Results are written after every run (benchmarks/results/bkd.json), so a partial file
+survives an interruption. Metrics: kdad.evaluate (image/pixel AUROC, F1-max, AU-PRO@0.3, dataset level).
+--test-per-type N evaluates on a seeded subset of N test images per folder (good and each defect type) for the
+categories listed in --subset (both by default; --test-per-type 0 = full test splits).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import statistics
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+import kdad
+from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.config import load_config
+from kdad.evaluate import evaluate_run
+from kdad.train import fit
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+CATEGORIES = {
+    "bottle": SHARED / "data" / "mvtec_ad" / "bottle",
+    "magnetic_tile": SHARED / "data" / "mtd" / "magnetic_tile",
+}
+IMAGE_SIZE = 256
+WARMUP, REPEATS = 2, 5
+
+
+def subset_root(src: Path, dst: Path, per_type: int, seed: int) -> Path:
+    """An MVTec-layout folder of symlinks: the whole train split, `per_type` seeded test images per folder."""
+    (dst / "train").mkdir(parents=True, exist_ok=True)
+    (dst / "train" / "good").symlink_to(src / "train" / "good", target_is_directory=True)
+    rng = random.Random(seed)
+    for folder in sorted(p for p in (src / "test").iterdir() if p.is_dir()):
+        files = sorted(folder.glob("*.png"))
+        keep = sorted(rng.sample(files, min(per_type, len(files))))
+        (dst / "test" / folder.name).mkdir(parents=True)
+        for f in keep:
+            (dst / "test" / folder.name / f.name).symlink_to(f)
+            mask = src / "ground_truth" / folder.name / f"{f.stem}_mask.png"
+            if mask.is_file():
+                (dst / "ground_truth" / folder.name).mkdir(parents=True, exist_ok=True)
+                (dst / "ground_truth" / folder.name / mask.name).symlink_to(mask)
+    return dst
+
+
+def latency_ms(run_dir: Path) -> float:
+    """Median forward time of the saved model for one 256 px image (batch 1, after warm-up), in ms."""
+    model, _ = model_from_bundle(load_bundle(run_dir / "model.ckpt"))
+    x = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    times = []
+    with torch.inference_mode():
+        for i in range(WARMUP + REPEATS):
+            t0 = time.perf_counter()
+            model(x)
+            if i >= WARMUP:
+                times.append(1000 * (time.perf_counter() - t0))
+    return statistics.median(times)
+
+
+def run_one(method: str, shots: int | None, root: Path, category: str, args: argparse.Namespace,
+            work: Path) -> dict[str, Any]:
+    """Train with the method's CPU preset under the shared budget, evaluate, time inference."""
+    overrides = [
+        f"data.root={root}", f"data.category={category}", f"data.image_size={IMAGE_SIZE}", "train.device=cpu",
+        "train.progress=false", f"train.max_iters={args.iters}", f"train.batch_size={args.batch}",
+        "train.epochs=1000", f"train.seed={args.seed}", "train.val_fraction=0.1", "model.backbone=efficientnet_lite0",
+    ]
+    if shots is not None:
+        overrides.append(f"model.shots={shots}")
+    preset = f"{method}_cpu"
+    cfg = load_config(preset, [], overrides)
+    run_dir = work / f"{method}{shots or ''}_{category}"
+    fit(cfg, run_dir)
+    res = evaluate_run(run_dir, device="cpu", report=False)
+    info, m = res["train_info"], res["metrics"]
+    return {
+        "method": method, "shots": shots, "category": category, "preset": preset,
+        "i_auroc": m.get("image_auroc"), "p_auroc": m.get("pixel_auroc"), "i_f1_max": m.get("image_f1_max"),
+        "p_f1_max": m.get("pixel_f1_max"), "au_pro": m.get("au_pro"),
+        "train_img_per_s": info.get("train_images_per_s"), "train_seconds": info.get("train_seconds"),
+        "latency_ms_b1": latency_ms(run_dir), "iters": info.get("iters"), "n_test_images": res["n_images"],
+        "metrics": m,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--iters", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=111)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shots", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--test-per-type", type=int, default=10)
+    parser.add_argument("--subset", nargs="*", default=list(CATEGORIES))
+    parser.add_argument("--no-rd", action="store_true")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bkd.json")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    out: dict[str, Any] = {
+        "question": "BKD (k=2/4/8) vs RD, same CPU budget and teacher (efficientnet_lite0, 256 px)",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "kdad": kdad.__version__,
+        "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared), "
+                                                f"{args.threads} torch threads",
+        "budget": {"iters": args.iters, "batch_size": args.batch, "seed": args.seed, "image_size": IMAGE_SIZE},
+        "test_subset": {c: f"{args.test_per_type} seeded images per test folder" for c in args.subset},
+        "protocol": "last iteration kept; 10% held-out normals give BKD's support set and the thresholds; "
+                    "metrics at 256 px, AU-PRO dataset-level @0.3; latency = median of 5 batch-1 forwards "
+                    "after 2 warm-ups, same threads", "runs": [],
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    runs: list[tuple[str, int | None]] = ([] if args.no_rd else [("rd", None)]) + [("bkd", k) for k in args.shots]
+    with tempfile.TemporaryDirectory() as tmp:
+        for category in args.categories:
+            root = CATEGORIES[category]
+            if category in args.subset and args.test_per_type > 0:
+                root = subset_root(root, Path(tmp) / "data" / category, args.test_per_type, args.seed)
+            for method, shots in runs:
+                t0 = time.perf_counter()
+                row = run_one(method, shots, root, category, args, Path(tmp))
+                row["wall_seconds"] = time.perf_counter() - t0
+                out["runs"].append(row)
+                args.out.write_text(json.dumps(out, indent=2))
+                print(f"{category:14s} {method}{shots or '':<2} I-AUROC {row['i_auroc']:.4f} P-AUROC "
+                      f"{row['p_auroc']:.4f} I-F1 {row['i_f1_max']:.4f} P-F1 {row['p_f1_max']:.4f} "
+                      f"AU-PRO {row['au_pro']:.4f} {row['train_img_per_s']:.2f} img/s "
+                      f"{row['latency_ms_b1']:.0f} ms/img {row['wall_seconds']:.0f} s total", flush=True)
+
+
+if __name__ == "__main__":
+    main()

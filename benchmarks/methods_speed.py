@@ -1,0 +1,161 @@
+"""Inference speed, memory, parameters and FLOPs of every kdad method (those with no anomalib peer).
+
+For each method in kdad.methods.METHODS (RD and STFPM are in vs_anomalib.py) and each teacher
+(efficientnet_lite0, resnet18; random weights, 256 px): one train step at batch 2 (so methods that fill
+state during training have it), then interleaved timing of eager fp32 and kdad.speed's fast fp32 / bf16
+paths at batch 1 and 16 (medians over rounds), peak RSS growth of a fresh process running eager batch-16
+inference, parameter count and FLOPs per image (torch.utils.flop_counter.FlopCounterMode, eager forward).
+
+Run:  python benchmarks/methods_speed.py [--device cpu|cuda] [--out benchmarks/results/methods_speed_cpu.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from vs_anomalib import infer_fn, interleaved, loadavg, rss_mb
+
+from kdad.config import from_dict
+from kdad.methods import METHODS, get_method
+from kdad.speed import optimize_for_inference
+
+SIZE = 256
+PEERED = ("rd", "stfpm")  # benchmarked against anomalib in vs_anomalib.py
+TEACHERS = ("efficientnet_lite0", "resnet18")
+
+
+def build(method: str, teacher: str, dev: torch.device) -> nn.Module:
+    """The method with a random-weight teacher, after one train step at batch 2 (eval mode)."""
+    spec = get_method(method)
+    cfg = from_dict(spec.Config, {"backbone": teacher, "weights": "random"})
+    torch.manual_seed(0)
+    model = spec.Model(cfg).to(dev)
+    opts = spec.optimizers(model, cfg)
+    model.train()
+    x = torch.rand(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(1)).to(dev)
+    batch = {"image": x, "mask": torch.zeros(2, 1, SIZE, SIZE, device=dev), "label": torch.zeros(2, dtype=torch.long)}
+    spec.train_step(model, batch, opts, cfg, torch.Generator().manual_seed(0))
+    return model.eval()
+
+
+def flops_per_image(model: nn.Module, dev: torch.device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.inference_mode(), counter:
+        model(torch.rand(1, 3, SIZE, SIZE, device=dev))
+    return counter.get_total_flops() / 1e9
+
+
+def memory_probe(method: str, teacher: str, batch: int) -> dict[str, float]:
+    torch.set_num_threads(int(os.environ.get("KDAD_BENCH_THREADS", "2")))
+    fn = infer_fn(build(method, teacher, torch.device("cpu")))
+    x = torch.rand(batch, 3, SIZE, SIZE)
+    base = rss_mb()
+    for _ in range(2):
+        fn(x)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {"rss_before_mib": round(base, 1), "peak_rss_mib": round(peak, 1), "peak_growth_mib": round(peak - base, 1)}
+
+
+def memory(method: str, teacher: str, batch: int, dev: torch.device, model: nn.Module) -> dict[str, Any]:
+    if dev.type == "cuda":
+        from vs_anomalib import memory_cuda
+
+        return memory_cuda(infer_fn(model), torch.rand(batch, 3, SIZE, SIZE, device=dev))
+    cmd = [sys.executable, __file__, "--memory-probe", method, teacher, str(batch)]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, check=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])
+    except (subprocess.SubprocessError, ValueError, IndexError) as e:
+        return {"error": f"{type(e).__name__}: {str(e)[-300:]}"}
+
+
+def bench(method: str, teacher: str, dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    print(f"== {method} {teacher}", flush=True)
+    row: dict[str, Any] = {"method": method, "teacher": teacher, "input": SIZE}
+    try:
+        model = build(method, teacher, dev)
+    except Exception as e:  # noqa: BLE001 - record and go on with the other methods
+        return {**row, "error": f"{type(e).__name__}: {e}"}
+    row["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    row["trainable_params_m"] = round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 3)
+    row["gflop_per_img"] = round(flops_per_image(model, dev), 2)
+    fns = {"eager_fp32": infer_fn(model)}
+    for prec in ("fp32", "bf16"):
+        try:
+            fns[f"fast_{prec}"] = optimize_for_inference(model, dev, prec)
+        except Exception as e:  # noqa: BLE001
+            row[f"fast_{prec}_error"] = f"{type(e).__name__}: {e}"
+    for b in args.batches:
+        x = torch.rand(b, 3, SIZE, SIZE, device=dev)
+        rounds = args.rounds if b == 1 else args.rounds_big
+        rows = interleaved(fns, x, rounds, dev, args.warmup, args.calls if b == 1 else args.calls_big)
+        row[f"b{b}"] = {k: {"img_s": round(v["img_s"], 3), "ms_per_img": round(v["ms_per_img"], 2)} for k, v in rows.items()}
+        print(f"   b{b}: " + ", ".join(f"{k} {v['img_s']:.2f}" for k, v in rows.items()), flush=True)
+    if not args.no_memory:
+        row[f"memory_infer_b{args.batches[-1]}"] = memory(method, teacher, args.batches[-1], dev, model)
+    return row
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "methods_speed_cpu.json"))
+    p.add_argument("--methods", nargs="+", default=None, help="default: every METHODS entry except rd, stfpm")
+    p.add_argument("--teachers", nargs="+", default=list(TEACHERS))
+    p.add_argument("--batches", type=int, nargs="+", default=None)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--rounds-big", type=int, default=2)
+    p.add_argument("--calls", type=int, default=2)
+    p.add_argument("--calls-big", type=int, default=1)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--memory-probe", nargs=3, metavar=("METHOD", "TEACHER", "BATCH"))
+    args = p.parse_args()
+    if args.memory_probe:
+        print(json.dumps(memory_probe(args.memory_probe[0], args.memory_probe[1], int(args.memory_probe[2]))))
+        return
+    dev = torch.device(args.device)
+    if dev.type == "cpu":
+        torch.set_num_threads(args.threads)
+    else:
+        torch.backends.cudnn.benchmark = True
+    os.environ["KDAD_BENCH_THREADS"] = str(args.threads)
+    args.batches = args.batches or ([1, 16] if dev.type == "cpu" else [16, 64])
+    methods = args.methods or [m for m in sorted(METHODS) if m not in PEERED]
+    out_path = Path(args.out)
+    result: dict[str, Any] = {"meta": {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv[1:], "device": str(dev),
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_start": loadavg(),
+        "weights": "random (speed does not depend on them)", "timing": "median over interleaved rounds",
+    }, "rows": []}
+    for teacher in args.teachers:
+        for method in methods:
+            result["rows"].append(bench(method, teacher, dev, args))
+            result["meta"]["loadavg_end"] = loadavg()
+            out_path.parent.mkdir(parents=True, exist_ok=True)
+            out_path.write_text(json.dumps(result, indent=1) + "\n")
+    print(f"wrote {out_path}", flush=True)
+
+
+if __name__ == "__main__":
+    main()
