@@ -54,7 +54,8 @@ def urd_foreground(category: str) -> str:
 def run_one(method: str, category: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train with the method's CPU preset under the shared budget, then evaluate on the test split."""
     overrides = [
-        f"data.root={CATEGORIES[category]}", "data.image_size=256", "train.device=cpu", "train.progress=false",
+        f"data.root={CATEGORIES[category]}", "data.image_size=256", f"train.device={args.device}",
+        "train.progress=false",
         f"train.max_iters={args.iters}", f"train.batch_size={args.batch}", "train.epochs=1000",
         f"train.seed={args.seed}", "train.val_fraction=0.1", "model.backbone=efficientnet_lite0",
     ]
@@ -65,7 +66,7 @@ def run_one(method: str, category: str, args: argparse.Namespace, work: Path) ->
     cfg = load_config(PRESETS[method], [], overrides)
     run_dir = work / f"{method}_{category}"
     fit(cfg, run_dir)
-    res = evaluate_run(run_dir, device="cpu", report=False)
+    res = evaluate_run(run_dir, device=args.device, report=False)
     info = res["train_info"]
     m = res["metrics"]
     return {
@@ -83,13 +84,16 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--methods", nargs="+", default=list(PRESETS))
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--device", default="cpu", help="cpu (the issue's CPU comparison) or cuda")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rd_family.json")
     args = parser.parse_args()
-    torch.set_num_threads(THREADS)
+    if args.device == "cpu":
+        torch.set_num_threads(THREADS)
     out: dict[str, Any] = {
-        "question": "RD vs RD++ vs URD, same CPU budget and teacher (efficientnet_lite0, 256 px)",
+        "question": f"RD vs RD++ vs URD, same budget and teacher (efficientnet_lite0, 256 px) on {args.device}",
+        "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "kdad": kdad.__version__,
-        "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cpus, {THREADS} threads",
+        "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} threads",
         "budget": {"iters": args.iters, "batch_size": args.batch, "seed": args.seed, "image_size": 256},
         "protocol": "last iteration kept; thresholds from 10% held-out normals; metrics at 256 px, "
                     "AU-PRO dataset-level @0.3", "runs": [],

@@ -46,7 +46,8 @@ class TrainConfig:
     """How the engine trains: budget, batch, device, checkpoints, selection."""
 
     epochs: int = 200
-    max_iters: int = 0  # >0 stops after this many optimizer steps (a CPU budget); 0 = epochs only
+    max_iters: int = 0  # >0 stops after this many training batches (a CPU budget); 0 = epochs only
+    max_seconds: float = 0.0  # >0 also stops once this much training wall time has passed
     batch_size: int = 16
     seed: int = 111
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"

@@ -60,6 +60,13 @@ def train_val_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, list[fl
     return train_ds, val_ds, weights if balanced else None
 
 
+def _budget_spent(tc: Any, it: int, t_start: float) -> bool:
+    """True once max_iters batches or max_seconds of training time are used up."""
+    if tc.max_iters and it >= tc.max_iters:
+        return True
+    return bool(tc.max_seconds) and time.perf_counter() - t_start >= tc.max_seconds
+
+
 def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -161,7 +168,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
             n_seen += int(batch["image"].shape[0])
             it += 1
             bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
-            if tc.max_iters and it >= tc.max_iters:
+            if _budget_spent(tc, it, t_start):
                 break
         record: dict[str, Any] = {"epoch": epoch, "iters": it,
                                   **{k: float(np.mean([d[k] for d in losses])) for k in losses[0]}}
@@ -179,7 +186,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
             if (epoch + 1) % tc.ckpt_every == 0 or epoch + 1 == total_epochs:
                 atomic_torch_save(make_bundle(model, cfg, train_state=_state(opts, epoch, it, best, gen)),
                                   run_dir / "last.ckpt")
-        if tc.max_iters and it >= tc.max_iters:
+        if _budget_spent(tc, it, t_start):
             break
     train_seconds = time.perf_counter() - t_start
 
