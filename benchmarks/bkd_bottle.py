@@ -76,8 +76,11 @@ def latency_ms(run_dir: Path) -> float:
     return statistics.median(times)
 
 
+ABLATED = ("model.augment=false", "model.memory=false", "model.dcn=false")  # Table 4, first row
+
+
 def run_one(method: str, shots: int | None, root: Path, category: str, args: argparse.Namespace,
-            work: Path) -> dict[str, Any]:
+            work: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train with the method's CPU preset under the shared budget, evaluate, time inference."""
     overrides = [
         f"data.root={root}", f"data.category={category}", f"data.image_size={IMAGE_SIZE}", "train.device=cpu",
@@ -87,13 +90,13 @@ def run_one(method: str, shots: int | None, root: Path, category: str, args: arg
     if shots is not None:
         overrides.append(f"model.shots={shots}")
     preset = f"{method}_cpu"
-    cfg = load_config(preset, [], overrides)
-    run_dir = work / f"{method}{shots or ''}_{category}"
+    cfg = load_config(preset, [], overrides + list(extra))
+    run_dir = work / f"{method}{shots or ''}{'_ablated' if extra else ''}_{category}"
     fit(cfg, run_dir)
     res = evaluate_run(run_dir, device="cpu", report=False)
     info, m = res["train_info"], res["metrics"]
     return {
-        "method": method, "shots": shots, "category": category, "preset": preset,
+        "method": method, "shots": shots, "category": category, "preset": preset, "overrides": list(extra),
         "i_auroc": m.get("image_auroc"), "p_auroc": m.get("pixel_auroc"), "i_f1_max": m.get("image_f1_max"),
         "p_f1_max": m.get("pixel_f1_max"), "au_pro": m.get("au_pro"),
         "train_img_per_s": info.get("train_images_per_s"), "train_seconds": info.get("train_seconds"),
@@ -113,6 +116,8 @@ def main() -> None:
     parser.add_argument("--test-per-type", type=int, default=10)
     parser.add_argument("--subset", nargs="*", default=list(CATEGORIES))
     parser.add_argument("--no-rd", action="store_true")
+    parser.add_argument("--ablate", action="store_true",
+                        help="add BKD k=2 with augment, memory and DCN off (Table 4, first row)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bkd.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -128,19 +133,20 @@ def main() -> None:
                     "after 2 warm-ups, same threads", "runs": [],
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    runs: list[tuple[str, int | None]] = ([] if args.no_rd else [("rd", None)]) + [("bkd", k) for k in args.shots]
+    runs: list[tuple[str, int | None, tuple[str, ...]]] = ([] if args.no_rd else [("rd", None, ())])
+    runs += [("bkd", k, ()) for k in args.shots] + ([("bkd", 2, ABLATED)] if args.ablate else [])
     with tempfile.TemporaryDirectory() as tmp:
         for category in args.categories:
             root = CATEGORIES[category]
             if category in args.subset and args.test_per_type > 0:
                 root = subset_root(root, Path(tmp) / "data" / category, args.test_per_type, args.seed)
-            for method, shots in runs:
+            for method, shots, extra in runs:
                 t0 = time.perf_counter()
-                row = run_one(method, shots, root, category, args, Path(tmp))
+                row = run_one(method, shots, root, category, args, Path(tmp), extra)
                 row["wall_seconds"] = time.perf_counter() - t0
                 out["runs"].append(row)
                 args.out.write_text(json.dumps(out, indent=2))
-                print(f"{category:14s} {method}{shots or '':<2} I-AUROC {row['i_auroc']:.4f} P-AUROC "
+                print(f"{category:14s} {method}{shots or '':<2}{' ablated' if extra else ''} I-AUROC {row['i_auroc']:.4f} P-AUROC "
                       f"{row['p_auroc']:.4f} I-F1 {row['i_f1_max']:.4f} P-F1 {row['p_f1_max']:.4f} "
                       f"AU-PRO {row['au_pro']:.4f} {row['train_img_per_s']:.2f} img/s "
                       f"{row['latency_ms_b1']:.0f} ms/img {row['wall_seconds']:.0f} s total", flush=True)

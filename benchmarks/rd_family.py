@@ -37,7 +37,7 @@ CATEGORIES = {
     "magnetic_tile": SHARED / "data" / "mtd" / "magnetic_tile",
 }
 TEXTURES = SHARED / "data" / "dtd" / "images"
-PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu"}
+PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu", "cfrg": "cfrg_cpu"}
 THREADS = 2
 
 
@@ -58,11 +58,14 @@ def run_one(method: str, category: str, args: argparse.Namespace, work: Path) ->
         "train.progress=false",
         f"train.max_iters={args.iters}", f"train.batch_size={args.batch}", "train.epochs=1000",
         f"train.seed={args.seed}", "train.val_fraction=0.1", "model.backbone=efficientnet_lite0",
+        f"train.max_seconds={args.max_seconds}",
     ]
     extra: dict[str, Any] = {}
     if method == "urd":
         extra["foreground"] = urd_foreground(category)
         overrides += [f"data.texture_dir={TEXTURES}", f"model.synthesis.foreground={extra['foreground']}"]
+    if method == "cfrg":
+        overrides += [f"data.texture_dir={TEXTURES}"]
     cfg = load_config(PRESETS[method], [], overrides)
     run_dir = work / f"{method}_{category}"
     fit(cfg, run_dir)
@@ -82,8 +85,10 @@ def main() -> None:
     parser.add_argument("--iters", type=int, default=12)
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seed", type=int, default=111)
-    parser.add_argument("--methods", nargs="+", default=list(PRESETS))
+    parser.add_argument("--methods", nargs="+", default=["rd", "rdpp", "urd"])
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
+    parser.add_argument("--max-seconds", type=float, default=0.0,
+                        help="also stop each run after this much training time (0 = iterations only)")
     parser.add_argument("--device", default="cpu", help="cpu (the issue's CPU comparison) or cuda")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "rd_family.json")
     args = parser.parse_args()
@@ -94,7 +99,7 @@ def main() -> None:
         "device": torch.cuda.get_device_name(0) if args.device.startswith("cuda") else "cpu",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "kdad": kdad.__version__,
         "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cpus, {torch.get_num_threads()} threads",
-        "budget": {"iters": args.iters, "batch_size": args.batch, "seed": args.seed, "image_size": 256},
+        "budget": {"iters": args.iters, "max_seconds": args.max_seconds, "batch_size": args.batch, "seed": args.seed, "image_size": 256},
         "protocol": "last iteration kept; thresholds from 10% held-out normals; metrics at 256 px, "
                     "AU-PRO dataset-level @0.3", "runs": [],
     }
