@@ -62,18 +62,47 @@ def subset_root(src: Path, dst: Path, per_type: int, seed: int) -> Path:
     return dst
 
 
-def latency_ms(run_dir: Path) -> float:
-    """Median forward time of the saved model for one 256 px image (batch 1, after warm-up), in ms."""
-    model, _ = model_from_bundle(load_bundle(run_dir / "model.ckpt"))
+def model_latency_ms(model: torch.nn.Module, repeats: int = REPEATS) -> float:
+    """Median forward time for one 256 px image (batch 1, after warm-up), in ms."""
     x = torch.rand(1, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
     times = []
     with torch.inference_mode():
-        for i in range(WARMUP + REPEATS):
+        for i in range(WARMUP + repeats):
             t0 = time.perf_counter()
             model(x)
             if i >= WARMUP:
                 times.append(1000 * (time.perf_counter() - t0))
     return statistics.median(times)
+
+
+def latency_ms(run_dir: Path) -> float:
+    """model_latency_ms of a run's saved model."""
+    return model_latency_ms(model_from_bundle(load_bundle(run_dir / "model.ckpt"))[0].eval())
+
+
+def latency_table(args: argparse.Namespace) -> dict[str, Any]:
+    """Latency of every variant measured in one process, interleaved over rounds, so that the load of a
+    shared machine hits all of them alike (the per-run latencies of the main table were taken minutes apart)."""
+    from kdad.config import method_config
+    from kdad.methods import get_method
+
+    variants: dict[str, list[str]] = {"rd": ["method=rd"]}
+    for k in args.shots:
+        for impl in ("grid", "torchvision"):
+            variants[f"bkd k={k} {impl}"] = ["method=bkd", f"model.shots={k}", f"model.dcn_impl={impl}"]
+    variants["bkd k=2 ablated"] = ["method=bkd", "model.shots=2", *ABLATED]
+    models = {}
+    for name, sets in variants.items():
+        cfg = load_config(None, [], [*sets, "model.backbone=efficientnet_lite0", "model.weights=random"])
+        model = get_method(cfg.method).Model(method_config(cfg)).eval()
+        if hasattr(model, "set_support"):
+            model.set_support(torch.rand(model.cfg.shots, 3, IMAGE_SIZE, IMAGE_SIZE))
+        models[name] = model
+    rounds: dict[str, list[float]] = {name: [] for name in models}
+    for _ in range(args.latency_rounds):
+        for name, model in models.items():
+            rounds[name].append(model_latency_ms(model, repeats=3))
+    return {name: {"median_ms": statistics.median(v), "rounds_ms": v} for name, v in rounds.items()}
 
 
 ABLATED = ("model.augment=false", "model.memory=false", "model.dcn=false")  # Table 4, first row
@@ -111,16 +140,28 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--shots", type=int, nargs="+", default=[2, 4, 8])
+    parser.add_argument("--shots", type=int, nargs="*", default=[2, 4, 8])
     parser.add_argument("--categories", nargs="+", default=list(CATEGORIES))
     parser.add_argument("--test-per-type", type=int, default=10)
     parser.add_argument("--subset", nargs="*", default=list(CATEGORIES))
     parser.add_argument("--no-rd", action="store_true")
     parser.add_argument("--ablate", action="store_true",
                         help="add BKD k=2 with augment, memory and DCN off (Table 4, first row)")
+    parser.add_argument("--latency-only", action="store_true", help="only the interleaved latency table")
+    parser.add_argument("--latency-rounds", type=int, default=5)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "bkd.json")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.latency_only:
+        table = {"question": "inference latency per 256 px image, batch 1, same process, interleaved rounds",
+                 "date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
+                 "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared), {args.threads} torch threads",
+                 "teacher": "efficientnet_lite0 (random init; weights do not change the cost)",
+                 "latency": latency_table(args)}
+        args.out.write_text(json.dumps(table, indent=2))
+        for name, row in table["latency"].items():
+            print(f"{name:24s} {row['median_ms']:.1f} ms")
+        return
     out: dict[str, Any] = {
         "question": "BKD (k=2/4/8) vs RD, same CPU budget and teacher (efficientnet_lite0, 256 px)",
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "kdad": kdad.__version__,

@@ -148,6 +148,9 @@ def methods_speed(name: str, d: dict[str, Any]) -> str:
             rows.append([r["method"], r["teacher"], variant] + [r[b][variant]["img_s"] for b in bs]
                         + [r[bs[-1]][variant]["ms_per_img"], mem.get("peak_growth_mib") if variant == "eager_fp32" else None,
                            r.get("params_m"), r.get("gflop_per_img"), None])
+        for k, v in r.items():
+            if k.startswith("fast_") and k.endswith("_error"):
+                rows.append([r["method"], r["teacher"], k[: -len("_error")]] + [None] * (len(bs) + 4) + [v[:80]])
     bs_names = ["b1", "b16"]
     if d.get("rows") and "error" not in d["rows"][0]:
         bs_names = sorted((k for k in d["rows"][0] if k.startswith("b") and k[1:].isdigit()), key=lambda k: int(k[1:]))

@@ -121,7 +121,7 @@ def summarize(runs: list[dict[str, Any]], categories: list[str]) -> dict[str, di
         gap = {}
         for m in METRICS:
             lo, hi, snl = (table[k]["mean"][m] for k in ("rd_multi", "rd_one", "snl_multi"))
-            gap[m] = (snl - lo) / (hi - lo) if abs(hi - lo) > 1e-9 else None
+            gap[m] = (snl - lo) / (hi - lo) if hi - lo > 1e-9 else None  # None: one-class is not ahead
         table["snl_multi"]["gap_closed"] = gap
     return table
 

@@ -19,9 +19,9 @@ from kdad.methods import bkd
 TINY = {"backbone": "resnet18", "weights": "random"}
 
 
-@pytest.fixture
+@pytest.fixture(autouse=True)
 def one_thread() -> Iterator[None]:
-    """Small CPU kernels run far faster single-threaded on a shared machine."""
+    """Small CPU kernels run far faster single-threaded on a shared machine (restored afterwards)."""
     old = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -63,7 +63,7 @@ def test_alignment_starts_as_identity() -> None:
 
 
 @pytest.mark.parametrize("impl", ["torchvision", "grid"])
-def test_dcn_aligns_a_known_shift(one_thread: None, impl: str) -> None:
+def test_dcn_aligns_a_known_shift(impl: str) -> None:
     """Support = query shifted by (3, -3) px: 60 Adam steps of the alignment module alone recover the shift."""
     torch.manual_seed(0)
     dy, dx, c = 3, -3, 4
@@ -229,7 +229,7 @@ def test_config_errors_name_the_option() -> None:
         tiny_model(shots=0)
 
 
-def test_onnx_export_matches_torch(one_thread: None) -> None:
+def test_onnx_export_matches_torch() -> None:
     pytest.importorskip("onnxruntime")
     from kdad.export import check_parity, export_model_bytes
 
