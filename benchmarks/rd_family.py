@@ -31,7 +31,7 @@ from kdad.evaluate import evaluate_run
 from kdad.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared"
+SHARED = Path(os.environ.get("KDAD_SHARED", str(ROOT.parent / "shared")))  # a copy elsewhere (GPU machine)
 CATEGORIES = {
     "bottle": SHARED / "data" / "mvtec_ad" / "bottle",
     "magnetic_tile": SHARED / "data" / "mtd" / "magnetic_tile",

@@ -163,10 +163,7 @@ def two_categories(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 # Known multi-class failures in files this test does not own, each with its cause (XPASS = fixed: drop it).
-KNOWN_BROKEN = {
-    "urd": "urd._synthesize passes batch['category'] (a list in a batch) to SynthesisConfig.foreground_method, "
-           "which looks it up in a dict: TypeError unhashable list",
-}
+KNOWN_BROKEN: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", [

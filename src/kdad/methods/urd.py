@@ -189,15 +189,18 @@ class Model(nn.Module):
         teacher, student = self.pairs(images)
         return self.head(teacher, student, (int(images.shape[-2]), int(images.shape[-1])))
 
-    def foreground(self, images: Tensor, paths: list[str], method: str, syn: SynthesisConfig) -> Tensor:
-        """Static foreground per training image, computed once per path (URD precomputes it per image)."""
-        missing = [i for i, p in enumerate(paths) if p not in self._foreground]
-        if missing:
-            fg = compute_foreground(images[missing].cpu(), method, syn.otsu_polarity, syn.grabcut_iterations)
-            assert fg is not None, "method 'none' never reaches the cache"
-            for j, i in enumerate(missing):
-                self._foreground[paths[i]] = fg[j].bool()
-        return torch.stack([self._foreground[p] for p in paths]).float()
+    def foreground(self, images: Tensor, paths: list[str], methods: list[str], syn: SynthesisConfig) -> Tensor:
+        """Static foreground per training image (one method per image, "none" = everything), computed once
+        per path as URD precomputes it per image."""
+        for method in set(methods) - {"none"}:
+            missing = [i for i, (p, m) in enumerate(zip(paths, methods)) if m == method and p not in self._foreground]
+            if missing:
+                fg = compute_foreground(images[missing].cpu(), method, syn.otsu_polarity, syn.grabcut_iterations)
+                assert fg is not None, "method 'none' never reaches the cache"
+                for j, i in enumerate(missing):
+                    self._foreground[paths[i]] = fg[j].bool()
+        full = torch.ones(images.shape[1:2] + images.shape[2:], dtype=torch.bool)[:1]
+        return torch.stack([self._foreground[p] if m != "none" else full for p, m in zip(paths, methods)]).float()
 
 
 def layer_masks(masks: Tensor, sizes: list[tuple[int, int]], threshold: float = 0.5) -> list[Tensor]:
@@ -247,10 +250,11 @@ def _synthesize(model: Model, batch: dict[str, Any], cfg: Config, gen: torch.Gen
         textures = TextureBank.from_tensor(images.detach().cpu()[torch.randperm(images.shape[0], generator=gen)])
     category = batch.get("category")
     syn = cfg.synthesis_config()
-    method = syn.foreground_method(category)
+    per_image = [category] * images.shape[0] if category is None or isinstance(category, str) else list(category)
+    methods = [syn.foreground_method(c) for c in per_image]  # multi-class batches mix categories
     fg = None
-    if method != "none" and batch.get("path") is not None:
-        fg = model.foreground(images, list(batch["path"]), method, syn)
+    if any(m != "none" for m in methods) and batch.get("path") is not None:
+        fg = model.foreground(images, list(batch["path"]), methods, syn)
     return synthesize(images, syn, gen, textures, category, foreground=fg)
 
 
