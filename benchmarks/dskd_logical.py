@@ -10,7 +10,7 @@ Parts (each writes into the results JSON as soon as it finishes, so a partial fi
 - memory (CUDA only): peak GPU memory of one DSKD training step, WRN50-2 (random weights), batch 16, 256 px,
   for several affinity chunk sizes, with RD as reference (docs/methods/dskd.md's arithmetic, measured).
 
-Run:  python benchmarks/dskd_logical.py [--parts logical mvtec] [--iters 20] [--logical-iters 30] [--batch 8]
+Run:  python benchmarks/dskd_logical.py [--parts logical mvtec] [--iters 10] [--logical-iters 40] [--batch 4]
 Reads ../shared/data (MVTec bottle, MTD). Caveat: a few hundred images seen per run is far from 200 epochs.
 """
 
@@ -144,9 +144,9 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", nargs="+", default=["logical", "mvtec"], choices=["logical", "mvtec", "memory"])
-    parser.add_argument("--iters", type=int, default=20, help="MVTec/MTD runs")
-    parser.add_argument("--logical-iters", type=int, default=30)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--iters", type=int, default=10, help="MVTec/MTD runs")
+    parser.add_argument("--logical-iters", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seed", type=int, default=111)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--weights", default="imagenet", help="teacher weights (random where none ship)")

@@ -15,7 +15,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -29,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from vs_anomalib import infer_fn, interleaved, loadavg, rss_mb
+from vs_anomalib import infer_fn, interleaved, loadavg, peak_rss_mb, rss_mb
 
 from kdad.config import from_dict
 from kdad.methods import METHODS, get_method
@@ -70,7 +69,7 @@ def memory_probe(method: str, teacher: str, batch: int) -> dict[str, float]:
     base = rss_mb()
     for _ in range(2):
         fn(x)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = peak_rss_mb()
     return {"rss_before_mib": round(base, 1), "peak_rss_mib": round(peak, 1), "peak_growth_mib": round(peak - base, 1)}
 
 
