@@ -21,6 +21,14 @@ HEADER = """# Benchmarks
 _Generated from the JSON files in `benchmarks/results/`; rerun `python benchmarks/make_benchmarks_doc.py`
 after a benchmark. Every number below comes from one of those files, named above its table._
 
+## Reading the CPU numbers
+
+The CPU files were measured on a 2-core machine shared with other jobs (each file's meta records the load
+average and a `caveat`). Under that load absolute img/s are far below a quiet machine's and single samples
+vary by an order of magnitude; kdad and anomalib (or the levers) are interleaved in one process and the
+medians compared, so the ratios are the usable signal, and even they are noisy. GPU files come from
+`benchmarks/gpu_check.sh` on a lent machine.
+
 ## How to reproduce the anomalib comparison
 
 anomalib is not a kdad dependency. A side venv that reuses the main venv's torch (what ran here):
@@ -64,7 +72,7 @@ def table(head: list[str], rows: list[list[Any]]) -> str:
 
 def meta_line(meta: dict[str, Any]) -> str:
     keys = ("date", "device", "device_name", "cpu_threads", "torch", "anomalib", "cudnn_benchmark",
-            "loadavg_start", "loadavg_end")
+            "loadavg_start", "loadavg_end", "caveat", "assembled")
     return "_" + "; ".join(f"{k}: {fmt(meta[k])}" for k in keys if k in meta) + "_\n"
 
 
@@ -102,7 +110,7 @@ def vs_anomalib(name: str, d: dict[str, Any]) -> str:
     lev = d.get("levers")
     if lev:
         out.append(f"\n### Speed levers, kdad RD {lev.get('backbone')} (speed-up vs eager fp32 under inference_mode)\n\n")
-        batches = [k for k in lev if k.startswith("b")]
+        batches = [k for k in lev if k[:1] == "b" and k[1:].isdigit()]
         names = list(lev[batches[0]]) if batches else []
         out.append(table(["lever"] + [f"{b} img/s" for b in batches] + [f"{b} speed-up" for b in batches],
                          [[n] + [lev[b].get(n, {}).get("img_s") for b in batches]
@@ -118,7 +126,7 @@ def vs_anomalib(name: str, d: dict[str, Any]) -> str:
         out.append("".join(f"- {k}: {fmt(v)}\n" for k, v in scal.items()))
         rows = [[k] + [v.get(c) for c in ("max_abs_diff", "max_abs_diff_over_range", "image_auroc")]
                 for k, v in acc.items() if isinstance(v, dict)]
-        out.append("\n" + table(["path", "max |diff|", "max |diff| / map range", "image AUROC"], rows))
+        out.append("\n" + table(["path", "max abs diff", "max abs diff / map range", "image AUROC"], rows))
     roof = d.get("roofline")
     if roof:
         out.append("\n### FLOPs vs this machine's limit (dense matmul rate, torch.mm n="
