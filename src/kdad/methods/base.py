@@ -31,4 +31,12 @@ class MethodSpec:
     calibrate: Calibrate | None = None  # e.g. DSKD's per-student map mean/std (stored as model buffers)
 
 
-__all__ = ["AnomalyOutput", "MethodSpec", "TrainStep", "BuildOptimizers"]
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> dict[str, float]:
+    """zero_grad -> backward -> step for a single-optimizer method; returns {"loss": value}."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    return {"loss": float(loss.detach())}
+
+
+__all__ = ["AnomalyOutput", "MethodSpec", "TrainStep", "BuildOptimizers", "optimizer_step"]

@@ -19,7 +19,7 @@ from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
 from kdad.blocks.ocbe import OCBE
 from kdad.blocks.teachers import build_encoder
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, optimizer_step
 
 PAPER = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
 
@@ -94,11 +94,7 @@ def train_step(
     """One Adam step on the global cosine loss between teacher and student features."""
     teacher, student = model.pairs(batch["image"])
     loss = global_cosine_loss(teacher, student)
-    opt = opts["student"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"loss": float(loss.detach())}
+    return optimizer_step(opts["student"], loss)
 
 
 SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER)

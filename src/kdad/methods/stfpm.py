@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from kdad.blocks.losses import normalized_l2_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
 from kdad.blocks.teachers import build_encoder
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, optimizer_step
 
 PAPER = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
 
@@ -71,11 +71,7 @@ def train_step(
     """One SGD step on the normalised-L2 feature loss."""
     teacher, student = model.pairs(batch["image"])
     loss = normalized_l2_loss(teacher, student)
-    opt = opts["student"]
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
-    return {"loss": float(loss.detach())}
+    return optimizer_step(opts["student"], loss)
 
 
 SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER)
