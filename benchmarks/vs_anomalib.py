@@ -468,7 +468,11 @@ def bench_roofline(dev: torch.device, configs: list[dict[str, Any]], args: argpa
     out: dict[str, Any] = {"matmul_n": n, "matmul_gflop_s": {
         "fp32": round(matmul_rate(dev, torch.float32, n, 5), 1),
         args.low: round(matmul_rate(dev, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.low], n, 5), 1)}}
+    if dev.type == "cuda":  # cuDNN convolutions use TF32 by default: their fp32 ceiling is the TF32 rate
+        torch.backends.cuda.matmul.allow_tf32 = True
+        out["matmul_gflop_s"]["tf32"] = round(matmul_rate(dev, torch.float32, n, 5), 1)
     torch.backends.cuda.matmul.allow_tf32 = prev
+    fp32_peak = "tf32" if "tf32" in out["matmul_gflop_s"] and torch.backends.cudnn.allow_tf32 else "fp32"
     for cfg in configs:
         if cfg["method"] != "rd":
             continue
@@ -482,7 +486,7 @@ def bench_roofline(dev: torch.device, configs: list[dict[str, Any]], args: argpa
             for k in ("kdad_eager", "kdad_fast_fp32", f"kdad_fast_{args.low}"):
                 if k in vs:
                     rate = gflop * vs[k]["img_s"]
-                    peak = out["matmul_gflop_s"][args.low if k.endswith(args.low) else "fp32"]
+                    peak = out["matmul_gflop_s"][args.low if k.endswith(args.low) else fp32_peak]
                     row[f"{b}_{k}"] = {"gflop_s": round(rate, 1), "fraction_of_matmul": round(rate / peak, 3)}
         out[f"rd_{cfg['backbone']}"] = row
     return out
