@@ -127,7 +127,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kdad.predict import make_runner
     from kdad.serve import serve
 
-    runner = make_runner(args.run, args.backend, args.device, args.threshold)
+    runner = make_runner(args.run, args.backend, args.device, args.threshold, args.precision)
     serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
     return 0
 
@@ -223,6 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="torch (default for checkpoints) or onnx (default for .onnx files)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
+    p.add_argument("--precision", choices=["exact", "fp32", "bf16"], default="exact",
+                   help="torch backend: exact eager fp32 (default), fast fp32 (same maps within 1e-5), or bf16 "
+                        "(faster on AVX-512-BF16 CPUs and GPUs; maps change slightly, see docs/benchmarks.md)")
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX (+ a JSON metadata file beside it)")
@@ -242,6 +245,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
                    help="torch (default for checkpoints) or onnx (RUN/model.onnx or the given .onnx)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
+    p.add_argument("--precision", choices=["exact", "fp32", "bf16"], default="exact",
+                   help="torch backend: exact eager fp32 (default), fast fp32 (same maps within 1e-5), or bf16 "
+                        "(faster on AVX-512-BF16 CPUs and GPUs; maps change slightly, see docs/benchmarks.md)")
     p.add_argument("--threshold", type=float, help="default image threshold overriding the stored one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MB (default 20)")
     p.set_defaults(func=cmd_serve)

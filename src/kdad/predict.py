@@ -15,7 +15,7 @@ from kdad.visualize import overlay, png_bytes
 
 
 def make_runner(model_path: str | Path, backend: str | None, device: str = "auto",
-                threshold: float | None = None) -> Any:
+                threshold: float | None = None, precision: str = "exact") -> Any:
     """TorchRunner for checkpoints, OnnxRunner for .onnx graphs (or when backend='onnx').
 
     With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
@@ -38,12 +38,12 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
         return OnnxRunner(path, image_threshold=threshold)
     from kdad.runner import TorchRunner
 
-    return TorchRunner(path, device=device, image_threshold=threshold)
+    return TorchRunner(path, device=device, image_threshold=threshold, precision=precision)
 
 
 def run_predict(args: argparse.Namespace) -> list[Row]:
     """Predict every input; rows go to predictions.csv/json, images to overlays/ and masks/."""
-    runner = make_runner(args.run, args.backend, args.device, args.threshold)
+    runner = make_runner(args.run, args.backend, args.device, args.threshold, getattr(args, "precision", "exact"))
     paths = expand_inputs(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -147,3 +147,17 @@ def test_streaming_is_bounded(tmp_path: Path) -> None:
     assert first[0].error == "" and runner.calls == [4]  # one batch decoded and scored, not the whole folder
     rest = list(stream)
     assert len(rest) == 39 and max(runner.calls) == 4 and sum(runner.calls) == 40
+
+
+def test_fast_fp32_precision_matches_exact() -> None:
+    """`--precision fp32` (kdad.speed's fast path) gives the exact path's scores within 1e-4."""
+    from kdad.runner import TorchRunner
+
+    run = tiny_run("rd")
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    exact_maps, exact_scores = TorchRunner(run, device="cpu")(images)
+    fast = TorchRunner(run, device="cpu", precision="fp32")
+    fast_maps, fast_scores = fast(images)
+    assert fast.info()["precision"] == "fp32"
+    assert abs(fast_maps - exact_maps).max() < 1e-4
+    assert abs(fast_scores - exact_scores).max() < 1e-4
