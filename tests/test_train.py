@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -85,3 +86,12 @@ def test_corrupt_checkpoint_names_file(tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(KdadError, match="model.ckpt"):
         load_bundle(bad)
+
+
+def test_cpu_bf16_training_runs_and_keeps_fp32_weights(demo_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.epochs=1", "train.cpu_bf16=true", *TINY])
+    run = fit(cfg, tmp_path / "run")
+    state = load_bundle(run)["model"]
+    assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert all(np.isfinite(r["loss"]) for r in log)

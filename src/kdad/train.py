@@ -71,10 +71,10 @@ def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
-def _autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    # bf16 on GPU needs no loss scaler, so methods keep plain backward()/step().
-    if enabled and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+def _autocast(device: torch.device, tc: Any) -> contextlib.AbstractContextManager[Any]:
+    # bf16 needs no loss scaler, so methods keep plain backward()/step().
+    if (tc.amp and device.type == "cuda") or (tc.cpu_bf16 and device.type == "cpu"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
@@ -162,7 +162,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         for batch in bar:
             batch = _to_device(batch, device)
             batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
-            with _autocast(device, tc.amp):
+            with _autocast(device, tc):
                 logs = spec.train_step(model, batch, opts, mcfg, gen)
             losses.append(logs)
             n_seen += int(batch["image"].shape[0])
