@@ -15,7 +15,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdad.data.mvtec import GOOD, MVTecDataset, Sample, SampleDataset, find_mask, mask_index
+from kdad.data.mvtec import (
+    GOOD,
+    MVTecDataset,
+    Sample,
+    SampleDataset,
+    find_mask,
+    mask_index,
+    resolve_category_dir,
+)
 from kdad.data.transforms import IMAGE_EXTENSIONS, PathLike, Size, list_images
 from kdad.errors import DatasetError
 
@@ -27,15 +35,7 @@ OK, KO = "ok", "ko"
 
 def resolve_product(root: PathLike, category: str | None) -> Path:
     """The product folder: ``root/category`` when a category is given, else ``root`` itself."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}")
-    if not category or (root.name == category and not (root / category).is_dir()):
-        return root
-    if not (root / category).is_dir():
-        found = sorted(d.name for d in root.iterdir() if (d / "train").is_dir())
-        raise DatasetError(f"BTAD product {category!r} not found in {root}; products there: {found}")
-    return root / category
+    return resolve_category_dir(root, category, "train", "BTAD product", "products")
 
 
 def is_native(product: Path) -> bool:

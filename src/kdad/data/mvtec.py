@@ -27,6 +27,23 @@ Split = Literal["train", "test"]
 GOOD = "good"
 
 
+def resolve_category_dir(root: PathLike, category: str | None, marker: str, what: str, plural: str) -> Path:
+    """``root/category`` when a category is given (or ``root`` itself when it already is that folder).
+
+    marker: a sub-path every category folder has (e.g. "train"), used to list the valid ones in the error;
+    what / plural: the words for one and several categories in messages ("BTAD product", "products").
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise DatasetError(f"dataset folder not found: {root}")
+    if not category or (root.name == category and not (root / category).is_dir()):
+        return root
+    if not (root / category).is_dir():
+        found = sorted(d.name for d in root.iterdir() if (d / marker).is_dir())
+        raise DatasetError(f"{what} {category!r} not found in {root}; {plural} there: {found}")
+    return root / category
+
+
 @dataclass(frozen=True)
 class Sample:
     """One dataset entry before loading: where the image and its mask are, and its label."""

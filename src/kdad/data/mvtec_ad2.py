@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdad.data.mvtec import GOOD, Sample, SampleDataset, find_mask, mask_index
+from kdad.data.mvtec import GOOD, Sample, SampleDataset, find_mask, mask_index, resolve_category_dir
 from kdad.data.transforms import IMAGE_EXTENSIONS, PathLike, Size, list_images
 from kdad.errors import DatasetError
 
@@ -37,15 +37,7 @@ BAD = "bad"
 
 def resolve_category(root: PathLike, category: str | None) -> Path:
     """The category folder: ``root/category`` when a category is given, else ``root`` itself."""
-    root = Path(root)
-    if not root.is_dir():
-        raise DatasetError(f"dataset folder not found: {root}")
-    if not category or (root.name == category and not (root / category).is_dir()):
-        return root
-    if not (root / category).is_dir():
-        found = sorted(d.name for d in root.iterdir() if (d / "train" / GOOD).is_dir())
-        raise DatasetError(f"MVTec AD 2 category {category!r} not found in {root}; categories there: {found}")
-    return root / category
+    return resolve_category_dir(root, category, "train/good", "MVTec AD 2 category", "categories")
 
 
 class MVTecAD2Dataset(SampleDataset):
