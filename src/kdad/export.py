@@ -25,16 +25,13 @@ from torch import nn
 from kdad import __version__
 from kdad.checkpoint import atomic_write_bytes, atomic_write_text
 from kdad.errors import KdadError
+from kdad.data.transforms import input_contract as shared_input_contract
 
 DEFAULT_OPSET = 17
 METADATA_FORMAT = "kdad-onnx/1"
 INPUT_NAME = "images"
 OUTPUT_NAMES = ("anomaly_map", "score")
 PARITY_TOLERANCE = 1e-4
-INPUT_CONTRACT_TEXT = (
-    "RGB, resized to image_size x image_size (bilinear), scaled to [0, 1]; "
-    "normalisation happens inside the model"
-)
 
 
 def sha256_file(path: str | Path) -> str:
@@ -52,17 +49,9 @@ def metadata_path(onnx_path: str | Path) -> Path:
 
 
 def input_contract(image_size: int, model: nn.Module | None = None) -> dict[str, Any]:
-    """What the graph's input must be; the mean/std listed are informational (they are in the graph)."""
-    contract: dict[str, Any] = {
-        "name": INPUT_NAME,
-        "layout": "NCHW",
-        "shape": ["batch", 3, image_size, image_size],
-        "dtype": "float32",
-        "color": "RGB",
-        "range": [0.0, 1.0],
-        "resize": f"bilinear (PIL, antialiased) to {image_size}x{image_size}, no crop, aspect ratio not kept",
-        "normalization": "inside the graph; do NOT subtract mean / divide by std before feeding it",
-    }
+    """The shared input contract plus the graph's own mean/std (informational: they are in the graph)."""
+    contract = shared_input_contract(image_size)
+    contract["name"] = INPUT_NAME
     encoder = getattr(model, "encoder", None)
     if encoder is not None and hasattr(encoder, "mean"):
         contract["normalization_in_graph"] = {"mean": list(encoder.mean), "std": list(encoder.std)}
@@ -421,7 +410,6 @@ class OnnxRunner:
             "pixel_threshold": self.pixel_threshold,
             "backend": "onnxruntime",
             "device": ",".join(self.session.get_providers()),
-            "input": INPUT_CONTRACT_TEXT,
             "input_contract": self.meta["input"],
             "exporter": self.meta.get("exporter"),
             "opset": self.meta.get("opset"),

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.data.transforms import input_contract
 from kdad.seed import resolve_device
 
 
@@ -49,5 +50,4 @@ class TorchRunner:
         return {"method": self.cfg.method, "image_size": self.image_size, "image_threshold": self.image_threshold,
                 "pixel_threshold": self.pixel_threshold, "backend": "torch", "device": str(self.device),
                 "precision": self.precision,
-                "input": "RGB, resized to image_size x image_size (bilinear), scaled to [0, 1]; "
-                         "normalisation happens inside the model"}
+                "input_contract": input_contract(self.image_size)}

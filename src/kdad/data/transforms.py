@@ -8,6 +8,8 @@ image), scaled to [0, 1]. Mean/std normalisation is *not* done here; each model 
 
 from __future__ import annotations
 
+from typing import Any
+
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -189,3 +191,17 @@ def images_to_batch(paths: Sequence[PathLike], size: Size = 256) -> torch.Tensor
     if len(paths) == 0:
         return torch.empty(0, 3, *hw, dtype=torch.float32)
     return torch.stack([load_image(p, hw) for p in paths])
+
+
+def input_contract(image_size: int) -> dict[str, Any]:
+    """What a model's input must be (shared by ONNX metadata, runners and the web service)."""
+    return {
+        "name": "images",
+        "layout": "NCHW",
+        "shape": ["batch", 3, image_size, image_size],
+        "dtype": "float32",
+        "color": "RGB",
+        "range": [0.0, 1.0],
+        "resize": f"bilinear (PIL, antialiased) to {image_size}x{image_size}, no crop, aspect ratio not kept",
+        "normalization": "inside the model/graph; do NOT subtract mean / divide by std before feeding it",
+    }

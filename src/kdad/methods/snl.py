@@ -21,13 +21,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
-from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
+from kdad.methods import rd
 from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
 
 PAPER = "Deng & Li, Structural Teacher-Student Normality Learning for Multi-Class Anomaly Detection and Localization"
 
@@ -138,28 +135,16 @@ class CRAM(nn.Module):
         return code + self.project(residual)
 
 
-class Model(nn.Module):
+class Model(rd.Model):
     """RD's teacher + OCBE (+ CRAM) + mirror decoder. forward(images in [0,1], (B,3,H,W)) -> AnomalyOutput."""
 
     def __init__(self, cfg: Config) -> None:
-        super().__init__()
         if not any((cfg.global_loss, cfg.spatial, cfg.channel, cfg.intra, cfg.inter, cfg.cram)):
             raise ConfigError("snl: every loss is off; enable one of model.global_loss, spatial, channel, "
                               "intra, inter, cram")
-        self.cfg = cfg
-        # Built in RD's order, so with CRAM off the same seed gives RD's initial weights.
-        self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
-        channels = list(self.encoder.channels)
-        self.bottleneck = build_bottleneck(cfg.backbone, channels)
-        blocks = tuple(cfg.decoder_blocks) or None
-        self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks)
-        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners)  # type: ignore[arg-type]
+        # RD's blocks built first in RD's order, so with CRAM off the same seed gives RD's initial weights.
+        super().__init__(cfg)  # type: ignore[arg-type]
         self.cram = CRAM(self.bottleneck.out_channels, cfg.cram_centres, cfg.cram_temperature) if cfg.cram else None
-
-    def teacher_features(self, images: Tensor) -> list[Tensor]:
-        """Frozen teacher features of images in [0, 1]."""
-        with torch.no_grad():
-            return list(self.encoder(self.encoder.normalize(images)))
 
     def code(self, teacher: list[Tensor]) -> Tensor:
         """Bottleneck code (B, D, h, w) that the decoder reads (after CRAM when enabled)."""
@@ -170,10 +155,6 @@ class Model(nn.Module):
         """(teacher_feats, student_feats); student grads flow, teacher's do not."""
         teacher = self.teacher_features(images)
         return teacher, self.decoder(self.code(teacher))
-
-    def forward(self, images: Tensor) -> AnomalyOutput:
-        teacher, student = self.pairs(images)
-        return self.head(teacher, student, (int(images.shape[-2]), int(images.shape[-1])))
 
 
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:

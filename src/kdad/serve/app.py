@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdad import __version__
-from kdad.data.transforms import load_image
+from kdad.data.transforms import input_contract, load_image
 from kdad.visualize import overlay, png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -155,18 +155,7 @@ def model_info(runner: Any, limits: Limits) -> dict[str, Any]:
     """What GET /info returns: runner facts, thresholds, the input contract, display range and limits."""
     info = dict(runner.info())
     size = int(runner.image_size)
-    info.setdefault(
-        "input_contract",
-        {
-            "layout": "NCHW",
-            "shape": ["batch", 3, size, size],
-            "dtype": "float32",
-            "color": "RGB",
-            "range": [0.0, 1.0],
-            "resize": f"bilinear (PIL, antialiased) to {size}x{size}",
-            "normalization": "inside the model",
-        },
-    )
+    info.setdefault("input_contract", input_contract(size))
     info.update(
         {
             "image_threshold": runner.image_threshold,
