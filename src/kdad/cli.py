@@ -31,6 +31,16 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
 
 
+def _add_runner_options(p: argparse.ArgumentParser) -> None:
+    """Backend, device and precision of the model that predict/serve run."""
+    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
+                   help="torch (default for checkpoints) or onnx (the given .onnx, or RUN/model.onnx)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
+    p.add_argument("--precision", choices=["exact", "fp32", "bf16"], default="exact",
+                   help="torch backend: exact eager fp32 (default), fast fp32 (same maps within 1e-5), or bf16 "
+                        "(faster on AVX-512-BF16 CPUs and GPUs; maps change slightly, see docs/benchmarks.md)")
+
+
 def _config_from_args(args: argparse.Namespace):  # noqa: ANN202
     from kdad.config import load_config
 
@@ -220,12 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=float, help="image threshold overriding the stored one")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=0, help="worker processes decoding images (default 0)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
-                   help="torch (default for checkpoints) or onnx (default for .onnx files)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
-    p.add_argument("--precision", choices=["exact", "fp32", "bf16"], default="exact",
-                   help="torch backend: exact eager fp32 (default), fast fp32 (same maps within 1e-5), or bf16 "
-                        "(faster on AVX-512-BF16 CPUs and GPUs; maps change slightly, see docs/benchmarks.md)")
+    _add_runner_options(p)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("export", help="export a run to ONNX (+ a JSON metadata file beside it)")
@@ -242,12 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", help="run folder (with model.ckpt), a .ckpt file, or an exported .onnx")
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
-    p.add_argument("--backend", choices=["torch", "onnx"], default=None,
-                   help="torch (default for checkpoints) or onnx (RUN/model.onnx or the given .onnx)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda (torch backend)")
-    p.add_argument("--precision", choices=["exact", "fp32", "bf16"], default="exact",
-                   help="torch backend: exact eager fp32 (default), fast fp32 (same maps within 1e-5), or bf16 "
-                        "(faster on AVX-512-BF16 CPUs and GPUs; maps change slightly, see docs/benchmarks.md)")
+    _add_runner_options(p)
     p.add_argument("--threshold", type=float, help="default image threshold overriding the stored one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MB (default 20)")
     p.set_defaults(func=cmd_serve)
