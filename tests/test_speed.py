@@ -1,5 +1,7 @@
 """kdad.speed: the optimized inference path gives the eager maps (fp32) or close to them (bf16)."""
 
+import math
+
 import pytest
 import torch
 
@@ -49,6 +51,21 @@ def test_bf16_fast_path_within_tolerance(name: str) -> None:
     out = optimize_for_inference(model, "cpu", "bf16", image_size=64)(x).anomaly_map
     assert out.dtype == torch.float32
     assert float((out - ref).abs().max()) <= BF16_REL_TOL * float(ref.max() - ref.min())
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_every_method_runs_in_bf16(name: str) -> None:
+    """`--precision bf16` and `train.cpu_bf16` work for every method (ops without a bf16 kernel run in fp32)."""
+    model, x = _trained(name)
+    out = optimize_for_inference(model, "cpu", "bf16", image_size=64)(x)
+    assert out.anomaly_map.dtype == torch.float32 and bool(torch.isfinite(out.anomaly_map).all())
+    spec = get_method(name)
+    cfg = from_dict(spec.Config, TINY)
+    model.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logs = spec.train_step(model, {"image": x, "mask": torch.zeros(2, 1, 64, 64)}, spec.optimizers(model, cfg),
+                               cfg, torch.Generator().manual_seed(0))
+    assert all(math.isfinite(v) for v in logs.values())
 
 
 def test_optimize_leaves_the_model_untouched() -> None:

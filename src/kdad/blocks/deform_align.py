@@ -62,6 +62,12 @@ def modulated_deform_conv(x: Tensor, offset: Tensor, weight: Tensor, bias: Tenso
     """torchvision's deform_conv2d (padding 1), or its grid_sample twin (impl="grid", and during ONNX export)."""
     if impl == "grid" or torch.onnx.is_in_onnx_export():
         return deform_conv2d_grid(x, offset, weight, bias, mask, padding=KERNEL // 2)
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev) or x.dtype in (torch.bfloat16, torch.float16):
+        # torchvision's CPU kernel takes float32 only and has no autocast rule: run it in float32
+        with torch.autocast(dev, enabled=False):
+            return deform_conv2d(x.float(), offset.float(), weight.float(), None if bias is None else bias.float(),
+                                 padding=KERNEL // 2, mask=None if mask is None else mask.float())
     return deform_conv2d(x, offset, weight, bias, padding=KERNEL // 2, mask=mask)
 
 
