@@ -14,17 +14,29 @@ from kdad.infer import Row, common_base, expand_inputs, out_name, stream_predict
 from kdad.visualize import overlay, png_bytes
 
 
+def runner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The torch-backend speed options of `kdad predict/serve` (--precision, --compile, --cuda-graph)."""
+    return {"precision": getattr(args, "precision", "exact"), "compile": getattr(args, "compile", False),
+            "cuda_graph": getattr(args, "cuda_graph", False)}
+
+
 def make_runner(model_path: str | Path, backend: str | None, device: str = "auto",
-                threshold: float | None = None, precision: str = "exact") -> Any:
+                threshold: float | None = None, precision: str = "exact", compile: bool = False,
+                cuda_graph: bool = False) -> Any:
     """TorchRunner for checkpoints, OnnxRunner for .onnx graphs (or when backend='onnx').
 
     With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
     """
-    from kdad.errors import KdadError
+    from kdad.errors import ConfigError, KdadError
 
     path = Path(model_path)
     if backend not in (None, "torch", "onnx"):
         raise KdadError(f"unknown backend {backend!r}; valid: torch, onnx")
+    wanted = [flag for flag, on in (("--compile", compile), ("--cuda-graph", cuda_graph)) if on]
+    if wanted and precision == "exact":
+        raise ConfigError(f"{' and '.join(wanted)} need the fast path: add --precision fp32 or --precision bf16")
+    if wanted and (backend == "onnx" or path.suffix == ".onnx"):
+        raise ConfigError(f"{' and '.join(wanted)} apply to the torch backend only, not to ONNX graphs")
     if path.suffix == ".onnx" and backend == "torch":
         raise KdadError(f"{path} is an ONNX graph; use --backend onnx, or the run folder / .ckpt for torch")
     if backend == "onnx" or path.suffix == ".onnx":
@@ -38,12 +50,13 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
         return OnnxRunner(path, image_threshold=threshold)
     from kdad.runner import TorchRunner
 
-    return TorchRunner(path, device=device, image_threshold=threshold, precision=precision)
+    return TorchRunner(path, device=device, image_threshold=threshold, precision=precision, compile=compile,
+                       cuda_graph=cuda_graph)
 
 
 def run_predict(args: argparse.Namespace) -> list[Row]:
     """Predict every input; rows go to predictions.csv/json, images to overlays/ and masks/."""
-    runner = make_runner(args.run, args.backend, args.device, args.threshold, getattr(args, "precision", "exact"))
+    runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
     paths = expand_inputs(args.inputs)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

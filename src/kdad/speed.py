@@ -1,4 +1,5 @@
-"""Inference speed: one call turns a trained model into a fast inference callable.
+"""Speed levers. Inference: one call turns a trained model into a fast inference callable. Training: the
+engine's memory-format and fused-optimizer levers (``prepare_training``).
 
 ``optimize_for_inference(model, device, precision)`` returns ``FastInference``: images in [0, 1],
 (B, 3, H, W) -> ``AnomalyOutput`` (float32 map (B, 1, H, W), score (B,)), the same contract as
@@ -10,7 +11,9 @@
   products (mathematically the same map);
 - channels_last memory format (oneDNN / cuDNN NHWC kernels);
 - precision "bf16" (or "fp16" on CUDA): autocast for the network; the anomaly-map head stays fp32;
-- ``compile=True``: ``torch.compile`` of the result (first calls compile).
+- ``compile=True``: ``torch.compile`` of the result (first calls compile);
+- ``cuda_graph=True`` (CUDA only): each input shape is captured once as a CUDA graph and replayed, which
+  removes the per-kernel launch cost that dominates small batches (outputs are copied out of the graph).
 
 With precision="fp32" maps equal eager ``model(images)`` within 1e-5 (tests/test_speed.py). bf16 maps
 differ by up to ~1e-2 of a map's range; tests/test_speed.py bounds that, and benchmarks record the
@@ -21,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import threading
+import warnings
 from collections.abc import Iterator
 from typing import Any, Literal
 
@@ -147,12 +152,16 @@ class FastInference:
     """Callable images01 (B, 3, H, W) in [0, 1] -> AnomalyOutput with float32 map and score."""
 
     def __init__(self, module: nn.Module, device: torch.device, precision: str, channels_last: bool,
-                 compiled: Any = None) -> None:
+                 compiled: Any = None, cuda_graph: bool = False) -> None:
         self.module = module
         self.device = device
         self.precision = precision
         self.channels_last = channels_last
+        self.cuda_graph = cuda_graph
         self._fn = compiled if compiled is not None else module
+        self._graphs: dict[tuple[Any, ...], tuple[Any, Tensor, AnomalyOutput]] = {}
+        self._pool: Any = None
+        self._lock = threading.Lock()
         self.info: dict[str, Any] = {}
 
     @contextlib.contextmanager
@@ -160,15 +169,47 @@ class FastInference:
         with torch.inference_mode():
             if self.precision == "fp32":
                 yield
-            else:
-                with torch.autocast(self.device.type, dtype=_DTYPES[self.precision]):
+            else:  # a captured graph must not reuse autocast's weight-cast cache across replays
+                with torch.autocast(self.device.type, dtype=_DTYPES[self.precision], cache_enabled=not self.cuda_graph):
                     yield
+
+    def _replay(self, x: Tensor) -> AnomalyOutput:
+        """Run x through the CUDA graph captured for its shape (captured on first sight of the shape)."""
+        key = (tuple(x.shape), x.dtype, self.channels_last)
+        if key not in self._graphs:
+            static_in = x.clone()
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):  # warm-up off the capture: cuDNN autotuning, lazy allocations
+                for _ in range(2):
+                    self._fn(static_in)
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            if self._pool is None:
+                self._pool = torch.cuda.graph_pool_handle()  # one memory pool shared by all captured shapes
+            graph = torch.cuda.CUDAGraph()
+            try:
+                with torch.cuda.graph(graph, pool=self._pool):
+                    out = self._fn(static_in)
+                    static_out = AnomalyOutput(out.anomaly_map.float(), out.score.float())
+            except RuntimeError as e:  # a model that syncs with the host cannot be captured: run it eagerly
+                warnings.warn(f"CUDA graph capture failed, running eagerly: {e}", RuntimeWarning, stacklevel=3)
+                self.cuda_graph = False
+                out = self._fn(x)
+                return AnomalyOutput(out.anomaly_map.float(), out.score.float())
+            self._graphs[key] = (graph, static_in, static_out)
+        graph, static_in, static_out = self._graphs[key]
+        static_in.copy_(x)
+        graph.replay()
+        return AnomalyOutput(static_out.anomaly_map.clone(), static_out.score.clone())
 
     def __call__(self, images01: Tensor) -> AnomalyOutput:
         with self._context():
             x = images01.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
+            if self.cuda_graph:
+                with self._lock:  # the captured graph reads and writes fixed buffers: one replay at a time
+                    return self._replay(x)
             out = self._fn(x)
             return AnomalyOutput(out.anomaly_map.float(), out.score.float())
 
@@ -183,22 +224,27 @@ def optimize_for_inference(
     fast_head: bool = True,
     inplace: bool = False,
     image_size: int = 256,
+    cuda_graph: bool = False,
 ) -> FastInference:
     """A fast inference callable for a kdad model (any METHODS entry).
 
     precision: "fp32" (maps within 1e-5 of eager), "bf16" (autocast; CPU with AVX-512 BF16/AMX, or CUDA)
     or "fp16" (CUDA autocast). inplace=False works on a deep copy, so `model` stays trainable and
     checkpointable; inplace=True saves the copy's memory but folds BatchNorm inside `model`.
-    image_size: side of the example used to find conv->BN pairs.
+    image_size: side of the example used to find conv->BN pairs. cuda_graph: replay captured CUDA graphs
+    (CUDA only; one capture per input shape, so serve fixed batch sizes).
     """
     if precision not in PRECISIONS:
         raise ConfigError(f"precision {precision!r} is not one of {', '.join(PRECISIONS)}")
     dev = torch.device(device)
     if precision == "fp16" and dev.type != "cuda":
         raise ConfigError(f"precision 'fp16' needs a CUDA device, got {dev}; use 'bf16' or 'fp32' on {dev.type}")
+    if cuda_graph and dev.type != "cuda":
+        raise ConfigError(f"cuda_graph=True needs a CUDA device, got {dev}")
     net = model if inplace else copy.deepcopy(model)
     net.eval().to(dev)
-    info: dict[str, Any] = {"precision": precision, "channels_last": channels_last, "compile": compile}
+    info: dict[str, Any] = {"precision": precision, "channels_last": channels_last, "compile": compile,
+                            "cuda_graph": cuda_graph}
     if fast_head:
         info["fast_heads"] = use_fast_heads(net)
     if fold_bn:
@@ -208,9 +254,60 @@ def optimize_for_inference(
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     net.requires_grad_(False)
     compiled = torch.compile(net, dynamic=False) if compile else None
-    fast = FastInference(net, dev, precision, channels_last, compiled)
+    fast = FastInference(net, dev, precision, channels_last, compiled, cuda_graph)
     fast.info = info
     return fast
 
 
-__all__ = ["PRECISIONS", "FastInference", "Precision", "fold_batchnorm", "optimize_for_inference", "use_fast_heads"]
+def _fused_supported(opt: torch.optim.Optimizer, device: torch.device) -> bool:
+    """Whether this optimizer class has a fused kernel for `device` (asked through its public constructor)."""
+    probe = torch.zeros(1, device=device, requires_grad=True)
+    try:
+        type(opt)([probe], lr=1e-3, fused=True)  # type: ignore[call-arg]
+    except (TypeError, RuntimeError, ValueError):
+        return False
+    return True
+
+
+def use_fused_optimizers(opts: dict[str, torch.optim.Optimizer]) -> int:
+    """Switch each optimizer to its fused kernel (one kernel per step, not one per tensor) where torch has one.
+
+    Same update rule (Adam/AdamW/SGD); tests/test_speed.py compares it with the default path. Must run before
+    the first step or a state load; returns how many optimizers were switched.
+    """
+    switched = 0
+    for opt in opts.values():
+        params = [p for g in opt.param_groups for p in g["params"]]
+        if not params or opt.state or "fused" not in opt.defaults:
+            continue
+        if any(not p.is_floating_point() for p in params) or len({p.device for p in params}) != 1:
+            continue
+        if opt.defaults.get("differentiable", False):  # fused kernels do not support it
+            continue
+        if not _fused_supported(opt, params[0].device):
+            continue
+        for group in [opt.defaults, *opt.param_groups]:
+            group["fused"], group["foreach"] = True, False
+        switched += 1
+    return switched
+
+
+def prepare_training(model: nn.Module, opts: dict[str, torch.optim.Optimizer], channels_last: bool,
+                     fused: bool, compile: bool = False) -> dict[str, Any]:
+    """Training levers, in place: NHWC weights (the engine also feeds NHWC batches), fused optimizers and
+    ``torch.compile`` of each top-level submodule (``Module.compile`` keeps state-dict names, so checkpoints
+    are unchanged; the first steps pay the compile time). Measured in benchmarks/vs_anomalib.py.
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
+    compiled = 0
+    if compile:
+        for child in model.children():
+            child.compile()
+            compiled += 1
+    return {"channels_last": channels_last, "fused_optimizers": use_fused_optimizers(opts) if fused else 0,
+            "compiled_modules": compiled}
+
+
+__all__ = ["PRECISIONS", "FastInference", "Precision", "fold_batchnorm", "optimize_for_inference",
+           "prepare_training", "use_fast_heads", "use_fused_optimizers"]

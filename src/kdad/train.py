@@ -25,6 +25,7 @@ from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
+from kdad.speed import prepare_training
 
 
 def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -67,8 +68,11 @@ def _budget_spent(tc: Any, it: int, t_start: float) -> bool:
     return bool(tc.max_seconds) and time.perf_counter() - t_start >= tc.max_seconds
 
 
-def _to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    if channels_last:
+        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    return out
 
 
 def _autocast(device: torch.device, tc: Any) -> contextlib.AbstractContextManager[Any]:
@@ -127,6 +131,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     model = spec.Model(mcfg).to(device)
     opts: dict[str, Any] = dict(spec.optimizers(model, mcfg))
+    levers = prepare_training(model, opts, tc.channels_last, tc.fused_optimizer, tc.compile)
     if distributed:
         dist_utils.broadcast_model(model)
         opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
@@ -160,7 +165,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}", leave=False,
                    disable=not (tc.progress and main))
         for batch in bar:
-            batch = _to_device(batch, device)
+            batch = _to_device(batch, device, tc.channels_last)
             batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
             with _autocast(device, tc):
                 logs = spec.train_step(model, batch, opts, mcfg, gen)
@@ -202,7 +207,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
                 "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
-                "device": str(device), "world_size": world_size}
+                "device": str(device), "world_size": world_size, **levers}
         atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_dict(), display=display,
                                                  train_info=info), run_dir / "model.ckpt")
         atomic_write_text(run_dir / "train_info.json", json.dumps(info, indent=2))

@@ -161,3 +161,29 @@ def test_fast_fp32_precision_matches_exact() -> None:
     assert fast.info()["precision"] == "fp32"
     assert abs(fast_maps - exact_maps).max() < 1e-4
     assert abs(fast_scores - exact_scores).max() < 1e-4
+
+
+def test_compiled_fast_path_matches_exact() -> None:
+    """`--precision fp32 --compile` (torch.compile of the fast path) keeps the exact path's maps."""
+    from kdad.runner import TorchRunner
+
+    run = tiny_run("rd")
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    exact_maps, exact_scores = TorchRunner(run, device="cpu")(images)
+    fast = TorchRunner(run, device="cpu", precision="fp32", compile=True)
+    fast_maps, fast_scores = fast(images)
+    assert fast.info()["compile"] is True
+    assert abs(fast_maps - exact_maps).max() < 1e-4
+    assert abs(fast_scores - exact_scores).max() < 1e-4
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--compile"], "--compile need the fast path"),
+    (["--cuda-graph", "--precision", "fp32", "--device", "cpu"], "cuda_graph=True needs a CUDA device"),
+    (["--compile", "--precision", "fp32", "--backend", "onnx"], "torch backend only"),
+])
+def test_speed_flags_are_checked(flags: list[str], message: str, tmp_path: Path,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    run = tiny_run("rd")
+    code = main(["predict", str(run), str(tmp_path), "--out", str(tmp_path / "o"), *flags])
+    assert code != 0 and message in capsys.readouterr().err
