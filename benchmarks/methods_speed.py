@@ -1,10 +1,11 @@
-"""Inference speed, memory, parameters and FLOPs of every kdad method (those with no anomalib peer).
+"""Inference and training speed, memory, parameters and FLOPs of every kdad method (those with no anomalib peer).
 
 For each method in kdad.methods.METHODS (RD and STFPM are in vs_anomalib.py) and each teacher
 (efficientnet_lite0, resnet18; random weights, 256 px): one train step at batch 2 (so methods that fill
 state during training have it), then interleaved timing of eager fp32 and kdad.speed's fast fp32 / bf16
 paths at batch 1 and 16 (medians over rounds), peak RSS growth of a fresh process running eager batch-16
-inference, parameter count and FLOPs per image (torch.utils.flop_counter.FlopCounterMode, eager forward).
+inference, parameter count, FLOPs per image (torch.utils.flop_counter.FlopCounterMode, eager forward), and
+training img/s at batch 16 as fit() runs it (channels_last + fused optimizer), in fp32 and bf16 autocast.
 
 Run:  python benchmarks/methods_speed.py [--device cpu|cuda] [--out benchmarks/results/methods_speed_cpu.json]
 """
@@ -32,7 +33,7 @@ from vs_anomalib import infer_fn, interleaved, loadavg, peak_rss_mb, rss_mb
 
 from kdad.config import from_dict
 from kdad.methods import METHODS, get_method
-from kdad.speed import optimize_for_inference
+from kdad.speed import optimize_for_inference, prepare_training
 
 SIZE = 256
 PEERED = ("rd", "stfpm")  # benchmarked against anomalib in vs_anomalib.py
@@ -113,7 +114,46 @@ def bench(method: str, teacher: str, dev: torch.device, args: argparse.Namespace
         print(f"   b{b}: " + ", ".join(f"{k} {v['img_s']:.2f}" for k, v in rows.items()), flush=True)
     if not args.no_memory:
         row[f"memory_infer_b{args.batches[-1]}"] = memory(method, teacher, args.batches[-1], dev, model)
+    if args.train_batch:
+        row[f"train_b{args.train_batch}"] = bench_train(method, teacher, dev, args)
+        print(f"   train b{args.train_batch}: " + ", ".join(
+            f"{k} {v.get('img_s', v.get('error'))}" for k, v in row[f"train_b{args.train_batch}"].items()), flush=True)
     return row
+
+
+def train_fn(method: str, teacher: str, dev: torch.device, precision: str) -> Any:
+    """One engine training step (train.channels_last + fused optimizer, the fit() defaults) at `precision`."""
+    import contextlib
+
+    spec = get_method(method)
+    cfg = from_dict(spec.Config, {"backbone": teacher, "weights": "random"})
+    torch.manual_seed(0)
+    model = spec.Model(cfg).to(dev).train()
+    opts = spec.optimizers(model, cfg)
+    prepare_training(model, opts, channels_last=True, fused=True)
+    gen = torch.Generator().manual_seed(0)
+
+    def step(x: torch.Tensor) -> None:
+        batch = {"image": x.contiguous(memory_format=torch.channels_last), "label": torch.zeros(len(x), dtype=torch.long),
+                 "mask": torch.zeros(len(x), 1, SIZE, SIZE, device=dev)}
+        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
+        with ctx:
+            spec.train_step(model, batch, opts, cfg, gen)
+    return step
+
+
+def bench_train(method: str, teacher: str, dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:
+    """Training img/s at batch args.train_batch, fp32 and bf16 (synthesis methods use the batch as textures)."""
+    fns, errors = {}, {}
+    for prec in ("fp32", "bf16"):
+        try:
+            fns[prec] = train_fn(method, teacher, dev, prec)
+        except Exception as e:  # noqa: BLE001 - record and go on
+            errors[prec] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
+    x = torch.rand(args.train_batch, 3, SIZE, SIZE, device=dev)
+    rows = interleaved(fns, x, args.rounds_big, dev, args.warmup, args.calls_big)
+    return {**{k: {"img_s": round(v["img_s"], 3), "ms_per_img": round(v["ms_per_img"], 2)} for k, v in rows.items()},
+            **errors}
 
 
 def main() -> None:
@@ -130,6 +170,7 @@ def main() -> None:
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-memory", action="store_true")
+    p.add_argument("--train-batch", type=int, default=16, help="training img/s at this batch (0: skip)")
     p.add_argument("--memory-probe", nargs=3, metavar=("METHOD", "TEACHER", "BATCH"))
     args = p.parse_args()
     if args.memory_probe:

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))  # the GPU machine runs without kdad installed
 
 from kdad.methods import get_method
-from kdad.speed import optimize_for_inference
+from kdad.speed import optimize_for_inference, prepare_training
 
 SIZE = 256
 LAYERS = (1, 2, 3)
@@ -84,13 +84,16 @@ def build_anomalib(method: str, backbone: str, device: torch.device) -> nn.Modul
 
 
 def kdad_train_fn(method: str, backbone: str, device: torch.device, precision: str = "fp32",
-                  channels_last: bool = False) -> Callable[[Tensor], None]:
+                  levers: bool = False, compile: bool = False) -> Callable[[Tensor], None]:
+    """One training step as the engine runs it: levers=True is kdad.speed.prepare_training (channels_last +
+    fused optimizer, the fit() defaults), compile=True adds train.compile."""
     spec = get_method(method)
     model, cfg = build_kdad(method, backbone, device)
-    if channels_last:
-        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     model.train()
     opts = spec.optimizers(model, cfg)
+    channels_last = levers
+    if levers or compile:
+        prepare_training(model, opts, channels_last=levers, fused=levers, compile=compile)
     gen = torch.Generator().manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
@@ -198,7 +201,7 @@ def memory_probe(impl: str, method: str, backbone: str, mode: str, batch: int) -
     if mode == "train":
         fn = (anomalib_train_fn(method, backbone, dev) if impl == "anomalib" else
               kdad_train_fn(method, backbone, dev, "bf16" if impl == "kdad_bf16" else "fp32",
-                            channels_last=impl == "kdad_bf16"))
+                            levers=impl != "kdad"))
     elif impl == "anomalib":
         fn = infer_fn(build_anomalib(method, backbone, dev))
     elif impl == "kdad":
@@ -261,6 +264,12 @@ def bench_config(method: str, backbone: str, dev: torch.device, args: argparse.N
     fns["kdad_eager"] = infer_fn(kdad_model)
     fns["kdad_fast_fp32"] = optimize_for_inference(kdad_model, dev, "fp32")
     fns[f"kdad_fast_{args.low}"] = optimize_for_inference(kdad_model, dev, args.low)
+    if args.compile:  # the warm-up call of each batch size compiles
+        fns["kdad_fast_fp32_compiled"] = optimize_for_inference(kdad_model, dev, "fp32", compile=True)
+        fns[f"kdad_fast_{args.low}_compiled"] = optimize_for_inference(kdad_model, dev, args.low, compile=True)
+    if dev.type == "cuda":  # the warm-up call of each batch size captures its graph
+        fns["kdad_fast_fp32_graph"] = optimize_for_inference(kdad_model, dev, "fp32", cuda_graph=True)
+        fns[f"kdad_fast_{args.low}_graph"] = optimize_for_inference(kdad_model, dev, args.low, cuda_graph=True)
     big = backbone == "wide_resnet50_2"
     res["infer"] = {}
     for b in args.infer_batches:
@@ -273,7 +282,12 @@ def bench_config(method: str, backbone: str, dev: torch.device, args: argparse.N
     if HAVE_ANOMALIB:
         tfns["anomalib"] = anomalib_train_fn(method, backbone, dev)
     tfns["kdad_fp32"] = kdad_train_fn(method, backbone, dev)
-    tfns[f"kdad_{args.low}_channels_last"] = kdad_train_fn(method, backbone, dev, args.low, channels_last=True)
+    tfns["kdad_fp32_levers"] = kdad_train_fn(method, backbone, dev, levers=True)
+    tfns[f"kdad_{args.low}_levers"] = kdad_train_fn(method, backbone, dev, args.low, levers=True)
+    if args.compile:
+        tfns["kdad_fp32_levers_compiled"] = kdad_train_fn(method, backbone, dev, levers=True, compile=True)
+        tfns[f"kdad_{args.low}_levers_compiled"] = kdad_train_fn(method, backbone, dev, args.low, levers=True,
+                                                                 compile=True)
     x = torch.rand(args.train_batch, 3, SIZE, SIZE, device=dev)
     res["train"] = {f"b{args.train_batch}": interleaved(tfns, x, args.rounds_big if big else args.rounds, dev,
                                                         args.warmup, args.calls_big)}
@@ -292,7 +306,7 @@ def bench_config(method: str, backbone: str, dev: torch.device, args: argparse.N
         impls = (["anomalib"] if HAVE_ANOMALIB else []) + ["kdad", "kdad_fast_fp32", "kdad_fast_bf16"]
         for impl in impls:
             res["memory"][f"infer_b16_{impl}"] = memory_cpu(impl, method, backbone, "infer", 16)
-        for impl in (["anomalib"] if HAVE_ANOMALIB else []) + ["kdad", "kdad_bf16"]:
+        for impl in (["anomalib"] if HAVE_ANOMALIB else []) + ["kdad", "kdad_fp32_levers", "kdad_bf16"]:
             res["memory"][f"train_b16_{impl}"] = memory_cpu(impl, method, backbone, "train", 16)
     del tfns
     res["ratios_kdad_over_anomalib"] = ratios(res, args) if HAVE_ANOMALIB else None
@@ -345,6 +359,9 @@ def bench_levers(dev: torch.device, args: argparse.Namespace, backbone: str, bat
                 print(f"   compile {prec}: {time.perf_counter() - t0:.0f} s", flush=True)
             except Exception as e:  # noqa: BLE001 - report, keep benchmarking
                 print(f"   compile {prec} failed: {type(e).__name__}: {e}", flush=True)
+    if dev.type == "cuda":
+        for prec in ("fp32", low):
+            fns[f"all_{prec}_graph"] = optimize_for_inference(model, dev, prec, cuda_graph=True)
     if dev.type == "cpu" and args.onnx:
         try:
             fns["onnxruntime_fp32"] = ort_fn(optimize_for_inference(model, dev, "fp32", channels_last=False).module)
@@ -457,22 +474,47 @@ def matmul_rate(dev: torch.device, dtype: torch.dtype, n: int, reps: int) -> flo
     return 2 * n**3 / min(times[1:]) / 1e9
 
 
+def conv_rate(dev: torch.device, dtype: torch.dtype, reps: int) -> float:
+    """GFLOP/s of one large 3x3 convolution (256 -> 256 channels, NHWC), the kernel class the models run."""
+    import torch.nn.functional as F
+
+    b, hw = (16, 32) if dev.type == "cpu" else (64, 64)
+    x = torch.randn(b, 256, hw, hw, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    w = torch.randn(256, 256, 3, 3, device=dev, dtype=dtype).contiguous(memory_format=torch.channels_last)
+    times = []
+    with torch.inference_mode():
+        for _ in range(reps + 1):
+            sync(dev)
+            t0 = time.perf_counter()
+            F.conv2d(x, w, padding=1)
+            sync(dev)
+            times.append(time.perf_counter() - t0)
+    return 2 * b * 256 * 256 * 9 * hw * hw / min(times[1:]) / 1e9
+
+
 def bench_roofline(dev: torch.device, configs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """kdad RD FLOPs per image vs the measured dense matmul rate (fp32 and low precision)."""
+    """kdad RD FLOPs per image vs the machine's measured dense rate (fp32 and low precision).
+
+    The limit per dtype is the faster of a large matmul (max over sizes) and a large 3x3 convolution: on this
+    AMD CPU torch's fp32 matmul reaches ~210 GFLOP/s while oneDNN's convolution reaches ~510 (the AVX-512
+    peak of 2 cores), and on CUDA convolutions run in TF32 by default (torch.backends.cudnn.allow_tf32).
+    """
     from torch.utils.flop_counter import FlopCounterMode
 
     print("== roofline", flush=True)
-    n = 2048 if dev.type == "cpu" else 8192
+    sizes = (1024, 2048, 4096) if dev.type == "cpu" else (4096, 8192)
+    low = {"bf16": torch.bfloat16, "fp16": torch.float16}[args.low]
     prev = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = False
-    out: dict[str, Any] = {"matmul_n": n, "matmul_gflop_s": {
-        "fp32": round(matmul_rate(dev, torch.float32, n, 5), 1),
-        args.low: round(matmul_rate(dev, {"bf16": torch.bfloat16, "fp16": torch.float16}[args.low], n, 5), 1)}}
-    if dev.type == "cuda":  # cuDNN convolutions use TF32 by default: their fp32 ceiling is the TF32 rate
-        torch.backends.cuda.matmul.allow_tf32 = True
-        out["matmul_gflop_s"]["tf32"] = round(matmul_rate(dev, torch.float32, n, 5), 1)
+    mm = {"fp32": max(matmul_rate(dev, torch.float32, n, 5) for n in sizes),
+          args.low: max(matmul_rate(dev, low, n, 5) for n in sizes)}
     torch.backends.cuda.matmul.allow_tf32 = prev
-    fp32_peak = "tf32" if "tf32" in out["matmul_gflop_s"] and torch.backends.cudnn.allow_tf32 else "fp32"
+    conv = {"fp32": conv_rate(dev, torch.float32, 5), args.low: conv_rate(dev, low, 5)}
+    peak_rate = {k: max(mm[k], conv[k]) for k in mm}
+    out: dict[str, Any] = {"matmul_sizes": list(sizes), "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32),
+                           "matmul_gflop_s": {k: round(v, 1) for k, v in mm.items()},
+                           "conv3x3_gflop_s": {k: round(v, 1) for k, v in conv.items()},
+                           "limit_gflop_s": {k: round(v, 1) for k, v in peak_rate.items()}}
     for cfg in configs:
         if cfg["method"] != "rd":
             continue
@@ -483,11 +525,12 @@ def bench_roofline(dev: torch.device, configs: list[dict[str, Any]], args: argpa
         gflop = counter.get_total_flops() / 1e9
         row: dict[str, Any] = {"gflop_per_img": round(gflop, 2)}
         for b, vs in cfg["infer"].items():
-            for k in ("kdad_eager", "kdad_fast_fp32", f"kdad_fast_{args.low}"):
+            for k in ("kdad_eager", "kdad_fast_fp32", f"kdad_fast_{args.low}", "kdad_fast_fp32_compiled",
+                      f"kdad_fast_{args.low}_compiled", "kdad_fast_fp32_graph", f"kdad_fast_{args.low}_graph"):
                 if k in vs:
                     rate = gflop * vs[k]["img_s"]
-                    peak = out["matmul_gflop_s"][args.low if k.endswith(args.low) else fp32_peak]
-                    row[f"{b}_{k}"] = {"gflop_s": round(rate, 1), "fraction_of_matmul": round(rate / peak, 3)}
+                    peak = peak_rate[args.low if f"_{args.low}" in k else "fp32"]
+                    row[f"{b}_{k}"] = {"gflop_s": round(rate, 1), "fraction_of_limit": round(rate / peak, 3)}
         out[f"rd_{cfg['backbone']}"] = row
     return out
 

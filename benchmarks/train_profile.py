@@ -1,0 +1,114 @@
+"""Where a training step spends its time: kdad RD (each lever set) vs anomalib's, per operator.
+
+Profiles a few steps of RD at batch 16, 256 px, with torch.profiler and writes, for every variant, the step
+time and the operators that take the most (CUDA time on a GPU, CPU time otherwise). This is the tool for the
+GPU training gap of docs/benchmarks.md: it shows whether the step is launch-bound (many short kernels) or
+compute-bound (convolutions), and which kernels a lever changes.
+
+Run:  .venv-anomalib/bin/python benchmarks/train_profile.py --device cuda --out benchmarks/results/train_profile_cuda.json
+(without anomalib only the kdad variants are profiled).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.profiler import ProfilerActivity, profile
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "src"))
+
+from vs_anomalib import HAVE_ANOMALIB, anomalib_train_fn, kdad_train_fn, sync
+
+
+def profile_step(fn: Callable[[Tensor], None], x: Tensor, dev: torch.device, steps: int, top: int) -> dict[str, Any]:
+    """Median step time over `steps` timed steps, then one profiled pass over `steps` steps."""
+    for _ in range(3):
+        fn(x)
+    sync(dev)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn(x)
+        sync(dev)
+        times.append(time.perf_counter() - t0)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
+    with profile(activities=acts) as prof:
+        for _ in range(steps):
+            fn(x)
+        sync(dev)
+    key = "device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
+    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
+    total = sum(getattr(e, key) for e in events if dev.type != "cuda" or e.device_type.name == "CUDA")
+    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
+    kernels = sum(e.count for e in events if dev.type == "cuda" and e.device_type.name == "CUDA")
+    return {
+        "step_ms": round(1000 * statistics.median(times), 3),
+        "img_s": round(x.shape[0] / statistics.median(times), 1),
+        "kernel_launches_per_step": round(kernels / steps, 1) if dev.type == "cuda" else None,
+        "top_ops": [{"name": e.key[:90], "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
+                     "calls_per_step": round(e.count / steps, 1),
+                     "share": round(getattr(e, key) / max(total, 1e-9), 3)} for e in rows],
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--backbone", default="resnet18")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--steps", type=int, default=5)
+    p.add_argument("--top", type=int, default=12)
+    p.add_argument("--compile", action="store_true", help="also profile train.compile")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "train_profile_cpu.json"))
+    args = p.parse_args()
+    dev = torch.device(args.device)
+    if dev.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    else:
+        torch.set_num_threads(2)
+    variants: dict[str, Callable[[], Callable[[Tensor], None]]] = {
+        "kdad_fp32": lambda: kdad_train_fn("rd", args.backbone, dev),
+        "kdad_fp32_levers": lambda: kdad_train_fn("rd", args.backbone, dev, levers=True),
+        "kdad_bf16_levers": lambda: kdad_train_fn("rd", args.backbone, dev, "bf16", levers=True),
+    }
+    if args.compile:
+        variants["kdad_bf16_levers_compiled"] = lambda: kdad_train_fn("rd", args.backbone, dev, "bf16", levers=True,
+                                                                      compile=True)
+    if HAVE_ANOMALIB:
+        variants = {"anomalib": lambda: anomalib_train_fn("rd", args.backbone, dev), **variants}
+    out: dict[str, Any] = {"meta": {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": str(dev), "torch": torch.__version__,
+        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
+        "method": "rd", "backbone": args.backbone, "batch": args.batch, "steps": args.steps,
+        "anomalib": __import__("anomalib").__version__ if HAVE_ANOMALIB else None,
+        "ms_per_step": "CUDA kernel time on a GPU, self CPU time on a CPU, summed per operator"}, "variants": {}}
+    x = torch.rand(args.batch, 3, 256, 256, device=dev)
+    for name, build in variants.items():
+        print(f"== {name}", flush=True)
+        try:
+            out["variants"][name] = profile_step(build(), x, dev, args.steps, args.top)
+            print(f"   {out['variants'][name]['step_ms']} ms/step", flush=True)
+        except Exception as e:  # noqa: BLE001 - report, keep profiling the other variants
+            out["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
