@@ -116,7 +116,7 @@ def run_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
 
     rows = []
     x = torch.rand(16, 3, 256, 256, device="cuda")
-    for method, chunk in (("rd", None), ("dskd", 256), ("dskd", 1024), ("dskd", 4096)):
+    for method, chunk in (("rd", None), ("dskd", 0), ("dskd", 4096), ("dskd", 16384), ("dskd", 65536)):  # rows over the batch
         for amp in (False, True):
             spec = get_method(method)
             extra = {} if chunk is None else {"affinity_chunk": chunk}

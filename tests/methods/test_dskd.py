@@ -47,13 +47,13 @@ def test_hand_checked_two_positions() -> None:
     assert float(dskd.contextual_affinity_map(t, s, temperature=2.0).flatten()[0]) == pytest.approx(4 * (2 * p - 1) / 2)
 
 
-@pytest.mark.parametrize("chunk", [1, 3, 7, 64])
+@pytest.mark.parametrize("chunk", [0, 1, 3, 7, 64])
 def test_chunked_equals_unchunked_values_and_grads(chunk: int) -> None:
     g = torch.Generator().manual_seed(2)
     t = torch.randn(2, 6, 4, 5, generator=g)
     s0 = torch.randn(2, 6, 4, 5, generator=g)
     grads, values = [], []
-    for c in (20, chunk):  # 20 = all rows at once
+    for c in (40, chunk):  # 40 = all rows of both images at once (chunk counts rows over the batch)
         s = s0.clone().requires_grad_(True)
         loss = dskd.contextual_affinity_loss([t], [s], 0.5, chunk=c)
         loss.backward()

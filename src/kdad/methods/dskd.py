@@ -54,7 +54,7 @@ class Config:
     gccb_grid: int = 8  # side of the map the condensing kernel sees (256 px / stride 32 = 8)
     glo_stage_init: str = "teacher"  # OCBE_glo starts from the teacher's pretrained next stage, or "random"
     temperature: float = 1.0
-    affinity_chunk: int = 1024  # rows i of the HW x HW affinity processed at once
+    affinity_chunk: int = 0  # rows i of the HW x HW affinity per step, over the whole batch; 0 = per device
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     sigma: float = 4.0
@@ -63,19 +63,32 @@ class Config:
 
 
 # ------------------------------------------------------------------------------------- contextual affinity
+# Rows per step (over the batch) when affinity_chunk = 0. CPU: 256 keeps each (rows, h*w) block at a few MiB,
+# which malloc recycles; blocks of >= 32 MiB are mmapped fresh each step and their page faults made a batch-16
+# step ~2.8x slower (docs/methods/dskd.md). CUDA's caching allocator recycles any size, and few large steps
+# keep the kernels big.
+AUTO_CHUNK = {"cpu": 256, "cuda": 16384}
+
+
+def _rows_per_step(chunk: int, batch: int, device: torch.device) -> int:
+    total = chunk if chunk > 0 else AUTO_CHUNK.get(device.type, 1024)
+    return max(1, total // batch)
+
+
 def _student_lse(s_rows: Tensor, t_all: Tensor, temperature: float) -> Tensor:
     """log sum_j exp(cos(s_i, t_j) / T): (B, R, C) unit student rows, (B, C, N) unit teacher -> (B, R)."""
     return torch.logsumexp(torch.bmm(s_rows, t_all) / temperature, dim=-1)
 
 
-def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float = 1.0, chunk: int = 1024) -> Tensor:
+def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float = 1.0, chunk: int = 0) -> Tensor:
     """Per-position T^2 KL(P_T,i || P_S,i) (eqs. 3-6): (B, C, h, w) x2 -> (B, 1, h, w), >= 0 up to rounding.
 
     P_T,i = softmax_j cos(t_i, t_j)/T and P_S,i = softmax_j cos(s_i, t_j)/T, j over all h*w positions of the
     same image (the student row is compared with the *teacher* map, eq. 5; the teacher is a fixed target).
     Since sum_j P_T,ij = 1, KL_i = sum_j p_ij a_ij/T - LSE_j(a_ij/T) - s_i . (sum_j p_ij t_j)/T + LSE_j(a^s_ij/T):
-    only the student log-sum-exp needs gradients. Rows are processed ``chunk`` at a time and that term is
-    checkpointed, so peak memory is ~4 x B x chunk x h*w floats whatever h*w is (docs/methods/dskd.md).
+    only the student log-sum-exp needs gradients. ``chunk`` rows over the whole batch (chunk // B per image;
+    0 = ``AUTO_CHUNK`` for the device) are processed at a time and that term is checkpointed, so the
+    transient working set is ~4 x chunk x h*w floats whatever the batch and h*w are (docs/methods/dskd.md).
     """
     b, _, h, w = teacher.shape
     amp = torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled() else contextlib.nullcontext()
@@ -84,9 +97,10 @@ def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float
         s_all = F.normalize(student.float().flatten(2), dim=1)
         t_rows, s_rows = t_all.transpose(1, 2), s_all.transpose(1, 2)  # (B, N, C)
         grad = torch.is_grad_enabled() and student.requires_grad
-        outs, step = [], max(1, int(chunk))
-        for i in range(0, h * w, step):
-            t_c, s_c = t_rows[:, i:i + step], s_rows[:, i:i + step]
+        outs, step = [], _rows_per_step(int(chunk), b, teacher.device)
+        # split, not slicing: split's backward concatenates the chunk gradients once, while each slice's
+        # backward would allocate a zero gradient of the whole (B, N, C) tensor
+        for t_c, s_c in zip(t_rows.split(step, dim=1), s_rows.split(step, dim=1), strict=True):
             with torch.no_grad():  # teacher side: sum_j p log p and the context vector sum_j p_ij t_j
                 logits = torch.bmm(t_c, t_all) / temperature
                 lse = torch.logsumexp(logits, dim=-1, keepdim=True)
@@ -100,7 +114,7 @@ def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float
 
 
 def contextual_affinity_loss(teacher: list[Tensor], student: list[Tensor], temperature: float = 1.0,
-                             chunk: int = 1024) -> Tensor:
+                             chunk: int = 0) -> Tensor:
     """Eq. 7: sum over layers of the mean over (B, positions) of the per-position affinity KL."""
     total = torch.zeros((), device=student[0].device)
     for t, s in zip(teacher, student):
@@ -169,8 +183,8 @@ def _check(cfg: Config) -> None:
             raise ConfigError(f"dskd: model.{key}={value!r}; valid: {list(valid)}")
     if len(cfg.layers) != 3:
         raise ConfigError(f"dskd: model.layers={list(cfg.layers)} must name 3 teacher layers (OCBE fuses 3)")
-    if cfg.gccb_channels < 0 or cfg.gccb_grid < 1 or cfg.temperature <= 0 or cfg.affinity_chunk < 1:
-        raise ConfigError("dskd: need gccb_channels >= 0, gccb_grid >= 1, temperature > 0, affinity_chunk >= 1")
+    if cfg.gccb_channels < 0 or cfg.gccb_grid < 1 or cfg.temperature <= 0 or cfg.affinity_chunk < 0:
+        raise ConfigError("dskd: need gccb_channels >= 0, gccb_grid >= 1, temperature > 0, affinity_chunk >= 0")
 
 
 class Model(nn.Module):
