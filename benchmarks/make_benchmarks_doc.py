@@ -44,9 +44,10 @@ echo "import site; site.addsitedir('$PWD/.venv/lib/python3.11/site-packages')" \
 ```
 
 (A standalone venv works too: `pip install anomalib==2.7.0 torch==2.14.1 torchvision==0.29.1 && pip install -e .`,
-at the cost of a second multi-GB torch download.) On a lent GPU machine: `bash benchmarks/gpu_speed.sh` (speed,
-CUDA graphs, training profile, compile; about 8 minutes), with anomalib's missing dependencies and pytest carried
-as wheels in `.whl/` (27 MiB):
+at the cost of a second multi-GB torch download.) On a lent GPU machine: `bash benchmarks/gpu_speed.sh 1`, then
+`bash benchmarks/gpu_speed.sh 2` (speed with CUDA graphs and the training levers; training profile and
+torch.compile; about 6 + 4 minutes), with anomalib's missing dependencies and pytest carried as wheels in
+`.whl/` (27 MiB):
 
 ```bash
 python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \\
@@ -183,6 +184,22 @@ def methods_speed(name: str, d: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def train_profile(name: str, d: dict[str, Any]) -> str:
+    """Step time per variant and where it goes (top operators / kernels)."""
+    out = [f"## Training-step profile — `{name}`\n", meta_line(d.get("meta", {}))]
+    summary, detail = [], []
+    for variant, v in d.get("variants", {}).items():
+        summary.append([variant, v.get("step_ms"), v.get("img_s"), v.get("kernels_per_step"),
+                        v.get("gpu_busy_fraction"), v.get("error")])
+        for kind in ("top_kernels", "top_cpu_ops"):
+            detail += [[variant, kind.removeprefix("top_"), o["name"], o["ms_per_step"], o["calls_per_step"], o["share"]]
+                       for o in v.get(kind, [])[:5]]
+    out.append("\n" + table(["variant", "ms/step", "img/s", "kernels/step", "GPU busy fraction", "error"], summary))
+    out.append("\nTop 5 per variant (ms per step, calls per step, share of the step's GPU or CPU time):\n\n"
+               + table(["variant", "kind", "name", "ms/step", "calls/step", "share"], detail))
+    return "".join(out)
+
+
 def generic(name: str, d: Any) -> str:
     out = [f"## `{name}`\n\n"]
     if not isinstance(d, dict):
@@ -248,11 +265,12 @@ def main() -> None:
     args = p.parse_args()
     files = sorted(RESULTS.glob("*.json")) + sorted(RESULTS.glob("gpu/*.json"))
     parts = [HEADER, targets([f for f in files if f.name.startswith("vs_anomalib")])]
-    for kind, fn in (("vs_anomalib", vs_anomalib), ("methods_speed", methods_speed)):
+    kinds = (("vs_anomalib", vs_anomalib), ("methods_speed", methods_speed), ("train_profile", train_profile))
+    for kind, fn in kinds:
         parts += [fn(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files if f.name.startswith(kind)]
     parts.append("\n# Other benchmarks\n\n")
     parts += [generic(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files
-              if not f.name.startswith(("vs_anomalib", "methods_speed"))]
+              if not f.name.startswith(tuple(k for k, _ in kinds))]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} from {len(files)} result files")
 

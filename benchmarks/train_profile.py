@@ -33,8 +33,25 @@ sys.path.insert(0, str(ROOT / "src"))
 from vs_anomalib import HAVE_ANOMALIB, anomalib_train_fn, kdad_train_fn, sync
 
 
+def _dev_time(e: Any) -> float:
+    """Device (kernel) time of a profiler event in us, across torch versions."""
+    return float(getattr(e, "device_time_total", getattr(e, "cuda_time_total", 0.0)) or 0.0)
+
+
+def _rows(events: list[Any], key: Callable[[Any], float], steps: int, total: float, top: int) -> list[dict[str, Any]]:
+    ranked = sorted(events, key=key, reverse=True)[:top]
+    return [{"name": e.key[:90], "ms_per_step": round(key(e) / 1000 / steps, 3),
+             "calls_per_step": round(e.count / steps, 1), "share": round(key(e) / max(total, 1e-9), 3)}
+            for e in ranked]
+
+
 def profile_step(fn: Callable[[Tensor], None], x: Tensor, dev: torch.device, steps: int, top: int) -> dict[str, Any]:
-    """Median step time over `steps` timed steps, then one profiled pass over `steps` steps."""
+    """Median step time over `steps` timed steps, then one profiled pass over `steps` steps.
+
+    CPU: operators by self CPU time. CUDA: kernels by GPU time, the kernel count per step and the fraction of
+    the step's wall time the GPU is busy (well below 1 means the step waits on Python / kernel launches),
+    and the operators by self CPU time (the launch side).
+    """
     for _ in range(3):
         fn(x)
     sync(dev)
@@ -44,24 +61,25 @@ def profile_step(fn: Callable[[Tensor], None], x: Tensor, dev: torch.device, ste
         fn(x)
         sync(dev)
         times.append(time.perf_counter() - t0)
+    step_s = statistics.median(times)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev.type == "cuda" else [])
     with profile(activities=acts) as prof:
         for _ in range(steps):
             fn(x)
         sync(dev)
-    key = "device_time_total" if dev.type == "cuda" else "self_cpu_time_total"
-    events = [e for e in prof.key_averages() if getattr(e, key, 0) > 0]
-    total = sum(getattr(e, key) for e in events if dev.type != "cuda" or e.device_type.name == "CUDA")
-    rows = sorted(events, key=lambda e: getattr(e, key), reverse=True)[:top]
-    kernels = sum(e.count for e in events if dev.type == "cuda" and e.device_type.name == "CUDA")
-    return {
-        "step_ms": round(1000 * statistics.median(times), 3),
-        "img_s": round(x.shape[0] / statistics.median(times), 1),
-        "kernel_launches_per_step": round(kernels / steps, 1) if dev.type == "cuda" else None,
-        "top_ops": [{"name": e.key[:90], "ms_per_step": round(getattr(e, key) / 1000 / steps, 3),
-                     "calls_per_step": round(e.count / steps, 1),
-                     "share": round(getattr(e, key) / max(total, 1e-9), 3)} for e in rows],
-    }
+    events = list(prof.key_averages())
+    cpu_ops = [e for e in events if not str(e.device_type).endswith("CUDA")]
+    cpu_total = sum(e.self_cpu_time_total for e in cpu_ops)
+    out: dict[str, Any] = {"step_ms": round(1000 * step_s, 3), "img_s": round(x.shape[0] / step_s, 1)}
+    if dev.type == "cuda":
+        kernels = [e for e in events if str(e.device_type).endswith("CUDA") and _dev_time(e) > 0]
+        k_total = sum(_dev_time(e) for e in kernels)
+        out |= {"kernels_per_step": round(sum(e.count for e in kernels) / steps, 1),
+                "gpu_ms_per_step": round(k_total / 1000 / steps, 3),
+                "gpu_busy_fraction": round(k_total / 1e6 / steps / step_s, 3),
+                "top_kernels": _rows(kernels, _dev_time, steps, k_total, top)}
+    out["top_cpu_ops"] = _rows(cpu_ops, lambda e: float(e.self_cpu_time_total), steps, cpu_total, top)
+    return out
 
 
 def main() -> None:
@@ -94,7 +112,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
         "method": "rd", "backbone": args.backbone, "batch": args.batch, "steps": args.steps,
         "anomalib": __import__("anomalib").__version__ if HAVE_ANOMALIB else None,
-        "ms_per_step": "CUDA kernel time on a GPU, self CPU time on a CPU, summed per operator"}, "variants": {}}
+        "ms_per_step": "per kernel (GPU time) or per operator (self CPU time), summed over calls"}, "variants": {}}
     x = torch.rand(args.batch, 3, 256, 256, device=dev)
     for name, build in variants.items():
         print(f"== {name}", flush=True)
