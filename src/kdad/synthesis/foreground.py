@@ -16,7 +16,9 @@ The paper describes only "binarizing the images and setting a threshold"; the ta
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from types import MappingProxyType
 
 import numpy as np
@@ -126,16 +128,25 @@ def grabcut_foreground(images: Tensor, iterations: int = 11) -> Tensor:
     """
     cv2 = _import_cv2()
     rgb = (images.detach().to(torch.float32).clamp(0, 1) * 255.0).round().to(torch.uint8)
-    masks = []
-    for img in rgb.permute(0, 2, 3, 1).cpu().numpy():
+    frames = list(rgb.permute(0, 2, 3, 1).cpu().numpy())
+
+    def one(img: np.ndarray) -> np.ndarray:
         bgr = np.ascontiguousarray(img[..., ::-1])
         h, w = bgr.shape[:2]
         labels = np.zeros((h, w), np.uint8)
         bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
-        cv2.setRNGSeed(0)
+        cv2.setRNGSeed(0)  # OpenCV's RNG is per thread, so seeding here keeps threads deterministic
         cv2.grabCut(bgr, labels, (1, 1, w - 1, h - 1), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
-        masks.append(torch.from_numpy((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)))
-    return torch.stack(masks).unsqueeze(1).to(torch.float32).to(images.device)
+        return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
+
+    # grabCut releases the GIL: one image per core (it is the one-off cost of URD's first epoch)
+    workers = min(len(frames), os.cpu_count() or 1)
+    if workers > 1:
+        with ThreadPoolExecutor(workers) as pool:
+            masks = list(pool.map(one, frames))
+    else:
+        masks = [one(f) for f in frames]
+    return torch.from_numpy(np.stack(masks)).unsqueeze(1).to(torch.float32).to(images.device)
 
 
 def compute_foreground(
