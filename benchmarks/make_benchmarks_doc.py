@@ -204,7 +204,8 @@ def generic(name: str, d: Any) -> str:
     out = [f"## `{name}`\n\n"]
     if not isinstance(d, dict):
         return out[0] + f"```\n{json.dumps(d)[:2000]}\n```\n"
-    for k, v in d.items():
+    scalars = {**{k: v for k, v in d.get("meta", {}).items() if isinstance(d.get("meta"), dict)}, **d}
+    for k, v in scalars.items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             out.append(f"- {k}: {fmt(v)}\n")
     for k, v in d.items():
