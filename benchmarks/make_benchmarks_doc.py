@@ -178,7 +178,8 @@ def methods_speed(name: str, d: dict[str, Any]) -> str:
                   for r in d.get("rows", []) for key, vs in r.items() if key.startswith("train_b")
                   for prec, v in vs.items()]
     if train_rows:
-        out.append("\nTraining (one engine step: channels_last + fused optimizer; bf16 = autocast):\n\n"
+        out.append("\nTraining (one engine step as fit() runs it: channels_last + fused optimizer, and the heap "
+                   "allocator on CPU when the file's meta says so; bf16 = autocast):\n\n"
                    + table(["method", "teacher", "batch", "precision", "img/s", "ms/img", "trainable params M",
                             "error"], train_rows))
     return "".join(out)

@@ -5,7 +5,8 @@ For each method in kdad.methods.METHODS (RD and STFPM are in vs_anomalib.py) and
 state during training have it), then interleaved timing of eager fp32 and kdad.speed's fast fp32 / bf16
 paths at batch 1 and 16 (medians over rounds), peak RSS growth of a fresh process running eager batch-16
 inference, parameter count, FLOPs per image (torch.utils.flop_counter.FlopCounterMode, eager forward), and
-training img/s at batch 16 as fit() runs it (channels_last + fused optimizer), in fp32 and bf16 autocast.
+training img/s at batch 16 as fit() runs it (channels_last + fused optimizer + heap allocator on CPU), in fp32
+and bf16 autocast.
 
 Run:  python benchmarks/methods_speed.py [--device cpu|cuda] [--out benchmarks/results/methods_speed_cpu.json]
 """
@@ -33,7 +34,7 @@ from vs_anomalib import infer_fn, interleaved, loadavg, peak_rss_mb, rss_mb
 
 from kdad.config import from_dict
 from kdad.methods import METHODS, get_method
-from kdad.speed import optimize_for_inference, prepare_training
+from kdad.speed import heap_allocator, optimize_for_inference, prepare_training
 
 SIZE = 256
 PEERED = ("rd", "stfpm")  # benchmarked against anomalib in vs_anomalib.py
@@ -122,7 +123,8 @@ def bench(method: str, teacher: str, dev: torch.device, args: argparse.Namespace
 
 
 def train_fn(method: str, teacher: str, dev: torch.device, precision: str) -> Any:
-    """One engine training step (train.channels_last + fused optimizer, the fit() defaults) at `precision`."""
+    """One engine training step (train.channels_last + fused optimizer, the fit() defaults) at `precision`;
+    bench_train runs it under the heap allocator, as fit() does on CPU."""
     import contextlib
 
     spec = get_method(method)
@@ -151,7 +153,8 @@ def bench_train(method: str, teacher: str, dev: torch.device, args: argparse.Nam
         except Exception as e:  # noqa: BLE001 - record and go on
             errors[prec] = {"error": f"{type(e).__name__}: {str(e)[:200]}"}
     x = torch.rand(args.train_batch, 3, SIZE, SIZE, device=dev)
-    rows = interleaved(fns, x, args.rounds_big, dev, args.warmup, args.calls_big)
+    with heap_allocator(dev.type == "cpu"):  # as fit() trains on CPU (train.heap_allocator)
+        rows = interleaved(fns, x, args.rounds_big, dev, args.warmup, args.calls_big)
     return {**{k: {"img_s": round(v["img_s"], 3), "ms_per_img": round(v["ms_per_img"], 2)} for k, v in rows.items()},
             **errors}
 
@@ -190,6 +193,7 @@ def main() -> None:
         "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
         "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_start": loadavg(),
         "weights": "random (speed does not depend on them)", "timing": "median over interleaved rounds",
+        "train_heap_allocator": True,
     }, "rows": []}
     for teacher in args.teachers:
         for method in methods:

@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--cpu-bf16", action="store_true", help="train with bf16 autocast on CPU (train.cpu_bf16)")
     ap.add_argument("--no-levers", action="store_true",
-                    help="train without channels_last and the fused optimizer (train.channels_last/fused_optimizer)")
+                    help="train without channels_last, the fused optimizer and the heap allocator (train.*)")
     ap.add_argument("--out", default=str(HERE / "results" / "rd_bottle.json"))
     args = ap.parse_args()
     root = SHARED / "data" / "mvtec_ad" / "bottle"
@@ -40,7 +40,8 @@ def main() -> None:
                                       f"train.device={args.device}", "train.progress=false",
                                       f"train.cpu_bf16={str(args.cpu_bf16).lower()}",
                                       f"train.channels_last={str(not args.no_levers).lower()}",
-                                      f"train.fused_optimizer={str(not args.no_levers).lower()}"])
+                                      f"train.fused_optimizer={str(not args.no_levers).lower()}",
+                                      f"train.heap_allocator={str(not args.no_levers).lower()}"])
     with tempfile.TemporaryDirectory() as tmp:
         run = fit(cfg, Path(tmp) / "run")
         bundle = load_bundle(run)
@@ -58,7 +59,7 @@ def main() -> None:
         "method": "rd", "teacher": "efficientnet_lite0", "image_size": 256, "category": "bottle",
         "epochs": args.epochs, "train_cpu_bf16": args.cpu_bf16, "eval": "exact fp32 forward", "batch_size": cfg.train.batch_size, "device": args.device,
         "metrics": {k: metrics[k] for k in ("image_auroc", "pixel_auroc", "au_pro", "image_ap", "pixel_ap")},
-        "train_levers": {k: info.get(k) for k in ("channels_last", "fused_optimizers", "compiled_modules")},
+        "train_levers": {k: info.get(k) for k in ("channels_last", "fused_optimizers", "compiled_modules", "heap_allocator")},
         "train_images_per_s": info["train_images_per_s"], "train_seconds": info["train_seconds"],
         "test_images_per_s_incl_loading": len(pred.scores) / test_s,
         "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,

@@ -193,3 +193,15 @@ def test_cuda_graph_replay_matches_eager(precision: str) -> None:
         ref, out = plain(batch), graphed(batch)
         torch.testing.assert_close(out.anomaly_map, ref.anomaly_map, atol=1e-5, rtol=1e-5)
     assert graphed.cuda_graph and len(graphed._graphs) == 2
+
+
+def test_heap_allocator_switches_and_restores() -> None:
+    """On glibc the lever takes effect inside the block, and big allocations work inside and after it."""
+    from kdad.speed import _glibc, heap_allocator
+
+    with heap_allocator(False) as on:
+        assert on is False
+    with heap_allocator() as on:
+        assert on is (_glibc() is not None)
+        assert float(torch.ones(16, 1 << 20).sum()) == 16 * (1 << 20)  # 64 MiB: above any mmap threshold
+    assert float(torch.ones(16, 1 << 20).sum()) == 16 * (1 << 20)

@@ -95,3 +95,5 @@ def test_cpu_bf16_training_runs_and_keeps_fp32_weights(demo_root: Path, tmp_path
     assert all(v.dtype in (torch.float32, torch.int64) for v in state.values())
     log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
     assert all(np.isfinite(r["loss"]) for r in log)
+    info = json.loads((run / "train_info.json").read_text())  # the speed levers fit() used are recorded
+    assert info["channels_last"] is True and info["fused_optimizers"] == 1 and "heap_allocator" in info

@@ -24,6 +24,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
+import sys
 import threading
 import warnings
 from collections.abc import Iterator
@@ -292,6 +294,49 @@ def use_fused_optimizers(opts: dict[str, torch.optim.Optimizer]) -> int:
     return switched
 
 
+# glibc mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+def _glibc() -> Any:
+    """The C library when it is glibc (it has mallopt and malloc_trim), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None)
+        libc.gnu_get_libc_version  # noqa: B018 - only glibc has it (musl does not)
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except (OSError, AttributeError):
+        return None
+
+
+@contextlib.contextmanager
+def heap_allocator(enabled: bool = True) -> Iterator[bool]:
+    """CPU training lever (Linux/glibc): serve large tensors from the heap instead of a fresh mmap each.
+
+    glibc gives every block above its mmap threshold (32 MiB at most) its own mmap: its pages fault in (and
+    are zeroed) on first touch and go back to the OS on free. A training step allocates and frees its big
+    activations every step, so it pays those faults every step; on the heap the blocks are recycled.
+    Measured at batch 16 on 2 cores (docs/benchmarks.md): RD-Lite0 41 -> 88 training img/s, CFRG 6.8 -> 15.5,
+    URD 6.6 -> 11.7; peak RSS +0-8 % (BKD +40 %). Inference paths gained nothing, so only fit() uses it.
+    On exit the allocator is left where glibc's own dynamic threshold settles with such blocks (mmap
+    threshold 32 MiB, trim threshold 64 MiB) and the retained heap is returned to the OS. Yields whether
+    it took effect (False off glibc or when disabled).
+    """
+    libc = _glibc() if enabled else None
+    if libc is None:
+        yield False
+        return
+    ok = libc.mallopt(_M_MMAP_MAX, 0) == 1 and libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30) == 1
+    try:
+        yield ok
+    finally:
+        libc.mallopt(_M_MMAP_MAX, 65536)
+        libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+        libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
+        libc.malloc_trim(0)
+
+
 def prepare_training(model: nn.Module, opts: dict[str, torch.optim.Optimizer], channels_last: bool,
                      fused: bool, compile: bool = False) -> dict[str, Any]:
     """Training levers, in place: NHWC weights (the engine also feeds NHWC batches), fused optimizers and
@@ -309,5 +354,5 @@ def prepare_training(model: nn.Module, opts: dict[str, torch.optim.Optimizer], c
             "compiled_modules": compiled}
 
 
-__all__ = ["PRECISIONS", "FastInference", "Precision", "fold_batchnorm", "optimize_for_inference",
+__all__ = ["PRECISIONS", "FastInference", "Precision", "fold_batchnorm", "heap_allocator", "optimize_for_inference",
            "prepare_training", "use_fast_heads", "use_fused_optimizers"]

@@ -25,7 +25,7 @@ from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
-from kdad.speed import prepare_training
+from kdad.speed import heap_allocator, prepare_training
 
 
 def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -156,43 +156,44 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     total_epochs = tc.epochs
     if tc.max_iters > 0:
         total_epochs = min(tc.epochs, math.ceil(tc.max_iters / max(1, len(loader))))
-    for epoch in range(start_epoch, total_epochs):
-        loader_gen.manual_seed(tc.seed + epoch)
-        if isinstance(sampler, DistributedSampler):
-            sampler.set_epoch(epoch)
-        model.train()
-        losses: list[dict[str, float]] = []
-        bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}", leave=False,
-                   disable=not (tc.progress and main))
-        for batch in bar:
-            batch = _to_device(batch, device, tc.channels_last)
-            batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
-            with _autocast(device, tc):
-                logs = spec.train_step(model, batch, opts, mcfg, gen)
-            losses.append(logs)
-            n_seen += int(batch["image"].shape[0])
-            it += 1
-            bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+    with heap_allocator(device.type == "cpu" and tc.heap_allocator) as levers["heap_allocator"]:
+        for epoch in range(start_epoch, total_epochs):
+            loader_gen.manual_seed(tc.seed + epoch)
+            if isinstance(sampler, DistributedSampler):
+                sampler.set_epoch(epoch)
+            model.train()
+            losses: list[dict[str, float]] = []
+            bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}", leave=False,
+                       disable=not (tc.progress and main))
+            for batch in bar:
+                batch = _to_device(batch, device, tc.channels_last)
+                batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
+                with _autocast(device, tc):
+                    logs = spec.train_step(model, batch, opts, mcfg, gen)
+                losses.append(logs)
+                n_seen += int(batch["image"].shape[0])
+                it += 1
+                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+                if _budget_spent(tc, it, t_start):
+                    break
+            record: dict[str, Any] = {"epoch": epoch, "iters": it,
+                                      **{k: float(np.mean([d[k] for d in losses])) for k in losses[0]}}
+            if val_ds is not None and tc.select == "val_map_mean" and (epoch + 1) % tc.val_every == 0:
+                res = predict(model, val_ds, device, tc.eval_batch_size, keep_maps=False)
+                record["val_map_mean"] = float(res.map_means.mean())
+                if record["val_map_mean"] < best["value"]:
+                    best = {"value": record["val_map_mean"], "epoch": epoch}
+                    best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                    if main:
+                        atomic_torch_save(make_bundle(model, cfg, best=best), run_dir / "best.ckpt")
+            if main:
+                with open(log_path, "a") as f:
+                    f.write(json.dumps(record) + "\n")
+                if (epoch + 1) % tc.ckpt_every == 0 or epoch + 1 == total_epochs:
+                    atomic_torch_save(make_bundle(model, cfg, train_state=_state(opts, epoch, it, best, gen)),
+                                      run_dir / "last.ckpt")
             if _budget_spent(tc, it, t_start):
                 break
-        record: dict[str, Any] = {"epoch": epoch, "iters": it,
-                                  **{k: float(np.mean([d[k] for d in losses])) for k in losses[0]}}
-        if val_ds is not None and tc.select == "val_map_mean" and (epoch + 1) % tc.val_every == 0:
-            res = predict(model, val_ds, device, tc.eval_batch_size, keep_maps=False)
-            record["val_map_mean"] = float(res.map_means.mean())
-            if record["val_map_mean"] < best["value"]:
-                best = {"value": record["val_map_mean"], "epoch": epoch}
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
-                if main:
-                    atomic_torch_save(make_bundle(model, cfg, best=best), run_dir / "best.ckpt")
-        if main:
-            with open(log_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            if (epoch + 1) % tc.ckpt_every == 0 or epoch + 1 == total_epochs:
-                atomic_torch_save(make_bundle(model, cfg, train_state=_state(opts, epoch, it, best, gen)),
-                                  run_dir / "last.ckpt")
-        if _budget_spent(tc, it, t_start):
-            break
     train_seconds = time.perf_counter() - t_start
 
     if best_state is not None:
