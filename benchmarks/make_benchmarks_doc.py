@@ -26,7 +26,12 @@ after a benchmark. Every number below comes from one of those files, named above
 `vs_anomalib_cpu_quiet.json` and `methods_speed_cpu.json` were measured on the 2-core machine with nothing else
 running (load average < 2, recorded in each file's meta). A CPU file whose meta carries a `caveat` ran while the
 machine was shared: absolute img/s there are far below a quiet machine's and only the interleaved ratios mean
-something. kdad and anomalib (or the levers) are always interleaved in one process and medians compared. GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
+something. kdad and anomalib (or the levers) are always interleaved in one process and medians compared.
+
+The kdad / anomalib training ratios leave out `train.heap_allocator` (fit()'s CPU allocator switch): it is
+process-wide, so inside one interleaved process it would speed anomalib up too, and anomalib's users could set
+the same glibc variables (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`). Its effect on kdad alone is in
+`rd_bottle.json` (end-to-end fit) and `methods_speed_cpu.json` (per-method steps). GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
 
 ## How to reproduce the anomalib comparison
 

@@ -1,0 +1,85 @@
+"""Do the training speed levers change what RD learns? Paired runs over seeds, levers on vs off.
+
+channels_last and the fused optimizer compute the same math with different rounding (tests/test_speed.py
+checks loss and gradients); over a short training run rounding differences can send a run elsewhere. This
+trains RD (EfficientNet-Lite0, 256 px, rd_family.py's small CPU budget: 40 steps of 8 images) on each
+category with the levers off and on, for several seeds, and reports the paired metric differences.
+(The heap allocator changes where memory comes from, not any value, so it is on in both arms.)
+
+Run:  python benchmarks/levers_seeds.py [--seeds 111 112 113 114 115]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from rd_family import CATEGORIES
+
+from kdad.checkpoint import atomic_write_text
+from kdad.config import load_config
+from kdad.evaluate import evaluate_run
+from kdad.train import fit
+
+KEYS = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+def run(category: str, seed: int, levers: bool, args: argparse.Namespace) -> dict[str, float]:
+    flag = str(levers).lower()
+    cfg = load_config("rd_cpu", [], [
+        f"data.root={CATEGORIES[category]}", "train.device=cpu", "train.progress=false", f"train.max_iters={args.iters}",
+        f"train.batch_size={args.batch}", "train.epochs=1000", f"train.seed={seed}", "train.val_fraction=0.1",
+        "model.backbone=efficientnet_lite0", f"train.channels_last={flag}", f"train.fused_optimizer={flag}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        fit(cfg, Path(tmp) / "run")
+        m = evaluate_run(Path(tmp) / "run", device="cpu", report=False)["metrics"]
+    return {k: float(m[k]) for k in KEYS}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[111, 112, 113, 114, 115])
+    p.add_argument("--categories", nargs="+", default=["bottle", "magnetic_tile"])
+    p.add_argument("--iters", type=int, default=40)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "levers_seeds.json"))
+    args = p.parse_args()
+    torch.set_num_threads(2)
+    result: dict[str, Any] = {"meta": {
+        "question": "do channels_last + fused optimizer change RD's metrics beyond seed-to-seed variation?",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
+        "budget": f"{args.iters} steps x {args.batch} images, efficientnet_lite0, 256 px, CPU",
+        "protocol": "rd_family.py's: last step kept, thresholds from 10% held-out normals"}, "categories": {}}
+    for cat in args.categories:
+        runs = []
+        for seed in args.seeds:
+            off, on = run(cat, seed, False, args), run(cat, seed, True, args)
+            runs.append({"seed": seed, "off": off, "on": on})
+            print(cat, seed, {k: (round(off[k], 4), round(on[k], 4)) for k in KEYS}, flush=True)
+        summary = {}
+        for k in KEYS:
+            diffs = [r["on"][k] - r["off"][k] for r in runs]
+            summary[k] = {"mean_off": statistics.mean(r["off"][k] for r in runs),
+                          "mean_on": statistics.mean(r["on"][k] for r in runs),
+                          "mean_paired_diff": statistics.mean(diffs),
+                          "sd_paired_diff": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                          "sd_over_seeds_off": statistics.stdev(r["off"][k] for r in runs) if len(runs) > 1 else None}
+        result["categories"][cat] = {"runs": runs, "summary": summary}
+        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
