@@ -75,7 +75,9 @@ def main() -> None:
                           "mean_on": statistics.mean(r["on"][k] for r in runs),
                           "mean_paired_diff": statistics.mean(diffs),
                           "sd_paired_diff": statistics.stdev(diffs) if len(diffs) > 1 else None,
-                          "sd_over_seeds_off": statistics.stdev(r["off"][k] for r in runs) if len(runs) > 1 else None}
+                          "sd_over_seeds_off": statistics.stdev(r["off"][k] for r in runs) if len(runs) > 1 else None,
+                          "on_higher_lower_tied": [sum(x > 0 for x in diffs), sum(x < 0 for x in diffs),
+                                                   sum(x == 0 for x in diffs)]}
         result["categories"][cat] = {"runs": runs, "summary": summary}
         atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
     print(f"wrote {args.out}")
