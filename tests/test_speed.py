@@ -223,3 +223,13 @@ def test_train_compile_keeps_keys_and_losses() -> None:
         losses.append([spec.train_step(model, {"image": x}, opts, cfg, torch.Generator().manual_seed(0))["loss"]
                        for _ in range(2)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+
+
+def test_bf16_path_stores_conv_weights_once_and_leaves_the_model() -> None:
+    model, x = _trained("rd")
+    fast = optimize_for_inference(model, "cpu", "bf16", image_size=64)
+    convs = [m for m in fast.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert fast.info["low_precision_weights"] == len(convs) > 0
+    assert all(m.weight.dtype == torch.bfloat16 for m in convs)
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's model is a separate copy
+    assert fast(x).anomaly_map.dtype == torch.float32
