@@ -228,7 +228,7 @@ def test_train_compile_keeps_keys_and_losses() -> None:
 def test_bf16_path_stores_conv_weights_once_and_leaves_the_model() -> None:
     model, x = _trained("rd")
     fast = optimize_for_inference(model, "cpu", "bf16", image_size=64)
-    convs = [m for m in fast.module.modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in fast.module.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.ConvTranspose2d)]
     assert fast.info["low_precision_weights"] == len(convs) > 0
     assert all(m.weight.dtype == torch.bfloat16 for m in convs)
     assert all(p.dtype == torch.float32 for p in model.parameters())  # the caller's model is a separate copy
