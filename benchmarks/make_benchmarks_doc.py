@@ -31,7 +31,13 @@ something. kdad and anomalib (or the levers) are always interleaved in one proce
 The kdad / anomalib training ratios leave out `train.heap_allocator` (fit()'s CPU allocator switch): it is
 process-wide, so inside one interleaved process it would speed anomalib up too, and anomalib's users could set
 the same glibc variables (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`). Its effect on kdad alone is in
-`rd_bottle.json` (end-to-end fit) and `methods_speed_cpu.json` (per-method steps). GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
+`rd_bottle.json` (end-to-end fit) and `methods_speed_cpu.json` (per-method steps).
+
+The two RDs are not the same size for WRN50-2: kdad's OCBE is RD4AD's official one (58.9 M parameters used),
+anomalib 2.7.0's is smaller (39.2 M); the encoders (24.9 M) and decoders (24.9 M) match. kdad therefore does
+more work in every WRN50-2 row, and in fp32 training holds about 0.3 GB more (the extra parameters' weights,
+gradients and two Adam moments: 19.7 M x 16 B), which is the whole of its training peak-memory excess there.
+For resnet18 the two models have the same parameter count. GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
 
 ## How to reproduce the anomalib comparison
 
