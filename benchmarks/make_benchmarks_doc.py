@@ -23,7 +23,7 @@ after a benchmark. Every number below comes from one of those files, named above
 
 ## Reading the CPU numbers
 
-`vs_anomalib_cpu_quiet.json` and `methods_speed_cpu.json` were measured on the 2-core machine with nothing else
+`vs_anomalib_cpu_quiet*.json` and `methods_speed_cpu.json` were measured on the 2-core machine with nothing else
 running (load average < 2, recorded in each file's meta). A CPU file whose meta carries a `caveat` ran while the
 machine was shared: absolute img/s there are far below a quiet machine's and only the interleaved ratios mean
 something. kdad and anomalib (or the levers) are always interleaved in one process and medians compared.
@@ -37,7 +37,9 @@ The two RDs are not the same size for WRN50-2: kdad's OCBE is RD4AD's official o
 anomalib 2.7.0's is smaller (39.2 M); the encoders (24.9 M) and decoders (24.9 M) match. kdad therefore does
 more work in every WRN50-2 row, and in fp32 training holds about 0.3 GB more (the extra parameters' weights,
 gradients and two Adam moments: 19.7 M x 16 B), which is the whole of its training peak-memory excess there.
-For resnet18 the two models have the same parameter count. GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
+For resnet18 the two are nearly the same size (69.4 against 71.4 MiB of parameters and buffers).
+
+GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
 
 ## How to reproduce the anomalib comparison
 
