@@ -26,26 +26,20 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from rd_family import CATEGORIES
+from rd_family import run_one
 
 from kdad.checkpoint import atomic_write_text
-from kdad.config import load_config
-from kdad.evaluate import evaluate_run
-from kdad.train import fit
 
 KEYS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
 def run(category: str, seed: int, levers: bool, args: argparse.Namespace) -> dict[str, float]:
     flag = str(levers).lower()
-    cfg = load_config("rd_cpu", [], [
-        f"data.root={CATEGORIES[category]}", "train.device=cpu", "train.progress=false", f"train.max_iters={args.iters}",
-        f"train.batch_size={args.batch}", "train.epochs=1000", f"train.seed={seed}", "train.val_fraction=0.1",
-        "model.backbone=efficientnet_lite0", f"train.channels_last={flag}", f"train.fused_optimizer={flag}"])
+    budget = argparse.Namespace(iters=args.iters, batch=args.batch, seed=seed, device="cpu", max_seconds=0.0)
     with tempfile.TemporaryDirectory() as tmp:
-        fit(cfg, Path(tmp) / "run")
-        m = evaluate_run(Path(tmp) / "run", device="cpu", report=False)["metrics"]
-    return {k: float(m[k]) for k in KEYS}
+        row = run_one("rd", category, budget, Path(tmp),
+                      (f"train.channels_last={flag}", f"train.fused_optimizer={flag}"))
+    return {k: float(row["metrics"][k]) for k in KEYS}
 
 
 def main() -> None:

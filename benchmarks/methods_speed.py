@@ -30,11 +30,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from vs_anomalib import infer_fn, interleaved, loadavg, peak_rss_mb, rss_mb
+from vs_anomalib import engine_step_fn, infer_fn, interleaved, loadavg, peak_rss_mb, rss_mb
 
 from kdad.config import from_dict
 from kdad.methods import METHODS, get_method
-from kdad.speed import heap_allocator, optimize_for_inference, prepare_training
+from kdad.speed import heap_allocator, optimize_for_inference
 
 SIZE = 256
 PEERED = ("rd", "stfpm")  # benchmarked against anomalib in vs_anomalib.py
@@ -123,25 +123,12 @@ def bench(method: str, teacher: str, dev: torch.device, args: argparse.Namespace
 
 
 def train_fn(method: str, teacher: str, dev: torch.device, precision: str) -> Any:
-    """One engine training step (train.channels_last + fused optimizer, the fit() defaults) at `precision`;
+    """One engine training step with the fit() defaults (channels_last + fused optimizer) at `precision`;
     bench_train runs it under the heap allocator, as fit() does on CPU."""
-    import contextlib
-
     spec = get_method(method)
     cfg = from_dict(spec.Config, {"backbone": teacher, "weights": "random"})
     torch.manual_seed(0)
-    model = spec.Model(cfg).to(dev).train()
-    opts = spec.optimizers(model, cfg)
-    prepare_training(model, opts, channels_last=True, fused=True)
-    gen = torch.Generator().manual_seed(0)
-
-    def step(x: torch.Tensor) -> None:
-        batch = {"image": x.contiguous(memory_format=torch.channels_last), "label": torch.zeros(len(x), dtype=torch.long),
-                 "mask": torch.zeros(len(x), 1, SIZE, SIZE, device=dev)}
-        ctx = torch.autocast(dev.type, dtype=torch.bfloat16) if precision == "bf16" else contextlib.nullcontext()
-        with ctx:
-            spec.train_step(model, batch, opts, cfg, gen)
-    return step
+    return engine_step_fn(method, spec.Model(cfg).to(dev), cfg, dev, precision, levers=True)
 
 
 def bench_train(method: str, teacher: str, dev: torch.device, args: argparse.Namespace) -> dict[str, Any]:

@@ -51,8 +51,10 @@ def urd_foreground(category: str) -> str:
     return method
 
 
-def run_one(method: str, category: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
-    """Train with the method's CPU preset under the shared budget, then evaluate on the test split."""
+def run_one(method: str, category: str, args: argparse.Namespace, work: Path,
+            extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train with the method's CPU preset under the shared budget (plus `extra_overrides`), then evaluate on
+    the test split."""
     overrides = [
         f"data.root={CATEGORIES[category]}", "data.image_size=256", f"train.device={args.device}",
         "train.progress=false",
@@ -66,7 +68,7 @@ def run_one(method: str, category: str, args: argparse.Namespace, work: Path) ->
         overrides += [f"data.texture_dir={TEXTURES}", f"model.synthesis.foreground={extra['foreground']}"]
     if method == "cfrg":
         overrides += [f"data.texture_dir={TEXTURES}"]
-    cfg = load_config(PRESETS[method], [], overrides)
+    cfg = load_config(PRESETS[method], [], [*overrides, *extra_overrides])
     run_dir = work / f"{method}_{category}"
     fit(cfg, run_dir)
     res = evaluate_run(run_dir, device=args.device, report=False)

@@ -83,27 +83,31 @@ def build_anomalib(method: str, backbone: str, device: torch.device) -> nn.Modul
         stfpm_mod.TimmFeatureExtractor = real  # type: ignore[misc]
 
 
-def kdad_train_fn(method: str, backbone: str, device: torch.device, precision: str = "fp32",
-                  levers: bool = False, compile: bool = False) -> Callable[[Tensor], None]:
-    """One training step as the engine runs it: levers=True is kdad.speed.prepare_training (channels_last +
-    fused optimizer, the fit() defaults), compile=True adds train.compile."""
+def engine_step_fn(method: str, model: nn.Module, cfg: Any, device: torch.device, precision: str = "fp32",
+                   levers: bool = False, compile: bool = False) -> Callable[[Tensor], None]:
+    """One training step of a built model as the engine runs it: levers=True is kdad.speed.prepare_training
+    (channels_last + fused optimizer, the fit() defaults), compile=True adds train.compile. Methods read only
+    batch["image"] in training."""
     spec = get_method(method)
-    model, cfg = build_kdad(method, backbone, device)
     model.train()
     opts = spec.optimizers(model, cfg)
-    channels_last = levers
-    if levers or compile:
-        prepare_training(model, opts, channels_last=levers, fused=levers, compile=compile)
+    prepare_training(model, opts, channels_last=levers, fused=levers, compile=compile)
     gen = torch.Generator().manual_seed(0)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
 
     def step(x: Tensor) -> None:
-        if channels_last:
+        if levers:
             x = x.contiguous(memory_format=torch.channels_last)
-        ctx = torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext()
-        with ctx:
+        with torch.autocast(device.type, dtype=dtype) if dtype else contextlib.nullcontext():
             spec.train_step(model, {"image": x}, opts, cfg, gen)
     return step
+
+
+def kdad_train_fn(method: str, backbone: str, device: torch.device, precision: str = "fp32",
+                  levers: bool = False, compile: bool = False) -> Callable[[Tensor], None]:
+    """engine_step_fn for the model build_kdad makes (random weights, LAYERS)."""
+    model, cfg = build_kdad(method, backbone, device)
+    return engine_step_fn(method, model, cfg, device, precision, levers, compile)
 
 
 def anomalib_train_fn(method: str, backbone: str, device: torch.device) -> Callable[[Tensor], None]:

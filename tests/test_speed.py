@@ -1,6 +1,7 @@
 """kdad.speed: the optimized inference path gives the eager maps (fp32) or close to them (bf16)."""
 
 import math
+from typing import Any
 
 import pytest
 import torch
@@ -16,6 +17,21 @@ FP32_ATOL = 1e-5
 # bf16 autocast: ~8 mantissa bits through the network; the map stays fp32 after the features. Measured
 # max |bf16 - fp32| / map range: 0.1-0.4 % on RD/STFPM at 256 px (docs/benchmarks.md); bound at 3 %.
 BF16_REL_TOL = 0.03
+
+
+def _fresh(name: str, **levers: bool) -> tuple[Any, Any, torch.nn.Module, dict[str, Any], dict[str, Any]]:
+    """(spec, cfg, tiny model in train mode, its optimizers, prepare_training's info) from seed 0."""
+    spec = get_method(name)
+    cfg = from_dict(spec.Config, TINY)
+    torch.manual_seed(0)
+    model = spec.Model(cfg).train()
+    opts = spec.optimizers(model, cfg)
+    info = prepare_training(model, opts, **{"channels_last": False, "fused": False, **levers})
+    return spec, cfg, model, opts, info
+
+
+def _step(spec: Any, cfg: Any, model: torch.nn.Module, opts: dict[str, Any], x: torch.Tensor) -> dict[str, float]:
+    return spec.train_step(model, {"image": x}, opts, cfg, torch.Generator().manual_seed(0))
 
 
 def _trained(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -59,12 +75,9 @@ def test_every_method_runs_in_bf16(name: str) -> None:
     model, x = _trained(name)
     out = optimize_for_inference(model, "cpu", "bf16", image_size=64)(x)
     assert out.anomaly_map.dtype == torch.float32 and bool(torch.isfinite(out.anomaly_map).all())
-    spec = get_method(name)
-    cfg = from_dict(spec.Config, TINY)
-    model.train()
+    spec, cfg, model, opts, _ = _fresh(name)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        logs = spec.train_step(model, {"image": x, "mask": torch.zeros(2, 1, 64, 64)}, spec.optimizers(model, cfg),
-                               cfg, torch.Generator().manual_seed(0))
+        logs = _step(spec, cfg, model, opts, x)
     assert all(math.isfinite(v) for v in logs.values())
 
 
@@ -149,18 +162,11 @@ def test_fused_switch_skips_optimizers_with_state() -> None:
 @pytest.mark.parametrize("name", sorted(METHODS))
 def test_channels_last_training_step_matches(name: str) -> None:
     """train.channels_last changes memory layout only: the same loss and the same updated weights."""
-    spec = get_method(name)
-    cfg = from_dict(spec.Config, TINY)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     results = []
     for cl in (False, True):
-        torch.manual_seed(0)
-        model = spec.Model(cfg).train()
-        opts = spec.optimizers(model, cfg)
-        prepare_training(model, opts, channels_last=cl, fused=cl)
-        xi = x.contiguous(memory_format=torch.channels_last) if cl else x
-        logs = spec.train_step(model, {"image": xi, "mask": torch.zeros(2, 1, 64, 64)}, opts, cfg,
-                               torch.Generator().manual_seed(0))
+        spec, cfg, model, opts, _ = _fresh(name, channels_last=cl, fused=cl)
+        logs = _step(spec, cfg, model, opts, x.contiguous(memory_format=torch.channels_last) if cl else x)
         # gradients, not updated weights: Adam's first step is ~lr * sign(grad), which flips on rounding noise
         results.append((logs, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}))
     (logs0, g0), (logs1, g1) = results
@@ -209,19 +215,13 @@ def test_heap_allocator_switches_and_restores() -> None:
 
 def test_train_compile_keeps_keys_and_losses() -> None:
     """train.compile compiles each top-level submodule in place: same state-dict keys, same losses (~35 s)."""
-    spec = get_method("rd")
-    cfg = from_dict(spec.Config, TINY)
     x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    keys = list(_fresh("rd")[2].state_dict())
     losses = []
     for compile_ in (False, True):
-        torch.manual_seed(0)
-        model = spec.Model(cfg).train()
-        opts = spec.optimizers(model, cfg)
-        keys = list(model.state_dict())
-        info = prepare_training(model, opts, channels_last=False, fused=False, compile=compile_)
+        spec, cfg, model, opts, info = _fresh("rd", compile=compile_)
         assert list(model.state_dict()) == keys and info["compiled_modules"] == (4 if compile_ else 0)
-        losses.append([spec.train_step(model, {"image": x}, opts, cfg, torch.Generator().manual_seed(0))["loss"]
-                       for _ in range(2)])
+        losses.append([_step(spec, cfg, model, opts, x)["loss"] for _ in range(2)])
     assert losses[1] == pytest.approx(losses[0], rel=1e-4)
 
 

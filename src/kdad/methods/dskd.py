@@ -70,11 +70,12 @@ class Config:
 AUTO_CHUNK = {"cpu": 256, "cuda": 16384}
 
 
-def _rows_per_step(chunk: int, batch: int, device: torch.device) -> int:
+def _rows_per_step(chunk: int, batch: int, rows: int, device: torch.device) -> int:
+    """Rows of each image per step, at most `rows` (ONNX's Split must not exceed the axis)."""
     total = chunk if chunk > 0 else AUTO_CHUNK.get(device.type, 1024)
     if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
-        return min(total, 1024)  # an exported graph has a dynamic batch: its split sizes must not depend on it
-    return max(1, total // batch)
+        return min(total, 1024, rows)  # an exported graph has a dynamic batch: its split sizes must not depend on it
+    return min(max(1, total // batch), rows)
 
 
 def _student_lse(s_rows: Tensor, t_all: Tensor, temperature: float) -> Tensor:
@@ -99,7 +100,7 @@ def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float
         s_all = F.normalize(student.float().flatten(2), dim=1)
         t_rows, s_rows = t_all.transpose(1, 2), s_all.transpose(1, 2)  # (B, N, C)
         grad = torch.is_grad_enabled() and student.requires_grad
-        outs, step = [], min(_rows_per_step(int(chunk), b, teacher.device), h * w)  # ONNX: split <= axis size
+        outs, step = [], _rows_per_step(int(chunk), b, h * w, teacher.device)
         # split, not slicing: split's backward concatenates the chunk gradients once, while each slice's
         # backward would allocate a zero gradient of the whole (B, N, C) tensor
         for t_c, s_c in zip(t_rows.split(step, dim=1), s_rows.split(step, dim=1), strict=True):
