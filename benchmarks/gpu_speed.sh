@@ -17,7 +17,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true
 if [ "$PART" = 1 ]; then
   log "cuda tests"
-  timeout 90 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py -k "cuda or fused" 2>&1 | tail -5
+  timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_speed.py tests/test_train.py -k "cuda or fused" 2>&1 | tail -8
   log "vs_anomalib (cuda)"
   timeout 400 python3 benchmarks/vs_anomalib.py --device cuda --out "$OUT/vs_anomalib_cuda.json" \
     --infer-batches 1 16 64 --rounds 5 --rounds-big 5 --calls 10 --calls-big 10 --warmup 3 --skip accuracy head \

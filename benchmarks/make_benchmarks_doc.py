@@ -39,6 +39,14 @@ more work in every WRN50-2 row, and in fp32 training holds about 0.3 GB more (th
 gradients and two Adam moments: 19.7 M x 16 B), which is the whole of its training peak-memory excess there.
 For resnet18 the two are nearly the same size (69.4 against 71.4 MiB of parameters and buffers).
 
+The training step timed for anomalib is its model's forward, loss, backward and optimizer step plus the
+`loss.item()` that its Lightning `training_step` calls to log the loss (both RD and STFPM); Lightning's own
+per-step overhead is left out. On a CPU that read costs nothing; on a GPU it makes the host wait for each step
+to finish before it queues the next. kdad's `fit()` reads its losses once per epoch (and for the progress
+bar every 20 steps), so its step does not wait. The H200 files from the first session
+(`vs_anomalib_cuda_h200*.json`) were measured before that change and before `train.cuda_graph`: there the
+kdad step read its loss every step and anomalib's did not.
+
 GPU files come from `benchmarks/gpu_check.sh` / `benchmarks/gpu_speed.sh` on a lent machine.
 
 ## How to reproduce the anomalib comparison

@@ -102,6 +102,9 @@ def main() -> None:
         "kdad_fp32_levers": lambda: kdad_train_fn("rd", args.backbone, dev, levers=True),
         "kdad_bf16_levers": lambda: kdad_train_fn("rd", args.backbone, dev, "bf16", levers=True),
     }
+    if dev.type == "cuda":  # train.cuda_graph: one replay per step (profiled as a single graph launch)
+        variants["kdad_bf16_levers_graph"] = lambda: kdad_train_fn("rd", args.backbone, dev, "bf16", levers=True,
+                                                                   graph=True)
     if args.compile:
         variants["kdad_bf16_levers_compiled"] = lambda: kdad_train_fn("rd", args.backbone, dev, "bf16", levers=True,
                                                                       compile=True)

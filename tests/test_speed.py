@@ -10,7 +10,13 @@ from kdad.blocks.maps import AnomalyMapHead, FastAnomalyMapHead, blur_matrix, re
 from kdad.config import from_dict
 from kdad.errors import ConfigError
 from kdad.methods import METHODS, get_method
-from kdad.speed import fold_batchnorm, optimize_for_inference, prepare_training, use_fused_optimizers
+from kdad.speed import (
+    GraphedTrainStep,
+    fold_batchnorm,
+    optimize_for_inference,
+    prepare_training,
+    use_fused_optimizers,
+)
 
 TINY = {"backbone": "resnet18", "weights": "random"}
 FP32_ATOL = 1e-5
@@ -31,7 +37,8 @@ def _fresh(name: str, **levers: bool) -> tuple[Any, Any, torch.nn.Module, dict[s
 
 
 def _step(spec: Any, cfg: Any, model: torch.nn.Module, opts: dict[str, Any], x: torch.Tensor) -> dict[str, float]:
-    return spec.train_step(model, {"image": x}, opts, cfg, torch.Generator().manual_seed(0))
+    logs = spec.train_step(model, {"image": x}, opts, cfg, torch.Generator().manual_seed(0))
+    return {k: float(v) for k, v in logs.items()}
 
 
 def _trained(name: str) -> tuple[torch.nn.Module, torch.Tensor]:
@@ -199,6 +206,62 @@ def test_cuda_graph_replay_matches_eager(precision: str) -> None:
         ref, out = plain(batch), graphed(batch)
         torch.testing.assert_close(out.anomaly_map, ref.anomaly_map, atol=1e-5, rtol=1e-5)
     assert graphed.cuda_graph and len(graphed._graphs) == 2
+
+
+def test_graphed_train_step_needs_cuda_and_a_warmup() -> None:
+    opts = _fresh("rd")[3]
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        GraphedTrainStep(lambda b: {}, opts, torch.device("cpu"))
+    if torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="warmup"):
+            GraphedTrainStep(lambda b: {}, opts, torch.device("cuda"), warmup=0)
+
+
+def test_graph_safe_steps_log_device_tensors() -> None:
+    """Graph-safe methods return their losses as tensors (nothing read on the host inside the step)."""
+    for name in sorted(METHODS):
+        spec = get_method(name)
+        if spec.graph_safe:
+            spec, cfg, model, opts, _ = _fresh(name)
+            logs = spec.train_step(model, {"image": torch.rand(2, 3, 64, 64)}, opts, cfg, torch.Generator())
+            assert logs and all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in logs.values()), name
+    assert {n for n in METHODS if get_method(n).graph_safe} == {"rd", "stfpm"}
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("name", ["rd", "stfpm"])
+def test_cuda_graph_training_takes_the_eager_steps(name: str) -> None:
+    """Graph replay trains like eager steps: the same losses and weights after warm-up, capture and replays.
+
+    Batches are scaled apart so that a replay on a stale input would show in the losses.
+    """
+    xs = [(0.2 + 0.15 * i) * torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    runs = []
+    for graphed in (False, True):
+        spec = get_method(name)
+        cfg = from_dict(spec.Config, TINY)
+        torch.manual_seed(0)
+        model = spec.Model(cfg).cuda().train()
+        opts = spec.optimizers(model, cfg)
+        prepare_training(model, opts, channels_last=True, fused=True)
+        start = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+        def eager(b: dict[str, Any], spec: Any = spec, model: Any = model, opts: Any = opts, cfg: Any = cfg) -> Any:
+            return spec.train_step(model, b, opts, cfg, torch.Generator().manual_seed(0))
+
+        step: Any = GraphedTrainStep(eager, opts, torch.device("cuda"), warmup=2) if graphed else eager
+        losses = [float(step({"image": x.cuda().contiguous(memory_format=torch.channels_last)})["loss"]) for x in xs]
+        runs.append((losses, {k: v.detach().clone() for k, v in model.state_dict().items()}))
+        if graphed:
+            assert step.captures == 1 and step.eager_calls == 2
+    (l0, w0), (l1, w1) = runs
+    assert l1 == pytest.approx(l0, rel=1e-3, abs=1e-5)
+    moved = 0
+    for k, v in w0.items():
+        if v.is_floating_point() and float(v.norm()) > 0:
+            assert float((w1[k] - v).norm() / v.norm()) < 1e-2, k
+            moved += int(not torch.equal(v, start[k]))
+    assert moved > 0  # the replays did train
 
 
 def test_heap_allocator_switches_and_restores() -> None:

@@ -12,9 +12,10 @@ import torch
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.demo import make_demo_dataset
-from kdad.errors import KdadError
+from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import evaluate_run
-from kdad.train import fit
+from kdad.methods import get_method
+from kdad.train import _check_cuda_graph, _mean_logs, fit
 
 TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
         "train.progress=false", "train.eval_batch_size=8"]
@@ -97,3 +98,32 @@ def test_cpu_bf16_training_runs_and_keeps_fp32_weights(demo_root: Path, tmp_path
     assert all(np.isfinite(r["loss"]) for r in log)
     info = json.loads((run / "train_info.json").read_text())  # the speed levers fit() used are recorded
     assert info["channels_last"] is True and info["fused_optimizers"] == 1 and "heap_allocator" in info
+
+
+def test_cuda_graph_option_is_refused_where_it_cannot_work(demo_root: Path, tmp_path: Path) -> None:
+    cfg = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.cuda_graph=true", "train.device=cpu", *TINY])
+    with pytest.raises(ConfigError, match="train.cuda_graph"):
+        fit(cfg, tmp_path / "run")
+    tc, cuda = cfg.train, torch.device("cuda")  # the checks need no GPU to be asked
+    with pytest.raises(ConfigError, match="dskd"):
+        _check_cuda_graph(tc, get_method("dskd"), cuda, False)
+    with pytest.raises(ConfigError, match="single-GPU"):
+        _check_cuda_graph(tc, get_method("rd"), cuda, True)
+    _check_cuda_graph(tc, get_method("stfpm"), cuda, False)
+
+
+def test_step_logs_are_read_once_per_epoch() -> None:
+    logs = [{"loss": torch.tensor(1.0), "lr": 0.1}, {"loss": torch.tensor(3.0), "lr": 0.3}]
+    assert _mean_logs(logs) == pytest.approx({"loss": 2.0, "lr": 0.2})
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_graph_fit_captures_once_and_trains(demo_root: Path, tmp_path: Path) -> None:
+    over = [f"data.root={demo_root}", "train.epochs=2", "train.device=cuda", *TINY]
+    graphed = fit(load_config("rd_cpu", [], [*over, "train.cuda_graph=true"]), tmp_path / "graph")
+    info = json.loads((graphed / "train_info.json").read_text())
+    assert info["cuda_graph"] == {"captures": 1, "eager_steps": 3}  # 12 images / batch 4 = 3 steps per epoch
+    eager = fit(load_config("rd_cpu", [], over), tmp_path / "eager")
+    logs = [[json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines()]
+            for run in (eager, graphed)]
+    assert logs[1] == pytest.approx(logs[0], rel=1e-2)

@@ -57,6 +57,7 @@ class TrainConfig:
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them; same update rule
     compile: bool = False  # torch.compile each top-level submodule; pays 20-60 s of compile time first
     heap_allocator: bool = True  # CPU + glibc: recycle big tensors on the heap while training (kdad.speed)
+    cuda_graph: bool = False  # CUDA: replay each training step as one captured graph (RD, STFPM); drops the last partial batch
     val_fraction: float = 0.0  # normal training images held out for selection and thresholds
     select: str = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
     select_on_test: bool = False  # reproduction only: never used unless set, and then reported

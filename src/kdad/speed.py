@@ -28,14 +28,14 @@ import ctypes
 import sys
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, FastAnomalyMapHead
-from kdad.errors import ConfigError
+from kdad.errors import ConfigError, KdadError
 
 Precision = Literal["fp32", "bf16", "fp16"]
 PRECISIONS: tuple[str, ...] = ("fp32", "bf16", "fp16")
@@ -375,5 +375,91 @@ def prepare_training(model: nn.Module, opts: dict[str, torch.optim.Optimizer], c
             "compiled_modules": compiled}
 
 
-__all__ = ["PRECISIONS", "FastInference", "Precision", "fold_batchnorm", "heap_allocator", "optimize_for_inference",
+def _tensor_signature(batch: dict[str, Any]) -> tuple[tuple[str, tuple[int, ...], torch.dtype, bool], ...]:
+    return tuple((k, tuple(v.shape), v.dtype, v.is_contiguous(memory_format=torch.channels_last))
+                 for k, v in sorted(batch.items()) if isinstance(v, Tensor))
+
+
+class GraphedTrainStep:
+    """A method's whole training step (forward, backward, optimizer steps) replayed as one CUDA graph.
+
+    ``step(batch) -> logs`` must be graph-safe (``MethodSpec.graph_safe``): no host sync, fixed shapes, a
+    constant learning rate, tensor logs. The first ``warmup`` calls run eagerly on a side stream: they are real
+    steps on real batches, where cuDNN autotuning and the optimizers' lazy state happen. The next call
+    captures the step and replays it once for its own batch, so training takes exactly the steps eager
+    training takes. Later calls copy their batch into the captured input buffers and replay; a batch with
+    other shapes or keys runs eagerly (fit() drops the last partial batch, so none does). Adam-like
+    optimizers are switched to ``capturable=True`` (their step counters already live on the device when
+    fused). Autocast around the call must have ``cache_enabled=False``: a cast cached at capture would be
+    stale at replay. Returned logs are copies, valid after the next replay.
+    """
+
+    def __init__(self, step: Callable[[dict[str, Any]], dict[str, Any]], opts: dict[str, torch.optim.Optimizer],
+                 device: torch.device, warmup: int = 3) -> None:
+        if device.type != "cuda":
+            raise ConfigError(f"train.cuda_graph needs a CUDA device, got {device}")
+        if warmup < 1:  # optimizers create their state on the first step, which a capture cannot do
+            raise ConfigError(f"GraphedTrainStep needs warmup >= 1 eager step, got {warmup}")
+        self.step, self.device, self.warmup = step, device, warmup
+        self._stream = torch.cuda.Stream(device)  # warm-up and capture share one stream (per-stream BLAS state)
+        self.opts = opts
+        for opt in opts.values():
+            if "capturable" in opt.defaults:
+                for group in [opt.defaults, *opt.param_groups]:
+                    group["capturable"] = True
+                for state in opt.state.values():  # resumed unfused state keeps its step counter on the host
+                    if isinstance(state.get("step"), Tensor):
+                        state["step"] = state["step"].to(device)
+        self.graph: Any = None
+        self.captures = 0
+        self.eager_calls = 0
+        self._seen = 0
+        self._sig: Any = None
+        self._static: dict[str, Tensor] = {}
+        self._logs: dict[str, Tensor] = {}
+
+    def _eager(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self.eager_calls += 1
+        current = torch.cuda.current_stream(self.device)
+        self._stream.wait_stream(current)
+        with warnings.catch_warnings(), torch.cuda.stream(self._stream):
+            warnings.filterwarnings("ignore", message=".*capturable=True.*")  # eager steps of a captured run
+            logs = self.step(batch)
+        current.wait_stream(self._stream)
+        return logs
+
+    def _capture(self, batch: dict[str, Any]) -> dict[str, Any]:
+        self._static = {k: v.clone() for k, v in batch.items() if isinstance(v, Tensor)}
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: DataLoader's pin-memory thread may allocate pinned memory while this thread captures
+        with torch.cuda.graph(graph, stream=self._stream, capture_error_mode="thread_local"):
+            logs = self.step({**batch, **self._static})
+        bad = [k for k, v in logs.items() if not isinstance(v, Tensor)]
+        if bad:
+            raise KdadError(f"train step logs {bad} as host values, which a CUDA graph would freeze: "
+                            "it is not graph-safe (set train.cuda_graph=false)")
+        self.graph, self._logs, self.captures = graph, logs, self.captures + 1
+        return self._replay(batch)
+
+    def _replay(self, batch: dict[str, Any]) -> dict[str, Any]:
+        for k, buf in self._static.items():
+            buf.copy_(batch[k], non_blocking=True)
+        self.graph.replay()
+        return {k: v.clone() for k, v in self._logs.items()}
+
+    def __call__(self, batch: dict[str, Any]) -> dict[str, Any]:
+        sig = _tensor_signature(batch)
+        if self.graph is not None:
+            return self._replay(batch) if sig == self._sig else self._eager(batch)
+        if self._seen < self.warmup:
+            self._seen += 1
+            return self._eager(batch)
+        self._sig = sig
+        try:
+            return self._capture(batch)
+        except RuntimeError as e:  # an op that syncs with the host, or another capture limit
+            raise KdadError(f"CUDA graph capture of the training step failed ({e}); set train.cuda_graph=false") from e
+
+
+__all__ = ["PRECISIONS", "FastInference", "GraphedTrainStep", "Precision", "fold_batchnorm", "heap_allocator", "optimize_for_inference",
            "prepare_training", "use_fast_heads", "use_fused_optimizers"]

@@ -12,7 +12,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Dataset, Subset, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
@@ -25,7 +24,7 @@ from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
-from kdad.speed import heap_allocator, prepare_training
+from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training
 
 
 def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -76,10 +75,40 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool 
 
 
 def _autocast(device: torch.device, tc: Any) -> contextlib.AbstractContextManager[Any]:
-    # bf16 needs no loss scaler, so methods keep plain backward()/step().
+    # bf16 needs no loss scaler, so methods keep plain backward()/step(). A captured graph must not keep
+    # autocast's weight casts cached across replays.
     if (tc.amp and device.type == "cuda") or (tc.cpu_bf16 and device.type == "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not tc.cuda_graph)
     return contextlib.nullcontext()
+
+
+def _check_cuda_graph(tc: Any, spec: Any, device: torch.device, distributed: bool) -> None:
+    """train.cuda_graph's preconditions, each refused with the option's name."""
+    if device.type != "cuda":
+        raise ConfigError(f"train.cuda_graph=true needs a CUDA device, got {device}")
+    if not spec.graph_safe:
+        raise ConfigError(f"train.cuda_graph=true: method {spec.name!r} cannot be captured (its step syncs with the "
+                          "host, changes shape or schedules its learning rate); graph-safe methods: rd, stfpm")
+    if tc.compile:
+        raise ConfigError("train.cuda_graph and train.compile cannot both be on: pick one")
+    if distributed:
+        raise ConfigError("train.cuda_graph=true is single-GPU only (the gradient all-reduce is not captured)")
+
+
+def _mean_logs(logs: list[dict[str, Any]]) -> dict[str, float]:
+    """Epoch means of the step logs. Device scalars are read here, once per epoch: reading them every step
+    would make the host wait for the GPU to finish each step before it queues the next."""
+    out = {}
+    for k in logs[0]:
+        vals = [d[k] for d in logs]
+        if all(torch.is_tensor(v) for v in vals):
+            out[k] = float(torch.stack(vals).double().mean())
+        else:
+            out[k] = float(np.mean([float(v) for v in vals]))
+    return out
+
+
+_POSTFIX_EVERY = 20  # progress-bar loss refresh (each refresh reads the device once)
 
 
 def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
@@ -111,6 +140,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     distributed = dist_utils.init(device)
+    if tc.cuda_graph:
+        _check_cuda_graph(tc, spec, device, distributed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     gen = seed_everything(tc.seed)
@@ -120,6 +151,9 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
 
     train_ds, val_ds, weights = train_val_datasets(cfg)
+    if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
+        raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
+                          f"make none of train.batch_size={tc.batch_size}")
     loader_gen = torch.Generator()  # reseeded every epoch so a resumed run shuffles like an uninterrupted one
     sampler: Any = None
     if distributed:
@@ -127,7 +161,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     elif weights is not None:
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=loader_gen)
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
-                        num_workers=cfg.data.num_workers, generator=loader_gen,
+                        num_workers=cfg.data.num_workers, generator=loader_gen, drop_last=tc.cuda_graph,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     model = spec.Model(mcfg).to(device)
     opts: dict[str, Any] = dict(spec.optimizers(model, mcfg))
@@ -151,6 +185,12 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         if (run_dir / "best.ckpt").is_file():
             best_state = load_bundle(run_dir / "best.ckpt")["model"]
 
+    def eager_step(b: dict[str, Any]) -> dict[str, Any]:
+        return spec.train_step(model, b, opts, mcfg, gen)
+
+    # after the resume load: it resets the optimizers' hyper-parameters, capturable among them
+    step: Any = GraphedTrainStep(eager_step, opts, device) if tc.cuda_graph else eager_step
+
     log_path = run_dir / "train_log.jsonl"
     t_start, n_seen = time.perf_counter(), 0
     total_epochs = tc.epochs
@@ -169,15 +209,15 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 batch = _to_device(batch, device, tc.channels_last)
                 batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
                 with _autocast(device, tc):
-                    logs = spec.train_step(model, batch, opts, mcfg, gen)
+                    logs = step(batch)
                 losses.append(logs)
                 n_seen += int(batch["image"].shape[0])
                 it += 1
-                bar.set_postfix({k: f"{v:.4f}" for k, v in logs.items()})
+                if not bar.disable and it % _POSTFIX_EVERY == 1:
+                    bar.set_postfix({k: f"{float(v):.4f}" for k, v in logs.items()})
                 if _budget_spent(tc, it, t_start):
                     break
-            record: dict[str, Any] = {"epoch": epoch, "iters": it,
-                                      **{k: float(np.mean([d[k] for d in losses])) for k in losses[0]}}
+            record: dict[str, Any] = {"epoch": epoch, "iters": it, **_mean_logs(losses)}
             if val_ds is not None and tc.select == "val_map_mean" and (epoch + 1) % tc.val_every == 0:
                 res = predict(model, val_ds, device, tc.eval_batch_size, keep_maps=False)
                 record["val_map_mean"] = float(res.map_means.mean())
@@ -194,7 +234,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                                       run_dir / "last.ckpt")
             if _budget_spent(tc, it, t_start):
                 break
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)  # steps are queued ahead of the host; count them in the time
     train_seconds = time.perf_counter() - t_start
+    if isinstance(step, GraphedTrainStep):
+        levers["cuda_graph"] = {"captures": step.captures, "eager_steps": step.eager_calls}
 
     if best_state is not None:
         model.load_state_dict(best_state)

@@ -10,8 +10,10 @@ from torch import nn
 
 from kdad.blocks.maps import AnomalyOutput
 
-# train_step(model, batch, optimizers, cfg, generator) -> scalars to log
-TrainStep = Callable[[nn.Module, dict[str, Any], dict[str, torch.optim.Optimizer], Any, torch.Generator], dict[str, float]]
+# train_step(model, batch, optimizers, cfg, generator) -> scalars to log: floats, or 0-dim tensors that the
+# engine reads when it logs (so a step need not wait for the device)
+TrainStep = Callable[[nn.Module, dict[str, Any], dict[str, torch.optim.Optimizer], Any, torch.Generator],
+                     dict[str, float | torch.Tensor]]
 BuildOptimizers = Callable[[nn.Module, Any], dict[str, torch.optim.Optimizer]]
 # calibrate(model, normal_loader, device) -> None: fit map statistics on normal images after training
 Calibrate = Callable[[nn.Module, Any, torch.device], None]
@@ -29,14 +31,20 @@ class MethodSpec:
     paper: str
     needs_textures: bool = False
     calibrate: Calibrate | None = None  # e.g. DSKD's per-student map mean/std (stored as model buffers)
+    # train_step has no host sync, no data-dependent shape and a constant learning rate, and logs only tensors,
+    # so train.cuda_graph may capture it whole (kdad.speed.GraphedTrainStep)
+    graph_safe: bool = False
 
 
-def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> dict[str, float]:
-    """zero_grad -> backward -> step for a single-optimizer method; returns {"loss": value}."""
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+    """zero_grad -> backward -> step for a single-optimizer method; returns {"loss": detached 0-dim tensor}.
+
+    The loss stays on the device: reading it here would make every step wait for the GPU to finish.
+    """
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"loss": float(loss.detach())}
+    return {"loss": loss.detach()}
 
 
 __all__ = ["AnomalyOutput", "MethodSpec", "TrainStep", "BuildOptimizers", "optimizer_step"]

@@ -90,11 +90,11 @@ def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
 
 def train_step(
     model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """One Adam step on the global cosine loss between teacher and student features."""
     teacher, student = model.pairs(batch["image"])
     loss = global_cosine_loss(teacher, student)
     return optimizer_step(opts["student"], loss)
 
 
-SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER)
+SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True)

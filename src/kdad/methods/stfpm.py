@@ -67,11 +67,11 @@ def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
 
 def train_step(
     model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
-) -> dict[str, float]:
+) -> dict[str, Tensor]:
     """One SGD step on the normalised-L2 feature loss."""
     teacher, student = model.pairs(batch["image"])
     loss = normalized_l2_loss(teacher, student)
     return optimizer_step(opts["student"], loss)
 
 
-SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER)
+SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER, graph_safe=True)
