@@ -87,7 +87,7 @@ def engine_step_fn(method: str, model: nn.Module, cfg: Any, device: torch.device
                    levers: bool = False, compile: bool = False, graph: bool = False) -> Callable[[Tensor], None]:
     """One training step of a built model as the engine runs it: levers=True is kdad.speed.prepare_training
     (channels_last + fused optimizer, the fit() defaults), compile=True adds train.compile, graph=True
-    train.cuda_graph (the first call runs eagerly, the second captures). Methods read only batch["image"]
+    train.cuda_graph (the first two calls run eagerly, the third captures). Methods read only batch["image"]
     in training. Like fit(), the step leaves its loss on the device."""
     spec = get_method(method)
     model.train()
@@ -99,7 +99,7 @@ def engine_step_fn(method: str, model: nn.Module, cfg: Any, device: torch.device
     def eager(batch: dict[str, Any]) -> Any:
         return spec.train_step(model, batch, opts, cfg, gen)
 
-    run: Callable[[dict[str, Any]], Any] = GraphedTrainStep(eager, opts, device, warmup=1) if graph else eager
+    run: Callable[[dict[str, Any]], Any] = GraphedTrainStep(eager, opts, device, warmup=2) if graph else eager
 
     def step(x: Tensor) -> None:
         if levers:

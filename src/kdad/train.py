@@ -239,6 +239,9 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     train_seconds = time.perf_counter() - t_start
     if isinstance(step, GraphedTrainStep):
         levers["cuda_graph"] = {"captures": step.captures, "eager_steps": step.eager_calls}
+        for o in opts.values():  # the gradients live in the graph's memory pool: free both before evaluation
+            o.zero_grad(set_to_none=True)
+        step = None
 
     if best_state is not None:
         model.load_state_dict(best_state)
