@@ -1,5 +1,7 @@
 """kdad.speed: the optimized inference path gives the eager maps (fp32) or close to them (bf16)."""
 
+import contextlib
+import copy
 import math
 from typing import Any
 
@@ -262,6 +264,64 @@ def test_cuda_graph_training_takes_the_eager_steps(name: str) -> None:
             assert float((w1[k] - v).norm() / v.norm()) < 1e-2, k
             moved += int(not torch.equal(v, start[k]))
     assert moved > 0  # the replays did train
+
+
+def test_graphed_train_step_takes_the_eager_steps_on_a_stand_in_graph(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GraphedTrainStep's bookkeeping on CPU, with a stand-in for the CUDA graph API: like a real capture, the
+    capture block leaves the model and optimizer as they were, and a replay reruns the step on the captured
+    input buffers, writing the captured log tensors. Warm-up, capture and replays must then take exactly the
+    eager steps, a batch of another shape runs eagerly, and the returned logs are copies."""
+    spec, cfg, model, opts, _ = _fresh("stfpm")  # SGD: runs on CPU whatever its flags (Adam's capturable does not)
+    holder: dict[str, Any] = {}
+
+    class Stream:
+        def __init__(self, *args: Any) -> None:
+            pass
+
+        def wait_stream(self, other: Any) -> None:
+            pass
+
+    class Graph:
+        def replay(self) -> None:
+            step = holder["step"]
+            for k, v in step.step(dict(step._static)).items():
+                step._logs[k].copy_(v)
+
+    @contextlib.contextmanager
+    def capture(graph: Any, **kw: Any) -> Any:
+        saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opts["student"].state_dict())
+        yield
+        model.load_state_dict(saved[0])
+        opts["student"].load_state_dict(saved[1])
+
+    for name, value in {"Stream": Stream, "current_stream": lambda *a: Stream(), "CUDAGraph": Graph,
+                        "stream": lambda s: contextlib.nullcontext(), "graph": capture}.items():
+        monkeypatch.setattr(torch.cuda, name, value)
+
+    def eager(b: dict[str, Any]) -> Any:
+        return spec.train_step(model, b, opts, cfg, torch.Generator())
+
+    xs = [(0.2 + 0.15 * i) * torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
+    xs.append(torch.rand(3, 3, 64, 64))  # another shape: eager
+    step = holder["step"] = GraphedTrainStep(eager, opts, torch.device("cuda"), warmup=2)
+    got = [step({"image": x}) for x in xs]
+    assert (step.captures, step.eager_calls) == (1, 3)
+    assert got[3]["loss"] is not got[4]["loss"] and float(got[3]["loss"]) != float(got[4]["loss"])
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+
+    spec, cfg, model, opts, _ = _fresh("stfpm")
+    ref = [eager({"image": x}) for x in xs]
+    assert [float(g["loss"]) for g in got] == pytest.approx([float(r["loss"]) for r in ref], rel=1e-6)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(weights[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+def test_graphed_train_step_makes_adam_capturable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Adam-like optimizers are switched to capturable=True (a captured step() refuses to run otherwise)."""
+    monkeypatch.setattr(torch.cuda, "Stream", lambda *a: None)  # the constructor only makes a stream
+    opts = _fresh("rd")[3]
+    GraphedTrainStep(lambda b: {}, opts, torch.device("cuda"))
+    assert all(g["capturable"] for o in opts.values() for g in o.param_groups)
 
 
 def test_heap_allocator_switches_and_restores() -> None:
