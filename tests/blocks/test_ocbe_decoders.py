@@ -47,3 +47,22 @@ def test_global_cosine_is_not_per_pixel() -> None:
     s = [torch.tensor([1.0, 0.0, -1.0, 0.0]).view(1, 2, 1, 2)]
     assert torch.isclose(pixel_cosine_loss(t, s), torch.tensor(1.0))
     assert torch.isclose(global_cosine_loss(t, s), torch.tensor(1.0))  # vec cos = 0
+
+
+def test_global_cosine_is_layout_blind() -> None:
+    """NHWC features take the view path (no copies): same loss and gradients as NCHW, and mixed layouts too."""
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(3, 8, 6, 5, generator=g), torch.randn(3, 16, 3, 3, generator=g)]
+    s = [torch.randn(3, 8, 6, 5, generator=g), torch.randn(3, 16, 3, 3, generator=g)]
+    grads = []
+    for tl, sl in ((False, False), (True, True), (True, False)):
+        tt = [x.contiguous(memory_format=torch.channels_last) if tl else x for x in t]
+        ss = [x.detach().contiguous(memory_format=torch.channels_last if sl else torch.contiguous_format)
+              .requires_grad_() for x in s]
+        loss = global_cosine_loss(tt, ss)
+        loss.backward()
+        grads.append((loss.detach(), [x.grad for x in ss]))
+    for loss, gs in grads[1:]:
+        torch.testing.assert_close(loss, grads[0][0])
+        for a, b in zip(gs, grads[0][1]):
+            torch.testing.assert_close(a, b)

@@ -2,18 +2,34 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 
+def _nhwc(t: Tensor) -> bool:
+    return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+
+
+def flatten_pair(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-sample vectors (B, C*H*W) of two feature maps, in one element order shared by both.
+
+    When both are channels_last the order is memory order (a view); flatten(1) would copy both into (C, H, W)
+    order, and keep the copies for backward. Only for reductions that ignore the order (whole-vector cosine).
+    """
+    if _nhwc(a) and _nhwc(b):
+        return a.permute(0, 2, 3, 1).flatten(1), b.permute(0, 2, 3, 1).flatten(1)
+    return a.flatten(1), b.flatten(1)
+
+
 def global_cosine_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> Tensor:
     """RD4AD's loss: sum over layers of mean_b [1 - cos(vec(T_l[b]), vec(S_l[b]))] (whole C*H*W flattened)."""
     total = torch.zeros((), device=student[0].device)
     for t, s in zip(teacher, student):
-        cos = F.cosine_similarity(t.flatten(1).float(), s.flatten(1).float(), dim=1)
+        tv, sv = flatten_pair(t, s)
+        cos = F.cosine_similarity(tv.float(), sv.float(), dim=1)
         total = total + (1.0 - cos).mean()
     return total
 

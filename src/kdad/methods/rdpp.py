@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
-from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
+from kdad.blocks.losses import flatten_pair, global_cosine_loss, pixel_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
 from kdad.blocks.teachers import build_encoder
 from kdad.config import deep_merge, from_dict, to_dict
@@ -146,7 +146,8 @@ def contrast_loss(noisy_teacher: list[Tensor], proj: list[Tensor], margin: float
     total = torch.zeros((), device=proj[0].device)
     for t, p in zip(noisy_teacher, proj):
         target = -torch.ones(p.shape[0], device=p.device)
-        total = total + F.cosine_embedding_loss(t.flatten(1).float(), p.flatten(1).float(), target, margin=margin)
+        tv, pv = flatten_pair(t, p)
+        total = total + F.cosine_embedding_loss(tv.float(), pv.float(), target, margin=margin)
     return total
 
 
