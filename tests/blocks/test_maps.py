@@ -1,9 +1,16 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from scipy.ndimage import gaussian_filter
 
-from kdad.blocks.maps import AnomalyMapHead, GaussianBlur, cosine_distance, symmetric_indices
+from kdad.blocks.maps import (
+    AnomalyMapHead,
+    GaussianBlur,
+    cosine_distance,
+    cosine_similarity,
+    symmetric_indices,
+)
 
 
 def test_symmetric_indices_match_scipy_reflect() -> None:
@@ -44,3 +51,19 @@ def test_head_sum_vs_mul_and_score_is_max() -> None:
 def test_head_rejects_bad_options() -> None:
     with pytest.raises(ValueError, match="fuse"):
         AnomalyMapHead("cosine", "max")  # type: ignore[arg-type]
+
+
+def test_cosine_similarity_matches_torch_values_and_gradients() -> None:
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 8, 5, 4, generator=g)
+    b = torch.randn(3, 8, 5, 4, generator=g)
+    a[0, :, 0, 0] = 0.0  # a zero vector: both clamp its norm at eps and give 0
+    for dim in (1, 3):
+        x, y = a.clone().requires_grad_(), b.clone().requires_grad_()
+        x2, y2 = a.clone().requires_grad_(), b.clone().requires_grad_()
+        ours, ref = cosine_similarity(x, y, dim), F.cosine_similarity(x2, y2, dim=dim, eps=1e-8)
+        torch.testing.assert_close(ours, ref)
+        (ours * ref.detach()).sum().backward()
+        (ref * ref.detach()).sum().backward()
+        torch.testing.assert_close(x.grad, x2.grad)
+        torch.testing.assert_close(y.grad, y2.grad)

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from kdad.blocks.maps import cosine_similarity
+
 
 def _nhwc(t: Tensor) -> bool:
     return t.dim() == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
@@ -29,7 +31,7 @@ def global_cosine_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> 
     total = torch.zeros((), device=student[0].device)
     for t, s in zip(teacher, student):
         tv, sv = flatten_pair(t, s)
-        cos = F.cosine_similarity(tv.float(), sv.float(), dim=1)
+        cos = cosine_similarity(tv.float(), sv.float())
         total = total + (1.0 - cos).mean()
     return total
 
@@ -38,7 +40,7 @@ def pixel_cosine_loss(teacher: Sequence[Tensor], student: Sequence[Tensor]) -> T
     """Sum over layers of the mean over (B, H, W) of 1 - channel cosine."""
     total = torch.zeros((), device=student[0].device)
     for t, s in zip(teacher, student):
-        total = total + (1.0 - F.cosine_similarity(t.float(), s.float(), dim=1)).mean()
+        total = total + (1.0 - cosine_similarity(t.float(), s.float())).mean()
     return total
 
 
