@@ -35,8 +35,11 @@ the same glibc variables (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`). Its 
 
 The two RDs are not the same size for WRN50-2: kdad's OCBE is RD4AD's official one (58.9 M parameters used),
 anomalib 2.7.0's is smaller (39.2 M); the encoders (24.9 M) and decoders (24.9 M) match. kdad therefore does
-more work in every WRN50-2 row, and in fp32 training holds about 0.3 GB more (the extra parameters' weights,
-gradients and two Adam moments: 19.7 M x 16 B), which is the whole of its training peak-memory excess there.
+more work in every WRN50-2 row, and in fp32 training its extra parameters hold about 0.3 GB more (weights,
+gradients and two Adam moments: 19.7 M x 16 B). With the training levers kdad's fp32 peak is still below
+anomalib's (its losses keep no layout copies of the features); without them it is 1 % above. At batch 1 the
+WRN50-2 inference ratio sits at the 2x line (1.93x bf16, 2.06x with torch.compile in the latest run; 1.99x in
+the run before): the larger OCBE costs kdad about 8 % there.
 For resnet18 the two are nearly the same size (69.4 against 71.4 MiB of parameters and buffers).
 
 The training step timed for anomalib is its model's forward, loss, backward and optimizer step plus the
