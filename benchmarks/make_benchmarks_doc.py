@@ -39,7 +39,8 @@ more work in every WRN50-2 row, and in fp32 training its extra parameters hold a
 gradients and two Adam moments: 19.7 M x 16 B). With the training levers kdad's fp32 peak is still below
 anomalib's (its losses keep no layout copies of the features); without them it is 1 % above. At batch 1 the
 WRN50-2 inference ratio sits at the 2x line (1.93x bf16, 2.06x with torch.compile in the latest run; 1.99x in
-the run before): the larger OCBE costs kdad about 8 % there.
+the run before), and kdad's forward has 7 % more FLOPs (60.9 against 56.9 GFLOP per image,
+counted with torch's FlopCounterMode).
 For resnet18 the two are nearly the same size (69.4 against 71.4 MiB of parameters and buffers).
 
 The training step timed for anomalib is its model's forward, loss, backward and optimizer step plus the
