@@ -605,6 +605,12 @@ def main() -> None:
     os.environ["KDAD_BENCH_THREADS"] = str(args.threads)
     if dev.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    # compile with frozen weights recompiles per model and input shape; this process compiles many of each
+    import torch._dynamo.config as dynamo_config
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo_config, name):
+            setattr(dynamo_config, name, 64)
     args.low = "bf16"
     args.infer_batches = args.infer_batches or ([1, 16] if dev.type == "cpu" else [16, 64])
     out_path = Path(args.out)

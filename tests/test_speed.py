@@ -324,6 +324,25 @@ def test_graphed_train_step_makes_adam_capturable(monkeypatch: pytest.MonkeyPatc
     assert all(g["capturable"] for o in opts.values() for g in o.param_groups)
 
 
+def test_compile_with_frozen_weights_keeps_each_models_weights() -> None:
+    """compile + freeze folds weights into the compiled graph: two models of one class must still each give
+    their own eager maps (dynamo recompiles per model instead of reusing the first one's constants)."""
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    spec = get_method("rd")
+    cfg = from_dict(spec.Config, TINY)
+    maps = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        model = spec.Model(cfg).eval()
+        with torch.inference_mode():
+            ref = model(x).anomaly_map
+        fast = optimize_for_inference(model, "cpu", "fp32", image_size=64, compile=True)
+        assert fast.info["freeze"] is True
+        torch.testing.assert_close(fast(x).anomaly_map, ref, atol=FP32_ATOL, rtol=0)
+        maps.append(ref)
+    assert float((maps[0] - maps[1]).abs().max()) > 1e-3  # the two models do differ
+
+
 def test_heap_allocator_switches_and_restores() -> None:
     """On glibc the lever takes effect inside the block, and big allocations work inside and after it."""
     from kdad.speed import _glibc, heap_allocator
