@@ -232,11 +232,15 @@ def test_graph_safe_steps_log_device_tensors() -> None:
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("name", ["rd", "stfpm"])
-def test_cuda_graph_training_takes_the_eager_steps(name: str) -> None:
+def test_cuda_graph_training_takes_the_eager_steps(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Graph replay trains like eager steps: the same losses and weights after warm-up, capture and replays.
 
-    Batches are scaled apart so that a replay on a stale input would show in the losses.
+    Batches are scaled apart so that a replay on a stale input would show in the losses. Deterministic cuDNN:
+    weights whose gradient is rounding noise (a conv bias before BatchNorm) would otherwise take Adam steps of
+    either sign in the two runs.
     """
+    monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     xs = [(0.2 + 0.15 * i) * torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(i)) for i in range(6)]
     runs = []
     for graphed in (False, True):
@@ -260,8 +264,9 @@ def test_cuda_graph_training_takes_the_eager_steps(name: str) -> None:
     assert l1 == pytest.approx(l0, rel=1e-3, abs=1e-5)
     moved = 0
     for k, v in w0.items():
-        if v.is_floating_point() and float(v.norm()) > 0:
-            assert float((w1[k] - v).norm() / v.norm()) < 1e-2, k
+        if v.is_floating_point():
+            # a stale input or a doubled step moves nearly every element; rounding moves a few by < 1e-3
+            assert float(((w1[k] - v).abs() > 1e-3).float().mean()) < 0.01, k
             moved += int(not torch.equal(v, start[k]))
     assert moved > 0  # the replays did train
 
