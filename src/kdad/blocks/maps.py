@@ -51,12 +51,6 @@ def _channel_dots(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return (a * b).sum(1, keepdim=True), (a * a).sum(1, keepdim=True), (b * b).sum(1, keepdim=True)
 
 
-def cosine_distance_fast(a: Tensor, b: Tensor) -> Tensor:
-    """cosine_distance from plain channel sums (about 10x faster on CPU, equal to ~1e-6; eps only for 0 vectors)."""
-    dot, na, nb = _channel_dots(a, b)
-    return 1.0 - dot * torch.rsqrt((na * nb).clamp_min(1e-16))
-
-
 def normalized_sq_distance_fast(a: Tensor, b: Tensor) -> Tensor:
     """normalized_sq_distance as |a^|^2 + |b^|^2 - 2 a^.b^ from channel sums (F.normalize's eps 1e-12)."""
     dot, na, nb = _channel_dots(a, b)
@@ -193,7 +187,7 @@ class FastAnomalyMapHead(AnomalyMapHead):
 
     def layer_maps(self, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
         """As AnomalyMapHead.layer_maps, from channel sums (contiguous with channels_last features)."""
-        fn = cosine_distance_fast if self.distance == "cosine" else normalized_sq_distance_fast
+        fn = cosine_distance if self.distance == "cosine" else normalized_sq_distance_fast
         return [fn(t.float(), s.float()).contiguous() for t, s in zip(teacher, student)]
 
     @classmethod
@@ -260,7 +254,7 @@ __all__ = [
     "blur_matrix",
     "blur_radius",
     "cosine_distance",
-    "cosine_distance_fast",
+    "cosine_similarity",
     "gaussian_kernel1d",
     "normalized_sq_distance",
     "normalized_sq_distance_fast",
