@@ -107,6 +107,50 @@ def test_fold_batchnorm_counts_resnet_pairs() -> None:
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
+def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each fold is checked on its own layer: a wrong one is undone and its BN stays, the others are kept."""
+    import kdad.speed as speed
+
+    model, x = _trained("stfpm")
+    with torch.inference_mode():
+        ref = model(x).anomaly_map
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    bad = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))  # the stem conv, BN after it
+    real = speed._fold_into
+
+    def corrupt(conv: torch.nn.Module, bn: torch.nn.BatchNorm2d) -> None:
+        real(conv, bn)
+        if conv is bad:
+            conv.weight = torch.nn.Parameter(conv.weight + 1.0, requires_grad=False)
+
+    monkeypatch.setattr(speed, "_fold_into", corrupt)
+    assert fold_batchnorm(model, x) == n_bn - 1
+    assert sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()) == 1
+    with torch.inference_mode():
+        torch.testing.assert_close(model(x).anomaly_map, ref, atol=FP32_ATOL, rtol=0)
+
+
+def test_optimize_starts_again_unfolded_when_the_map_moves(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdad.speed as speed
+
+    model, x = _trained("rd")
+    with torch.inference_mode():
+        ref = model(x).anomaly_map
+
+    def moved(net: torch.nn.Module, example: torch.Tensor, atol: float = 1e-4) -> int:
+        for m in net.modules():  # damage the copy the way a bad fold would, then report it
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.add_(1.0)
+        raise speed.FoldError("map moved")
+
+    monkeypatch.setattr(speed, "fold_batchnorm", moved)
+    fast = optimize_for_inference(model, "cpu", "fp32", image_size=64)
+    assert fast.info["folded_bn"] == 0 and fast.info["fold_error"] == "map moved"
+    torch.testing.assert_close(fast(x).anomaly_map, ref, atol=FP32_ATOL, rtol=0)
+    with pytest.raises(speed.FoldError, match="inplace=True"):
+        optimize_for_inference(model, "cpu", "fp32", image_size=64, inplace=True)
+
+
 @pytest.mark.parametrize(
     "distance,fuse,sigma,align,level",
     [("cosine", "sum", 4.0, True, None), ("cosine", "mul", 4.0, True, None), ("l2norm", "mul", 0.0, False, 0),
