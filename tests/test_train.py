@@ -15,7 +15,7 @@ from kdad.data.demo import make_demo_dataset
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import evaluate_run
 from kdad.methods import get_method
-from kdad.train import _check_cuda_graph, _mean_logs, fit
+from kdad.train import _check_cuda_graph, _mean_logs, _to_device, fit
 
 TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
         "train.progress=false", "train.eval_batch_size=8"]
@@ -127,3 +127,12 @@ def test_cuda_graph_fit_captures_once_and_trains(demo_root: Path, tmp_path: Path
     logs = [[json.loads(x)["loss"] for x in (run / "train_log.jsonl").read_text().splitlines()]
             for run in (eager, graphed)]
     assert logs[1] == pytest.approx(logs[0], rel=1e-2)
+
+
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_batch_moves_to_the_device_in_the_training_layout(channels_last: bool) -> None:
+    batch = {"image": torch.rand(2, 3, 8, 8), "mask": torch.zeros(2, 1, 8, 8), "path": ["a", "b"]}
+    out = _to_device(batch, torch.device("cpu"), channels_last)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    assert out["image"].is_contiguous(memory_format=fmt) and torch.equal(out["image"], batch["image"])
+    assert out["mask"] is batch["mask"] and out["path"] == ["a", "b"]

@@ -68,9 +68,10 @@ def _budget_spent(tc: Any, it: int, t_start: float) -> bool:
 
 
 def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool = False) -> dict[str, Any]:
-    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-    if channels_last:
-        out["image"] = out["image"].contiguous(memory_format=torch.channels_last)
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) and k != "image" else v for k, v in batch.items()}
+    # one copy straight into the wanted layout: .to() then .contiguous() briefly held two on the device
+    fmt = torch.channels_last if channels_last else torch.preserve_format
+    out["image"] = batch["image"].to(device, non_blocking=True, memory_format=fmt)
     return out
 
 
