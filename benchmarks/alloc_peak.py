@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_anomalib import (  # noqa: E402 - the sibling benchmark holds the builders
+from vs_anomalib import (  # the sibling benchmark holds the builders
     HAVE_ANOMALIB,
     SIZE,
     anomalib_train_fn,
@@ -35,7 +35,7 @@ from vs_anomalib import (  # noqa: E402 - the sibling benchmark holds the builde
     infer_fn,
 )
 
-from kdad.speed import optimize_for_inference  # noqa: E402
+from kdad.speed import optimize_for_inference
 
 MiB = 2**20
 
@@ -133,7 +133,7 @@ def main() -> None:
         sys.exit("anomalib is not importable here; see docs/benchmarks.md for the side venv")
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {
-        "meta": {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "meta": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
                  "torch": torch.__version__, "argv": sys.argv[1:],
                  "memory": "live tensor bytes from torch.profiler allocation events (CPU): peak growth of one "
                            "call after a warm-up; total = resident parameters, buffers, gradients and "

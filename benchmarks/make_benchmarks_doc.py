@@ -242,11 +242,11 @@ def alloc_peak(name: str, d: dict[str, Any]) -> str:
     """Live tensor bytes per workload (benchmarks/alloc_peak.py): the device-independent memory comparison."""
     out = [f"## Peak tensor memory, kdad vs anomalib — `{name}`\n", meta_line(d.get("meta", {})),
            f"- memory: {d.get('meta', {}).get('memory', '')}\n",
-           "\nWhat a GPU's `max_memory_allocated` counts, measured on any machine. `anomalib_with_normalize` "
-           "is anomalib's inner model behind the normalisation its pre-processor applies (kdad models take "
-           "images in [0, 1] and normalise inside, so this is the like-for-like row for `kdad_eager`); ratios "
-           "are against the bare inner model. The count's resolution is a few MiB (an operator's temporaries "
-           "are netted within it).\n\n"]
+           ("\nWhat a GPU's `max_memory_allocated` counts, measured on any machine. `anomalib_with_normalize` "
+            "is anomalib's inner model behind the normalisation its pre-processor applies (kdad models take "
+            "images in [0, 1] and normalise inside, so this is the like-for-like row for `kdad_eager`); ratios "
+            "are against the bare inner model. The count's resolution is a few MiB (an operator's temporaries "
+            "are netted within it).\n\n")]
     rows = []
     for c in d.get("configs", []):
         for k, v in c.items():

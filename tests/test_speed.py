@@ -109,7 +109,7 @@ def test_fold_batchnorm_counts_resnet_pairs() -> None:
 
 def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fold is checked on its own layer: a wrong one is undone and its BN stays, the others are kept."""
-    import kdad.speed as speed
+    from kdad import speed
 
     model, x = _trained("stfpm")
     with torch.inference_mode():
@@ -131,7 +131,7 @@ def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.Mon
 
 
 def test_optimize_starts_again_unfolded_when_the_map_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    import kdad.speed as speed
+    from kdad import speed
 
     model, x = _trained("rd")
     with torch.inference_mode():
