@@ -6,7 +6,9 @@ engine's memory-format and fused-optimizer levers (``prepare_training``).
 ``model.forward``. Levers, each measured in benchmarks/vs_anomalib.py (docs/benchmarks.md):
 
 - ``torch.inference_mode`` (no autograd bookkeeping);
-- eval BatchNorm folded into the preceding convolution (exact up to fp32 rounding);
+- eval BatchNorm folded into the preceding convolution (exact up to fp32 rounding; each fold is checked
+  on its layer and the whole map once more, and each replaced weight is freed at once, so folding needs
+  no second copy of the weights);
 - ``FastAnomalyMapHead``: distances from channel sums, resize + fuse + Gaussian blur as small matrix
   products (mathematically the same map);
 - channels_last memory format (oneDNN / cuDNN NHWC kernels);
