@@ -34,8 +34,10 @@ the same glibc variables (`MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`). Its 
 `rd_bottle.json` (end-to-end fit) and `methods_speed_cpu.json` (per-method steps).
 
 The two RDs are not the same size for WRN50-2: kdad's OCBE is RD4AD's official one (58.9 M parameters used),
-anomalib 2.7.0's is smaller (39.2 M); the encoders (24.9 M) and decoders (24.9 M) match. kdad therefore does
-more work in every WRN50-2 row, and in fp32 training its extra parameters hold about 0.3 GB more (weights,
+anomalib 2.7.0's is smaller (39.2 M: it leaves the OCE's width_per_group at 64, so its 3x3 convolutions are
+512 wide where RD4AD's are 1024); the encoders (24.9 M) and decoders (24.9 M) match. kdad therefore does
+more work in every WRN50-2 row (at batch 1, where those 8x8 convolutions are bound by reading their weights,
+enough that kdad's fp32 rows fall below 1x), and in fp32 training its extra parameters hold about 0.3 GB more (weights,
 gradients and two Adam moments: 19.7 M x 16 B). With the training levers kdad's fp32 peak is still below
 anomalib's (its losses keep no layout copies of the features); without them it is within 1 % of it. At batch 1
 bf16 alone sits at the WRN50-2 2x line (1.96x in the latest run, 1.93x to 2.02x in earlier ones);
