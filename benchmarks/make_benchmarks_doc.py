@@ -38,8 +38,8 @@ anomalib 2.7.0's is smaller (39.2 M: it leaves the OCE's width_per_group at 64, 
 512 wide where RD4AD's are 1024); the encoders (24.9 M) and decoders (24.9 M) match. kdad therefore does
 more work in every WRN50-2 row (at batch 1, where those 8x8 convolutions are bound by reading their weights,
 enough that kdad's fp32 rows fall below 1x), and in fp32 training its extra parameters hold about 0.3 GB more (weights,
-gradients and two Adam moments: 19.7 M x 16 B). With the training levers kdad's fp32 peak is still below
-anomalib's (its losses keep no layout copies of the features); without them it is within 1 % of it. At batch 1
+gradients and two Adam moments: 19.7 M x 16 B); its fp32 peak RSS is still below anomalib's, with the
+training levers or without (its losses keep no layout copies of the features). At batch 1
 bf16 alone sits at the WRN50-2 2x line (1.96x in the latest run, 1.93x to 2.02x in earlier ones);
 torch.compile with frozen weights lifts it to 2.7-2.9x. kdad's forward has 7 % more FLOPs there (60.9 against
 56.9 GFLOP per image, counted with torch's FlopCounterMode).
@@ -266,7 +266,8 @@ def generic(name: str, d: Any) -> str:
     out = [f"## `{name}`\n\n"]
     if not isinstance(d, dict):
         return out[0] + f"```\n{json.dumps(d)[:2000]}\n```\n"
-    scalars = {**{k: v for k, v in d.get("meta", {}).items() if isinstance(d.get("meta"), dict)}, **d}
+    meta = d.get("meta")
+    scalars = {**(meta if isinstance(meta, dict) else {}), **d}
     for k, v in scalars.items():
         if isinstance(v, (str, int, float, bool)) or v is None:
             out.append(f"- {k}: {fmt(v)}\n")
@@ -282,6 +283,7 @@ def generic(name: str, d: Any) -> str:
 
 
 TARGETS = {"infer": 2.0, "train": 1.3}  # the speed issue's targets, kdad / anomalib
+DEFAULT_IMPL = {"infer": "kdad_eager", "train": "kdad_fp32"}  # what a memory row named plain "kdad" ran
 
 
 def _peak(row: dict[str, Any] | None) -> float | None:
@@ -316,7 +318,7 @@ def targets(files: list[Path]) -> str:
                 ano, kd = _peak(mem.get(f"{mode}_{b}_anomalib")), _peak(row)
                 if impl != "anomalib" and ano and kd:
                     rows.append([f.name, f"{c['method']} {c['backbone']}", f"{mode} {b} peak memory", "≤ 1",
-                                 f"{kd / ano:.3f}", {"infer": "kdad_eager", "train": "kdad_fp32"}[mode] if impl == "kdad" else impl, None, None, None,
+                                 f"{kd / ano:.3f}", DEFAULT_IMPL[mode] if impl == "kdad" else impl, None, None, None,
                                  "yes" if kd <= ano else "no"])
     if not rows:
         return ""

@@ -78,10 +78,9 @@ def _bn_replacement(bn: nn.BatchNorm2d) -> nn.Module:
     return nn.Sequential(*parts) if parts else nn.Identity()
 
 
-def _conv_bn_pairs(model: nn.Module, example: Tensor
-                   ) -> list[tuple[str, nn.Module, str, nn.BatchNorm2d, tuple[int, ...]]]:
-    """(conv name, conv, bn name, bn, conv input shape without batch) where every call of bn reads the
-    output of the same conv."""
+def _conv_bn_pairs(model: nn.Module, example: Tensor) -> list[tuple[nn.Module, str, nn.BatchNorm2d, tuple[int, ...]]]:
+    """(conv, bn name, bn, conv input shape without batch) where every call of bn reads the output of the
+    same conv."""
     # Weak references: keeping every conv output alive cost the whole forward's activations at once (+660
     # MiB RSS for RD-WRN50 at 256). A reused id is harmless: its weak reference is then dead or another object.
     produced: dict[int, tuple[str, weakref.ref[Tensor]]] = {}
@@ -121,7 +120,7 @@ def _conv_bn_pairs(model: nn.Module, example: Tensor
         conv, bn = modules[conv_name], modules[bns[0]]
         groups = getattr(conv, "groups", 1)
         if len(bns) == 1 and bn.track_running_stats and not (isinstance(conv, nn.ConvTranspose2d) and groups != 1):
-            pairs.append((conv_name, conv, bns[0], bn, in_shape[conv_name]))  # type: ignore[arg-type]
+            pairs.append((conv, bns[0], bn, in_shape[conv_name]))  # type: ignore[arg-type]
     return pairs
 
 
@@ -165,7 +164,7 @@ def fold_batchnorm(model: nn.Module, example: Tensor, atol: float = 1e-4) -> int
         ref = model(example).anomaly_map.float()
     gen = torch.Generator().manual_seed(0)
     folded = 0
-    for _conv_name, conv, bn_name, bn, in_shape in _conv_bn_pairs(model, example):
+    for conv, bn_name, bn, in_shape in _conv_bn_pairs(model, example):
         replacement = _fold_pair(conv, bn, in_shape, atol, gen)
         if replacement is not None:
             _set_submodule(model, bn_name, replacement)
@@ -319,8 +318,6 @@ def optimize_for_inference(
     net.eval().to(dev)
     info: dict[str, Any] = {"precision": precision, "channels_last": channels_last, "compile": compile,
                             "freeze": compile and freeze, "cuda_graph": cuda_graph}
-    if fast_head:
-        info["fast_heads"] = use_fast_heads(net)
     if fold_bn:
         example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0)).to(dev)
         try:
@@ -329,9 +326,9 @@ def optimize_for_inference(
             if inplace:  # `model` itself is partly folded now: say so and how to avoid it
                 raise FoldError(f"{e} (the model passed with inplace=True is partly folded; load it again)") from e
             net = copy.deepcopy(model).eval().to(dev)  # start again from the caller's model, unfolded
-            if fast_head:
-                use_fast_heads(net)
             info["folded_bn"], info["fold_error"] = 0, str(e)
+    if fast_head:  # after the fold, so that starting again from an unfolded copy needs no second swap
+        info["fast_heads"] = use_fast_heads(net)
     if channels_last:
         net.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     if precision in _DTYPES:

@@ -203,7 +203,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
             if isinstance(sampler, DistributedSampler):
                 sampler.set_epoch(epoch)
             model.train()
-            losses: list[dict[str, float]] = []
+            losses: list[dict[str, Any]] = []  # floats or device scalars, read by _mean_logs
             bar = tqdm(loader, desc=f"{cfg.method} epoch {epoch + 1}/{total_epochs}", leave=False,
                        disable=not (tc.progress and main))
             for batch in bar:

@@ -140,12 +140,8 @@ def grabcut_foreground(images: Tensor, iterations: int = 11) -> Tensor:
         return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
 
     # grabCut releases the GIL: one image per core (it is the one-off cost of URD's first epoch)
-    workers = min(len(frames), os.cpu_count() or 1)
-    if workers > 1:
-        with ThreadPoolExecutor(workers) as pool:
-            masks = list(pool.map(one, frames))
-    else:
-        masks = [one(f) for f in frames]
+    with ThreadPoolExecutor(max(1, min(len(frames), os.cpu_count() or 1))) as pool:
+        masks = list(pool.map(one, frames))
     return torch.from_numpy(np.stack(masks)).unsqueeze(1).to(torch.float32).to(images.device)
 
 
