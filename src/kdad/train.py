@@ -145,6 +145,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         _check_cuda_graph(tc, spec, device, distributed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
+    if tc.cpu_bf16 and device.type == "cpu":
+        from kdad.speed import warn_if_slow_cpu_bf16
+
+        warn_if_slow_cpu_bf16("train.cpu_bf16=true")
     gen = seed_everything(tc.seed)
     main = rank == 0
     if main:
