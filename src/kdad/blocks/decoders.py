@@ -86,9 +86,11 @@ def generic_decoder(
 
 
 def decoder_for(
-    name: str, teacher_channels: Sequence[int], code_channels: int, blocks: Sequence[int] | None = None
+    name: str, teacher_channels: Sequence[int], code_channels: int, blocks: Sequence[int] | None = None,
+    width_ratio: float = 0.5,
 ) -> MirrorDecoder:
-    """RD4AD's decoder for a known ResNet teacher, otherwise the generic mirror decoder."""
+    """RD4AD's decoder for a known ResNet teacher, otherwise the generic mirror decoder (`width_ratio` sizes
+    its blocks; a thin teacher such as EfficientNet-Lite0, 24-112 channels, needs a ratio well above 0.5)."""
     if name in _RESNET_DECODERS and blocks is None:
         return resnet_decoder(name, teacher_channels, code_channels)
-    return generic_decoder(teacher_channels, code_channels, blocks or (2, 2, 2))
+    return generic_decoder(teacher_channels, code_channels, blocks or (2, 2, 2), width_ratio)

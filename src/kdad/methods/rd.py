@@ -40,6 +40,10 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"  # "imagenet" (resolved offline-first), a file path, or "random"
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    # non-ResNet teachers only: generic decoder block width / teacher channels, and OCBE width per group
+    # (RD4AD defines neither; 0.5 and 64 were kdad's first guess, too thin for Lite0: docs/methods/rd.md)
+    decoder_width: float = 0.5
+    ocbe_width: int = 64
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     fuse: str = "sum"
@@ -47,9 +51,9 @@ class Config:
     align_corners: bool = True
 
 
-def build_bottleneck(backbone: str, channels: list[int]) -> OCBE:
-    """RD4AD's OCBE for ResNet teachers; a bottleneck OCBE of 3 blocks for other teachers."""
-    block, n, wpg = _OCBE_BY_TEACHER.get(backbone, ("bottleneck", 3, 64))
+def build_bottleneck(backbone: str, channels: list[int], width_per_group: int = 64) -> OCBE:
+    """RD4AD's OCBE for ResNet teachers; a bottleneck OCBE of 3 blocks (`width_per_group`) for other teachers."""
+    block, n, wpg = _OCBE_BY_TEACHER.get(backbone, ("bottleneck", 3, width_per_group))
     return OCBE(channels, block=block, num_blocks=n, width_per_group=wpg)  # type: ignore[arg-type]
 
 
@@ -61,9 +65,9 @@ class Model(nn.Module):
         self.cfg = cfg
         self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
         channels = list(self.encoder.channels)
-        self.bottleneck = build_bottleneck(cfg.backbone, channels)
+        self.bottleneck = build_bottleneck(cfg.backbone, channels, cfg.ocbe_width)
         blocks = tuple(cfg.decoder_blocks) or None
-        self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks)
+        self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks, cfg.decoder_width)
         self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners)  # type: ignore[arg-type]
 
     def teacher_features(self, images: Tensor) -> list[Tensor]:
