@@ -76,3 +76,59 @@ def test_thresholds_roundtrip_and_errors() -> None:
 def test_length_mismatch_is_rejected() -> None:
     with pytest.raises(ValueError, match="same length"):
         image_threshold_from_validation([0.1, 0.2, 0.3], [0, 1])
+
+
+def _spotty_maps(n: int = 40, size: int = 48, seed: int = 0) -> np.ndarray:
+    """Smooth normal maps; image i carries one 5x5 spot of height i / n (so region peaks are all distinct)."""
+    rng = np.random.default_rng(seed)
+    maps = rng.random((n, size, size)) * 0.05
+    for i in range(n):
+        y, x = rng.integers(5, size - 10, size=2)
+        maps[i, y:y + 5, x:x + 5] += 1.0 + i / n
+    return maps
+
+
+def test_region_peak_is_the_highest_threshold_with_a_large_region() -> None:
+    from kdad.thresholds import region_peak
+
+    m = np.zeros((32, 32))
+    m[5:9, 5:9] = 1.0  # a 16-px region at 1.0
+    m[20, 20] = 5.0  # a single hot pixel
+    assert region_peak(m, 1) == 5.0
+    assert region_peak(m, 16) == pytest.approx(1.0, abs=1e-6)  # the hot pixel is too small to count
+    assert region_peak(m, 17) < m.min()  # no region that large at any threshold: never flagged
+
+
+def test_pixel_threshold_controls_the_fraction_of_flagged_normal_images() -> None:
+    from kdad.thresholds import flagged_region_rate, pixel_threshold_for_region_rate
+
+    maps = _spotty_maps()
+    for rate in (0.0, 0.05, 0.1, 0.25):
+        t = pixel_threshold_for_region_rate(maps, rate, min_area=16)
+        assert flagged_region_rate(maps, t, 16) <= rate + 1e-12
+        # the smallest such threshold: a little lower flags one image more than allowed
+        assert flagged_region_rate(maps, t - 1e-3, 16) > rate
+    # a per-pixel quantile does not control it: at the 0.999 pixel quantile most of these images are flagged
+    big = _spotty_maps(size=128)  # spots are 0.15 % of the pixels: the 0.999 quantile falls inside most of them
+    q = pixel_threshold_from_validation(big, quantile=0.999)
+    assert flagged_region_rate(big, q, 16) > 0.5
+
+
+def test_defect_mask_drops_regions_below_min_area() -> None:
+    from kdad.thresholds import defect_mask
+
+    m = np.zeros((20, 20))
+    m[2:6, 2:6] = 1.0  # 16 px
+    m[15, 15] = 1.0  # 1 px
+    assert defect_mask(m, 0.5, 1).sum() == 17
+    keep = defect_mask(m, 0.5, 16)
+    assert keep.sum() == 16 and not keep[15, 15] and keep[3, 3]
+    assert defect_mask(m, 2.0, 16).sum() == 0
+
+
+def test_thresholds_min_area_round_trips_and_old_bundles_load() -> None:
+    t = Thresholds(1.0, 0.5, "x", min_area=16)
+    assert Thresholds.from_dict(json.loads(json.dumps(t.to_dict()))) == t
+    assert Thresholds.from_dict({"image": 1.0, "pixel": 0.5, "source": "old"}).min_area == 1
+    with pytest.raises(ConfigError, match="min_area"):
+        Thresholds.from_dict({"image": 1.0, "pixel": 0.5, "source": "x", "min_area": 0})

@@ -42,6 +42,10 @@ def test_fit_writes_bundle_and_loads_weights_only(demo_root: Path, tmp_path: Pat
     result = evaluate_run(run, report=False)
     assert set(result["metrics"]) >= {"image_auroc", "pixel_auroc", "au_pro"}
     assert (run / "scores.csv").is_file()
+    # the default pixel threshold is the region rule: its min area is stored and applied to the good test images
+    assert raw["thresholds"]["min_area"] == 16 and "region" in raw["thresholds"]["source"]
+    flagged = result["good_images_flagged"]
+    assert flagged["n_good"] == 4 and flagged["min_area"] == 16 and 0.0 <= flagged["rate"] <= 1.0
 
 
 def test_resume_continues_from_last_checkpoint(demo_root: Path, tmp_path: Path) -> None:

@@ -64,7 +64,12 @@ class TrainConfig:
     val_every: int = 1  # epochs between held-out evaluations when select != last
     ckpt_every: int = 1  # epochs between checkpoints (last.ckpt is overwritten atomically)
     threshold_quantile: float = 0.99  # image threshold from normal-only validation scores
-    pixel_threshold_quantile: float = 0.999
+    pixel_threshold_quantile: float = 0.999  # pixel_threshold_rule "quantile": this quantile of normal pixels
+    # "region" (default): the pixel threshold at which at most pixel_region_rate of the held-out normal images
+    # show any flagged region of pixel_min_area pixels or more (at image_size); masks drop smaller regions
+    pixel_threshold_rule: str = "region"
+    pixel_region_rate: float = 0.05
+    pixel_min_area: int = 16
     eval_batch_size: int = 16
     progress: bool = True
 

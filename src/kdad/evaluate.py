@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from kdad.checkpoint import atomic_write_text, load_bundle, model_from_bundle
 from kdad.config import DataConfig, TrainConfig
 from kdad.data.factory import dataset_parts
+from kdad.errors import ConfigError
 from kdad.seed import resolve_device
 
 
@@ -68,14 +69,25 @@ def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int
 def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig) -> tuple[Any, dict[str, float]]:
     """Image and pixel thresholds from normal images only (quantiles of their scores / pixels), plus the
     overlay colour range."""
-    from kdad.thresholds import Thresholds, image_threshold_from_validation, pixel_threshold_from_validation
+    from kdad.thresholds import (Thresholds, flagged_region_rate, image_threshold_from_validation,
+                                 pixel_threshold_for_region_rate, pixel_threshold_from_validation)
 
     pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True)
     assert pred.maps is not None
     img = image_threshold_from_validation(pred.scores, None, quantile=tc.threshold_quantile)
-    pix = pixel_threshold_from_validation(pred.maps, None, quantile=tc.pixel_threshold_quantile)
-    thr = Thresholds(image=float(img), pixel=float(pix), source=f"normal-image quantiles "
-                     f"({tc.threshold_quantile}, {tc.pixel_threshold_quantile}) over {len(pred.scores)} images")
+    n = len(pred.scores)
+    if tc.pixel_threshold_rule == "region":
+        pix = pixel_threshold_for_region_rate(pred.maps, tc.pixel_region_rate, tc.pixel_min_area)
+        rate = flagged_region_rate(pred.maps, pix, tc.pixel_min_area)
+        thr = Thresholds(image=float(img), pixel=float(pix), min_area=tc.pixel_min_area, source=(
+            f"image: {tc.threshold_quantile} quantile of {n} normal scores; pixel: at most {tc.pixel_region_rate:g} "
+            f"of those images with a region of >= {tc.pixel_min_area} px flagged (measured {rate:.3f})"))
+    elif tc.pixel_threshold_rule == "quantile":
+        pix = pixel_threshold_from_validation(pred.maps, None, quantile=tc.pixel_threshold_quantile)
+        thr = Thresholds(image=float(img), pixel=float(pix), source=f"normal-image quantiles "
+                         f"({tc.threshold_quantile}, {tc.pixel_threshold_quantile}) over {n} images")
+    else:
+        raise ConfigError(f"train.pixel_threshold_rule: {tc.pixel_threshold_rule!r} is not 'region' or 'quantile'")
     return thr, display_range(float(pix), pred.maps)
 
 
@@ -115,6 +127,19 @@ def compute_metrics(pred: Predictions, pro_limit: float = 0.3) -> dict[str, floa
         metrics = {"image_auroc": image_auroc(pred.scores, pred.labels), "image_ap": image_ap(pred.scores, pred.labels),
                    "image_f1_max": image_f1_max(pred.scores, pred.labels)[0]}
     return {k: float(v) if isinstance(v, (int, float, np.floating)) else v for k, v in metrics.items()}
+
+
+def good_images_flagged(pred: Predictions, thr: dict[str, Any]) -> dict[str, Any] | None:
+    """On the good test images: the fraction whose defect mask at the stored pixel threshold is not empty
+    (what `kdad predict --masks` would paint on good parts), next to the rate the threshold was chosen for."""
+    from kdad.thresholds import defect_mask
+
+    if pred.maps is None or thr.get("pixel") is None:
+        return None
+    good = np.flatnonzero(pred.labels == 0)
+    area = int(thr.get("min_area", 1))
+    flagged = [bool(defect_mask(pred.maps[i], float(thr["pixel"]), area).any()) for i in good]
+    return {"rate": float(np.mean(flagged)) if flagged else None, "n_good": int(len(good)), "min_area": area}
 
 
 def _mean_metrics(per_category: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -184,6 +209,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     for name, ds in parts:
         pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
+        per_category[name]["good_images_flagged"] = good_images_flagged(pred, thr)
         inner = getattr(ds, "ds", ds)  # dataset_parts tags items; LOCO channels live on the inner dataset
         if callable(getattr(inner, "spro_channels", None)):  # MVTec LOCO AD: AU-sPRO per subset
             per_category[name]["metrics"].update(loco_metrics(pred, inner))

@@ -294,7 +294,8 @@ def build_metadata(
                 "meaning": "raw image score = max of anomaly_map",
             },
         },
-        "thresholds": {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source")},
+        "thresholds": {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source"),
+                       "min_area": int(thr.get("min_area", 1))},
         "display": {"vmin": disp.get("vmin"), "vmax": disp.get("vmax")},
         "kdad_version": __version__,
         "torch_version": torch.__version__,
@@ -369,6 +370,7 @@ class OnnxRunner:
             else (None if stored is None else float(stored))
         )
         self.pixel_threshold: float | None = None if thr.get("pixel") is None else float(thr["pixel"])
+        self.pixel_min_area = int(thr.get("min_area", 1))  # masks keep regions of at least this many pixels
         disp = self.meta.get("display") or {}
         self.vmin = float(disp["vmin"]) if disp.get("vmin") is not None else 0.0
         self.vmax = float(disp["vmax"]) if disp.get("vmax") is not None else (self.pixel_threshold or 1.0) * 2

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kdad.checkpoint import atomic_write_bytes
+from kdad.thresholds import defect_mask
 from kdad.infer import Row, common_base, expand_inputs, out_name, stream_predictions, write_table
 from kdad.visualize import overlay, png_bytes
 
@@ -74,7 +75,7 @@ def run_predict(args: argparse.Namespace) -> list[Row]:
             rgb = overlay(image, amap, runner.vmin, runner.vmax)
             atomic_write_bytes(out / "overlays" / out_name(row.path, "_overlay.png", base), png_bytes(rgb))
         if args.masks and runner.pixel_threshold is not None:
-            mask = ((amap >= runner.pixel_threshold) * 255).astype(np.uint8)
+            mask = (defect_mask(amap, runner.pixel_threshold, getattr(runner, "pixel_min_area", 1)) * 255).astype(np.uint8)
             atomic_write_bytes(out / "masks" / out_name(row.path, "_mask.png", base), png_bytes(mask))
     write_table(rows, out)
     n_bad = sum(1 for r in rows if r.error)

@@ -41,6 +41,7 @@ class TorchRunner:
         thr: dict[str, Any] = self.bundle.get("thresholds") or {}
         self.image_threshold: float | None = image_threshold if image_threshold is not None else thr.get("image")
         self.pixel_threshold: float | None = thr.get("pixel")
+        self.pixel_min_area = int(thr.get("min_area", 1))  # masks keep regions of at least this many pixels
         self.image_size = int(self.cfg.data.image_size)
         disp = self.bundle.get("display") or {}
         self.vmin = float(disp.get("vmin", 0.0))

@@ -26,11 +26,16 @@ DEFAULT_MAX_PIXELS = 20_000_000
 
 @dataclass(frozen=True)
 class Thresholds:
-    """Image-score and pixel-score thresholds and how they were obtained (e.g. ``f1_max+quantile``)."""
+    """Image-score and pixel-score thresholds and how they were obtained (e.g. ``f1_max+quantile``).
+
+    ``min_area``: a defect mask keeps only connected regions of at least this many pixels (at the model's map
+    size), the same rule the pixel threshold was chosen with (1 = every pixel above the threshold).
+    """
 
     image: float
     pixel: float
     source: str
+    min_area: int = 1
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -47,7 +52,10 @@ class Thresholds:
         except (TypeError, ValueError):
             raise ConfigError(f"thresholds: image/pixel must be numbers, got {data['image']!r}, "
                               f"{data['pixel']!r}") from None
-        return cls(image, pixel, str(data["source"]))
+        min_area = data.get("min_area", 1)  # bundles written before the region rule have none
+        if not isinstance(min_area, int) or isinstance(min_area, bool) or min_area < 1:
+            raise ConfigError(f"thresholds: min_area must be an integer >= 1, got {min_area!r}")
+        return cls(image, pixel, str(data["source"]), min_area)
 
 
 def _check_quantile(quantile: float) -> float:
@@ -129,3 +137,77 @@ def thresholds_from_validation(
     image, image_src = _image_threshold(scores, labels, image_quantile)
     pixel, pixel_src = _pixel_threshold(maps, masks, pixel_quantile, DEFAULT_MAX_PIXELS, 0)
     return Thresholds(image, pixel, f"validation image={image_src} pixel={pixel_src}")
+
+
+def region_peak(amap: np.ndarray, min_area: int, iters: int = 32) -> float:
+    """The highest threshold t at which ``amap > t`` still has a connected region (8-connected) of at least
+    ``min_area`` pixels: the image is flagged at any pixel threshold below this value and clean at or above.
+
+    Found by bisection between the map's minimum and maximum (the property is monotone in t); ``iters``
+    halvings leave an error below (max - min) / 2**iters.
+    """
+    from scipy import ndimage
+
+    m = np.asarray(amap, dtype=np.float64)
+    if min_area <= 1:
+        return float(m.max())
+    if m.size < min_area:
+        return float(m.min()) - 1.0  # no region can be that large: never flagged
+    structure = np.ones((3, 3), bool)
+
+    def has_region(t: float) -> bool:
+        lab, n = ndimage.label(m > t, structure=structure)
+        return n > 0 and int(np.bincount(lab.ravel())[1:].max()) >= min_area
+
+    lo, hi = float(m.min()), float(m.max())
+    if not has_region(lo):
+        return lo - 1.0 if m.size >= min_area else lo
+    for _ in range(iters):
+        mid = 0.5 * (lo + hi)
+        if has_region(mid):
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def pixel_threshold_for_region_rate(maps: ArrayLike, rate: float = 0.05, min_area: int = 16) -> float:
+    """Pixel threshold at which at most a fraction ``rate`` of these (normal) maps (N, H, W) has any flagged
+    region of ``min_area`` pixels or more: the (1 - rate) quantile, upper, of the per-image region peaks.
+
+    A per-pixel quantile controls how many pixels are flagged, not on how many good parts a spurious defect
+    is painted: at the 0.999 pixel quantile most good images can still have one flagged spot.
+    """
+    r = _check_quantile(rate)
+    m = as_scores(maps, "maps")
+    if m.ndim != 3 or m.shape[0] == 0:
+        raise ValueError(f"maps must be (N, H, W) with N >= 1, got shape {m.shape}")
+    if min_area < 1:
+        raise ConfigError(f"min_area must be >= 1 pixel, got {min_area}")
+    peaks = np.sort([region_peak(a, min_area) for a in m])
+    # flagged iff peak > t; choose the smallest t with #(peak > t) <= floor(rate * N)
+    allowed = int(math.floor(r * len(peaks) + 1e-9))
+    return float(peaks[len(peaks) - 1 - allowed]) if allowed < len(peaks) else float(peaks[0]) - 1.0
+
+
+def flagged_region_rate(maps: ArrayLike, threshold: float, min_area: int = 16) -> float:
+    """Fraction of maps (N, H, W) with a connected region of at least ``min_area`` pixels above ``threshold``."""
+    m = as_scores(maps, "maps")
+    if m.shape[0] == 0:
+        return float("nan")
+    return float(np.mean([region_peak(a, min_area) > threshold for a in m]))
+
+
+def defect_mask(amap: np.ndarray, threshold: float, min_area: int = 1) -> np.ndarray:
+    """Boolean defect mask of one map (H, W): pixels >= ``threshold`` in connected regions (8-connected) of at
+    least ``min_area`` pixels. The one rule behind predict's masks, the service's masks and the threshold."""
+    from scipy import ndimage
+
+    above = np.asarray(amap) >= threshold
+    if min_area <= 1 or not above.any():
+        return above
+    lab, _ = ndimage.label(above, structure=np.ones((3, 3), bool))
+    sizes = np.bincount(lab.ravel())
+    keep = sizes >= min_area
+    keep[0] = False
+    return keep[lab]

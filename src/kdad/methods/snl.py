@@ -37,6 +37,8 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"
     decoder_blocks: tuple[int, ...] = ()
+    decoder_width: float = 0.5  # rd.Config's: generic decoder / OCBE sizes for non-ResNet teachers
+    ocbe_width: int = 64
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     fuse: str = "sum"

@@ -147,7 +147,10 @@ def result_dict(
         "heatmap_png_base64": _b64png(overlay(image01, amap, runner.vmin, runner.vmax)),
     }
     if mask and runner.pixel_threshold is not None:
-        out["mask_png_base64"] = _b64png(((amap >= runner.pixel_threshold) * 255).astype(np.uint8))
+        from kdad.thresholds import defect_mask
+
+        keep = defect_mask(amap, runner.pixel_threshold, getattr(runner, "pixel_min_area", 1))
+        out["mask_png_base64"] = _b64png((keep * 255).astype(np.uint8))
     return out
 
 
