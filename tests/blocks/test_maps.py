@@ -67,3 +67,48 @@ def test_cosine_similarity_matches_torch_values_and_gradients() -> None:
         (ref * ref.detach()).sum().backward()
         torch.testing.assert_close(x.grad, x2.grad)
         torch.testing.assert_close(y.grad, y2.grad)
+
+
+def test_pool_features_is_a_local_mean_that_ignores_padding() -> None:
+    from kdad.blocks.maps import pool_features
+
+    x = torch.arange(25, dtype=torch.float32).view(1, 1, 5, 5)
+    assert pool_features([x], 1)[0] is x
+    p = pool_features([x], 3)[0]
+    assert p[0, 0, 2, 2] == x[0, 0, 1:4, 1:4].mean()
+    assert p[0, 0, 0, 0] == x[0, 0, :2, :2].mean()  # the corner averages its 4 real neighbours, not 9 with zeros
+
+
+def test_pooled_head_maps_differ_and_fast_head_keeps_the_pool() -> None:
+    from kdad.blocks.maps import AnomalyMapHead, FastAnomalyMapHead, pool_features
+
+    g = torch.Generator().manual_seed(0)
+    t = [torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 16, 8, 8, generator=g)]
+    s = [torch.randn(2, 8, 16, 16, generator=g), torch.randn(2, 16, 8, 8, generator=g)]
+    plain = AnomalyMapHead("l2norm", "mul", 0.0, False, 0)
+    pooled = AnomalyMapHead("l2norm", "mul", 0.0, False, 0, pool=3)
+    a = pooled(t, s, (32, 32))
+    assert torch.allclose(a.anomaly_map, plain(pool_features(t, 3), pool_features(s, 3), (32, 32)).anomaly_map)
+    assert not torch.allclose(a.anomaly_map, plain(t, s, (32, 32)).anomaly_map)
+    fast = FastAnomalyMapHead.from_head(pooled)
+    assert fast.pool == 3
+    assert torch.allclose(fast(t, s, (32, 32)).anomaly_map, a.anomaly_map, atol=1e-5)
+    with pytest.raises(ValueError, match="pool"):
+        AnomalyMapHead(pool=2)
+
+
+def test_stfpm_pool_reaches_the_loss() -> None:
+    from kdad.blocks.losses import normalized_l2_loss
+    from kdad.blocks.maps import pool_features
+    from kdad.methods import stfpm
+
+    cfg = stfpm.Config(backbone="resnet18", weights="random", pool=3)
+    torch.manual_seed(0)
+    model = stfpm.Model(cfg)
+    x = torch.rand(2, 3, 64, 64)
+    opt = {"student": torch.optim.SGD(model.student.parameters(), lr=0.0)}
+    logs = stfpm.train_step(model, {"image": x}, opt, cfg, torch.Generator())
+    t, s = model.pairs(x)
+    want = normalized_l2_loss(pool_features(t, 3), pool_features(s, 3))
+    assert float(logs["loss"]) == pytest.approx(float(want), rel=1e-5)
+    assert float(logs["loss"]) != pytest.approx(float(normalized_l2_loss(t, s)), rel=1e-3)

@@ -97,6 +97,14 @@ class GaussianBlur(nn.Module):
         return F.conv2d(x, self.kernel_v.to(x.dtype))
 
 
+def pool_features(feats: Sequence[Tensor], k: int) -> list[Tensor]:
+    """k x k mean over each position's neighbourhood (stride 1, zero padding not counted), per layer: the local
+    aggregation of PatchCore, which drops the texture noise a student cannot predict. k = 1 is the identity."""
+    if k <= 1:
+        return list(feats)
+    return [F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False) for f in feats]
+
+
 class AnomalyMapHead(nn.Module):
     """Per-layer distances -> resize to the input size -> fuse -> blur -> (map, max score).
 
@@ -111,8 +119,12 @@ class AnomalyMapHead(nn.Module):
         sigma: float = 4.0,
         align_corners: bool = True,
         fuse_level: int | None = None,
+        pool: int = 1,
     ) -> None:
         super().__init__()
+        if pool < 1 or pool % 2 == 0:
+            raise ValueError(f"pool must be an odd kernel size >= 1, got {pool}")
+        self.pool = pool
         if distance not in ("cosine", "l2norm"):
             raise ValueError(f"distance must be 'cosine' or 'l2norm', got {distance!r}")
         if fuse not in ("sum", "mul"):
@@ -126,6 +138,7 @@ class AnomalyMapHead(nn.Module):
     def layer_maps(self, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
         """Unresized per-layer distance maps, each (B, 1, h_l, w_l)."""
         fn = cosine_distance if self.distance == "cosine" else normalized_sq_distance
+        teacher, student = pool_features(teacher, self.pool), pool_features(student, self.pool)
         return [fn(t.float(), s.float()) for t, s in zip(teacher, student)]
 
     def forward(self, teacher: Sequence[Tensor], student: Sequence[Tensor], size: tuple[int, int]) -> AnomalyOutput:
@@ -188,12 +201,13 @@ class FastAnomalyMapHead(AnomalyMapHead):
     def layer_maps(self, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
         """As AnomalyMapHead.layer_maps, from channel sums (contiguous with channels_last features)."""
         fn = cosine_distance if self.distance == "cosine" else normalized_sq_distance_fast
+        teacher, student = pool_features(teacher, self.pool), pool_features(student, self.pool)
         return [fn(t.float(), s.float()).contiguous() for t, s in zip(teacher, student)]
 
     @classmethod
     def from_head(cls, head: AnomalyMapHead) -> FastAnomalyMapHead:
         """A fast head with the same options (and so the same maps) as `head`."""
-        fast = cls(head.distance, head.fuse, head.blur.sigma, head.align_corners, head.fuse_level)  # type: ignore[arg-type]
+        fast = cls(head.distance, head.fuse, head.blur.sigma, head.align_corners, head.fuse_level, head.pool)  # type: ignore[arg-type]
         return fast.to(next(head.blur.buffers()).device)
 
     def _matrices(

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kdad.blocks.losses import normalized_l2_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, pool_features
 from kdad.blocks.teachers import build_encoder
 from kdad.methods.base import MethodSpec, optimizer_step
 
@@ -35,6 +35,7 @@ class Config:
     weight_decay: float = 1e-4
     fuse: str = "mul"
     sigma: float = 0.0
+    pool: int = 1  # k x k mean of both feature maps before loss and map (1 = the official per-position form)
 
 
 class Model(nn.Module):
@@ -45,7 +46,8 @@ class Model(nn.Module):
         self.cfg = cfg
         self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
         self.student = build_encoder(cfg.backbone, tuple(cfg.layers), weights="random", frozen=False)
-        self.head = AnomalyMapHead("l2norm", cfg.fuse, cfg.sigma, align_corners=False, fuse_level=0)  # type: ignore[arg-type]
+        self.head = AnomalyMapHead("l2norm", cfg.fuse, cfg.sigma, align_corners=False, fuse_level=0,
+                                   pool=cfg.pool)  # type: ignore[arg-type]
 
     def pairs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(teacher_feats, student_feats); both see the teacher's normalisation."""
@@ -70,7 +72,7 @@ def train_step(
 ) -> dict[str, Tensor]:
     """One SGD step on the normalised-L2 feature loss."""
     teacher, student = model.pairs(batch["image"])
-    loss = normalized_l2_loss(teacher, student)
+    loss = normalized_l2_loss(pool_features(teacher, cfg.pool), pool_features(student, cfg.pool))
     return optimizer_step(opts["student"], loss)
 
 
