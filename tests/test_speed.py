@@ -413,7 +413,9 @@ def test_train_compile_keeps_keys_and_losses() -> None:
         spec, cfg, model, opts, info = _fresh("rd", compile=compile_)
         assert list(model.state_dict()) == keys and info["compiled_modules"] == (4 if compile_ else 0)
         losses.append([_step(spec, cfg, model, opts, x)["loss"] for _ in range(2)])
-    assert losses[1] == pytest.approx(losses[0], rel=1e-4)
+    # inductor reorders float sums, and Adam's first step turns such last-bit gradient differences into
+    # lr-sized moves: on an AVX2-only CPU the second loss moved by 4e-4 relative (1e-4 held on AVX-512)
+    assert losses[1] == pytest.approx(losses[0], rel=2e-3)
 
 
 def test_bf16_path_stores_conv_weights_once_and_leaves_the_model() -> None:
