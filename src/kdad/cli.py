@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,17 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help="several categories (names under --data, or folder paths): one model over all of them "
                         "(multi-class), unless `fit --per-category` trains one model each")
     g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type for thresholds: a finite number (NaN or inf would call every image normal)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
 
 
 def _add_runner_options(p: argparse.ArgumentParser) -> None:
@@ -233,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--overlays", action="store_true", help="write heatmap overlay PNGs")
     p.add_argument("--masks", action="store_true", help="write binary defect masks at the pixel threshold")
-    p.add_argument("--threshold", type=float, help="image threshold overriding the stored one")
+    p.add_argument("--threshold", type=_finite_float, help="image threshold overriding the stored one")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=0, help="worker processes decoding images (default 0)")
     _add_runner_options(p)
@@ -254,7 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     _add_runner_options(p)
-    p.add_argument("--threshold", type=float, help="default image threshold overriding the stored one")
+    p.add_argument("--threshold", type=_finite_float, help="default image threshold overriding the stored one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MB (default 20)")
     p.set_defaults(func=cmd_serve)
 

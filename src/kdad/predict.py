@@ -28,7 +28,9 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
     With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
     """
     from kdad.errors import ConfigError, KdadError
+    from kdad.thresholds import finite_threshold
 
+    finite_threshold(threshold, "--threshold")
     path = Path(model_path)
     if backend not in (None, "torch", "onnx"):
         raise KdadError(f"unknown backend {backend!r}; valid: torch, onnx")

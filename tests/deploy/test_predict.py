@@ -13,6 +13,8 @@ import torch
 from PIL import Image
 
 from kdad.cli import main
+from kdad.errors import ConfigError
+from kdad.predict import make_runner
 from kdad.infer import expand_inputs, stream_predictions
 from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
 
@@ -122,6 +124,17 @@ def test_onnx_backend_without_export_says_so(tmp_path: Path, capsys: pytest.Capt
     img = bottle_test_images(1)[0]
     assert main(["predict", str(run), str(img), "--backend", "onnx", "--out", str(tmp_path / "o")]) == 2
     assert "kdad export" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_threshold_is_refused(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tiny_run("rd")), str(tmp_path), f"--threshold={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threshold" in err and "finite" in err
+    with pytest.raises(ConfigError, match="--threshold must be a finite number"):  # programmatic callers too
+        make_runner(tiny_run("rd"), None, "cpu", float(value))
 
 
 class _CountingRunner:

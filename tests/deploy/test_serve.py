@@ -88,6 +88,16 @@ def test_predict_matches_runner(client: TestClient, runner: TorchRunner) -> None
     assert "mask_png_base64" not in low
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_threshold_is_refused(client: TestClient, value: str) -> None:
+    path = bottle_test_images(1)[0]
+    r = client.post("/predict", files=_upload(path), params={"threshold": value})
+    assert r.status_code == 422 and "threshold" in r.text
+    r = client.post("/predict/batch", files=[("files", (path.name, path.read_bytes(), "image/png"))],
+                    params={"threshold": value})
+    assert r.status_code == 422 and "threshold" in r.text
+
+
 def test_batch_with_a_bad_file(client: TestClient) -> None:
     paths = bottle_test_images(1)[:3]
     files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
@@ -201,3 +211,17 @@ def test_cli_serve_wires_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     assert TestClient(seen["app"]).get("/info").json()["limits"]["max_upload_mb"] == 5.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_cli_serve_refuses_non_finite_threshold(value: str, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from kdad.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # never block on a real server
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tiny_run("rd")), "--threshold", value])
+    assert exit_info.value.code == 2
+    assert "--threshold" in capsys.readouterr().err

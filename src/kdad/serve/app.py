@@ -233,7 +233,9 @@ def create_app(
     @app.post("/predict", summary="score one image")
     async def predict(
         file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF")],
-        threshold: Annotated[float | None, Query(description="override the stored threshold")] = None,
+        threshold: Annotated[
+            float | None, Query(description="override the stored threshold (finite)", allow_inf_nan=False)
+        ] = None,
         mask: Annotated[bool, Query(description="also return a mask at the pixel threshold")] = False,
     ) -> dict[str, Any]:
         image = await decode(file)
@@ -242,7 +244,9 @@ def create_app(
     @app.post("/predict/batch", summary="score several images (bad files become error items)")
     async def predict_batch(
         files: Annotated[list[UploadFile], File(description="several images")],
-        threshold: Annotated[float | None, Query(description="override the threshold")] = None,
+        threshold: Annotated[
+            float | None, Query(description="override the threshold (finite)", allow_inf_nan=False)
+        ] = None,
         mask: Annotated[bool, Query(description="also return binary masks")] = False,
     ) -> list[dict[str, Any]]:
         if len(files) > limits.max_batch_files:
