@@ -43,6 +43,12 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _add_pixel_cap_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-megapixels", type=_finite_float, default=None, metavar="MP",
+                   help="largest image in megapixels (width x height / 1e6), checked from the header before "
+                        "decoding (default $KDAD_MAX_MEGAPIXELS, else 50; the same cap as training)")
+
+
 def _add_runner_options(p: argparse.ArgumentParser) -> None:
     """Backend, device and precision of the model that predict/serve run."""
     p.add_argument("--backend", choices=["torch", "onnx"], default=None,
@@ -156,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kdad.serve import serve
 
     runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
-    serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          max_megapixels=args.max_megapixels)
     return 0
 
 
@@ -210,7 +217,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from kdad.data.check import check_dataset
 
-    report = check_dataset(args.path, args.format, category=args.category, split_file=args.split_file)
+    report = check_dataset(args.path, args.format, category=args.category, split_file=args.split_file,
+                           max_megapixels=args.max_megapixels)
     print(report.text())
     return 1 if report.errors else 0  # warnings alone pass
 
@@ -248,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threshold", type=_finite_float, help="image threshold overriding the stored one")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=0, help="worker processes decoding images (default 0)")
+    _add_pixel_cap_option(p)
     _add_runner_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -268,6 +277,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_runner_options(p)
     p.add_argument("--threshold", type=_finite_float, help="default image threshold overriding the stored one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MB (default 20)")
+    _add_pixel_cap_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="make a synthetic inspection dataset, train RD, evaluate, write a report")
@@ -300,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout (default auto: detected)")
     q.add_argument("--category", help="check only this category of a multi-category folder")
     q.add_argument("--split-file", help="VisA split CSV or Real-IAD JSON (or its folder) if not at the released place")
+    _add_pixel_cap_option(q)
     q.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("list", help="list methods and presets")

@@ -40,8 +40,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 class _Paths(Dataset):
-    def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[Path], size: int, max_megapixels: float | None = None) -> None:
+        self.paths, self.size, self.max_megapixels = paths, size, max_megapixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +49,7 @@ class _Paths(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.paths[i]
         try:
-            return {"image": load_image(p, self.size), "path": str(p), "error": ""}
+            return {"image": load_image(p, self.size, self.max_megapixels), "path": str(p), "error": ""}
         except Exception as e:  # noqa: BLE001  # a bad file must not stop a long batch run: it is reported per row
             return {"image": torch.zeros(3, self.size, self.size), "path": str(p), "error": str(e)}
 
@@ -65,9 +65,13 @@ class Row:
 
 
 def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: int = 16, workers: int = 0,
-                       progress: bool = True) -> Iterator[tuple[Row, np.ndarray | None, np.ndarray | None]]:
-    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch."""
-    loader = DataLoader(_Paths(paths, size), batch_size=batch_size, num_workers=workers, shuffle=False)
+                       progress: bool = True, max_megapixels: float | None = None,
+                       ) -> Iterator[tuple[Row, np.ndarray | None, np.ndarray | None]]:
+    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch.
+
+    An image above the pixel cap (`max_megapixels`, default the shared one) becomes an error row, undecoded.
+    """
+    loader = DataLoader(_Paths(paths, size, max_megapixels), batch_size=batch_size, num_workers=workers, shuffle=False)
     for batch in tqdm(loader, desc="predict", disable=not progress):
         maps, scores = runner(batch["image"])
         for i, p in enumerate(batch["path"]):

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from kdad.checkpoint import atomic_write_bytes
+from kdad.data.transforms import pixel_cap
 from kdad.errors import KdadError
 from kdad.infer import Row, common_base, expand_inputs, out_name, out_stems, stream_predictions, write_table
 from kdad.visualize import overlay, png_bytes
@@ -82,8 +83,9 @@ def run_predict(args: argparse.Namespace) -> list[Row]:
         print(f"note: {len(renamed)} input(s) flatten to an output name already taken (e.g. {renamed[0]} -> "
               f"{stems[renamed[0]]}_overlay.png); they get a ~N suffix", file=sys.stderr)
     rows: list[Row] = []
+    cap = pixel_cap(getattr(args, "max_megapixels", None))  # a bad value fails before any image is read
     stream = stream_predictions(runner, paths, runner.image_size, args.batch_size, args.workers,
-                                progress=getattr(args, "progress", True))
+                                progress=getattr(args, "progress", True), max_megapixels=cap)
     try:
         for row, amap, image in stream:
             rows.append(row)

@@ -18,6 +18,7 @@ from kdad.cli import main
 from kdad.errors import ConfigError
 from kdad.predict import make_runner
 from kdad.infer import expand_inputs, out_stems, stream_predictions
+from tests.data import forged_png
 from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
 
 pytest.importorskip("onnxruntime")
@@ -199,6 +200,20 @@ def test_non_utf8_file_name_round_trips(tmp_path: Path, monkeypatch: pytest.Monk
     assert {os.fsencode(r["path"]) for r in rows} == {os.fsencode(folder / "plain.png"), os.fsencode(odd)}
     assert all(r["error"] is None for r in rows)
     assert (tmp_path / "out" / "overlays" / os.fsdecode(b"caf\xe9_overlay.png")).is_file()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns at open; we refuse
+def test_images_above_the_pixel_cap_are_error_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "in"
+    forged_png(folder / "bomb.png", 13000, 13000)  # 169 MP declared in a few hundred bytes
+    Image.new("RGB", (40, 40), (90, 0, 0)).save(folder / "small.png")  # 0.0016 MP
+    assert _fake_predict(monkeypatch, folder, tmp_path / "out") == 0
+    rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out" / "predictions.json").read_text())}
+    assert "169.0 megapixels, above the 50 MP limit" in rows["bomb.png"]["error"]
+    assert rows["small.png"]["error"] is None and rows["small.png"]["score"] is not None
+    assert _fake_predict(monkeypatch, folder, tmp_path / "out2", "--max-megapixels", "0.001") == 0
+    rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out2" / "predictions.json").read_text())}
+    assert "above the 0.001 MP limit" in rows["small.png"]["error"]
 
 
 def test_results_are_kept_when_writing_an_overlay_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
