@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.checkpoint import atomic_torch_save, load_bundle, model_from_bundle
+from kdad.cli import main
 from kdad.config import load_config
 from kdad.data.demo import make_demo_dataset
 from kdad.errors import ConfigError, KdadError
@@ -66,6 +68,46 @@ def test_resume_matches_uninterrupted_run(demo_root: Path, tmp_path: Path) -> No
     b = load_bundle(part)["model"]
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+
+
+def test_resume_refuses_a_changed_contract_before_writing(demo_root: Path, tmp_path: Path,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    over = [f"data.root={demo_root}", "train.epochs=1", *TINY]
+    run = fit(load_config("rd_cpu", [], over), tmp_path / "run")
+    before = {name: (run / name).read_bytes() for name in ("config.yaml", "last.ckpt", "train_log.jsonl")}
+    with pytest.raises(ConfigError, match=r"method: 'rd' -> 'stfpm'"):
+        fit(load_config("stfpm_cpu", [], over), run, resume=True)
+    with pytest.raises(ConfigError, match=r"data.image_size: 64 -> 32; model.lr: 0.005 -> 0.5"):
+        fit(load_config("rd_cpu", [], over + ["model.lr=0.5", "data.image_size=32"]), run, resume=True)
+    args = ["fit", "--preset", "stfpm_cpu", "--out", str(run), "--resume", *(x for o in over for x in ("--set", o))]
+    assert main(args) == 2  # one clear line, no state_dict traceback
+    assert "cannot resume" in capsys.readouterr().err
+    assert before == {name: (run / name).read_bytes() for name in before}  # nothing rewritten
+    fit(load_config("rd_cpu", [], [*over[:-len(TINY)], *TINY, "train.epochs=2", "train.device=cpu"]), run,
+        resume=True)  # the budget and the device may change
+
+
+def test_resume_clears_a_crashed_runs_leftovers(demo_root: Path, tmp_path: Path) -> None:
+    over = [f"data.root={demo_root}", *TINY]
+    run = fit(load_config("rd_cpu", [], over + ["train.epochs=2", "train.ckpt_every=1"]), tmp_path / "run")
+    # a crash in epoch 2 after its log line, inside the checkpoint write, then a line cut short:
+    (run / ".last.ckpt.k2j4x9.tmp").write_bytes(b"")
+    with open(run / "train_log.jsonl", "a") as f:
+        f.write(json.dumps({"epoch": 2, "iters": 9, "loss": 0.1}) + "\n" + '{"epoch": 3, "it')
+    fit(load_config("rd_cpu", [], over + ["train.epochs=3"]), run, resume=True)
+    log = [json.loads(x) for x in (run / "train_log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in log] == [0, 1, 2]
+    assert not list(run.glob(".*.tmp"))
+
+
+def test_atomic_torch_save_fsyncs_before_the_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events: list[str] = []
+    real_fsync, real_replace = os.fsync, os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append("fsync"), real_fsync(fd))[1])
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b))[1])
+    atomic_torch_save({"w": torch.ones(3)}, tmp_path / "x.ckpt")
+    assert events == ["fsync", "replace"]
+    assert torch.equal(torch.load(tmp_path / "x.ckpt", weights_only=True)["w"], torch.ones(3))
 
 
 def test_held_out_selection_keeps_best_epoch(demo_root: Path, tmp_path: Path) -> None:

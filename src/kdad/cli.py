@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -29,6 +30,23 @@ def _add_config_options(p: argparse.ArgumentParser) -> None:
                    help="several categories (names under --data, or folder paths): one model over all of them "
                         "(multi-class), unless `fit --per-category` trains one model each")
     g.add_argument("--print-config", action="store_true", help="print the resolved config as YAML and exit")
+
+
+def _finite_float(text: str) -> float:
+    """argparse type for thresholds: a finite number (NaN or inf would call every image normal)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text!r}")
+    return value
+
+
+def _add_pixel_cap_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-megapixels", type=_finite_float, default=None, metavar="MP",
+                   help="largest image in megapixels (width x height / 1e6), checked from the header before "
+                        "decoding (default $KDAD_MAX_MEGAPIXELS, else 50; the same cap as training)")
 
 
 def _add_runner_options(p: argparse.ArgumentParser) -> None:
@@ -144,7 +162,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from kdad.serve import serve
 
     runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
-    serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)
+    serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
+          max_megapixels=args.max_megapixels)
     return 0
 
 
@@ -198,7 +217,8 @@ def cmd_list(args: argparse.Namespace) -> int:
 def cmd_data_check(args: argparse.Namespace) -> int:
     from kdad.data.check import check_dataset
 
-    report = check_dataset(args.path, args.format, category=args.category, split_file=args.split_file)
+    report = check_dataset(args.path, args.format, category=args.category, split_file=args.split_file,
+                           max_megapixels=args.max_megapixels)
     print(report.text())
     return 1 if report.errors else 0  # warnings alone pass
 
@@ -233,9 +253,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="predictions", help="output folder (default ./predictions)")
     p.add_argument("--overlays", action="store_true", help="write heatmap overlay PNGs")
     p.add_argument("--masks", action="store_true", help="write binary defect masks at the pixel threshold")
-    p.add_argument("--threshold", type=float, help="image threshold overriding the stored one")
+    p.add_argument("--threshold", type=_finite_float, help="image threshold overriding the stored one")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--workers", type=int, default=0, help="worker processes decoding images (default 0)")
+    _add_pixel_cap_option(p)
     _add_runner_options(p)
     p.set_defaults(func=cmd_predict)
 
@@ -254,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1; 0.0.0.0 for all)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
     _add_runner_options(p)
-    p.add_argument("--threshold", type=float, help="default image threshold overriding the stored one")
+    p.add_argument("--threshold", type=_finite_float, help="default image threshold overriding the stored one")
     p.add_argument("--max-upload-mb", type=float, default=20.0, help="largest accepted image file in MB (default 20)")
+    _add_pixel_cap_option(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("demo", help="make a synthetic inspection dataset, train RD, evaluate, write a report")
@@ -288,6 +310,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="layout (default auto: detected)")
     q.add_argument("--category", help="check only this category of a multi-category folder")
     q.add_argument("--split-file", help="VisA split CSV or Real-IAD JSON (or its folder) if not at the released place")
+    _add_pixel_cap_option(q)
     q.set_defaults(func=cmd_data_check)
 
     p = sub.add_parser("list", help="list methods and presets")

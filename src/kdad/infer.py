@@ -40,8 +40,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 class _Paths(Dataset):
-    def __init__(self, paths: list[Path], size: int) -> None:
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[Path], size: int, max_megapixels: float | None = None) -> None:
+        self.paths, self.size, self.max_megapixels = paths, size, max_megapixels
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +49,7 @@ class _Paths(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.paths[i]
         try:
-            return {"image": load_image(p, self.size), "path": str(p), "error": ""}
+            return {"image": load_image(p, self.size, self.max_megapixels), "path": str(p), "error": ""}
         except Exception as e:  # noqa: BLE001  # a bad file must not stop a long batch run: it is reported per row
             return {"image": torch.zeros(3, self.size, self.size), "path": str(p), "error": str(e)}
 
@@ -65,9 +65,13 @@ class Row:
 
 
 def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: int = 16, workers: int = 0,
-                       progress: bool = True) -> Iterator[tuple[Row, np.ndarray | None, np.ndarray | None]]:
-    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch."""
-    loader = DataLoader(_Paths(paths, size), batch_size=batch_size, num_workers=workers, shuffle=False)
+                       progress: bool = True, max_megapixels: float | None = None,
+                       ) -> Iterator[tuple[Row, np.ndarray | None, np.ndarray | None]]:
+    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch.
+
+    An image above the pixel cap (`max_megapixels`, default the shared one) becomes an error row, undecoded.
+    """
+    loader = DataLoader(_Paths(paths, size, max_megapixels), batch_size=batch_size, num_workers=workers, shuffle=False)
     for batch in tqdm(loader, desc="predict", disable=not progress):
         maps, scores = runner(batch["image"])
         for i, p in enumerate(batch["path"]):
@@ -89,7 +93,10 @@ def common_base(paths: Sequence[Path]) -> Path | None:
 
 
 def out_name(path: str, suffix: str, base: Path | None = None) -> str:
-    """Flattened unique output name for a path (relative to `base` if given): a/b/c.png -> a__b__c<suffix>."""
+    """Flattened output name for a path (relative to `base` if given): a/b/c.png -> a__b__c<suffix>.
+
+    Not unique on its own (a/b.png and a__b.png, or b.png and b.jpg, flatten alike): use :func:`out_stems`.
+    """
     p = Path(path)
     if base is not None:
         try:
@@ -100,8 +107,33 @@ def out_name(path: str, suffix: str, base: Path | None = None) -> str:
     return f"{stem}{suffix}"
 
 
+def out_stems(paths: Sequence[Path], base: Path | None = None) -> dict[str, str]:
+    """str(path) -> a flattened output stem unique among `paths`; returns the map and nothing is written.
+
+    The first path (in input order) with a given flattened stem keeps it; later ones get `~2`, `~3`, ...,
+    never a stem another path has naturally, so no overlay or mask overwrites another.
+    """
+    natural = {str(p): out_name(str(p), "", base) for p in paths}
+    taken = set(natural.values())
+    out: dict[str, str] = {}
+    used: set[str] = set()
+    for key, stem in natural.items():
+        if stem in used:
+            k = 2
+            while f"{stem}~{k}" in taken or f"{stem}~{k}" in used:
+                k += 1
+            stem = f"{stem}~{k}"
+        used.add(stem)
+        out[key] = stem
+    return out
+
+
 def write_table(rows: list[Row], out_dir: Path) -> None:
-    """predictions.csv and predictions.json, written atomically."""
+    """predictions.csv and predictions.json, written atomically.
+
+    Paths keep their bytes: the CSV holds a non-UTF-8 name's original bytes, the (ASCII) JSON escapes them
+    as surrogates (`"caf\\udce9.png"`), which `os.fsencode(json.loads(...))` turns back into the name.
+    """
     import io
 
     buf = io.StringIO()
@@ -109,7 +141,8 @@ def write_table(rows: list[Row], out_dir: Path) -> None:
     w.writerow(["path", "score", "decision", "error"])
     for r in rows:
         w.writerow([r.path, f"{r.score:.6g}", "" if r.decision is None else r.decision, r.error])
-    atomic_write_bytes(out_dir / "predictions.csv", buf.getvalue().encode())
+    # file names that are not valid UTF-8 arrive as surrogate escapes: write their original bytes back
+    atomic_write_bytes(out_dir / "predictions.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     data = [{"path": r.path, "score": None if np.isnan(r.score) else r.score, "decision": r.decision,
              "error": r.error or None} for r in rows]
     atomic_write_bytes(out_dir / "predictions.json", json.dumps(data, indent=1).encode())

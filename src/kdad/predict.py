@@ -10,8 +10,10 @@ from typing import Any
 import numpy as np
 
 from kdad.checkpoint import atomic_write_bytes
+from kdad.data.transforms import pixel_cap
+from kdad.errors import KdadError
+from kdad.infer import Row, common_base, expand_inputs, out_name, out_stems, stream_predictions, write_table
 from kdad.thresholds import defect_mask
-from kdad.infer import Row, common_base, expand_inputs, out_name, stream_predictions, write_table
 from kdad.visualize import overlay, png_bytes
 
 
@@ -29,7 +31,9 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
     With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
     """
     from kdad.errors import ConfigError, KdadError
+    from kdad.thresholds import finite_threshold
 
+    finite_threshold(threshold, "--threshold")
     path = Path(model_path)
     if backend not in (None, "torch", "onnx"):
         raise KdadError(f"unknown backend {backend!r}; valid: torch, onnx")
@@ -55,8 +59,18 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
                        cuda_graph=cuda_graph)
 
 
+def _write_image(path: Path, rgb: np.ndarray) -> None:
+    try:
+        atomic_write_bytes(path, png_bytes(rgb))
+    except OSError as e:
+        raise KdadError(f"cannot write {path}: {e}") from e
+
+
 def run_predict(args: argparse.Namespace) -> list[Row]:
-    """Predict every input; rows go to predictions.csv/json, images to overlays/ and masks/."""
+    """Predict every input; rows go to predictions.csv/json, images to overlays/ and masks/.
+
+    The table is written even when a later image or write fails, so scores already computed are kept.
+    """
     runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
     paths = expand_inputs(args.inputs)
     out = Path(args.out)
@@ -64,19 +78,32 @@ def run_predict(args: argparse.Namespace) -> list[Row]:
     if args.masks and runner.pixel_threshold is None:
         print("note: the model has no pixel threshold, so no masks are written", file=sys.stderr)
     base = common_base(paths)
+    stems = out_stems(paths, base) if args.overlays or args.masks else {}
+    renamed = [p for p, stem in stems.items() if stem != out_name(p, "", base)]
+    if renamed:
+        print(f"note: {len(renamed)} input(s) flatten to an output name already taken (e.g. {renamed[0]} -> "
+              f"{stems[renamed[0]]}_overlay.png); they get a ~N suffix", file=sys.stderr)
     rows: list[Row] = []
+    cap = pixel_cap(getattr(args, "max_megapixels", None))  # a bad value fails before any image is read
     stream = stream_predictions(runner, paths, runner.image_size, args.batch_size, args.workers,
-                                progress=getattr(args, "progress", True))
-    for row, amap, image in stream:
-        rows.append(row)
-        if amap is None or image is None:
-            continue
-        if args.overlays:
-            rgb = overlay(image, amap, runner.vmin, runner.vmax)
-            atomic_write_bytes(out / "overlays" / out_name(row.path, "_overlay.png", base), png_bytes(rgb))
-        if args.masks and runner.pixel_threshold is not None:
-            mask = (defect_mask(amap, runner.pixel_threshold, getattr(runner, "pixel_min_area", 1)) * 255).astype(np.uint8)
-            atomic_write_bytes(out / "masks" / out_name(row.path, "_mask.png", base), png_bytes(mask))
+                                progress=getattr(args, "progress", True), max_megapixels=cap)
+    try:
+        for row, amap, image in stream:
+            rows.append(row)
+            if amap is None or image is None:
+                continue
+            if args.overlays:
+                _write_image(out / "overlays" / f"{stems[row.path]}_overlay.png",
+                             overlay(image, amap, runner.vmin, runner.vmax))
+            if args.masks and runner.pixel_threshold is not None:
+                keep = defect_mask(amap, runner.pixel_threshold, getattr(runner, "pixel_min_area", 1))
+                mask = (keep * 255).astype(np.uint8)
+                _write_image(out / "masks" / f"{stems[row.path]}_mask.png", mask)
+    except BaseException:
+        write_table(rows, out)
+        print(f"kdad predict: stopped after {len(rows)} of {len(paths)} images; their results are in "
+              f"{out / 'predictions.csv'}", file=sys.stderr)
+        raise
     write_table(rows, out)
     n_bad = sum(1 for r in rows if r.error)
     n_anom = sum(1 for r in rows if r.decision == 1)

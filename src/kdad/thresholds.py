@@ -24,6 +24,16 @@ from kdad.metrics._core import as_bool, as_maps_and_masks, as_scores
 DEFAULT_MAX_PIXELS = 20_000_000
 
 
+def finite_threshold(value: float | None, name: str = "threshold") -> float | None:
+    """`value` unchanged if it is None or a finite number; NaN or +-inf raise ConfigError naming `name`.
+
+    A NaN threshold makes every `score >= threshold` false, so every image would silently be called normal.
+    """
+    if value is not None and not math.isfinite(value):
+        raise ConfigError(f"{name} must be a finite number, got {value!r}")
+    return value
+
+
 @dataclass(frozen=True)
 class Thresholds:
     """Image-score and pixel-score thresholds and how they were obtained (e.g. ``f1_max+quantile``).

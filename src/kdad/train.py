@@ -17,8 +17,14 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
-from kdad.checkpoint import atomic_torch_save, atomic_write_text, load_bundle, make_bundle
-from kdad.config import RunConfig, dump_yaml, method_config
+from kdad.checkpoint import (
+    atomic_torch_save,
+    atomic_write_text,
+    load_bundle,
+    make_bundle,
+    remove_stale_temporaries,
+)
+from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
@@ -129,6 +135,81 @@ def _texture_bank(cfg: RunConfig, spec: Any) -> Any:
     return TextureBank(cfg.data.texture_dir, cfg.data.image_size)
 
 
+RESUMABLE_KEYS = frozenset({
+    "train.epochs", "train.max_iters", "train.max_seconds", "train.device", "train.amp", "train.cpu_bf16",
+    "train.channels_last", "train.fused_optimizer", "train.compile", "train.heap_allocator", "train.cuda_graph",
+    "train.val_every", "train.ckpt_every", "train.threshold_quantile", "train.pixel_threshold_quantile",
+    "train.eval_batch_size", "train.progress", "train.select_on_test", "data.num_workers",
+})
+"""Config keys `--resume` lets change: the budget, the device and speed levers, bookkeeping. Everything else
+(method, model architecture and optimizer settings, data, seed, split, batch size, selection) must match."""
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested dicts -> {"data.image_size": 256, ...}."""
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(stored: dict[str, Any], cfg: RunConfig, where: Path) -> None:
+    """Raise ConfigError listing every key that differs between the checkpoint's config and `cfg` and that
+    `--resume` may not change (see RESUMABLE_KEYS).
+
+    Optimizer settings (model.lr, ...) are refused, not applied: the saved optimizer state carries them, and a
+    resumed run continues the saved run exactly.
+    """
+    old = to_dict(build_config(stored, where=f"{where} config"))
+    if old["method"] != cfg.method:
+        changed = [f"method: {old['method']!r} -> {cfg.method!r}"]
+    else:
+        a, b = _flat(old), _flat(to_dict(cfg))
+        changed = [f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in sorted(a.keys() | b.keys())
+                   if a.get(k) != b.get(k) and k not in RESUMABLE_KEYS]
+    if changed:
+        raise ConfigError(
+            f"cannot resume {where}: the config differs from the one it was trained with ({'; '.join(changed)}). "
+            "--resume continues the saved run unchanged: the method, model (architecture and optimizer settings "
+            "such as lr, which the saved optimizer state keeps), data, seed, split, batch size and selection "
+            "must match; it may change only the budget, device, speed levers and bookkeeping (kdad.train."
+            "RESUMABLE_KEYS, docs/design.md). Resume with the run's own "
+            f"config (-c {where.parent / 'config.yaml'}) or train into a new --out"
+        )
+
+
+def trim_log(path: Path, last_epoch: int) -> None:
+    """Keep the train_log.jsonl records of epochs <= last_epoch (the checkpoint's), so the epochs a resumed
+    run trains again are not logged twice; a line cut short by a crash is dropped too."""
+    if not path.is_file():
+        return
+    lines = path.read_text().splitlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["epoch"]) <= last_epoch:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):
+            continue
+    if kept != lines:
+        atomic_write_text(path, "".join(x + "\n" for x in kept))
+
+
+def _load_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
+    """last.ckpt of `run_dir` checked against `cfg` (None when there is none); nothing is written."""
+    path = run_dir / "last.ckpt"
+    if not path.is_file():
+        return None
+    ck = load_bundle(path)
+    if "train_state" not in ck:
+        raise KdadError(f"{path} has no training state to resume from")
+    check_resume_config(ck["config"], cfg, path)
+    return ck
+
+
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     """Train `cfg.method` on `cfg.data`; write config.yaml, last.ckpt, model.ckpt, train_log.jsonl in run_dir."""
     run_dir = Path(run_dir)
@@ -151,9 +232,12 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         warn_if_slow_cpu_bf16("train.cpu_bf16=true")
     gen = seed_everything(tc.seed)
     main = rank == 0
+    ck = _load_resume(run_dir, cfg) if resume else None  # refuses a changed config before anything is written
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(run_dir)  # left by a killed run's atomic writes
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
+        trim_log(run_dir / "train_log.jsonl", ck["train_state"]["epoch"] if ck else -1)
 
     train_ds, val_ds, weights = train_val_datasets(cfg)
     if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
@@ -178,8 +262,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     textures = _texture_bank(cfg, spec)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
     best_state: dict[str, torch.Tensor] | None = None
-    if resume and (run_dir / "last.ckpt").is_file():
-        ck = load_bundle(run_dir / "last.ckpt")
+    if ck is not None:
         model.load_state_dict(ck["model"])
         for k, o in opts.items():
             getattr(o, "opt", o).load_state_dict(ck["train_state"]["optimizers"][k])
@@ -188,7 +271,9 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         torch.set_rng_state(st["rng"])
         gen.set_state(st["gen"])
         if (run_dir / "best.ckpt").is_file():
-            best_state = load_bundle(run_dir / "best.ckpt")["model"]
+            best_ck = load_bundle(run_dir / "best.ckpt")
+            if best_ck.get("best") == best:  # not a best.ckpt of an epoch after last.ckpt (lost in a crash)
+                best_state = best_ck["model"]
 
     def eager_step(b: dict[str, Any]) -> dict[str, Any]:
         return spec.train_step(model, b, opts, mcfg, gen)

@@ -10,6 +10,7 @@ from PIL import Image
 
 from kdad.cli import main
 from kdad.data.check import check_dataset, detect_format
+from tests.data import forged_png
 from tests.data.test_btad import make_btad
 from tests.data.test_mvtec_ad2 import make_mvtec_ad2
 from tests.data.test_realiad import make_realiad
@@ -119,6 +120,16 @@ def _in_split_duplicate(c: Path) -> Path:
     return c / "train" / "good" / "000.png"
 
 
+def _too_large(c: Path) -> Path:
+    return forged_png(c / "train" / "good" / "001.png", 13000, 13000)
+
+
+def _narrow_16bit(c: Path) -> Path:
+    arr = np.random.default_rng(0).integers(0, 256, (SIZE[1], SIZE[0]), dtype=np.uint16)
+    Image.fromarray(arr).save(c / "train" / "good" / "001.png")
+    return c / "train" / "good" / "001.png"
+
+
 SEEDS = [  # (seed, kind, level)
     (lambda c: (_truncate(c / "train" / "good" / "001.png"), c / "train" / "good" / "001.png")[1], "unreadable", "error"),
     (_truncated_jpeg, "unreadable", "error"),
@@ -129,9 +140,12 @@ SEEDS = [  # (seed, kind, level)
     (_empty_train, "empty_split", "error"),
     (_train_test_duplicate, "duplicate", "error"),
     (_in_split_duplicate, "duplicate", "warning"),
+    (_too_large, "too_large", "error"),
+    (_narrow_16bit, "narrow_16bit", "warning"),
 ]
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns at open; we refuse
 @pytest.mark.parametrize("seed,kind,level", SEEDS, ids=[f"{k}-{lv}-{i}" for i, (_, k, lv) in enumerate(SEEDS)])
 def test_each_problem_is_found(seed: Callable[[Path], Path], kind: str, level: str, tmp_path: Path,
                                capsys: pytest.CaptureFixture[str]) -> None:
@@ -157,6 +171,13 @@ def test_split_file_problems(tmp_path: Path) -> None:
     mask.unlink()
     problems = check_dataset(riad).problems
     assert [(p.kind, p.path) for p in problems] == [("missing_mask", str(mask.with_suffix(".jpg")))]
+
+
+def test_pixel_cap_option(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_mvtec(tmp_path / "mvtec")  # 48x40 images: 0.00192 MP
+    assert main(["data", "check", str(root), "--max-megapixels", "0.01"]) == 0
+    assert main(["data", "check", str(root), "--max-megapixels", "0.001"]) == 1
+    assert "above the 0.001 MP limit" in capsys.readouterr().out
 
 
 def test_bad_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

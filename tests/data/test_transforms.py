@@ -1,5 +1,6 @@
 """Image/mask loading: modes, sizes, ranges, binarisation and errors naming the file."""
 
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -8,13 +9,17 @@ import torch
 from PIL import Image
 
 from kdad.data.transforms import (
+    MAX_MEGAPIXELS_ENV,
+    ImageTooLargeError,
+    NarrowRangeWarning,
     images_to_batch,
     list_images,
     load_image,
     load_image_and_mask,
     load_mask,
 )
-from kdad.errors import DatasetError
+from kdad.errors import ConfigError, DatasetError
+from tests.data import forged_png
 
 
 def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:
@@ -77,6 +82,38 @@ def test_16bit_grayscale_is_scaled_not_clipped(tmp_path: Path) -> None:
     x = load_image(p, 2)
     assert torch.allclose(x[0], torch.from_numpy(arr.astype(np.float32) / 65535), atol=1e-6)
     assert torch.equal(x[0], x[2])
+
+
+def test_16bit_holding_8bit_values_warns(tmp_path: Path) -> None:
+    narrow = _save(tmp_path / "narrow.png", np.array([[0, 17], [128, 255]], np.uint16))
+    with pytest.warns(NarrowRangeWarning, match="narrow.png.*only reach 255"):
+        load_image(narrow, 2)
+    full = _save(tmp_path / "full.png", np.array([[0, 300], [9000, 65535]], np.uint16))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # real 16-bit data loads silently
+        load_image(full, 2)
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns; we refuse
+def test_image_above_the_pixel_cap_is_refused_from_its_header(tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    bomb = forged_png(tmp_path / "bomb.png", 13000, 13000)  # 169 MP, under PIL's own 179 MP limit
+    assert bomb.stat().st_size < 1000
+    with pytest.raises(ImageTooLargeError, match=r"bomb.png is 13000x13000 = 169.0 megapixels, above the 50 MP"):
+        load_image(bomb, 8)
+    mask = _save(tmp_path / "mask.png", np.zeros((8, 8), np.uint8))
+    with pytest.raises(ImageTooLargeError, match="bomb.png"):  # the dataset loaders' path too
+        load_image_and_mask(bomb, mask, 8)
+    small = _save(tmp_path / "small.png", _rgb(40, 40))  # 1600 px
+    assert load_image(small, 8, max_megapixels=0.002).shape == (3, 8, 8)
+    with pytest.raises(ImageTooLargeError, match="0.001 MP"):
+        load_image(small, 8, max_megapixels=0.001)
+    monkeypatch.setenv(MAX_MEGAPIXELS_ENV, "0.001")  # the cap for entry points without an option (training)
+    with pytest.raises(ImageTooLargeError, match=MAX_MEGAPIXELS_ENV):
+        load_image(small, 8)
+    monkeypatch.setenv(MAX_MEGAPIXELS_ENV, "lots")
+    with pytest.raises(ConfigError, match=MAX_MEGAPIXELS_ENV):
+        load_image(small, 8)
 
 
 @pytest.mark.parametrize("content", [b"this is not an image", "truncated"])

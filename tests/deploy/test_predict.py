@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -12,8 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
+import kdad.predict
 from kdad.cli import main
-from kdad.infer import expand_inputs, stream_predictions
+from kdad.errors import ConfigError
+from kdad.predict import make_runner
+from kdad.infer import expand_inputs, out_stems, stream_predictions
+from tests.data import forged_png
 from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
 
 pytest.importorskip("onnxruntime")
@@ -124,6 +129,17 @@ def test_onnx_backend_without_export_says_so(tmp_path: Path, capsys: pytest.Capt
     assert "kdad export" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_threshold_is_refused(value: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict", str(tiny_run("rd")), str(tmp_path), f"--threshold={value}"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--threshold" in err and "finite" in err
+    with pytest.raises(ConfigError, match="--threshold must be a finite number"):  # programmatic callers too
+        make_runner(tiny_run("rd"), None, "cpu", float(value))
+
+
 class _CountingRunner:
     """Fake runner recording batch sizes; score = mean pixel."""
 
@@ -147,6 +163,76 @@ def test_streaming_is_bounded(tmp_path: Path) -> None:
     assert first[0].error == "" and runner.calls == [4]  # one batch decoded and scored, not the whole folder
     rest = list(stream)
     assert len(rest) == 39 and max(runner.calls) == 4 and sum(runner.calls) == 40
+
+
+def test_output_stems_never_collide(tmp_path: Path) -> None:
+    names = ["sub/x.png", "sub__x.png", "sub__x~2.png", "x.png", "x.jpg", "a/b/c.png", "a__b/c.png"]
+    paths = [tmp_path / n for n in names]
+    stems = out_stems(paths, tmp_path)
+    assert len(set(stems.values())) == len(names)
+    assert stems[str(paths[0])] == "sub__x" and stems[str(paths[3])] == "x"  # the first keeps its plain name
+    assert stems[str(paths[1])] not in ("sub__x", "sub__x~2")  # nor takes another input's natural name
+
+
+def _fake_predict(monkeypatch: pytest.MonkeyPatch, folder: Path, out: Path, *flags: str) -> int:
+    """`kdad predict` over `folder` with _CountingRunner instead of a model."""
+    monkeypatch.setattr("kdad.predict.make_runner", lambda *a, **k: _CountingRunner())
+    return main(["predict", "unused", str(folder), "--out", str(out), *flags])
+
+
+def test_colliding_names_keep_every_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    Image.new("RGB", (8, 8), (200, 0, 0)).save(tmp_path / "in" / "sub" / "x.png")
+    Image.new("RGB", (8, 8), (0, 200, 0)).save(tmp_path / "in" / "sub__x.png")
+    assert _fake_predict(monkeypatch, tmp_path / "in", tmp_path / "out", "--overlays") == 0
+    assert len(list((tmp_path / "out" / "overlays").glob("*.png"))) == 2
+
+
+def test_non_utf8_file_name_round_trips(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "d"
+    folder.mkdir()
+    Image.new("RGB", (8, 8), (10, 20, 30)).save(folder / "plain.png")
+    odd = os.fsdecode(bytes(folder) + b"/caf\xe9.png")  # \xe9 alone is not UTF-8: a surrogate escape
+    Image.new("RGB", (8, 8), (200, 20, 30)).save(odd)
+    assert _fake_predict(monkeypatch, folder, tmp_path / "out", "--overlays") == 0
+    assert b"caf\xe9.png" in (tmp_path / "out" / "predictions.csv").read_bytes()
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert {os.fsencode(r["path"]) for r in rows} == {os.fsencode(folder / "plain.png"), os.fsencode(odd)}
+    assert all(r["error"] is None for r in rows)
+    assert (tmp_path / "out" / "overlays" / os.fsdecode(b"caf\xe9_overlay.png")).is_file()
+
+
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")  # PIL warns at open; we refuse
+def test_images_above_the_pixel_cap_are_error_rows(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = tmp_path / "in"
+    forged_png(folder / "bomb.png", 13000, 13000)  # 169 MP declared in a few hundred bytes
+    Image.new("RGB", (40, 40), (90, 0, 0)).save(folder / "small.png")  # 0.0016 MP
+    assert _fake_predict(monkeypatch, folder, tmp_path / "out") == 0
+    rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out" / "predictions.json").read_text())}
+    assert "169.0 megapixels, above the 50 MP limit" in rows["bomb.png"]["error"]
+    assert rows["small.png"]["error"] is None and rows["small.png"]["score"] is not None
+    assert _fake_predict(monkeypatch, folder, tmp_path / "out2", "--max-megapixels", "0.001") == 0
+    rows = {Path(r["path"]).name: r for r in json.loads((tmp_path / "out2" / "predictions.json").read_text())}
+    assert "above the 0.001 MP limit" in rows["small.png"]["error"]
+
+
+def test_results_are_kept_when_writing_an_overlay_fails(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    for i in range(6):
+        Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
+    real_write, calls = kdad.predict.atomic_write_bytes, []
+
+    def failing_write(path: Path, data: bytes) -> None:
+        calls.append(path)
+        if len(calls) == 3:
+            raise OSError(28, "No space left on device")
+        real_write(path, data)
+
+    monkeypatch.setattr("kdad.predict.atomic_write_bytes", failing_write)
+    assert _fake_predict(monkeypatch, tmp_path, tmp_path / "out", "--overlays", "--batch-size", "2") == 2
+    assert "No space left" in capsys.readouterr().err
+    rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
+    assert len(rows) == 3 and all(r["score"] is not None for r in rows)  # the scores computed are kept
 
 
 def test_fast_fp32_precision_matches_exact() -> None:

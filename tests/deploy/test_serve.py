@@ -24,7 +24,8 @@ from fastapi.testclient import TestClient
 
 from kdad.data.transforms import load_image
 from kdad.runner import TorchRunner
-from kdad.serve import create_app
+from kdad.data.transforms import MAX_MEGAPIXELS
+from kdad.serve import Limits, create_app
 from tests.deploy import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
 
 MAX_MB = 1.0
@@ -88,6 +89,16 @@ def test_predict_matches_runner(client: TestClient, runner: TorchRunner) -> None
     assert "mask_png_base64" not in low
 
 
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf", "NaN"])
+def test_non_finite_threshold_is_refused(client: TestClient, value: str) -> None:
+    path = bottle_test_images(1)[0]
+    r = client.post("/predict", files=_upload(path), params={"threshold": value})
+    assert r.status_code == 422 and "threshold" in r.text
+    r = client.post("/predict/batch", files=[("files", (path.name, path.read_bytes(), "image/png"))],
+                    params={"threshold": value})
+    assert r.status_code == 422 and "threshold" in r.text
+
+
 def test_batch_with_a_bad_file(client: TestClient) -> None:
     paths = bottle_test_images(1)[:3]
     files = [("files", (p.name, p.read_bytes(), "image/png")) for p in paths]
@@ -140,6 +151,21 @@ def test_rejects_decompression_bombs(client: TestClient, side: int) -> None:
     r = client.post("/predict", files={"file": ("bomb.png", payload, "image/png")})
     assert r.status_code == 413, r.text
     assert "too large" in r.json()["detail"] or "megapixels" in r.json()["detail"]
+
+
+def test_pixel_cap_is_the_shared_one(runner: TorchRunner, monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from kdad.cli import main
+
+    assert Limits().max_megapixels == MAX_MEGAPIXELS  # one default for the server, predict and training
+    path = bottle_test_images(1)[0]
+    r = TestClient(create_app(runner, max_megapixels=0.01)).post("/predict", files=_upload(path))
+    assert r.status_code == 413 and "above the 0.01 MP limit" in r.json()["detail"]
+    seen: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    assert main(["serve", str(tiny_run("rd")), "--max-megapixels", "0.5", "--device", "cpu"]) == 0
+    assert TestClient(seen["app"]).get("/info").json()["limits"]["max_megapixels"] == 0.5
 
 
 def test_onnx_app_agrees(client: TestClient) -> None:
@@ -201,3 +227,17 @@ def test_cli_serve_wires_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     assert TestClient(seen["app"]).get("/info").json()["limits"]["max_upload_mb"] == 5.0
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_cli_serve_refuses_non_finite_threshold(value: str, capsys: pytest.CaptureFixture[str],
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import uvicorn
+
+    from kdad.cli import main
+
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # never block on a real server
+    with pytest.raises(SystemExit) as exit_info:
+        main(["serve", str(tiny_run("rd")), "--threshold", value])
+    assert exit_info.value.code == 2
+    assert "--threshold" in capsys.readouterr().err

@@ -7,8 +7,10 @@ lists every image with its split and defect type, and reports, each with the fil
   defective image without a mask, a mask without an image, a file listed in a split file but
   missing, a mask whose size differs from its image's, an empty split, the same image content in
   the training split and an evaluation split;
+- errors also: an image or mask above the pixel cap (``--max-megapixels``, the cap training, predict
+  and serve use), found from the header without decoding it;
 - warnings: mask values other than 0 and one positive value, duplicates inside one split, images
-  not listed in the split file.
+  not listed in the split file, 16-bit images whose values all fit in 0-255 (they load near black).
 
 Files are read once: hashed (blake2b on the bytes), verified and decoded by PIL (JPEGs at reduced
 DCT scale, which still decodes every byte), on a thread pool.
@@ -29,7 +31,15 @@ import numpy as np
 from PIL import Image
 
 from kdad.data.mvtec import GOOD, find_mask, mask_index
-from kdad.data.transforms import PathLike, is_image_file, list_images
+from kdad.data.transforms import (
+    ImageTooLargeError,
+    PathLike,
+    check_pixel_count,
+    is_image_file,
+    list_images,
+    narrow_range_max,
+    pixel_cap,
+)
 from kdad.errors import DatasetError
 
 FORMATS: tuple[str, ...] = ("mvtec", "loco", "visa", "btad", "mvtec_ad2", "realiad")
@@ -352,10 +362,15 @@ class _FileInfo:
     digest: str = ""
     error: str = ""
     mask_values: tuple[int, ...] = ()
+    too_large: str = ""  # above the pixel cap: not decoded
+    narrow_max: int | None = None  # 16-bit image holding only 8-bit values: its maximum
 
 
-def _inspect(path: Path, is_mask: bool) -> _FileInfo:
-    """Hash, verify and decode one file; for masks also the distinct pixel values (first 8)."""
+def _inspect(path: Path, is_mask: bool, cap: float) -> _FileInfo:
+    """Hash, verify and decode one file; for masks also the distinct pixel values (first 8).
+
+    A file above the pixel cap (``cap`` megapixels) is not decoded: its header says enough.
+    """
     try:
         data = path.read_bytes()
     except OSError as e:
@@ -363,6 +378,10 @@ def _inspect(path: Path, is_mask: bool) -> _FileInfo:
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
     try:
         with Image.open(io.BytesIO(data)) as im:
+            try:
+                check_pixel_count(im.size, path, cap)
+            except ImageTooLargeError as e:
+                return _FileInfo(im.size, digest, too_large=str(e))
             im.verify()  # structure and checksums
         im = Image.open(io.BytesIO(data))
         size = im.size
@@ -370,7 +389,7 @@ def _inspect(path: Path, is_mask: bool) -> _FileInfo:
             im.draft(None, (max(1, size[0] // 8), max(1, size[1] // 8)))  # still reads every byte
         im.load()  # truncated data fails here
         if not is_mask:
-            return _FileInfo(size, digest)
+            return _FileInfo(size, digest, narrow_max=narrow_range_max(im))
         arr = np.asarray(im.convert("RGB") if im.mode in ("P", "CMYK") else im)
         if arr.ndim == 3 and im.mode in ("RGBA", "LA", "PA"):
             arr = arr[..., :-1]
@@ -380,14 +399,19 @@ def _inspect(path: Path, is_mask: bool) -> _FileInfo:
         return _FileInfo(error=f"{type(e).__name__}: {e}", digest=digest)
 
 
-def _check_files(rep: CheckReport, workers: int) -> None:
+def _check_files(rep: CheckReport, workers: int, cap: float) -> None:
     images = sorted({e.image for e in rep.entries})
     masks = sorted({m for e in rep.entries for m in e.masks})
     jobs = [(p, False) for p in images] + [(p, True) for p in masks]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos = dict(zip(jobs, pool.map(lambda j: _inspect(*j), jobs)))
+        infos = dict(zip(jobs, pool.map(lambda j: _inspect(*j, cap), jobs)))
     for (p, is_mask), info in infos.items():
         what = "mask" if is_mask else "image"
+        if info.too_large:
+            rep.add(ERROR, "too_large", p, f"{what} not decoded: {info.too_large}")
+        elif info.narrow_max is not None:
+            rep.add(WARNING, "narrow_16bit", p, f"16-bit image whose values only reach {info.narrow_max} "
+                    "(8-bit data?): scaled by 1/65535 it loads almost black; save it as 8-bit")
         if info.error:
             rep.add(ERROR, "unreadable", p, f"unreadable or truncated {what}: {info.error}")
         elif is_mask and len([v for v in info.mask_values if v != 0]) > 1:
@@ -426,6 +450,7 @@ def check_dataset(
     category: str | None = None,
     split_file: str | None = None,
     workers: int | None = None,
+    max_megapixels: float | None = None,
 ) -> CheckReport:
     """Scan a dataset folder and every file in it; see the module docstring for what is reported.
 
@@ -435,6 +460,7 @@ def check_dataset(
         category: only this category of a multi-category folder.
         split_file: VisA CSV / Real-IAD JSON (or folder) when not at the released place.
         workers: threads reading files (default: CPU count, at least 4).
+        max_megapixels: pixel cap (default :func:`kdad.data.transforms.pixel_cap`, the training cap).
     """
     root = Path(path)
     if not root.is_dir():
@@ -450,5 +476,5 @@ def check_dataset(
     else:
         {"mvtec": _scan_mvtec, "loco": _scan_loco, "btad": _scan_btad, "mvtec_ad2": _scan_mvtec_ad2}[fmt](
             rep, root, category)
-    _check_files(rep, workers or max(4, os.cpu_count() or 1))
+    _check_files(rep, workers or max(4, os.cpu_count() or 1), pixel_cap(max_megapixels))
     return rep

@@ -8,10 +8,11 @@ image), scaled to [0, 1]. Mean/std normalisation is *not* done here; each model 
 
 from __future__ import annotations
 
-from typing import Any
-
+import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -24,6 +25,22 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 
 PathLike = str | Path
 Size = int | tuple[int, int]
+
+MAX_MEGAPIXELS = 50.0
+"""Default cap on an image's pixel count (width x height / 1e6) for every entry point: training, evaluation,
+`kdad predict`, `kdad serve` and `kdad data check`. The environment variable KDAD_MAX_MEGAPIXELS changes it;
+predict, serve and data check also take --max-megapixels."""
+
+MAX_MEGAPIXELS_ENV = "KDAD_MAX_MEGAPIXELS"
+
+
+class ImageTooLargeError(DatasetError):
+    """An image whose header declares more pixels than the cap (a decompression bomb, or just too big)."""
+
+
+class NarrowRangeWarning(UserWarning):
+    """A 16-bit image whose values all fit in 0-255: probably 8-bit data, it will load almost black."""
+
 
 # Modes whose samples do not fit in 8 bits; converting them with PIL's convert("RGB") would clip.
 _HIGH_BIT_MODES = {"I;16": 65535.0, "I;16L": 65535.0, "I;16B": 65535.0, "I;16N": 65535.0, "I": 65535.0}
@@ -54,16 +71,81 @@ def _hw(size: Size) -> tuple[int, int]:
     return h, w
 
 
-def open_image(path: PathLike) -> Image.Image:
-    """Open and fully decode an image file; any failure raises :class:`DatasetError` naming the file."""
+def pixel_cap(value: float | None = None) -> float:
+    """The pixel cap in megapixels: `value` if given, else $KDAD_MAX_MEGAPIXELS, else :data:`MAX_MEGAPIXELS`."""
+    where = "--max-megapixels"
+    if value is None:
+        raw = os.environ.get(MAX_MEGAPIXELS_ENV, "").strip()
+        if not raw:
+            return MAX_MEGAPIXELS
+        where = MAX_MEGAPIXELS_ENV
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(f"{where}={raw!r} is not a number (megapixels)") from None
+    if not value > 0 or value == float("inf"):
+        raise ConfigError(f"{where} must be a positive finite number of megapixels, got {value!r}")
+    return float(value)
+
+
+def check_pixel_count(size: tuple[int, int], path: PathLike, limit: float | None = None) -> None:
+    """Raise :class:`ImageTooLargeError` naming ``path`` if ``size`` (W, H) exceeds the cap (megapixels).
+
+    Call it on the header's size, before decoding: decoding is what costs the memory.
+    """
+    cap = pixel_cap(limit)
+    w, h = size
+    if w * h > cap * 1e6:
+        raise ImageTooLargeError(
+            f"image {path} is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the {cap:g} MP limit (possible "
+            f"decompression bomb); resize it, or raise the limit with --max-megapixels or {MAX_MEGAPIXELS_ENV}"
+        )
+
+
+def open_header(path: PathLike, limit: float | None = None) -> Image.Image:
+    """Open an image lazily (header only) and check its pixel count against the cap; nothing is decoded."""
     try:
         im = Image.open(path)
-        im.load()  # decode now, so a truncated or corrupt file fails here and not later
     except FileNotFoundError as e:
         raise DatasetError(f"image file not found: {path}") from e
+    except Image.DecompressionBombError as e:  # PIL's own, higher limit tripped first
+        raise ImageTooLargeError(f"image {path} is too large: {e}") from e
+    except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
+        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    check_pixel_count(im.size, path, limit)
+    return im
+
+
+def open_image(path: PathLike, max_megapixels: float | None = None) -> Image.Image:
+    """Open and fully decode an image file; any failure raises :class:`DatasetError` naming the file.
+
+    The header's pixel count is checked against the cap (:func:`pixel_cap`) before decoding.
+    """
+    im = open_header(path, max_megapixels)
+    try:
+        im.load()  # decode now, so a truncated or corrupt file fails here and not later
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
         raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
     return im
+
+
+def narrow_range_max(im: Image.Image) -> int | None:
+    """For a 16-bit image (decoded) whose values all lie in 1..255 at most: its maximum, else None.
+
+    Such a file most likely holds 8-bit data; scaled by 1/65535 like any 16-bit image it comes out near black.
+    """
+    if im.mode not in _HIGH_BIT_MODES:
+        return None
+    top = int(np.asarray(im).max(initial=0))
+    return top if 0 < top <= 255 else None
+
+
+def _warn_narrow_range(im: Image.Image, path: PathLike) -> None:
+    top = narrow_range_max(im)
+    if top is not None:
+        warnings.warn(f"{path}: 16-bit image ({im.mode}) whose values only reach {top} (8-bit data?); it is "
+                      "scaled by 1/65535 and loads almost black. Save it as 8-bit, or scale it to 16 bits",
+                      NarrowRangeWarning, stacklevel=3)
 
 
 def _to_rgb_float(im: Image.Image, hw: tuple[int, int], path: PathLike) -> np.ndarray:
@@ -71,6 +153,7 @@ def _to_rgb_float(im: Image.Image, hw: tuple[int, int], path: PathLike) -> np.nd
     h, w = hw
     if im.mode in _HIGH_BIT_MODES or im.mode == "F":
         # 16-bit (or float) grayscale: resize in float so no precision is lost, then repeat to 3 channels.
+        _warn_narrow_range(im, path)
         arr = np.asarray(im, dtype=np.float32)
         arr = arr / _HIGH_BIT_MODES[im.mode] if im.mode in _HIGH_BIT_MODES else arr  # "F" is taken as [0, 1]
         f = Image.fromarray(np.clip(arr, 0.0, 1.0).astype(np.float32))
@@ -92,16 +175,17 @@ def _to_rgb_float(im: Image.Image, hw: tuple[int, int], path: PathLike) -> np.nd
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def load_image(path: PathLike, size: Size = 256) -> torch.Tensor:
+def load_image(path: PathLike, size: Size = 256, max_megapixels: float | None = None) -> torch.Tensor:
     """Load an image file as float32 (3, H, W) in [0, 1], RGB, resized to ``size`` (int = square).
 
     Gray, LA, P, RGBA, CMYK and 16-bit gray are converted to RGB (alpha is dropped, not composited;
-    16-bit values are scaled by 1/65535, float "F" images are taken as [0, 1]). Resize is PIL bilinear
-    with antialiasing; EXIF orientation is not applied (as in torchvision). A missing, corrupt or
-    truncated file raises :class:`DatasetError` naming the file.
+    16-bit values are scaled by 1/65535, with a :class:`NarrowRangeWarning` when they all fit in 8 bits;
+    float "F" images are taken as [0, 1]). Resize is PIL bilinear with antialiasing; EXIF orientation is
+    not applied (as in torchvision). A missing, corrupt or truncated file raises :class:`DatasetError`
+    naming the file, one above the pixel cap (:func:`pixel_cap`) :class:`ImageTooLargeError`.
     """
     hw = _hw(size)
-    arr = _to_rgb_float(open_image(path), hw, path)
+    arr = _to_rgb_float(open_image(path, max_megapixels), hw, path)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -139,13 +223,8 @@ def load_mask(path: PathLike, size: Size = 256, image_path: PathLike | None = No
 
 def _file_size(path: PathLike) -> tuple[int, int]:
     """(W, H) of an image file from its header."""
-    try:
-        with Image.open(path) as im:
-            return im.size
-    except FileNotFoundError as e:
-        raise DatasetError(f"image file not found: {path}") from e
-    except Exception as e:
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+    with open_header(path) as im:
+        return im.size
 
 
 def _check_same_size(

@@ -33,6 +33,7 @@ from kdad.data.transforms import (
     _hw,
     _mask_tensor,
     _to_rgb_float,
+    open_header,
     open_image,
 )
 from kdad.errors import DatasetError
@@ -57,14 +58,12 @@ def open_image_draft(path: PathLike, size: Size) -> tuple[Image.Image, tuple[int
     against. Failures raise :class:`DatasetError` naming the file.
     """
     h, w = _hw(size)
+    im = open_header(path)  # checks the pixel cap before anything is decoded
+    full_size = im.size
     try:
-        im = Image.open(path)
-        full_size = im.size
         if im.format == "JPEG":
             im.draft(None, (w, h))  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
         im.load()
-    except FileNotFoundError as e:
-        raise DatasetError(f"image file not found: {path}") from e
     except Exception as e:
         raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
     return im, full_size

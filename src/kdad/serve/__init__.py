@@ -13,11 +13,12 @@ def serve(
     port: int = 8000,
     max_upload_mb: float = 20.0,
     log_level: str = "info",
+    max_megapixels: float | None = None,
 ) -> None:
     """Run the app for `runner` with uvicorn until interrupted (one process; model calls serialised)."""
     import uvicorn
 
-    app = create_app(runner, max_upload_mb=max_upload_mb)
+    app = create_app(runner, max_upload_mb=max_upload_mb, max_megapixels=max_megapixels)
     info = runner.info()
     print(
         f"kdad serve: {info.get('method')} on {info.get('backend')}; web page http://{host}:{port}/ , "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdad import __version__
-from kdad.data.transforms import input_contract, load_image
+from kdad.data.transforms import ImageTooLargeError, check_pixel_count, input_contract, load_image, pixel_cap
 from kdad.visualize import overlay, png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -38,7 +38,7 @@ class Limits:
     """Request limits: bytes per image file, decoded pixels per image, files per batch request."""
 
     max_upload_mb: float = 20.0
-    max_megapixels: float = 50.0
+    max_megapixels: float = field(default_factory=pixel_cap)  # the cap of every entry point
     max_batch_files: int = 32
 
     @property
@@ -110,14 +110,12 @@ def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> to
         raise HTTPException(400, f"{name}: cannot read image header: {type(e).__name__}: {e}") from e
     if fmt not in ACCEPTED_FORMATS:
         raise HTTPException(415, f"{name}: image format {fmt} not accepted; send PNG, JPEG, BMP or TIFF")
-    if w * h > limits.max_megapixels * 1e6:
-        raise HTTPException(
-            413,
-            f"{name}: image is {w}x{h} = {w * h / 1e6:.1f} megapixels, above the "
-            f"{limits.max_megapixels:g} MP limit (possible decompression bomb); resize it first",
-        )
     try:
-        return load_image(io.BytesIO(data), image_size)  # type: ignore[arg-type]  # PIL opens file objects too
+        check_pixel_count((w, h), name, limits.max_megapixels)
+    except ImageTooLargeError as e:
+        raise HTTPException(413, str(e)) from e
+    try:  # PIL opens file objects too
+        return load_image(io.BytesIO(data), image_size, limits.max_megapixels)  # type: ignore[arg-type]
     except Exception as e:
         raise HTTPException(400, f"{name}: cannot decode image: {e}") from e
 
@@ -176,13 +174,14 @@ def model_info(runner: Any, limits: Limits) -> dict[str, Any]:
 def create_app(
     runner: Any,
     max_upload_mb: float = 20.0,
-    max_megapixels: float = 50.0,
+    max_megapixels: float | None = None,
     max_batch_files: int = 32,
     chunk: int = 8,
 ) -> FastAPI:
     """The web app for one runner. Model calls run in the thread pool, one at a time (a lock), so
-    concurrent requests never run two forwards at once; decoding runs in parallel outside the lock."""
-    limits = Limits(max_upload_mb, max_megapixels, max_batch_files)
+    concurrent requests never run two forwards at once; decoding runs in parallel outside the lock.
+    max_megapixels None means the shared cap (kdad.data.transforms.pixel_cap)."""
+    limits = Limits(max_upload_mb, pixel_cap(max_megapixels), max_batch_files)
     lock = threading.Lock()
 
     def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -236,7 +235,9 @@ def create_app(
     @app.post("/predict", summary="score one image")
     async def predict(
         file: Annotated[UploadFile, File(description="PNG, JPEG, BMP or TIFF")],
-        threshold: Annotated[float | None, Query(description="override the stored threshold")] = None,
+        threshold: Annotated[
+            float | None, Query(description="override the stored threshold (finite)", allow_inf_nan=False)
+        ] = None,
         mask: Annotated[bool, Query(description="also return a mask at the pixel threshold")] = False,
     ) -> dict[str, Any]:
         image = await decode(file)
@@ -245,7 +246,9 @@ def create_app(
     @app.post("/predict/batch", summary="score several images (bad files become error items)")
     async def predict_batch(
         files: Annotated[list[UploadFile], File(description="several images")],
-        threshold: Annotated[float | None, Query(description="override the threshold")] = None,
+        threshold: Annotated[
+            float | None, Query(description="override the threshold (finite)", allow_inf_nan=False)
+        ] = None,
         mask: Annotated[bool, Query(description="also return binary masks")] = False,
     ) -> list[dict[str, Any]]:
         if len(files) > limits.max_batch_files:

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor
 
+from kdad.data.transforms import open_header
 from kdad.errors import DatasetError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -68,8 +69,9 @@ class TextureBank:
 
     def _load(self, path: Path) -> Tensor:
         height, width = self.size
+        img = open_header(path)  # the pixel cap of every image entry point
         try:
-            with Image.open(path) as img:
+            with img:
                 rgb = img.convert("RGB").resize((width, height), Image.Resampling.BILINEAR)
         except OSError as exc:
             raise DatasetError(f"cannot read texture image {str(path)!r}: {exc}") from exc
