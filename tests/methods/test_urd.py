@@ -58,6 +58,14 @@ def test_student_loss_eqs_4_to_6() -> None:
     assert urd.student_loss(s_n, [px(1.0, 0.0)], t_n, e_n).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_student_loss_is_flattened_not_per_position() -> None:
+    """Two positions with unequal norms: flattened cosine 1/10 (loss 0.9), per-position mean 0.5."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).view(1, 2, 1, 2)
+    s = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    assert urd.student_loss([s], [t], [t], None).item() == pytest.approx(0.9, abs=1e-6)
+    assert urd.student_loss([s], [s], [t], [t]).item() == pytest.approx(3.6, abs=1e-6)
+
+
 def _gii_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(2, 4, 8, 8, generator=g), torch.rand(2, 6, 4, 4, generator=g), torch.rand(2, 6, 4, 4, generator=g)
