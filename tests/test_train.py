@@ -13,9 +13,17 @@ from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import PRESET_ALIASES, list_presets, load_config
 from kdad.data.demo import make_demo_dataset
 from kdad.errors import ConfigError, KdadError
-from kdad.evaluate import evaluate_run
+from kdad.evaluate import evaluate_run, predict
 from kdad.methods import get_method
-from kdad.train import _check_cuda_graph, _mean_logs, _to_device, autocast_dtype, check_precision, fit
+from kdad.train import (
+    _check_cuda_graph,
+    _mean_logs,
+    _to_device,
+    autocast_dtype,
+    check_precision,
+    fit,
+    train_val_datasets,
+)
 
 TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
         "train.progress=false", "train.eval_batch_size=8"]
@@ -204,3 +212,42 @@ def test_fp16_steps_go_through_the_grad_scaler(name: str) -> None:
     batch = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "grad_scaler": scaler}
     spec.train_step(model, batch, opts, cfg, torch.Generator().manual_seed(0))
     assert scaler.calls == ["scale", "step", "update"]
+
+
+def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: Path, tmp_path: Path) -> None:
+    """A non-default train.threshold_quantile is what model.ckpt's image threshold is the quantile of."""
+    over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "model.sigma=0",
+            "train.threshold_quantile=0.5", "train.pixel_threshold_quantile=0.75", "train.amp=false"]
+    cfg = load_config("rd_cpu", [], over)
+    run = fit(cfg, tmp_path / "run")
+    bundle = load_bundle(run)
+    model, cfg2 = model_from_bundle(bundle)
+    _, val_ds, _ = train_val_datasets(cfg2)
+    assert val_ds is not None and len(val_ds) == 6
+    pred = predict(model, val_ds, torch.device("cpu"), 8, keep_maps=True)
+    image, pixel = np.quantile(pred.scores, 0.5), np.quantile(pred.maps, 0.75)
+    assert bundle["thresholds"]["image"] == pytest.approx(image, rel=1e-6)
+    assert bundle["thresholds"]["pixel"] == pytest.approx(pixel, rel=1e-6)
+    assert image != pytest.approx(np.quantile(pred.scores, 0.99), rel=1e-3)  # the default would differ
+    assert pixel != pytest.approx(np.quantile(pred.maps, 0.999), rel=1e-3)
+
+
+def test_resume_is_bit_identical_for_a_method_that_synthesises_anomalies(demo_root: Path, tmp_path: Path) -> None:
+    """URD draws Perlin masks, textures and opacities from the engine's generator every step: a resumed run
+    equals an uninterrupted one only if last.ckpt restores the generator (and torch RNG) state too."""
+    from PIL import Image
+
+    tex = tmp_path / "textures" / "kind"
+    tex.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tex / f"{i}.png")
+    over = [f"data.root={demo_root}", *TINY, "method=urd", "data.image_size=32", "train.val_fraction=0",
+            f"data.texture_dir={tex.parent}", "model.synthesis={foreground: none}", "train.amp=false"]
+    full = fit(load_config(None, [], over + ["train.epochs=2"]), tmp_path / "full")
+    part = fit(load_config(None, [], over + ["train.epochs=1"]), tmp_path / "part")
+    fit(load_config(None, [], over + ["train.epochs=2"]), part, resume=True)
+    a, b = load_bundle(full)["model"], load_bundle(part)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
