@@ -232,9 +232,12 @@ def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: 
     assert pixel != pytest.approx(np.quantile(pred.maps, 0.999), rel=1e-3)
 
 
-def test_resume_is_bit_identical_for_a_method_that_synthesises_anomalies(demo_root: Path, tmp_path: Path) -> None:
-    """URD draws Perlin masks, textures and opacities from the engine's generator every step: a resumed run
-    equals an uninterrupted one only if last.ckpt restores the generator (and torch RNG) state too."""
+@pytest.mark.parametrize("method", ["urd", "cfrg"])
+def test_resume_is_bit_identical_for_a_method_that_synthesises_anomalies(method: str, demo_root: Path,
+                                                                         tmp_path: Path) -> None:
+    """URD and CFRG draw Perlin masks, textures and opacities from the engine's generator every step, and
+    CFRG's student drops paths with the torch RNG: a resumed run equals an uninterrupted one only if
+    last.ckpt restores both states (URD alone cannot see the torch RNG: it draws nothing from it)."""
     from PIL import Image
 
     tex = tmp_path / "textures" / "kind"
@@ -242,7 +245,7 @@ def test_resume_is_bit_identical_for_a_method_that_synthesises_anomalies(demo_ro
     rng = np.random.default_rng(0)
     for i in range(3):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tex / f"{i}.png")
-    over = [f"data.root={demo_root}", *TINY, "method=urd", "data.image_size=32", "train.val_fraction=0",
+    over = [f"data.root={demo_root}", *TINY, f"method={method}", "data.image_size=32", "train.val_fraction=0",
             f"data.texture_dir={tex.parent}", "model.synthesis={foreground: none}", "train.amp=false"]
     full = fit(load_config(None, [], over + ["train.epochs=2"]), tmp_path / "full")
     part = fit(load_config(None, [], over + ["train.epochs=1"]), tmp_path / "part")
