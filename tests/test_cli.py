@@ -37,3 +37,21 @@ def test_list(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["list"]) == 0
     out = capsys.readouterr().out
     assert "rd" in out and "stfpm" in out and "rd_paper" in out
+
+
+def test_list_says_snl_is_designed_from_the_abstract(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    snl = next(line for line in out.splitlines() if line.strip().startswith("snl "))
+    assert "designed from the abstract" in snl and "not the paper's method" in snl
+    assert "snl_abstract" in out and "snl_paper (deprecated name of snl_abstract)" in out
+
+
+def test_set_values_reach_the_printed_config(capsys: pytest.CaptureFixture[str]) -> None:
+    import yaml
+
+    assert main(["fit", "--preset", "rd_cpu", "--set", "model.sigma=2.5", "--set", "train.threshold_quantile=0.9",
+                 "--set", "data.image_size=128", "--set", "model.betas=[0.9, 0.99]", "--print-config"]) == 0
+    cfg = yaml.safe_load(capsys.readouterr().out)
+    assert cfg["model"]["sigma"] == 2.5 and cfg["model"]["betas"] == [0.9, 0.99]
+    assert cfg["train"]["threshold_quantile"] == 0.9 and cfg["data"]["image_size"] == 128

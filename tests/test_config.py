@@ -41,3 +41,43 @@ def test_parse_override() -> None:
     assert parse_override("a.b=[1, 2]") == {"a": {"b": [1, 2]}}
     with pytest.raises(ConfigError):
         parse_override("novalue")
+
+
+def test_renamed_preset_loads_under_its_old_name_with_a_warning() -> None:
+    from kdad.config import PRESET_ALIASES, to_dict
+
+    assert PRESET_ALIASES["snl_paper"] == "snl_abstract"
+    assert "snl_abstract" in list_presets() and "snl_paper" not in list_presets()
+    with pytest.warns(FutureWarning, match="'snl_paper' is deprecated.*'snl_abstract'"):
+        old = load_config("snl_paper")
+    assert to_dict(old) == to_dict(load_config("snl_abstract"))
+
+
+def test_new_preset_names_and_bases_load_without_a_warning() -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("snl_abstract")
+        cpu = load_config("snl_cpu")  # its `base:` may still name the old preset: resolved silently
+    assert cpu.method == "snl"
+
+
+def test_set_overrides_reach_the_resolved_config_and_the_model() -> None:
+    """Positive path of --set: nested keys of every section, YAML-typed values, last one wins."""
+    from kdad.config import method_config
+    from kdad.methods import get_method
+
+    over = ["model.backbone=resnet18", "model.weights=random", "model.sigma=2.5", "model.betas=[0.9, 0.99]",
+            "model.lr=0.01", "model.lr=0.002", "data.image_size=64", "train.threshold_quantile=0.9",
+            "train.amp=false", "method=rd"]
+    cfg = load_config("rd_cpu", [], over)
+    assert cfg.method == "rd" and cfg.data.image_size == 64
+    assert cfg.train.threshold_quantile == 0.9 and cfg.train.amp is False
+    assert cfg.model["sigma"] == 2.5 and cfg.model["lr"] == 0.002 and list(cfg.model["betas"]) == [0.9, 0.99]
+    spec = get_method("rd")
+    mcfg = method_config(cfg)
+    model = spec.Model(mcfg)
+    assert model.head.blur.sigma == 2.5 and model.encoder.channels == [64, 128, 256]
+    group = spec.optimizers(model, mcfg)["student"].param_groups[0]
+    assert group["lr"] == 0.002 and tuple(group["betas"]) == (0.9, 0.99)

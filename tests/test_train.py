@@ -13,11 +13,22 @@ import torch
 from kdad.checkpoint import atomic_torch_save, load_bundle, model_from_bundle
 from kdad.cli import main
 from kdad.config import load_config
+
+from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.config import PRESET_ALIASES, list_presets, load_config
 from kdad.data.demo import make_demo_dataset
 from kdad.errors import ConfigError, KdadError
-from kdad.evaluate import evaluate_run
+from kdad.evaluate import evaluate_run, predict
 from kdad.methods import get_method
-from kdad.train import _check_cuda_graph, _mean_logs, _to_device, fit
+from kdad.train import (
+    _check_cuda_graph,
+    _mean_logs,
+    _to_device,
+    autocast_dtype,
+    check_precision,
+    fit,
+    train_val_datasets,
+)
 
 TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
         "train.progress=false", "train.eval_batch_size=8"]
@@ -182,3 +193,113 @@ def test_batch_moves_to_the_device_in_the_training_layout(channels_last: bool) -
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     assert out["image"].is_contiguous(memory_format=fmt) and torch.equal(out["image"], batch["image"])
     assert out["mask"] is batch["mask"] and out["path"] == ["a", "b"]
+
+
+# the precision each paper preset trains in on a GPU: the official code's (REFERENCE §3); fp32 where there is none
+PAPER_PRECISION = {"rd_paper": "fp32", "rd_multiclass_mvtec": "fp32", "rdpp_paper": "fp32", "urd_paper": "fp32",
+                   "urd_official": "fp32", "stfpm_paper": "fp32", "cfrg_paper": "fp16", "dskd_paper": "fp32",
+                   "bkd_paper": "fp32", "snl_abstract": "fp32"}
+_NAMES = {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def test_paper_presets_train_in_the_official_precision() -> None:
+    paper = {n for n in list_presets() if n.endswith(("_paper", "_official"))} | set(PRESET_ALIASES.values())
+    assert paper <= set(PAPER_PRECISION), "pin the precision of every paper preset here"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")  # the resolution needs no GPU to be asked
+    for name, want in PAPER_PRECISION.items():
+        cfg = load_config(name)
+        assert _NAMES[autocast_dtype(cuda, cfg.train)] == want, name
+        assert autocast_dtype(cpu, cfg.train) is None, name
+        check_precision(cfg.train, get_method(cfg.method))
+    # bf16 stays an option, and is the engine's default outside the paper presets
+    assert autocast_dtype(cuda, load_config("rd_paper", [], ["train.amp=true"]).train) is torch.bfloat16
+    assert autocast_dtype(cuda, load_config("cfrg_paper", [], ["train.amp_dtype=bf16"]).train) is torch.bfloat16
+    assert autocast_dtype(cuda, load_config("rd_cpu").train) is torch.bfloat16
+
+
+def test_fp16_is_refused_where_the_step_takes_no_loss_scaler() -> None:
+    tc = load_config("cfrg_paper").train
+    with pytest.raises(ConfigError, match=r"train.amp_dtype=fp16.*'urd'.*cfrg"):
+        check_precision(tc, get_method("urd"))
+    with pytest.raises(ConfigError, match="amp_dtype"):
+        check_precision(load_config("rd_cpu", [], ["train.amp_dtype=fp8"]).train, get_method("rd"))
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        check_precision(load_config("rd_cpu", [], ["train.amp_dtype=fp16", "train.cuda_graph=true"]).train,
+                        get_method("rd"))
+    check_precision(load_config("urd_paper", [], ["train.amp_dtype=fp16"]).train, get_method("urd"))  # amp off
+
+
+class RecordingScaler:
+    """A GradScaler stand-in: records the calls and scales by 1 (so the step equals the unscaled one)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def scale(self, loss: torch.Tensor) -> torch.Tensor:
+        self.calls.append("scale")
+        return loss * 1.0
+
+    def step(self, opt: torch.optim.Optimizer) -> None:
+        self.calls.append("step")
+        opt.step()
+
+    def update(self) -> None:
+        self.calls.append("update")
+
+
+@pytest.mark.parametrize("name", ["rd", "stfpm", "cfrg"])
+def test_fp16_steps_go_through_the_grad_scaler(name: str) -> None:
+    spec = get_method(name)
+    assert spec.grad_scaler
+    from kdad.config import from_dict
+
+    cfg = from_dict(spec.Config, {"backbone": "resnet18", "weights": "random"})
+    torch.manual_seed(0)
+    model = spec.Model(cfg).train()
+    opts = spec.optimizers(model, cfg)
+    scaler = RecordingScaler()
+    batch = {"image": torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)), "grad_scaler": scaler}
+    spec.train_step(model, batch, opts, cfg, torch.Generator().manual_seed(0))
+    assert scaler.calls == ["scale", "step", "update"]
+
+
+def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: Path, tmp_path: Path) -> None:
+    """A non-default train.threshold_quantile is what model.ckpt's image threshold is the quantile of."""
+    over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "model.sigma=0",
+            "train.threshold_quantile=0.5", "train.pixel_threshold_quantile=0.75", "train.amp=false"]
+    cfg = load_config("rd_cpu", [], over)
+    run = fit(cfg, tmp_path / "run")
+    bundle = load_bundle(run)
+    model, cfg2 = model_from_bundle(bundle)
+    _, val_ds, _ = train_val_datasets(cfg2)
+    assert val_ds is not None and len(val_ds) == 6
+    pred = predict(model, val_ds, torch.device("cpu"), 8, keep_maps=True)
+    image, pixel = np.quantile(pred.scores, 0.5), np.quantile(pred.maps, 0.75)
+    assert bundle["thresholds"]["image"] == pytest.approx(image, rel=1e-6)
+    assert bundle["thresholds"]["pixel"] == pytest.approx(pixel, rel=1e-6)
+    assert image != pytest.approx(np.quantile(pred.scores, 0.99), rel=1e-3)  # the default would differ
+    assert pixel != pytest.approx(np.quantile(pred.maps, 0.999), rel=1e-3)
+
+
+@pytest.mark.parametrize("method", ["urd", "cfrg"])
+def test_resume_is_bit_identical_for_a_method_that_synthesises_anomalies(method: str, demo_root: Path,
+                                                                         tmp_path: Path) -> None:
+    """URD and CFRG draw Perlin masks, textures and opacities from the engine's generator every step, and
+    CFRG's student drops paths with the torch RNG: a resumed run equals an uninterrupted one only if
+    last.ckpt restores both states (URD alone cannot see the torch RNG: it draws nothing from it)."""
+    from PIL import Image
+
+    tex = tmp_path / "textures" / "kind"
+    tex.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tex / f"{i}.png")
+    over = [f"data.root={demo_root}", *TINY, f"method={method}", "data.image_size=32", "train.val_fraction=0",
+            f"data.texture_dir={tex.parent}", "model.synthesis={foreground: none}", "train.amp=false"]
+    full = fit(load_config(None, [], over + ["train.epochs=2"]), tmp_path / "full")
+    part = fit(load_config(None, [], over + ["train.epochs=1"]), tmp_path / "part")
+    fit(load_config(None, [], over + ["train.epochs=2"]), part, resume=True)
+    a, b = load_bundle(full)["model"], load_bundle(part)["model"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

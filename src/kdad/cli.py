@@ -202,7 +202,7 @@ def cmd_synth_gallery(args: argparse.Namespace) -> int:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from kdad.config import list_presets
+    from kdad.config import PRESET_ALIASES, list_presets
     from kdad.methods import METHODS
 
     print("methods:")
@@ -211,6 +211,8 @@ def cmd_list(args: argparse.Namespace) -> int:
     print("presets:")
     for p in list_presets():
         print(f"  {p}")
+    for old, new in sorted(PRESET_ALIASES.items()):
+        print(f"  {old} (deprecated name of {new})")
     return 0
 
 

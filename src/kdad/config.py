@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -51,7 +52,8 @@ class TrainConfig:
     batch_size: int = 16
     seed: int = 111
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
-    amp: bool = True  # bf16 autocast on GPU
+    amp: bool = True  # autocast on GPU in train.amp_dtype (the *_paper presets set the official codes' precision)
+    amp_dtype: str = "bf16"  # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
     cpu_bf16: bool = False  # bf16 autocast on CPU (AVX-512-BF16: about 2x faster training, see docs/benchmarks.md)
     channels_last: bool = True  # NHWC weights and batches (oneDNN / cuDNN NHWC kernels); same math
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them; same update rule
@@ -196,14 +198,26 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def read_preset(name: str) -> dict[str, Any]:
-    """A shipped preset by name (see `kdad list`)."""
+# Renamed presets, old name -> new name. The old name still loads, with a FutureWarning (shown to CLI users by
+# default) that names the new one; a shipped preset's `base:` may still use an old name, silently.
+PRESET_ALIASES: dict[str, str] = {
+    "snl_paper": "snl_abstract",  # SNL is kdad's design from the paper's abstract, not the paper's method
+}
+
+
+def read_preset(name: str, _warn: bool = True) -> dict[str, Any]:
+    """A shipped preset by name (see `kdad list`); a deprecated alias warns and loads its new name."""
+    if name in PRESET_ALIASES:
+        if _warn:
+            warnings.warn(f"preset {name!r} is deprecated and will be removed: use {PRESET_ALIASES[name]!r}",
+                          FutureWarning, stacklevel=2)
+        name = PRESET_ALIASES[name]
     names = list_presets()
     if name not in names:
         raise ConfigError(f"unknown preset {name!r}; valid presets: {names}")
     data = yaml.safe_load(resources.files("kdad.presets").joinpath(f"{name}.yaml").read_text()) or {}
     parent = data.pop("base", None)
-    return deep_merge(read_preset(parent), data) if parent else data
+    return deep_merge(read_preset(parent, _warn=False), data) if parent else data
 
 
 def parse_override(item: str) -> dict[str, Any]:

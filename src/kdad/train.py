@@ -81,11 +81,47 @@ def _to_device(batch: dict[str, Any], device: torch.device, channels_last: bool 
     return out
 
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def autocast_dtype(device: torch.device, tc: Any) -> torch.dtype | None:
+    """The dtype training autocasts to on `device` (None = fp32): train.amp_dtype on CUDA, bf16 on CPU."""
+    if tc.amp and device.type == "cuda":
+        return AMP_DTYPES[tc.amp_dtype]
+    if tc.cpu_bf16 and device.type == "cpu":
+        return torch.bfloat16
+    return None
+
+
+def check_precision(tc: Any, spec: Any) -> None:
+    """train.amp_dtype is known; fp16 only for methods whose steps take the engine's GradScaler."""
+    if tc.amp_dtype not in AMP_DTYPES:
+        raise ConfigError(f"train.amp_dtype={tc.amp_dtype!r} is not valid; choose one of {sorted(AMP_DTYPES)}")
+    if tc.amp and tc.amp_dtype == "fp16":
+        if not spec.grad_scaler:
+            from kdad.methods import METHODS
+
+            valid = sorted(n for n, s in METHODS.items() if s.grad_scaler)
+            raise ConfigError(f"train.amp_dtype=fp16 needs a loss scaler that method {spec.name!r} does not take; "
+                              f"use bf16 or train.amp=false (fp16 methods: {valid})")
+        if tc.cuda_graph:
+            raise ConfigError("train.amp_dtype=fp16 cannot be captured by train.cuda_graph (the loss scaler "
+                              "checks the gradients on the host): use bf16")
+
+
+def _grad_scaler(device: torch.device, tc: Any) -> Any:
+    """fp16 autocast on CUDA scales the loss (as torch.cuda.amp in the official CFRG code); None otherwise."""
+    if autocast_dtype(device, tc) is torch.float16:
+        return torch.amp.GradScaler(device.type)
+    return None
+
+
 def _autocast(device: torch.device, tc: Any) -> contextlib.AbstractContextManager[Any]:
-    # bf16 needs no loss scaler, so methods keep plain backward()/step(). A captured graph must not keep
-    # autocast's weight casts cached across replays.
-    if (tc.amp and device.type == "cuda") or (tc.cpu_bf16 and device.type == "cpu"):
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=not tc.cuda_graph)
+    # bf16 needs no loss scaler, so methods keep plain backward()/step(); fp16 steps get batch["grad_scaler"].
+    # A captured graph must not keep autocast's weight casts cached across replays.
+    dtype = autocast_dtype(device, tc)
+    if dtype is not None:
+        return torch.autocast(device.type, dtype=dtype, cache_enabled=not tc.cuda_graph)
     return contextlib.nullcontext()
 
 
@@ -118,9 +154,13 @@ def _mean_logs(logs: list[dict[str, Any]]) -> dict[str, float]:
 _POSTFIX_EVERY = 20  # progress-bar loss refresh (each refresh reads the device once)
 
 
-def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen: torch.Generator) -> dict[str, Any]:
-    return {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(), "gen": gen.get_state(),
-            "optimizers": {k: getattr(o, "opt", o).state_dict() for k, o in opts.items()}}
+def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen: torch.Generator,
+           scaler: Any = None) -> dict[str, Any]:
+    st = {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(), "gen": gen.get_state(),
+          "optimizers": {k: getattr(o, "opt", o).state_dict() for k, o in opts.items()}}
+    if scaler is not None:
+        st["grad_scaler"] = scaler.state_dict()
+    return st
 
 
 def _texture_bank(cfg: RunConfig, spec: Any) -> Any:
@@ -222,6 +262,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
     distributed = dist_utils.init(device)
+    check_precision(tc, spec)
     if tc.cuda_graph:
         _check_cuda_graph(tc, spec, device, distributed)
     if device.type == "cuda":
@@ -260,6 +301,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
 
     textures = _texture_bank(cfg, spec)
+    scaler = _grad_scaler(device, tc)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
     best_state: dict[str, torch.Tensor] | None = None
     if ck is not None:
@@ -270,6 +312,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         start_epoch, it, best = st["epoch"] + 1, st["iters"], st["best"]
         torch.set_rng_state(st["rng"])
         gen.set_state(st["gen"])
+        if scaler is not None and "grad_scaler" in st:
+            scaler.load_state_dict(st["grad_scaler"])
         if (run_dir / "best.ckpt").is_file():
             best_ck = load_bundle(run_dir / "best.ckpt")
             if best_ck.get("best") == best:  # not a best.ckpt of an epoch after last.ckpt (lost in a crash)
@@ -298,6 +342,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
             for batch in bar:
                 batch = _to_device(batch, device, tc.channels_last)
                 batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
+                if scaler is not None:
+                    batch["grad_scaler"] = scaler  # fp16: the step scales its loss (MethodSpec.grad_scaler)
                 with _autocast(device, tc):
                     logs = step(batch)
                 losses.append(logs)
@@ -320,7 +366,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 with open(log_path, "a") as f:
                     f.write(json.dumps(record) + "\n")
                 if (epoch + 1) % tc.ckpt_every == 0 or epoch + 1 == total_epochs:
-                    atomic_torch_save(make_bundle(model, cfg, train_state=_state(opts, epoch, it, best, gen)),
+                    atomic_torch_save(make_bundle(model, cfg, train_state=_state(opts, epoch, it, best, gen, scaler)),
                                       run_dir / "last.ckpt")
             if _budget_spent(tc, it, t_start):
                 break

@@ -112,3 +112,33 @@ def test_stfpm_pool_reaches_the_loss() -> None:
     want = normalized_l2_loss(pool_features(t, 3), pool_features(s, 3))
     assert float(logs["loss"]) == pytest.approx(float(want), rel=1e-5)
     assert float(logs["loss"]) != pytest.approx(float(normalized_l2_loss(t, s)), rel=1e-3)
+
+def test_head_default_blur_is_rd4ad_sigma_4() -> None:
+    """The head's default sigma is RD4AD's 4 (scipy gaussian_filter, truncate 4), and RD's map is exactly
+    the sum of upsampled layer maps blurred that way."""
+    import inspect
+
+    from kdad.config import from_dict
+    from kdad.methods import rd
+
+    assert inspect.signature(AnomalyMapHead).parameters["sigma"].default == 4.0
+    head = AnomalyMapHead()
+    assert head.blur.sigma == 4.0 and head.blur.radius == 16
+    g = torch.Generator().manual_seed(0)
+    t, s = [torch.rand(1, 4, 8, 8, generator=g)], [torch.rand(1, 4, 8, 8, generator=g)]
+    raw = F.interpolate(1 - F.cosine_similarity(t[0], s[0]).unsqueeze(1), size=(48, 48), mode="bilinear",
+                        align_corners=True)
+    expected = gaussian_filter(raw[0, 0].double().numpy(), sigma=4)
+    np.testing.assert_allclose(head(t, s, (48, 48)).anomaly_map[0, 0].numpy(), expected, atol=2e-6)
+
+    torch.manual_seed(0)
+    model = rd.Model(from_dict(rd.Config, {"backbone": "resnet18", "weights": "random"})).eval()
+    x = torch.rand(1, 3, 32, 32, generator=g)
+    with torch.no_grad():
+        teacher, student = model.pairs(x)
+        layers = [F.interpolate(1 - F.cosine_similarity(a, b).unsqueeze(1), size=(32, 32), mode="bilinear",
+                                align_corners=True) for a, b in zip(teacher, student)]
+        out = model(x)
+    expected = gaussian_filter(sum(layers)[0, 0].double().numpy(), sigma=4)
+    np.testing.assert_allclose(out.anomaly_map[0, 0].numpy(), expected, atol=2e-5)
+    assert float(out.score[0]) == pytest.approx(float(expected.max()), abs=2e-5)

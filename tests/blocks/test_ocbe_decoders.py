@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from kdad.blocks.decoders import generic_decoder, resnet_decoder
@@ -41,12 +42,24 @@ def test_losses_on_hand_checkable_values() -> None:
     assert torch.isclose(global_cosine_loss(t, t), torch.tensor(0.0), atol=1e-6)
 
 
+def unequal_norm_pair() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two positions (1, 2, 1, 2) where the flattened and the per-position cosine differ.
+
+    T = (1, 0) at position 1 and (0, 3) at position 2; S = (1, 0) and (3, 0). Per position: cos 1 and 0, so the
+    per-position loss is mean(0, 1) = 0.5. Flattened: vec T = (1, 0, 0, 3), vec S = (1, 3, 0, 0), cos = 1/10,
+    so the global loss is 0.9.
+    """
+    t = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).view(1, 2, 1, 2)
+    s = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    return t, s
+
+
 def test_global_cosine_is_not_per_pixel() -> None:
-    # Two pixels: one identical, one opposite. Per-pixel mean = 1; global flattened cosine differs.
-    t = [torch.tensor([1.0, 0.0, 1.0, 0.0]).view(1, 2, 1, 2)]
-    s = [torch.tensor([1.0, 0.0, -1.0, 0.0]).view(1, 2, 1, 2)]
-    assert torch.isclose(pixel_cosine_loss(t, s), torch.tensor(1.0))
-    assert torch.isclose(global_cosine_loss(t, s), torch.tensor(1.0))  # vec cos = 0
+    t, s = unequal_norm_pair()
+    assert pixel_cosine_loss([t], [s]).item() == pytest.approx(0.5, abs=1e-6)
+    assert global_cosine_loss([t], [s]).item() == pytest.approx(0.9, abs=1e-6)
+    # two layers are summed, not averaged
+    assert global_cosine_loss([t, t], [s, t]).item() == pytest.approx(0.9, abs=1e-6)
 
 
 def test_global_cosine_is_layout_blind() -> None:

@@ -70,6 +70,13 @@ def test_recovery_loss_sums_layers_of_global_cosine() -> None:
     assert cfrg.recovery_loss(t2, r2).item() == pytest.approx(0.5, abs=1e-6)
 
 
+def test_recovery_loss_is_flattened_not_per_position() -> None:
+    """Two positions with unequal norms: flattened cosine 1/10 (loss 0.9), per-position mean 0.5."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).view(1, 2, 1, 2)
+    r = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    assert cfrg.recovery_loss([t], [r]).item() == pytest.approx(0.9, abs=1e-6)
+
+
 def test_segmentation_inputs_weight_teacher_by_both_discrepancies() -> None:
     t, s, r = px(2.0, 0.0), px(0.0, 1.0), px(1.0, 1.0)  # 1 - cos(T, S) = 1, 1 - cos(T, R) = 1 - 1/sqrt(2)
     s.requires_grad_(True)

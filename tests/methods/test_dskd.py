@@ -47,6 +47,23 @@ def test_hand_checked_two_positions() -> None:
     assert float(dskd.contextual_affinity_map(t, s, temperature=2.0).flatten()[0]) == pytest.approx(4 * (2 * p - 1) / 2)
 
 
+def test_hand_checked_asymmetric_case_fixes_the_kl_direction() -> None:
+    # teacher f1 = (1, 0), f2 = (0, 1); student s1 = (1, 1) (halfway), s2 = (0, 1) (right).
+    # P_T,1 = softmax(1, 0) = (p, 1-p), p = e/(e+1); P_S,1 = softmax(1/sqrt2, 1/sqrt2) = (1/2, 1/2).
+    # KL(P_T || P_S) = log 2 + p log p + (1-p) log(1-p) = 0.1109 (eq. 6), while the reverse direction
+    # KL(P_S || P_T) = -log 2 - (log p + log(1-p))/2 = 0.1202: this case tells the two apart.
+    t = torch.tensor([[1.0, 0.0], [0.0, 1.0]]).view(1, 2, 1, 2)
+    s = torch.tensor([[1.0, 0.0], [1.0, 1.0]]).view(1, 2, 1, 2)
+    p = math.e / (math.e + 1)
+    forward = math.log(2) + p * math.log(p) + (1 - p) * math.log(1 - p)
+    reverse = -math.log(2) - (math.log(p) + math.log(1 - p)) / 2
+    assert reverse - forward > 5e-3
+    kl = dskd.contextual_affinity_map(t, s).flatten()
+    assert float(kl[0]) == pytest.approx(forward, rel=1e-5)
+    assert float(kl[1]) == pytest.approx(0.0, abs=1e-6)
+    assert float(dskd.contextual_affinity_loss([t], [s])) == pytest.approx(forward / 2, rel=1e-5)
+
+
 @pytest.mark.parametrize("chunk", [0, 1, 3, 7, 64])
 def test_chunked_equals_unchunked_values_and_grads(chunk: int) -> None:
     g = torch.Generator().manual_seed(2)

@@ -58,6 +58,14 @@ def test_student_loss_eqs_4_to_6() -> None:
     assert urd.student_loss(s_n, [px(1.0, 0.0)], t_n, e_n).item() == pytest.approx(0.0, abs=1e-6)
 
 
+def test_student_loss_is_flattened_not_per_position() -> None:
+    """Two positions with unequal norms: flattened cosine 1/10 (loss 0.9), per-position mean 0.5."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).view(1, 2, 1, 2)
+    s = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    assert urd.student_loss([s], [t], [t], None).item() == pytest.approx(0.9, abs=1e-6)
+    assert urd.student_loss([s], [s], [t], [t]).item() == pytest.approx(3.6, abs=1e-6)
+
+
 def _gii_inputs(seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.rand(2, 4, 8, 8, generator=g), torch.rand(2, 6, 4, 4, generator=g), torch.rand(2, 6, 4, 4, generator=g)
@@ -131,6 +139,32 @@ def test_without_expert_teacher_is_frozen() -> None:
     logs = urd.train_step(model, _batch(), opts, cfg, torch.Generator().manual_seed(0))
     assert "loss_teacher" not in logs
     assert all(torch.equal(before[k], v) for k, v in model.teacher.state_dict().items())
+
+
+def test_visa_categories_synthesise_on_the_foreground_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A VisA batch gets URD's VisA foreground (GrabCut): the anomaly mask stays inside it. GrabCut is stubbed
+    (left half = foreground) so the test needs no OpenCV; cfrg, whose code has no foreground, is unrestricted."""
+    calls = []
+
+    def left_half(images: torch.Tensor, method: str, *args: object) -> torch.Tensor:
+        calls.append(method)
+        fg = torch.zeros(images.shape[0], 1, *images.shape[2:])
+        fg[..., : images.shape[-1] // 2] = 1.0
+        return fg
+
+    monkeypatch.setattr(urd, "compute_foreground", left_half)
+    cfg = from_dict(urd.Config, TINY)
+    assert cfg.synthesis_config().foreground_method("pcb1") == "grabcut"
+    model = urd.Model(cfg)
+    images = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    batch = {"image": images, "category": "pcb1", "path": [f"{i}.JPG" for i in range(4)]}
+    _, masks = urd._synthesize(model, batch, cfg, torch.Generator().manual_seed(0))
+    assert calls == ["grabcut"]
+    assert masks[..., :16].sum() > 0 and masks[..., 16:].sum() == 0
+
+    from kdad.methods import cfrg
+
+    assert cfrg.SYNTHESIS.foreground_method("pcb1") == "none"
 
 
 def test_textures_from_batch_and_cached_foreground() -> None:

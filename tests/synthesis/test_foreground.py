@@ -49,6 +49,18 @@ def test_default_foreground_follows_urd_table() -> None:
     assert SynthesisConfig(kind="simplex").foreground_method("bottle") == "none"
 
 
+def test_default_foreground_covers_urd_visa_table() -> None:
+    """URD's train_visa.py restricts anomalies to a GrabCut foreground for all 12 VisA classes."""
+    from kdad.synthesis import URD_FOREGROUND, URD_FOREGROUND_MVTEC, URD_FOREGROUND_VISA
+
+    assert not set(URD_FOREGROUND_MVTEC) & set(URD_FOREGROUND_VISA)  # one merged table loses nothing
+    assert len(URD_FOREGROUND_VISA) == 12 and set(URD_FOREGROUND) == set(URD_FOREGROUND_MVTEC) | set(URD_FOREGROUND_VISA)
+    cfg = SynthesisConfig()
+    for category in ("candle", "capsules", "pcb1", "pipe_fryum"):
+        assert cfg.foreground_method(category) == "grabcut", category
+    assert cfg.foreground_method("capsule") == "otsu"  # MVTec's capsule, not VisA's capsules
+
+
 @pytest.mark.skipif(importlib.util.find_spec("cv2") is not None, reason="OpenCV installed")
 def test_grabcut_without_opencv_says_how_to_install() -> None:
     with pytest.raises(ConfigError, match="pip install opencv-python-headless"):

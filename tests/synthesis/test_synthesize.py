@@ -63,3 +63,26 @@ def test_config_errors() -> None:
     with pytest.raises(ConfigError, match=r"\(B, 3, H, W\)"):
         synthesize(torch.rand(3, 8, 8), SynthesisConfig(kind="simplex"), torch.Generator())
     assert SynthesisConfig(beta_range=[0.15, 1.0]).beta_range == (0.15, 1.0)
+
+
+@pytest.mark.parametrize("beta_range", [(0.2, 1.0), BETA_RANGE_PAPER])
+def test_perlin_texture_beta_varies_and_matches_its_sampler(beta_range: tuple[float, float]) -> None:
+    """Black image, white texture, full mask: I_a = beta per image. The betas are the draws of
+    sample_beta replayed on the same generator stream (keep-clean draw, Perlin masks, texture pick)."""
+    from kdad.synthesis import perlin_masks, sample_beta
+
+    n, size = 32, (32, 32)
+    images = torch.zeros(n, 3, *size)
+    bank = TextureBank.from_tensor(torch.ones(1, 3, 48, 48))
+    cfg = SynthesisConfig(perlin_threshold=-2.0, beta_range=beta_range)
+    out, masks = synthesize(images, cfg, torch.Generator().manual_seed(3), bank)
+    assert masks.all()
+    beta = out[:, 0, 16, 16]
+    replay = torch.Generator().manual_seed(3)
+    torch.rand(n, generator=replay)  # synthesize's keep-clean draw
+    perlin_masks(n, size, replay, cfg.perlin_scale_exp, cfg.perlin_rotation, cfg.perlin_threshold)
+    bank.sample(n, replay, size)
+    torch.testing.assert_close(beta, sample_beta(n, cfg.beta_range, replay), rtol=0, atol=1e-6)
+    lo, hi = beta_range
+    assert (beta > lo).all() and (beta <= hi).all()
+    assert beta.unique().numel() == n and beta.std() > 0.15 * (hi - lo)  # U(lo, hi]: std = 0.29 (hi - lo)

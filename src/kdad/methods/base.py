@@ -34,16 +34,25 @@ class MethodSpec:
     # train_step has no host sync, no data-dependent shape and a constant learning rate, and logs only tensors,
     # so train.cuda_graph may capture it whole (kdad.speed.GraphedTrainStep)
     graph_safe: bool = False
+    # train_step takes batch["grad_scaler"] (fp16 autocast, train.amp_dtype=fp16): scaled backward, scaler step
+    grad_scaler: bool = False
 
 
-def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor) -> dict[str, torch.Tensor]:
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any = None) -> dict[str, torch.Tensor]:
     """zero_grad -> backward -> step for a single-optimizer method; returns {"loss": detached 0-dim tensor}.
 
     The loss stays on the device: reading it here would make every step wait for the GPU to finish.
+    With a GradScaler (fp16 autocast, from batch["grad_scaler"]) the loss is scaled and the step skipped on
+    inf/nan gradients, as torch.cuda.amp.
     """
     opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    if scaler is None:
+        loss.backward()
+        opt.step()
+    else:
+        scaler.scale(loss).backward()
+        scaler.step(opt)
+        scaler.update()
     return {"loss": loss.detach()}
 
 

@@ -41,7 +41,7 @@ from kdad.blocks.teachers import build_encoder
 from kdad.blocks.unet import UNetHead
 from kdad.config import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, optimizer_step
 from kdad.methods.rd import build_bottleneck
 from kdad.synthesis import BETA_RANGE_CODE, SynthesisConfig, TextureBank, synthesize
 
@@ -253,12 +253,10 @@ def train_step(
     l_rec = recovery_loss(teacher_normal, out.recovered)
     w_seg, w_dis, w_rec = cfg.loss_weights
     loss = w_seg * l_seg + w_dis * l_dis + w_rec * l_rec
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+    optimizer_step(opt, loss, batch.get("grad_scaler"))  # fp16 (cfrg_paper, as the official torch.cuda.amp)
     model.steps_done += 1
     return {"loss": float(loss.detach()), "loss_seg": float(l_seg.detach()), "loss_dis": float(l_dis.detach()),
             "loss_rec": float(l_rec.detach()), "lr": lr}
 
 
-SPEC = MethodSpec("cfrg", Config, Model, optimizers, train_step, PAPER, needs_textures=True)
+SPEC = MethodSpec("cfrg", Config, Model, optimizers, train_step, PAPER, needs_textures=True, grad_scaler=True)

@@ -2,7 +2,8 @@
 
 Frozen teacher encoder -> OCBE bottleneck -> student decoder that reconstructs the teacher's features.
 Recipe from the official code hq-deng/RD4AD (../shared/REFERENCE.md §3.1): global flattened cosine loss
-summed over 3 layers; Adam lr 0.005, betas (0.5, 0.999); batch 16; 200 epochs, last epoch kept;
+summed over 3 layers (the paper's eq. 2 averages a per-position cosine instead: ``loss="per_position"``);
+Adam lr 0.005, betas (0.5, 0.999); batch 16; 200 epochs, last epoch kept;
 map = sum over layers of 1 - cos, bilinear (align_corners=True) to image size, Gaussian sigma 4; score = max.
 """
 
@@ -15,10 +16,11 @@ import torch
 from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
-from kdad.blocks.losses import global_cosine_loss
+from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
 from kdad.blocks.ocbe import OCBE
 from kdad.blocks.teachers import build_encoder
+from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
 
 PAPER = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
@@ -30,6 +32,10 @@ _OCBE_BY_TEACHER = {
     "resnet50": ("bottleneck", 3, 64),
     "wide_resnet50_2": ("bottleneck", 3, 128),
 }
+
+# "global": the official code's cosine of each sample's whole flattened C*H*W tensor (loss_fucntion);
+# "per_position": the paper's eq. 2, the mean over positions of 1 - channel cosine (docs/methods/rd.md)
+LOSSES = ("global", "per_position")
 
 
 @dataclass(frozen=True)
@@ -49,6 +55,11 @@ class Config:
     fuse: str = "sum"
     sigma: float = 4.0
     align_corners: bool = True
+    loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
+
+    def __post_init__(self) -> None:
+        if self.loss not in LOSSES:
+            raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
 
 
 def build_bottleneck(backbone: str, channels: list[int], width_per_group: int = 64) -> OCBE:
@@ -86,6 +97,11 @@ class Model(nn.Module):
         return self.head(teacher, student, (int(images.shape[-2]), int(images.shape[-1])))
 
 
+def rd_loss(teacher: list[Tensor], student: list[Tensor], form: str = "global") -> Tensor:
+    """Sum over layers of 1 - cosine: of the flattened C*H*W vectors ("global", official) or per position."""
+    return global_cosine_loss(teacher, student) if form == "global" else pixel_cosine_loss(teacher, student)
+
+
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam over OCBE + decoder (the teacher is frozen)."""
     params = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
@@ -95,10 +111,10 @@ def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
 def train_step(
     model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
 ) -> dict[str, Tensor]:
-    """One Adam step on the global cosine loss between teacher and student features."""
+    """One Adam step on the teacher-student cosine loss (``cfg.loss``: global flattened or per-position)."""
     teacher, student = model.pairs(batch["image"])
-    loss = global_cosine_loss(teacher, student)
-    return optimizer_step(opts["student"], loss)
+    loss = rd_loss(teacher, student, cfg.loss)
+    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"))
 
 
-SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True)
+SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)

@@ -26,7 +26,8 @@ from kdad.errors import ConfigError
 from kdad.methods import rd
 from kdad.methods.base import MethodSpec
 
-PAPER = "Deng & Li, Structural Teacher-Student Normality Learning for Multi-Class Anomaly Detection and Localization"
+PAPER = ("Deng & Li, Structural Teacher-Student Normality Learning for Multi-Class Anomaly Detection and "
+         "Localization; designed from the abstract (no code or full text public), not the paper's method")
 
 
 @dataclass(frozen=True)

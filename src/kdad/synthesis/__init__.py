@@ -30,6 +30,7 @@ from kdad.synthesis.cutpaste import cutpaste_normal, cutpaste_scar
 from kdad.synthesis.foreground import (
     FOREGROUND_METHODS,
     OTSU_POLARITIES,
+    URD_FOREGROUND,
     URD_FOREGROUND_MVTEC,
     URD_FOREGROUND_VISA,
     compute_foreground,
@@ -42,6 +43,7 @@ __all__ = [
     "BETA_RANGE_CODE",
     "BETA_RANGE_PAPER",
     "KINDS",
+    "URD_FOREGROUND",
     "URD_FOREGROUND_MVTEC",
     "URD_FOREGROUND_VISA",
     "SynthesisConfig",
@@ -76,7 +78,8 @@ class SynthesisConfig:
         kind: "perlin_texture" | "simplex" | "cutpaste".
         clean_prob: probability that an image is left clean (mask 0). URD, RD++, CFRG: 0 (DRAEM: 0.5).
         foreground: "none" | "otsu" | "grabcut", a mapping category -> method (missing categories: "none"),
-            or None = the kind's official default (URD's MVTec table for perlin_texture, "none" otherwise).
+            or None = the kind's official default (URD's MVTec AD and VisA tables for perlin_texture,
+            "none" otherwise).
         otsu_polarity: "dark" (URD's THRESH_BINARY_INV) | "bright" | "auto".
         grabcut_iterations: URD: 11.
     perlin_texture (URD / DRAEM):
@@ -160,7 +163,7 @@ class SynthesisConfig:
         """The foreground method ("none" | "otsu" | "grabcut") for a category."""
         fg = self.foreground
         if fg is None:
-            fg = URD_FOREGROUND_MVTEC if self.kind == "perlin_texture" else "none"
+            fg = URD_FOREGROUND if self.kind == "perlin_texture" else "none"
         if isinstance(fg, str):
             return fg
         return fg.get(category, "none") if category is not None else "none"

@@ -62,6 +62,9 @@ URD_FOREGROUND_VISA: Mapping[str, str] = MappingProxyType(
 )
 """URD's VisA script (``train_visa.py``) uses GrabCut for all 12 classes."""
 
+URD_FOREGROUND: Mapping[str, str] = MappingProxyType({**URD_FOREGROUND_MVTEC, **URD_FOREGROUND_VISA})
+"""URD's tables of both datasets in one (their category names are disjoint): the perlin_texture default."""
+
 
 def _gray_uint8(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] -> (B, H, W) uint8 grayscale with OpenCV's BGR2GRAY weights."""

@@ -1,0 +1,118 @@
+"""Quality study cells through the real engine: `fit` with a preset (+ overrides), then metrics on the selection
+and report halves of the test split (benchmarks/quality_split.py). Appends one row per (cell, category, seed)
+to the JSON file after every run, so an interrupted study keeps what it finished.
+
+Run: python benchmarks/quality.py --cell stfpm_cpu --categories magnetic_tile bottle --seeds 0 1 2 [--threads 1]
+     python benchmarks/quality.py --cell stfpm_cpu_old=stfpm_cpu:model.pool=1,model.layers=[1,2,3]
+A cell is NAME=PRESET[:key=value,...] or just a preset name. Train minutes are wall time of fit's training loop
+on this machine; the JSON records the thread count, the CPU flags that matter and the 1-min load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import kdad
+from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.config import load_config
+from kdad.data.factory import build_dataset
+from kdad.evaluate import Predictions, compute_metrics, good_images_flagged, predict
+from kdad.speed import cpu_has_fast_bf16
+from kdad.train import fit
+
+import quality_split
+
+KEYS = ("image_auroc", "pixel_auroc", "au_pro")
+
+
+def parse_cell(text: str) -> tuple[str, str, list[str]]:
+    """NAME=PRESET:k=v,k=v -> (name, preset, overrides); commas inside [...] stay with their value."""
+    name, _, rest = text.partition("=") if "=" in text.split(":")[0] else (text, "", text)
+    preset, _, tail = rest.partition(":")
+    overrides, depth, cur = [], 0, ""
+    for ch in tail:
+        depth += ch == "["
+        depth -= ch == "]"
+        if ch == "," and depth == 0:
+            overrides.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    if cur:
+        overrides.append(cur)
+    return name, preset, overrides
+
+
+def subset(pred: Predictions, idx: list[int]) -> Predictions:
+    assert pred.maps is not None and pred.masks is not None and pred.has_mask is not None
+    return Predictions(scores=pred.scores[idx], labels=pred.labels[idx], paths=[pred.paths[i] for i in idx],
+                       defect_types=[pred.defect_types[i] for i in idx], map_means=pred.map_means[idx],
+                       maps=pred.maps[idx], masks=pred.masks[idx], has_mask=pred.has_mask[idx])
+
+
+def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: int, work: Path) -> dict[str, Any]:
+    root = quality_split.CATEGORIES[category]
+    cfg = load_config(preset, [], [f"data.root={root}", f"train.seed={seed}", "train.progress=false",
+                                   f"data.texture_dir={quality_split.TEXTURES}", *overrides])
+    run = fit(cfg, work / f"{name}_{category}_{seed}")
+    bundle = load_bundle(run / "model.ckpt")
+    model, cfg = model_from_bundle(bundle)
+    test = build_dataset(cfg.data, "test")
+    pred = predict(model, test, torch.device("cpu"), cfg.train.eval_batch_size)
+    sel, rep = quality_split.halves(test)
+    info = bundle.get("train_info", {})
+    row: dict[str, Any] = {"cell": name, "preset": preset, "overrides": overrides, "category": category,
+                           "seed": seed, "train_minutes": info.get("train_seconds", float("nan")) / 60,
+                           "train_img_per_s": info.get("train_images_per_s"),
+                           "load_avg_1min": os.getloadavg()[0]}
+    for half, idx in (("selection", sel), ("report", rep), ("all", list(range(len(test))))):
+        m = compute_metrics(subset(pred, idx))
+        row[half] = {k: m[k] for k in KEYS}
+    row["good_images_flagged"] = good_images_flagged(subset(pred, rep), bundle.get("thresholds") or {})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--cell", action="append", required=True)
+    ap.add_argument("--categories", nargs="+", default=["magnetic_tile", "bottle"])
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=str(quality_split.ROOT / "benchmarks" / "results" / "quality.json"))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    out = Path(args.out)
+    doc: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {
+        "question": "which CPU recipe finds the defects: each cell through fit, metrics on the selection and "
+                    "report halves of the test split (quality_split.SPLIT_SEED), several seeds",
+        "split_seed": quality_split.SPLIT_SEED, "runs": []}
+    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "kdad": kdad.__version__,
+            "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
+            "threads": args.threads, "cpu_fast_bf16": cpu_has_fast_bf16()}
+    with tempfile.TemporaryDirectory() as tmp:
+        for text in args.cell:
+            name, preset, overrides = parse_cell(text)
+            for cat in args.categories:
+                for seed in args.seeds:
+                    row = {**run_cell(name, preset, overrides, cat, seed, Path(tmp)), **meta}
+                    print(json.dumps({k: row[k] for k in ("cell", "category", "seed", "train_minutes", "selection",
+                                                          "report")}), flush=True)
+                    doc = json.loads(out.read_text()) if out.is_file() else doc  # other processes may append
+                    doc["runs"].append(row)
+                    tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
+                    tmp_out.write_text(json.dumps(doc, indent=1))
+                    tmp_out.replace(out)
+
+
+if __name__ == "__main__":
+    main()

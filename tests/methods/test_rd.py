@@ -1,0 +1,49 @@
+"""RD: the loss form (official flattened cosine by default, the paper's per-position mean as an option)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
+from kdad.config import from_dict, load_config
+from kdad.errors import ConfigError
+from kdad.methods import rd
+
+TINY = {"backbone": "resnet18", "weights": "random"}
+
+
+def _two_positions() -> tuple[torch.Tensor, torch.Tensor]:
+    """Flattened cosine 1/10 (loss 0.9) vs per-position mean 0.5 (see tests/blocks/test_ocbe_decoders.py)."""
+    t = torch.tensor([[1.0, 0.0], [0.0, 3.0]]).view(1, 2, 1, 2)
+    s = torch.tensor([[1.0, 3.0], [0.0, 0.0]]).view(1, 2, 1, 2)
+    return t, s
+
+
+def test_default_loss_is_the_official_flattened_cosine() -> None:
+    assert rd.Config().loss == "global"
+    assert load_config("rd_paper").model["loss"] == "global"
+    t, s = _two_positions()
+    assert rd.rd_loss([t], [s]).item() == pytest.approx(0.9, abs=1e-6)
+    assert rd.rd_loss([t], [s], "per_position").item() == pytest.approx(0.5, abs=1e-6)
+
+
+def test_loss_option_is_validated_and_reachable_by_set() -> None:
+    with pytest.raises(ConfigError, match="per_position"):
+        rd.Config(loss="pixel")
+    assert load_config("rd_paper", overrides=["model.loss=per_position"]).model["loss"] == "per_position"
+
+
+@pytest.mark.parametrize(("form", "reference"), [("global", global_cosine_loss), ("per_position", pixel_cosine_loss)])
+def test_train_step_minimises_the_configured_loss(form: str, reference: object) -> None:
+    cfg = from_dict(rd.Config, {**TINY, "loss": form})
+    torch.manual_seed(0)
+    model = rd.Model(cfg).train()
+    opts = rd.optimizers(model, cfg)
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(*model.pairs(x))  # type: ignore[operator]
+        other = (pixel_cosine_loss if form == "global" else global_cosine_loss)(*model.pairs(x))
+    logs = rd.train_step(model, {"image": x}, opts, cfg, torch.Generator())
+    assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert float(logs["loss"]) != pytest.approx(float(other), rel=1e-3)
