@@ -47,3 +47,21 @@ def test_train_step_minimises_the_configured_loss(form: str, reference: object) 
     logs = rd.train_step(model, {"image": x}, opts, cfg, torch.Generator())
     assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert float(logs["loss"]) != pytest.approx(float(other), rel=1e-3)
+
+
+def test_rd_pool_reaches_loss_and_map() -> None:
+    """model.pool averages teacher and student features before the loss and the map (1 = official form)."""
+    from kdad.blocks.maps import pool_features
+    from kdad.methods.rd import rd_loss
+
+    torch.manual_seed(0)
+    cfg = rd.Config(backbone="resnet18", weights="random", pool=3)
+    model = rd.Model(cfg)
+    x = torch.rand(2, 3, 64, 64)
+    opt = {"student": torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.0)}
+    logs = rd.train_step(model, {"image": x}, opt, cfg, torch.Generator())
+    t, s = model.pairs(x)
+    assert float(logs["loss"]) == pytest.approx(float(rd_loss(pool_features(t, 3), pool_features(s, 3), "global")),
+                                                 rel=1e-5)
+    assert float(logs["loss"]) != pytest.approx(float(rd_loss(t, s, "global")), rel=1e-3)
+    assert model.head.pool == 3

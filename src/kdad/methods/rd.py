@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, pool_features
 from kdad.blocks.ocbe import OCBE
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
@@ -49,6 +49,7 @@ class Config:
     # non-ResNet teachers only: generic decoder block width / teacher channels, and OCBE width per group
     # (RD4AD defines neither; 0.5 and 64 were kdad's first guess, too thin for Lite0: docs/methods/rd.md)
     decoder_width: float = 0.5
+    pool: int = 1  # k x k mean of teacher and student features before loss and map (1 = official)
     ocbe_width: int = 64
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
@@ -79,7 +80,8 @@ class Model(nn.Module):
         self.bottleneck = build_bottleneck(cfg.backbone, channels, cfg.ocbe_width)
         blocks = tuple(cfg.decoder_blocks) or None
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks, cfg.decoder_width)
-        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners)  # type: ignore[arg-type]
+        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners,  # type: ignore[arg-type]
+                                   pool=cfg.pool)
 
     def teacher_features(self, images: Tensor) -> list[Tensor]:
         """Frozen teacher features of images in [0, 1]."""
@@ -113,7 +115,7 @@ def train_step(
 ) -> dict[str, Tensor]:
     """One Adam step on the teacher-student cosine loss (``cfg.loss``: global flattened or per-position)."""
     teacher, student = model.pairs(batch["image"])
-    loss = rd_loss(teacher, student, cfg.loss)
+    loss = rd_loss(pool_features(teacher, cfg.pool), pool_features(student, cfg.pool), cfg.loss)
     return optimizer_step(opts["student"], loss, batch.get("grad_scaler"))
 
 

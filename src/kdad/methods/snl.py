@@ -40,6 +40,7 @@ class Config:
     decoder_blocks: tuple[int, ...] = ()
     decoder_width: float = 0.5  # rd.Config's: generic decoder / OCBE sizes for non-ResNet teachers
     ocbe_width: int = 64
+    pool: int = 1
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
     fuse: str = "sum"
