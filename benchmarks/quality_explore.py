@@ -138,7 +138,10 @@ def main() -> None:
                         from kdad.blocks.losses import global_cosine_loss
                         from kdad.methods.base import optimizer_step
                         t = [c[idx] for c in cached]
-                        logs = optimizer_step(opts["student"], global_cosine_loss(t, model.decoder(model.bottleneck(t))))
+                        from kdad.blocks.maps import pool_features
+                        s = model.decoder(model.bottleneck(t))
+                        k = mcfg.pool
+                        logs = optimizer_step(opts["student"], global_cosine_loss(pool_features(t, k), pool_features(s, k)))
                     else:
                         logs = spec.train_step(model, b, opts, mcfg, gen)
             t_train += time.perf_counter() - t0
