@@ -157,8 +157,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     check_run(args.run)
+    from kdad.serve import serve  # first: a missing [serve] extra is reported before the model loads
+
     from kdad.predict import make_runner, runner_options
-    from kdad.serve import serve
 
     runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
     serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb)

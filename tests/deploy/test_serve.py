@@ -201,3 +201,18 @@ def test_cli_serve_wires_uvicorn(monkeypatch: pytest.MonkeyPatch) -> None:
     )
     assert seen["port"] == 8123 and seen["host"] == "127.0.0.1"
     assert TestClient(seen["app"]).get("/info").json()["limits"]["max_upload_mb"] == 5.0
+
+
+def test_missing_serve_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from kdad.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # a base install without the [serve] extra
+    for name in ("kdad.serve", "kdad.serve.app"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "kdad[serve]"' in err and "fastapi" in err and "Traceback" not in err
