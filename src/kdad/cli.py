@@ -97,6 +97,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from kdad.data.factory import category_configs
 
         jobs = [(dataclasses.replace(cfg, data=c), run_dir / c.category) for c in category_configs(cfg.data)]
+    if args.test:  # a bad test file should stop the run now, not after hours of training
+        from kdad.data.factory import check_splits
+
+        for job_cfg, _ in jobs:
+            check_splits(job_cfg.data, ["test"])
     for job_cfg, job_dir in jobs:
         fit(job_cfg, job_dir, resume=args.resume)
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from kdad import distributed as dist_utils
 from kdad.checkpoint import atomic_torch_save, atomic_write_text, load_bundle, make_bundle
 from kdad.config import RunConfig, dump_yaml, method_config
-from kdad.data.factory import dataset_parts
+from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
@@ -147,11 +147,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         torch.backends.cudnn.benchmark = True
     gen = seed_everything(tc.seed)
     main = rank == 0
-    if main:
+    check_splits(cfg.data, ["train", *([cfg.data.val_split] if cfg.data.val_split else [])])
+    train_ds, val_ds, weights = train_val_datasets(cfg)
+    if main:  # only once the data is known good: a failed start leaves no run folder behind
         run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
-
-    train_ds, val_ds, weights = train_val_datasets(cfg)
     if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
         raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
                           f"make none of train.batch_size={tc.batch_size}")

@@ -8,9 +8,10 @@ image), scaled to [0, 1]. Mean/std normalisation is *not* done here; each model 
 
 from __future__ import annotations
 
+import re
+from collections.abc import Sequence
 from typing import Any
 
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -54,15 +55,28 @@ def _hw(size: Size) -> tuple[int, int]:
     return h, w
 
 
+_FILE_OBJECT_REPR = re.compile(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
+def read_error_text(e: BaseException) -> str:
+    """``Type: message`` of a failed image read, without the ``<_io.BytesIO object at 0x...>`` that PIL
+    puts in some messages when it reads from memory (uploads, bytes read once for hashing)."""
+    text = _FILE_OBJECT_REPR.sub("the data", str(e))
+    if isinstance(e, Image.UnidentifiedImageError):
+        text = "not an image PIL can read (empty, cut short or an unknown format)"
+    return f"{type(e).__name__}: {text}"
+
+
 def open_image(path: PathLike) -> Image.Image:
     """Open and fully decode an image file; any failure raises :class:`DatasetError` naming the file."""
+    name = path if isinstance(path, (str, Path)) else "(in-memory data)"
     try:
         im = Image.open(path)
         im.load()  # decode now, so a truncated or corrupt file fails here and not later
     except FileNotFoundError as e:
-        raise DatasetError(f"image file not found: {path}") from e
+        raise DatasetError(f"image file not found: {name}") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        raise DatasetError(f"cannot read image file {name}: {read_error_text(e)}") from e
     return im
 
 
@@ -145,7 +159,7 @@ def _file_size(path: PathLike) -> tuple[int, int]:
     except FileNotFoundError as e:
         raise DatasetError(f"image file not found: {path}") from e
     except Exception as e:
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        raise DatasetError(f"cannot read image file {path}: {read_error_text(e)}") from e
 
 
 def _check_same_size(

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdad.data.mvtec import GOOD, Sample, SampleDataset
+from kdad.data.mvtec import GOOD, MISSING_MASK_HINT, Sample, SampleDataset
 from kdad.data.transforms import (
     PathLike,
     Size,
@@ -216,7 +216,7 @@ class VisADataset(DraftSampleDataset):
         mask = row.mask if row.mask is not None and row.mask.is_file() else None
         if mask is None and not allow_missing_masks:
             raise DatasetError(f"mask not found for {row.image}: {row.mask or 'no mask column'} "
-                               f"({self.split_file} line {row.line})")
+                               f"({self.split_file} line {row.line}; {MISSING_MASK_HINT})")
         return Sample(row.image, mask, 1, names.get(row.image.name, ANOMALY), mask is not None)
 
     def __repr__(self) -> str:
