@@ -241,7 +241,8 @@ def test_run_table_is_plain(tmp_path: Path) -> None:
     write_report(tmp_path / "r.html", result, pred)
     text = (tmp_path / "r.html").read_text()
     assert "fused" not in text and "heap" not in text and "channels" not in text
-    assert "the 99th percentile of their scores, so about 1% of normal images score above it" in text
+    assert "the 99th percentile of their scores, aiming at 1% false alarms on normal images" in text
+    assert "With 6 images that percentile is about their highest score" in text
     assert "6 normal images (training normals (optimistic))" in text and "training steps" in text
     assert "break-all" not in text and "/<wbr>" in text  # captions wrap at slashes, not mid-word
     assert ".row{display:grid;grid-template-columns:repeat(3" in text  # the gallery uses the page width

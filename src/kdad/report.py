@@ -457,10 +457,13 @@ def threshold_meaning(source: str, normals: str = "") -> str:
     q_img, q_pix, n = m.groups()
     share = 1.0 - float(q_img)
     where = f" ({normals})" if normals else ""
-    return (f"computed on {n} normal images{where}: the image threshold is the {_percentile(q_img)} of their "
-            f"scores, so about {share:.0%} of normal images score above it (false alarms); the pixel "
-            f"threshold is the {_percentile(q_pix)} of their pixel values. Few images make these estimates "
-            "rough.")
+    text = (f"computed on {n} normal images{where}: the image threshold is the {_percentile(q_img)} of their "
+            f"scores, aiming at {share:.0%} false alarms on normal images; the pixel threshold is the "
+            f"{_percentile(q_pix)} of their pixel values.")
+    if int(n) * share < 1:  # fewer images than the quantile can resolve: the threshold is about their maximum
+        text += (f" With {n} images that percentile is about their highest score, so expect more false alarms "
+                 "(the gallery below shows the real ones).")
+    return text
 
 
 def _header(result: dict[str, Any]) -> str:
