@@ -59,7 +59,8 @@ def _modules_after(argv: list[str], tmp_path) -> tuple[int, set[str]]:  # noqa: 
     return res.returncode, set(json.loads(line[len("MODULES="):]))
 
 
-@pytest.mark.parametrize("argv", [["list"], ["--help"], ["fit", "--bogus"], ["test", "kdad_demo"]])
+@pytest.mark.parametrize("argv", [["list"], ["--help"], ["fit", "--bogus"], ["test", "kdad_demo"],
+                                  ["fit", "--preset", "rd_cpu", "--data", "nope"]])
 def test_quick_commands_do_not_import_torch(argv: list[str], tmp_path) -> None:  # noqa: ANN001
     (tmp_path / "kdad_demo" / "run").mkdir(parents=True)
     (tmp_path / "kdad_demo" / "run" / "model.ckpt").write_bytes(b"")

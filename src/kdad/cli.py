@@ -50,6 +50,8 @@ def _add_runner_options(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args: argparse.Namespace):  # noqa: ANN202
     from kdad.config import load_config
 
+    if args.data and not Path(args.data).is_dir():  # the commonest mistake, answered before torch is imported
+        raise KdadError(f"--data {args.data}: folder not found")
     overrides = list(args.overrides)
     if args.method:
         overrides.insert(0, f"method={args.method}")
@@ -83,12 +85,12 @@ def check_run(run: str) -> None:
 
 def cmd_fit(args: argparse.Namespace) -> int:
     from kdad.config import dump_yaml
-    from kdad.train import fit
 
     cfg = _config_from_args(args)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from kdad.train import fit  # after the config is known good: it imports torch
     run_dir = Path(args.out) if args.out else _default_run_dir(cfg.method, cfg.data.root or cfg.data.good_dir)
     jobs = [(cfg, run_dir)]
     if args.per_category and cfg.data.categories:
