@@ -55,3 +55,51 @@ def test_set_values_reach_the_printed_config(capsys: pytest.CaptureFixture[str])
     cfg = yaml.safe_load(capsys.readouterr().out)
     assert cfg["model"]["sigma"] == 2.5 and cfg["model"]["betas"] == [0.9, 0.99]
     assert cfg["train"]["threshold_quantile"] == 0.9 and cfg["data"]["image_size"] == 128
+
+
+def _modules_after(argv: list[str], tmp_path) -> tuple[int, set[str]]:  # noqa: ANN001
+    """Run `kdad ARGV` in a fresh interpreter; its exit code and the modules it imported."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import kdad
+
+    code = ("import json, sys\nfrom kdad.cli import main\ntry:\n    rc = main(sys.argv[1:])\n"
+            "except SystemExit as e:\n    rc = e.code\nprint('MODULES=' + json.dumps(sorted(sys.modules)))\n"
+            "sys.exit(rc)")
+    env = {**os.environ, "PYTHONPATH": str(Path(kdad.__file__).parents[1])}
+    res = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, env=env,
+                         cwd=tmp_path, timeout=120)
+    line = next(x for x in res.stdout.splitlines() if x.startswith("MODULES="))
+    return res.returncode, set(json.loads(line[len("MODULES="):]))
+
+
+@pytest.mark.parametrize("argv", [["list"], ["--help"], ["fit", "--bogus"], ["test", "kdad_demo"],
+                                  ["fit", "--preset", "rd_cpu", "--data", "nope"]])
+def test_quick_commands_do_not_import_torch(argv: list[str], tmp_path) -> None:  # noqa: ANN001
+    (tmp_path / "kdad_demo" / "run").mkdir(parents=True)
+    (tmp_path / "kdad_demo" / "run" / "model.ckpt").write_bytes(b"")
+    rc, modules = _modules_after(argv, tmp_path)
+    assert "torch" not in modules, f"kdad {' '.join(argv)} imported torch (rc {rc})"
+
+
+def test_list_papers_match_the_registry() -> None:
+    from kdad.cli import method_papers
+    from kdad.methods import METHODS
+
+    assert method_papers() == {name: spec.paper for name, spec in METHODS.items()}
+
+
+def test_run_folder_hint_points_inside(capsys: pytest.CaptureFixture[str], tmp_path) -> None:
+    demo = tmp_path / "kdad_demo"
+    (demo / "run").mkdir(parents=True)
+    (demo / "run" / "model.ckpt").write_bytes(b"")
+    for cmd in ("test", "export"):
+        assert main([cmd, str(demo)]) == 2
+        err = capsys.readouterr().err
+        assert "has no model.ckpt" in err and str(demo / "run") in err
+    assert main(["test", str(tmp_path / "nope")]) == 2
+    assert "nope not found" in capsys.readouterr().err

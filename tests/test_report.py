@@ -74,10 +74,10 @@ def test_report_full(tmp_path: Path) -> None:
     _assert_self_contained(text)
     for name in METRIC_NAMES:
         assert name in text
-    assert "Worst false positives" in text and "Worst false negatives" in text
+    assert "False positives at the image threshold" in text and "False negatives at the image threshold" in text
     assert text.count('<div class="row">') == 7  # 4 good + 3 defective images, all within max_gallery
     assert "scratch" in text and "crack" in text and "rd4ad" in text and "test protocol string" in text
-    assert "train images/s" in text and "normal-image quantiles" in text
+    assert "training images/s" in text and "normal-image quantiles" in text
     assert "ground truth outlined" in text
     assert not list(out.parent.glob(".*.tmp"))  # atomic write leaves no temporary file
 
@@ -208,3 +208,50 @@ def test_compare_runs_missing_metrics(tmp_path: Path) -> None:
     with pytest.raises(KdadError, match="empty_run.*metrics.json"):
         compare_runs([good, tmp_path / "empty_run"], tmp_path / "c.html")
     assert not (tmp_path / "c.html").exists()
+
+
+def _sections(text: str) -> dict[str, int]:
+    """Gallery section title -> number of image rows under it."""
+    gallery = text[text.index('<div class="gallery">'):]
+    parts = re.split(r"<h3>(.*?)</h3>", gallery)[1:]
+    return {title: body.count('<div class="row">') for title, body in zip(parts[::2], parts[1::2])}
+
+
+def test_gallery_shows_the_real_false_positives_first(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data", n_good=6, n_bad=3)
+    good = np.sort(pred.scores[pred.labels == 0])
+    result = _result(pred)
+    result["thresholds"]["image"] = float((good[-1] + good[-2]) / 2)  # exactly one good image above
+    write_report(tmp_path / "r.html", result, pred, max_gallery=4)
+    sections = _sections((tmp_path / "r.html").read_text())
+    titles = list(sections)
+    assert "1 of 6 good images scored at or above it" in titles[0] and sections[titles[0]] == 1
+    assert titles[1].startswith("Good images closest to a false alarm") and sections[titles[1]] == 3
+    assert "0 of 3 defective images scored below it" in titles[2] and sections[titles[2]] == 0
+    assert titles[3].startswith("Defective images closest to a miss") and sections[titles[3]] == 3
+    assert not any("Worst" in t for t in titles)
+
+
+def test_run_table_is_plain(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data")
+    result = _result(pred)
+    result["thresholds"]["source"] = "normal-image quantiles (0.99, 0.999) over 6 images"
+    result["train_info"].update({"fused_optimizers": 2, "heap_allocator": True, "channels_last": True,
+                                 "threshold_source": "training normals (optimistic)", "iters": 30})
+    write_report(tmp_path / "r.html", result, pred)
+    text = (tmp_path / "r.html").read_text()
+    assert "fused" not in text and "heap" not in text and "channels" not in text
+    assert "the 99th percentile of their scores, aiming at 1% false alarms on normal images" in text
+    assert "With 6 images that percentile is about their highest score" in text
+    assert "6 normal images (training normals (optimistic))" in text and "training steps" in text
+    assert "break-all" not in text and "/<wbr>" in text  # captions wrap at slashes, not mid-word
+    assert ".row{display:grid;grid-template-columns:repeat(3" in text  # the gallery uses the page width
+
+
+def test_compare_one_run_title(tmp_path: Path) -> None:
+    pred = _fake_predictions(tmp_path / "data")
+    run = tmp_path / "r1"
+    run.mkdir()
+    (run / "metrics.json").write_text(json.dumps(_result(pred, {"image_auroc": 0.9})))
+    compare_runs([run], tmp_path / "c.html")
+    assert "comparison of 1 run<" in (tmp_path / "c.html").read_text()

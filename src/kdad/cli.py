@@ -68,6 +68,8 @@ def _add_runner_options(p: argparse.ArgumentParser) -> None:
 def _config_from_args(args: argparse.Namespace):  # noqa: ANN202
     from kdad.config import load_config
 
+    if args.data and not Path(args.data).is_dir():  # the commonest mistake, answered before torch is imported
+        raise KdadError(f"--data {args.data}: folder not found")
     overrides = list(args.overrides)
     if args.method:
         overrides.insert(0, f"method={args.method}")
@@ -86,14 +88,27 @@ def _default_run_dir(method: str, root: str) -> Path:
     return Path("runs") / f"{method}_{name}_{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+def check_run(run: str) -> None:
+    """Refuse a RUN argument that holds no model, before torch is imported: name the path and, for a
+    folder that contains runs (the demo's kdad_demo/ holds kdad_demo/run), the run folders inside it."""
+    path = Path(run)
+    if not path.exists():
+        raise KdadError(f"{path} not found: give a run folder (with model.ckpt), a .ckpt or an .onnx file")
+    if not path.is_dir() or (path / "model.ckpt").is_file() or (path / "model.onnx").is_file():
+        return
+    inside = sorted(str(c.parent) for pattern in ("*/model.ckpt", "*/*/model.ckpt") for c in path.glob(pattern))
+    hint = f"; did you mean {' or '.join(inside[:3])}?" if inside else " (is training finished?)"
+    raise KdadError(f"{path} is not a run folder: it has no model.ckpt{hint}")
+
+
 def cmd_fit(args: argparse.Namespace) -> int:
     from kdad.config import dump_yaml
-    from kdad.train import fit
 
     cfg = _config_from_args(args)
     if args.print_config:
         print(dump_yaml(cfg), end="")
         return 0
+    from kdad.train import fit  # after the config is known good: it imports torch
     run_dir = Path(args.out) if args.out else _default_run_dir(cfg.method, cfg.data.root or cfg.data.good_dir)
     jobs = [(cfg, run_dir)]
     if args.per_category and cfg.data.categories:
@@ -102,6 +117,11 @@ def cmd_fit(args: argparse.Namespace) -> int:
         from kdad.data.factory import category_configs
 
         jobs = [(dataclasses.replace(cfg, data=c), run_dir / c.category) for c in category_configs(cfg.data)]
+    if args.test:  # a bad test file should stop the run now, not after hours of training
+        from kdad.data.factory import check_splits
+
+        for job_cfg, _ in jobs:
+            check_splits(job_cfg.data, ["test"])
     for job_cfg, job_dir in jobs:
         fit(job_cfg, job_dir, resume=args.resume)
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
@@ -114,6 +134,7 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
 
 def cmd_test(args: argparse.Namespace) -> int:
+    check_run(args.run)
     from kdad.checkpoint import load_bundle
     from kdad.config import build_config
     from kdad.evaluate import evaluate_run
@@ -134,6 +155,7 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
+    check_run(args.run)
     from kdad.predict import run_predict
 
     run_predict(args)
@@ -141,6 +163,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    check_run(args.run)
     from kdad.export import export_onnx, metadata_path, read_metadata
 
     if args.format != "onnx":  # argparse choices already restrict this; kept for programmatic callers
@@ -158,8 +181,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    check_run(args.run)
+    from kdad.serve import serve  # first: a missing [serve] extra is reported before the model loads
+
     from kdad.predict import make_runner, runner_options
-    from kdad.serve import serve
 
     runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
     serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
@@ -201,13 +226,38 @@ def cmd_synth_gallery(args: argparse.Namespace) -> int:
     return 0
 
 
+def method_papers() -> dict[str, str]:
+    """{method name: paper} read from the source of kdad.methods, without importing it.
+
+    Importing the registry imports torch (10-20 s under load); `kdad list` only needs two strings per method.
+    tests/test_cli.py checks that this matches kdad.methods.METHODS.
+    """
+    import ast
+    from importlib import resources
+
+    folder = resources.files("kdad") / "methods"
+    registry = ast.parse((folder / "__init__.py").read_text())
+    modules: dict[str, str] = {}
+    for node in ast.walk(registry):
+        if isinstance(node, ast.Dict):
+            for key, value in zip(node.keys, node.values):
+                if isinstance(key, ast.Constant) and isinstance(value, ast.Attribute) \
+                        and isinstance(value.value, ast.Name):
+                    modules[str(key.value)] = value.value.id
+    papers = {}
+    for name, module in modules.items():
+        tree = ast.parse((folder / f"{module}.py").read_text())
+        papers[name] = next((ast.literal_eval(n.value) for n in tree.body if isinstance(n, ast.Assign)
+                             and any(isinstance(t, ast.Name) and t.id == "PAPER" for t in n.targets)), "")
+    return papers
+
+
 def cmd_list(args: argparse.Namespace) -> int:
     from kdad.config import PRESET_ALIASES, list_presets
-    from kdad.methods import METHODS
 
     print("methods:")
-    for name, spec in sorted(METHODS.items()):
-        print(f"  {name:8s} {spec.paper}")
+    for name, paper in sorted(method_papers().items()):
+        print(f"  {name:8s} {paper}")
     print("presets:")
     for p in list_presets():
         print(f"  {p}")

@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 0
     split_file: str = ""  # visa: split CSV (default split_csv/1cls.csv); realiad: JSON or its folder
     view: str = ""  # realiad: cameras to use, e.g. "C1" or "C1,C3" (empty = all five)
+    allow_missing_masks: bool = False  # test defective images that have no mask (image metrics only)
     val_split: str = ""  # a split of held-out normals for thresholds/selection, e.g. "validation" (mvtec_ad2)
 
 

@@ -15,3 +15,16 @@ class DatasetError(KdadError, ValueError):
 
 class WeightsError(KdadError, RuntimeError):
     """Pretrained weights cannot be found or do not match the architecture."""
+
+
+def require_extra(extra: str, modules: tuple[str, ...], needed_for: str) -> None:
+    """Raise KdadError with the pip command when a module of an optional extra is missing.
+
+    Checked up front: the libraries' own errors blame a layer (torch.onnx) or print a raw traceback (fastapi).
+    """
+    from importlib.util import find_spec
+
+    missing = [m for m in modules if find_spec(m) is None]
+    if missing:
+        raise KdadError(f"{needed_for} needs {', '.join(missing)}, which is not installed; "
+                        f'install it with: pip install "kdad[{extra}]"')

@@ -24,7 +24,7 @@ from torch import nn
 
 from kdad import __version__
 from kdad.checkpoint import atomic_write_bytes, atomic_write_text
-from kdad.errors import KdadError
+from kdad.errors import KdadError, require_extra
 from kdad.data.transforms import input_contract as shared_input_contract
 
 DEFAULT_OPSET = 17
@@ -167,6 +167,7 @@ def export_model_bytes(
     """
     if exporter not in ("auto", "torchscript", "dynamo"):
         raise KdadError(f"unknown exporter {exporter!r}; valid: auto, torchscript, dynamo")
+    require_extra("onnx", ("onnx",), "ONNX export")
     model = model.eval().cpu()
     example = torch.rand(2, 3, image_size, image_size, generator=torch.Generator().manual_seed(0))
     tries = ["torchscript", "dynamo"] if exporter == "auto" else [exporter]
@@ -248,6 +249,7 @@ def export_onnx(
     """Export a run (folder with model.ckpt, or a .ckpt) to ONNX + metadata JSON; returns the graph path."""
     from kdad.checkpoint import load_bundle, model_from_bundle
 
+    require_extra("onnx", ("onnx", "onnxruntime") if check else ("onnx",), "ONNX export")
     ckpt = Path(run) / "model.ckpt" if Path(run).is_dir() else Path(run)
     bundle = load_bundle(ckpt)
     model, cfg = model_from_bundle(bundle)
@@ -310,10 +312,9 @@ def build_metadata(
 
 
 def _session(graph: bytes | str, where: str, providers: list[str] | None = None) -> Any:
-    try:
-        import onnxruntime as ort
-    except ImportError as e:
-        raise KdadError("onnxruntime is not installed; pip install 'kdad[onnx]'") from e
+    require_extra("onnx", ("onnxruntime",), "ONNX inference")
+    import onnxruntime as ort
+
     try:
         return ort.InferenceSession(graph, providers=providers or ["CPUExecutionProvider"])
     except Exception as e:

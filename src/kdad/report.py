@@ -14,6 +14,7 @@ import html
 import io
 import json
 import math
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -45,8 +46,8 @@ h1{font-size:1.5em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.6em;border
 table{border-collapse:collapse;margin:8px 0}th,td{border:1px solid #ccc;padding:4px 8px;text-align:left;
 vertical-align:top}th{background:#f3f3f3}td.num{text-align:right;font-variant-numeric:tabular-nums}
 tr.mean td{background:#f7f7e8;font-style:italic}.na{color:#999}.note{color:#555;font-size:.9em}
-figure{display:inline-block;margin:4px 8px 4px 0}figcaption{font-size:.85em;color:#444;max-width:256px;
-word-break:break-all}img{max-width:100%}.row{display:flex;gap:6px;align-items:flex-start;margin-bottom:10px}
+figure{margin:0}figcaption{font-size:.85em;color:#444;overflow-wrap:break-word}img{max-width:100%}
+.row{display:grid;grid-template-columns:repeat(3,minmax(0,1fr));gap:8px;margin-bottom:12px}.row img{width:100%}
 """
 
 
@@ -70,6 +71,15 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, (float, np.floating)):
         return f"{float(value):.{digits}f}" if abs(value) < 1e5 else f"{float(value):.4g}"
     return _esc(value)
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def _path_html(path: str) -> str:
+    """A path that wraps at its slashes, never inside a name."""
+    return "/<wbr>".join(_esc(part) for part in path.split("/"))
 
 
 def _img(png: bytes, alt: str) -> str:
@@ -310,7 +320,7 @@ def _gallery_row(pred: Predictions, i: int, vmin: float, vmax: float, thr: float
     decision = "" if thr is None else (" ≥ threshold (flagged)" if score >= thr else " < threshold")
     name = "/".join(Path(pred.paths[i]).parts[-3:])
     caption = _esc(f"{pred.defect_types[i]}, score {score:.4g}{decision}{load_note}")
-    caption = f"{_esc(name)}<br>{caption}"
+    caption = f"{_path_html(name)}<br>{caption}"
     panels = ((image * 255).astype(np.uint8), heat, truth)
     captions = (caption, f"heatmap, fixed range [{vmin:.3g}, {vmax:.3g}]", _esc(truth_note))
     alts = (f"input {name}", f"heatmap {name}", f"ground truth {name}")
@@ -319,21 +329,46 @@ def _gallery_row(pred: Predictions, i: int, vmin: float, vmax: float, thr: float
     return f'<div class="row">{figs}</div>'
 
 
+def _gallery_sections(pred: Predictions, thr: float | None, max_gallery: int) -> list[tuple[str, np.ndarray, str]]:
+    """(title, image indices, text when empty) per gallery section. The real false positives / negatives at
+    the stored threshold come first, each titled by what it is; the remaining rows show the good images
+    closest to a false alarm and the defects closest to a miss."""
+    good, bad = np.flatnonzero(pred.labels == 0), np.flatnonzero(pred.labels != 0)
+    good = good[np.argsort(-pred.scores[good], kind="stable")]  # most suspicious good image first
+    bad = bad[np.argsort(pred.scores[bad], kind="stable")]  # least suspicious defect first
+    if thr is None:
+        return [("Good images with the highest scores (no stored threshold)", good[:max_gallery],
+                 "no good images in the test set"),
+                ("Defective images with the lowest scores (no stored threshold)", bad[:max_gallery],
+                 "no defective images in the test set")]
+    fp, passed = good[pred.scores[good] >= thr], good[pred.scores[good] < thr]
+    fn, caught = bad[pred.scores[bad] < thr], bad[pred.scores[bad] >= thr]
+    n_fp, n_fn = min(len(fp), max_gallery), min(len(fn), max_gallery)
+    return [
+        (f"False positives at the image threshold {thr:.4g}: {len(fp)} of {_plural(len(good), 'good image')} "
+         f"scored at or above it" + (f" (showing {n_fp})" if n_fp < len(fp) else ""), fp[:n_fp],
+         "none: no good image is flagged"),
+        ("Good images closest to a false alarm (highest scores below the threshold)", passed[:max_gallery - n_fp],
+         ""),
+        (f"False negatives at the image threshold {thr:.4g}: {len(fn)} of {_plural(len(bad), 'defective image')} "
+         f"scored below it" + (f" (showing {n_fn})" if n_fn < len(fn) else ""), fn[:n_fn],
+         "none: every defective image is flagged" if len(bad) else "no defective images in the test set"),
+        ("Defective images closest to a miss (lowest scores at or above the threshold)",
+         caught[:max_gallery - n_fn], ""),
+    ]
+
+
 def _gallery(pred: Predictions, result: dict[str, Any], max_gallery: int) -> str:
     if pred.maps is None:
         return '<p class="note">No anomaly maps were kept, so there is no gallery.</p>'
     vmin, vmax, source = _display_range(result, pred)
     thr = (result.get("thresholds") or {}).get("image")
     thr = None if _is_nan(thr) else float(thr)
-    good, bad = np.flatnonzero(pred.labels == 0), np.flatnonzero(pred.labels != 0)
-    worst_fp = good[np.argsort(-pred.scores[good], kind="stable")][:max_gallery]
-    worst_fn = bad[np.argsort(pred.scores[bad], kind="stable")][:max_gallery]
     out = [f'<p class="note">Overlay colour range [{vmin:.4g}, {vmax:.4g}] ({_esc(source)}), the same for '
            "every image: not normalised per image.</p>"]
-    for title, idx, empty in (("Worst false positives: good images with the highest scores", worst_fp,
-                               "no good images in the test set"),
-                              ("Worst false negatives: defective images with the lowest scores", worst_fn,
-                               "no defective images in the test set")):
+    for title, idx, empty in _gallery_sections(pred, thr, max_gallery):
+        if not len(idx) and not empty:
+            continue  # a filler section with nothing left to show
         out.append(f"<h3>{_esc(title)}</h3>")
         rows = [_gallery_row(pred, int(i), vmin, vmax, thr) for i in idx]
         out.append("".join(rows) if rows else f'<p class="note">{_esc(empty)}.</p>')
@@ -401,22 +436,51 @@ def _defect_table(pred: Predictions, image_threshold: float | None) -> str:
     return _table(header, rows)
 
 
+# train_info keys a report reader needs; the speed levers (fused optimizers, heap allocator, ...) are
+# internals, kept in train_info.json
+TRAIN_FACTS: tuple[tuple[str, str], ...] = (
+    ("train_seconds", "training time (s)"), ("train_images_per_s", "training images/s"),
+    ("iters", "training steps"), ("selected_epoch", "weights from epoch"), ("device", "trained on"),
+)
+_QUANTILE_SOURCE = re.compile(r"normal-image quantiles \(([\d.]+), ([\d.]+)\) over (\d+) images")
+
+
+def _percentile(q: str) -> str:
+    return f"{float(q) * 100:g}th percentile"
+
+
+def threshold_meaning(source: str, normals: str = "") -> str:
+    """The stored threshold source in plain words (what a quantile threshold means for normal images)."""
+    m = _QUANTILE_SOURCE.fullmatch(source.strip())
+    if not m:
+        return source
+    q_img, q_pix, n = m.groups()
+    share = 1.0 - float(q_img)
+    where = f" ({normals})" if normals else ""
+    text = (f"computed on {n} normal images{where}: the image threshold is the {_percentile(q_img)} of their "
+            f"scores, aiming at {share:.0%} false alarms on normal images; the pixel threshold is the "
+            f"{_percentile(q_pix)} of their pixel values.")
+    if int(n) * share < 1:  # fewer images than the quantile can resolve: the threshold is about their maximum
+        text += (f" With {n} images that percentile is about their highest score, so expect more false alarms "
+                 "(the gallery below shows the real ones).")
+    return text
+
+
 def _header(result: dict[str, Any]) -> str:
     thr = result.get("thresholds") or {}
+    info = result.get("train_info") or {}
     facts = [("method", result.get("method")), ("category", result.get("category")),
              ("images", result.get("n_images")), ("image size", result.get("image_size")),
              ("protocol", result.get("protocol"))]
     if thr:
+        source = threshold_meaning(str(thr.get("source") or ""), str(info.get("threshold_source") or ""))
         facts += [("image threshold", thr.get("image")), ("pixel threshold", thr.get("pixel")),
-                  ("threshold source", thr.get("source"))]
+                  ("thresholds", source)]
     else:
         facts.append(("thresholds", "none stored with the model"))
-    info = result.get("train_info") or {}
-    for key, label in (("train_seconds", "train seconds"), ("train_images_per_s", "train images/s")):
-        if key in info:
-            facts.append((label, info[key]))
-    facts += [(f"train {k}".replace("_", " "), v) for k, v in info.items()
-              if k not in ("train_seconds", "train_images_per_s")]
+    facts += [(label, info[key]) for key, label in TRAIN_FACTS if key in info]
+    if int(info.get("world_size") or 1) > 1:
+        facts.append(("training processes", info["world_size"]))
     return _table(["run", "value"], [[_esc(k), _fmt(v)] for k, v in facts])
 
 
@@ -548,7 +612,7 @@ def _compare_page(rows: list[dict[str, Any]], means: list[dict[str, Any]], keys:
     table = _table(header, [cells(r) for r in rows + means], ["" for _ in rows] + ["mean" for _ in means])
     chart_keys = [k for k in CHART_METRICS if any(math.isfinite(r[k]) for r in rows)]
     series = means or rows
-    parts = [f"<h1>kdad: comparison of {len(rows)} runs</h1>", table,
+    parts = [f"<h1>kdad: comparison of {_plural(len(rows), 'run')}</h1>", table,
              '<p class="note">Bold: best run per metric. Mean rows average each method over its categories, '
              "using finite values only ((k/n) marks a mean over k of n runs). F1-max values are oracle "
              "scores.</p>"]

@@ -25,7 +25,7 @@ from kdad.checkpoint import (
     remove_stale_temporaries,
 )
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
-from kdad.data.factory import dataset_parts
+from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
@@ -273,17 +273,20 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         warn_if_slow_cpu_bf16("train.cpu_bf16=true")
     gen = seed_everything(tc.seed)
     main = rank == 0
-    ck = _load_resume(run_dir, cfg) if resume else None  # refuses a changed config before anything is written
+    # Everything that can refuse the run does so before anything is written, so a failed start leaves no run
+    # folder or config.yaml behind: the resume contract (a changed config is refused), then the data (every
+    # image and mask header of the splits used).
+    ck = _load_resume(run_dir, cfg) if resume else None
+    check_splits(cfg.data, ["train", *([cfg.data.val_split] if cfg.data.val_split else [])])
+    train_ds, val_ds, weights = train_val_datasets(cfg)
+    if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
+        raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
+                          f"make none of train.batch_size={tc.batch_size}")
     if main:
         run_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(run_dir)  # left by a killed run's atomic writes
         atomic_write_text(run_dir / "config.yaml", dump_yaml(cfg))
         trim_log(run_dir / "train_log.jsonl", ck["train_state"]["epoch"] if ck else -1)
-
-    train_ds, val_ds, weights = train_val_datasets(cfg)
-    if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
-        raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
-                          f"make none of train.batch_size={tc.batch_size}")
     loader_gen = torch.Generator()  # reseeded every epoch so a resumed run shuffles like an uninterrupted one
     sampler: Any = None
     if distributed:

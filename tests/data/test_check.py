@@ -185,3 +185,62 @@ def test_bad_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     (tmp_path / "empty").mkdir()
     assert main(["data", "check", str(tmp_path / "empty")]) == 2
     assert "--format" in capsys.readouterr().err
+
+
+def test_zero_byte_file_message_names_no_memory_object(tmp_path: Path) -> None:
+    root = make_mvtec(tmp_path / "d")
+    (root / "widget" / "test" / "good" / "000.png").write_bytes(b"")
+    text = check_dataset(root).text()
+    assert "empty file (0 bytes)" in text and "BytesIO" not in text and "0x" not in text
+    (root / "widget" / "test" / "good" / "000.png").write_bytes(b"not an image at all")
+    text = check_dataset(root).text()
+    assert "not an image PIL can read" in text and "BytesIO" not in text
+
+
+# ---------------------------------------------------------------------- fit checks every split before training
+
+def _fit_argv(root: Path, out: Path, *extra: str) -> list[str]:
+    return ["fit", "--preset", "rd_cpu", "--data", str(root / "widget"), "--out", str(out), "--test",
+            "--set", "model.weights=random", "--set", "model.backbone=resnet18", *extra]
+
+
+@pytest.mark.parametrize("fault", ["zero_byte", "mask_size", "missing_mask", "bomb"])
+def test_fit_test_reports_bad_test_files_before_training(fault: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch,
+                                                         capsys: pytest.CaptureFixture[str]) -> None:
+    root = make_mvtec(tmp_path / "d")
+    c = root / "widget"
+    expect = {"zero_byte": "empty file (0 bytes)", "mask_size": "mask is 20x20",
+              "missing_mask": "data.allow_missing_masks=true", "bomb": "decompression bomb"}[fault]
+    culprit = {"zero_byte": c / "test" / "good" / "000.png", "mask_size": c / "ground_truth" / "scratch" / "001_mask.png",
+               "missing_mask": c / "test" / "scratch" / "001.png", "bomb": c / "test" / "good" / "000.png"}[fault]
+    if fault == "zero_byte":
+        culprit.write_bytes(b"")
+    elif fault == "mask_size":
+        Image.new("L", (20, 20)).save(culprit)
+    elif fault == "missing_mask":
+        (c / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    else:  # PIL refuses images above 2 x MAX_IMAGE_PIXELS; lower the limit instead of writing a huge file
+        monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", SIZE[0] * SIZE[1] // 3)
+    out = tmp_path / "run"
+    assert main(_fit_argv(root, out)) == 2
+    err = capsys.readouterr().err
+    assert expect in err and str(culprit) in err and "allow_missing_masks=True" not in err
+    assert not out.exists()  # nothing trained, and no config.yaml left behind
+
+
+def test_failed_fit_leaves_no_run_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "run"
+    assert main(["fit", "--preset", "rd_cpu", "--data", str(tmp_path / "nope"), "--out", str(out)]) == 2
+    assert "nope" in capsys.readouterr().err and not out.exists()
+
+
+def test_missing_masks_can_be_allowed_by_config(tmp_path: Path) -> None:
+    from kdad.config import load_config
+    from kdad.data.factory import build_dataset, check_splits
+
+    root = make_mvtec(tmp_path / "d")
+    (root / "widget" / "ground_truth" / "scratch" / "001_mask.png").unlink()
+    cfg = load_config("rd_cpu", [], [f"data.root={root / 'widget'}", "data.allow_missing_masks=true"])
+    check_splits(cfg.data, ["train", "test"])
+    assert [s.has_mask for s in build_dataset(cfg.data, "test").samples] == [True, True, False]  # type: ignore[attr-defined]

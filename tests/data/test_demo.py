@@ -71,3 +71,16 @@ def test_defect_is_visible_and_inside_its_mask(kind: str, defect: str) -> None:
         assert 0 < mask.mean() < 0.05, (kind, defect, mask.mean())  # small, not trivial
         assert diff[mask].mean() > 0.08, (kind, defect, diff[mask].mean())
         assert diff[~mask].mean() < 0.01
+
+
+def test_demo_summary_explains_metrics_outputs_and_limits(tmp_path: Path) -> None:
+    from kdad.demo import demo_summary
+
+    out = tmp_path / "kdad_demo"
+    metrics = {"image_auroc": 0.98765432101234, "pixel_auroc": 0.95, "au_pro": 0.5}
+    text = demo_summary({"metrics": metrics}, out, out / "run", out / "data" / "object")
+    assert "0.988" in text and "0.98765" not in text  # 3 digits, not 16
+    assert "1.0 = perfect, 0.5 = chance" in text
+    assert text.count("low for the demo") == 1  # only AU-PRO 0.5 is flagged
+    assert f"everything is in {out}/" in text and str(out / "run" / "report.html") in text
+    assert "flags every real photo as anomalous" in text

@@ -124,3 +124,11 @@ def test_cli_export_custom_out(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert not list(out.parent.glob(".*tmp"))  # atomic writes leave no temporaries
     assert main(["export", str(tiny_run("rd")), "--out", str(tmp_path / "x.pt")]) == 2
     assert "must end in .onnx" in capsys.readouterr().err
+
+
+def test_missing_onnx_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    import sys
+
+    monkeypatch.setitem(sys.modules, "onnx", None)  # what a base install (no [onnx] extra) looks like
+    with pytest.raises(KdadError, match=r'ONNX export needs onnx.*pip install "kdad\[onnx\]"'):
+        export_model_bytes(_Toy(), 8, exporter="torchscript")

@@ -177,7 +177,10 @@ def test_output_stems_never_collide(tmp_path: Path) -> None:
 def _fake_predict(monkeypatch: pytest.MonkeyPatch, folder: Path, out: Path, *flags: str) -> int:
     """`kdad predict` over `folder` with _CountingRunner instead of a model."""
     monkeypatch.setattr("kdad.predict.make_runner", lambda *a, **k: _CountingRunner())
-    return main(["predict", "unused", str(folder), "--out", str(out), *flags])
+    run = out.parent / "fake_run"  # kdad predict checks that RUN holds a model before it loads one
+    run.mkdir(parents=True, exist_ok=True)
+    (run / "model.ckpt").write_bytes(b"")
+    return main(["predict", str(run), str(folder), "--out", str(out), *flags])
 
 
 def test_colliding_names_keep_every_overlay(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -241,3 +241,54 @@ def test_cli_serve_refuses_non_finite_threshold(value: str, capsys: pytest.Captu
         main(["serve", str(tiny_run("rd")), "--threshold", value])
     assert exit_info.value.code == 2
     assert "--threshold" in capsys.readouterr().err
+
+
+def test_missing_serve_extra_says_what_to_install(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                  capsys: pytest.CaptureFixture[str]) -> None:
+    import sys
+
+    from kdad.cli import main
+
+    monkeypatch.setitem(sys.modules, "fastapi", None)  # a base install without the [serve] extra
+    for name in ("kdad.serve", "kdad.serve.app"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    (tmp_path / "model.ckpt").write_bytes(b"")
+    assert main(["serve", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert 'pip install "kdad[serve]"' in err and "fastapi" in err and "Traceback" not in err
+
+
+def test_truncated_png_error_names_the_file_not_a_memory_object(client: TestClient) -> None:
+    data = bottle_test_images(1)[0].read_bytes()
+    r = client.post("/predict", files={"file": ("cut.png", data[: len(data) // 2], "image/png")})
+    assert r.status_code == 400
+    detail = r.json()["detail"]
+    assert detail.startswith("cut.png: cannot decode image") and "truncated" in detail
+    assert "BytesIO" not in detail and "0x" not in detail
+
+
+def test_docs_page_works_offline(client: TestClient) -> None:
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/static/docs.js" in page.text
+    for asset in ("/docs", "/static/docs.js", "/static/docs.html", "/", "/static/app.js"):
+        text = client.get(asset).text
+        assert "https://" not in text and "http://" not in text, asset  # nothing loaded from outside
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+
+
+def test_page_status_counts_failures_and_labels_uploads() -> None:
+    import json
+    import shutil
+
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node not found")
+    app_js = Path(__import__("kdad.serve.app", fromlist=["STATIC_DIR"]).STATIC_DIR) / "app.js"
+    code = (f"const m = require({json.dumps(str(app_js))}); console.log(JSON.stringify([m.statusText(2, 3), "
+            "m.statusText(4, 0), m.uploadLabel(1, 2048, new Date(0)), m.uploadLabel(2, 2048, new Date(0))]))")
+    out = json.loads(subprocess.run([node, "-e", code], capture_output=True, text=True, check=True).stdout)
+    assert out[0] == "2 of 5 image(s) scored, 3 failed (red cards say why)"
+    assert out[1] == "4 of 4 image(s) scored"
+    assert out[2].startswith("upload #1 · 2.0 kB") and out[3].startswith("upload #2")  # same name, told apart
+    css = (app_js.parent / "style.css").read_text()
+    assert "align-items: start" in css and ".card.failed" in css  # error cards do not stretch to image height

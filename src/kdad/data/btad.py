@@ -17,6 +17,7 @@ from pathlib import Path
 
 from kdad.data.mvtec import (
     GOOD,
+    MISSING_MASK_HINT,
     MVTecDataset,
     Sample,
     SampleDataset,
@@ -92,7 +93,8 @@ class BTADDataset(SampleDataset):
         for path in self._images(test / KO):
             mask = find_mask(masks, path.stem)
             if mask is None and not self.allow_missing_masks:
-                raise DatasetError(f"mask not found for {path}: expected {mask_dir / path.stem}.<png|bmp>")
+                raise DatasetError(f"mask not found for {path}: expected {mask_dir / path.stem}.<png|bmp> "
+                                   f"({MISSING_MASK_HINT})")
             samples.append(Sample(path, mask, 1, KO, mask is not None))
         if not samples:
             raise DatasetError(f"test split is empty: no images in {test / OK} or {test / KO}")
@@ -102,11 +104,13 @@ class BTADDataset(SampleDataset):
         return f"BTADDataset(root={str(self.root)!r}, split={self.split!r}, n={len(self)})"
 
 
-def btad_dataset(root: PathLike, split: str, image_size: Size = 256, category: str | None = None) -> SampleDataset:
+def btad_dataset(root: PathLike, split: str, image_size: Size = 256, category: str | None = None,
+                 allow_missing_masks: bool = False) -> SampleDataset:
     """BTAD in either layout: native (``ok``/``ko``) -> :class:`BTADDataset`, converted -> MVTecDataset."""
     product = resolve_product(root, category)
     if is_native(product):
-        return BTADDataset(product, split, image_size)
+        return BTADDataset(product, split, image_size, allow_missing_masks=allow_missing_masks)
     if split not in ("train", "test"):
         raise DatasetError(f"BTAD split must be 'train' or 'test', got {split!r}")
-    return MVTecDataset(product, split=split, image_size=image_size)  # type: ignore[arg-type]
+    return MVTecDataset(product, split=split, image_size=image_size,  # type: ignore[arg-type]
+                        allow_missing_masks=allow_missing_masks)

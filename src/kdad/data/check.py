@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -39,6 +40,7 @@ from kdad.data.transforms import (
     list_images,
     narrow_range_max,
     pixel_cap,
+    read_error_text,
 )
 from kdad.errors import DatasetError
 
@@ -376,6 +378,8 @@ def _inspect(path: Path, is_mask: bool, cap: float) -> _FileInfo:
     except OSError as e:
         return _FileInfo(error=f"cannot read: {e}")
     digest = hashlib.blake2b(data, digest_size=16).hexdigest()
+    if not data:
+        return _FileInfo(error="empty file (0 bytes)", digest=digest)
     try:
         with Image.open(io.BytesIO(data)) as im:
             try:
@@ -396,7 +400,7 @@ def _inspect(path: Path, is_mask: bool, cap: float) -> _FileInfo:
         values = np.unique(arr)
         return _FileInfo(size, digest, mask_values=tuple(int(v) for v in values[:8]))
     except Exception as e:  # noqa: BLE001  (PIL raises many types on bad data)
-        return _FileInfo(error=f"{type(e).__name__}: {e}", digest=digest)
+        return _FileInfo(error=read_error_text(e), digest=digest)
 
 
 def _check_files(rep: CheckReport, workers: int, cap: float) -> None:
@@ -478,3 +482,46 @@ def check_dataset(
             rep, root, category)
     _check_files(rep, workers or max(4, os.cpu_count() or 1), pixel_cap(max_megapixels))
     return rep
+
+
+# --------------------------------------------------------------------------------------------- before training
+
+
+def _header(path: Path) -> tuple[tuple[int, int] | None, str]:
+    """(W, H) and "" for a readable file, else (None, what is wrong). Reads the header, and for PNG every
+    chunk's checksum (verify), without decoding pixels: cheap enough to run on every split before training."""
+    try:
+        if path.stat().st_size == 0:
+            return None, "empty file (0 bytes)"
+        with Image.open(path) as im:
+            size = im.size
+            check_pixel_count(size, path)  # the same cap as loading ($KDAD_MAX_MEGAPIXELS or the default)
+            im.verify()
+        return size, ""
+    except ImageTooLargeError as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001  (missing file, bomb, truncated PNG, unknown format, ...)
+        return None, read_error_text(e)
+
+
+def check_sample_files(ds: Any, where: str, limit: int = 10, workers: int | None = None) -> None:
+    """Raise one :class:`DatasetError` listing the unreadable images and masks of a dataset's samples
+    (``ds.samples``, as every kdad dataset has) and the masks whose size differs from their image's.
+
+    ``where`` names the split in the message (e.g. "bottle test"). Datasets without ``samples`` pass.
+    """
+    samples = getattr(ds, "samples", None) or []
+    files = sorted({p for s in samples for p in (s.image_path, s.mask_path, *getattr(s, "channel_paths", ()))
+                    if p is not None})
+    with ThreadPoolExecutor(max_workers=workers or max(4, os.cpu_count() or 1)) as pool:
+        info = dict(zip(files, pool.map(_header, files)))
+    problems = [f"{p}: {err}" for p, (_, err) in info.items() if err]
+    for s in samples:
+        size, msize = info[s.image_path][0], info[s.mask_path][0] if s.mask_path is not None else None
+        if size and msize and size != msize:
+            problems.append(f"{s.mask_path}: mask is {msize[0]}x{msize[1]} but its image {s.image_path} is "
+                            f"{size[0]}x{size[1]} (WxH)")
+    if problems:
+        more = f"\n  ... and {len(problems) - limit} more" if len(problems) > limit else ""
+        raise DatasetError(f"{len(problems)} bad file(s) in the {where} split:\n  " + "\n  ".join(problems[:limit])
+                           + more + "\n(`kdad data check FOLDER` lists every problem of a dataset folder)")

@@ -17,13 +17,15 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
             raise ConfigError("data.root is empty: give the dataset folder (e.g. --data path/to/bottle)")
         from kdad.data.mvtec import MVTecDataset
 
-        return MVTecDataset(data.root, split=split, image_size=data.image_size)
+        return MVTecDataset(data.root, split=split, image_size=data.image_size,
+                            allow_missing_masks=data.allow_missing_masks)
     if data.format == "loco":
         if not data.root:
             raise ConfigError("data.root is empty: give the MVTec LOCO category folder (e.g. --data path/to/pushpins)")
         from kdad.data.loco import LocoDataset
 
-        return LocoDataset(data.root, split=split, image_size=data.image_size)  # type: ignore[arg-type]
+        return LocoDataset(data.root, split=split, image_size=data.image_size,  # type: ignore[arg-type]
+                           allow_missing_masks=data.allow_missing_masks)
     if data.format in LAYOUT_FORMATS:
         return _build_layout(data, split)
     if data.format == "folder":
@@ -53,23 +55,26 @@ def _build_layout(data: DataConfig, split: str) -> Dataset:
     if data.format == "visa":
         from kdad.data.visa import VisADataset
 
-        return VisADataset(data.root, split, data.image_size, cat, split_file=data.split_file or None)
+        return VisADataset(data.root, split, data.image_size, cat, split_file=data.split_file or None,
+                           allow_missing_masks=data.allow_missing_masks)
     if data.format == "btad":
         from kdad.data.btad import btad_dataset
 
-        return btad_dataset(data.root, split, data.image_size, cat)
+        return btad_dataset(data.root, split, data.image_size, cat, data.allow_missing_masks)
     if data.format == "mvtec_ad2":
         from kdad.data.mvtec_ad2 import MVTecAD2Dataset
 
-        return MVTecAD2Dataset(data.root, split, data.image_size, cat)
+        return MVTecAD2Dataset(data.root, split, data.image_size, cat,
+                               allow_missing_masks=data.allow_missing_masks)
     if data.format == "3cad":
         from kdad.data.threecad import ThreeCADDataset
 
-        return ThreeCADDataset(data.root, split, data.image_size, cat)  # type: ignore[arg-type]
+        return ThreeCADDataset(data.root, split, data.image_size, cat,  # type: ignore[arg-type]
+                               allow_missing_masks=data.allow_missing_masks)
     from kdad.data.realiad import RealIADDataset
 
     return RealIADDataset(data.root, split, data.image_size, cat, split_file=data.split_file or None,
-                          views=data.view or None)
+                          views=data.view or None, allow_missing_masks=data.allow_missing_masks)
 
 
 def category_name(data: DataConfig) -> str:
@@ -105,6 +110,16 @@ def category_configs(data: DataConfig) -> list[DataConfig]:
         root = p if (p.is_absolute() or len(p.parts) > 1) else Path(data.root) / entry
         out.append(dataclasses.replace(data, root=str(root), category=p.name, categories=[]))
     return out
+
+
+def check_splits(data: DataConfig, splits: list[str]) -> None:
+    """Build each split of every category (a missing folder or mask, or an empty split, raises here) and
+    check every image and mask file, so that bad files surface before training rather than after it."""
+    from kdad.data.check import check_sample_files
+
+    for c in category_configs(data):
+        for split in splits:
+            check_sample_files(build_dataset(c, split), f"{category_name(c)} {split}")
 
 
 def dataset_parts(data: DataConfig, split: str) -> list[tuple[str, Dataset]]:

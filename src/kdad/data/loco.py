@@ -28,7 +28,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdad.data.mvtec import GOOD, Sample, SampleDataset
+from kdad.data.mvtec import GOOD, MISSING_MASK_HINT, Sample, SampleDataset
 from kdad.data.transforms import PathLike, Size, _hw, list_images, load_image, open_image
 from kdad.errors import DatasetError
 from kdad.metrics.spro import LOCO_SUBSETS, LocoDefect, SproChannel, load_loco_defects_config, spro_channel
@@ -105,7 +105,7 @@ class LocoDataset(SampleDataset):
                 chans = tuple(list_images(gt_dir))
                 if not chans and not self.allow_missing_masks:
                     raise DatasetError(f"no ground-truth channels for {path}: expected PNGs in {gt_dir} "
-                                       "(pass allow_missing_masks=True to keep such images)")
+                                       f"({MISSING_MASK_HINT})")
                 samples.append(LocoSample(path, None, 1, kind, bool(chans), chans))
         if not samples:
             raise DatasetError(f"LOCO test split is empty under {self.root / 'test'} "

@@ -25,6 +25,8 @@ from kdad.errors import DatasetError
 
 Split = Literal["train", "test"]
 GOOD = "good"
+MISSING_MASK_HINT = ("set data.allow_missing_masks=true (--set data.allow_missing_masks=true) to test such images "
+                     "for the image metrics only")
 
 
 def resolve_category_dir(root: PathLike, category: str | None, marker: str, what: str, plural: str) -> Path:
@@ -182,7 +184,7 @@ class MVTecDataset(SampleDataset):
         if mask is None and not self.allow_missing_masks:
             raise DatasetError(
                 f"mask not found for {path}: expected {mask_dir / (path.stem + '_mask.png')} "
-                "(pass allow_missing_masks=True to use images without masks)"
+                f"({MISSING_MASK_HINT})"
             )
         return Sample(path, mask, 1, defect_type, mask is not None)
 

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdad.data.mvtec import GOOD, Sample, SampleDataset, find_mask, mask_index, resolve_category_dir
+from kdad.data.mvtec import GOOD, MISSING_MASK_HINT, Sample, SampleDataset, find_mask, mask_index, resolve_category_dir
 from kdad.data.transforms import IMAGE_EXTENSIONS, PathLike, Size, list_images
 from kdad.errors import DatasetError
 
@@ -85,7 +85,8 @@ class MVTecAD2Dataset(SampleDataset):
         for path in list_images(folder / BAD):
             mask = find_mask(masks, path.stem)
             if mask is None and not self.allow_missing_masks:
-                raise DatasetError(f"mask not found for {path}: expected {mask_dir / (path.stem + '_mask.png')}")
+                raise DatasetError(f"mask not found for {path}: expected {mask_dir / (path.stem + '_mask.png')} "
+                                   f"({MISSING_MASK_HINT})")
             samples.append(Sample(path, mask, 1, BAD, mask is not None))
         return samples
 

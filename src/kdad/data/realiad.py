@@ -33,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from kdad.data.mvtec import GOOD, Sample
+from kdad.data.mvtec import GOOD, MISSING_MASK_HINT, Sample
 from kdad.data.transforms import PathLike, Size, _hw
 from kdad.data.visa import DraftSampleDataset
 from kdad.errors import DatasetError
@@ -200,7 +200,7 @@ class RealIADDataset(DraftSampleDataset):
             mask = None
         if mask is None and not allow_missing_masks:
             raise DatasetError(f"mask not found for {image}: mask_path {entry.get('mask_path')!r} "
-                               f"({self.split_file}: {where})")
+                               f"({self.split_file}: {where}; {MISSING_MASK_HINT})")
         return Sample(image, mask, 1, anomaly_class, mask is not None)
 
     @property

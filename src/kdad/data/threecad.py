@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kdad.data.mvtec import GOOD, MVTecDataset, Sample, Split, mask_index
+from kdad.data.mvtec import GOOD, MISSING_MASK_HINT, MVTecDataset, Sample, Split, mask_index
 from kdad.data.transforms import PathLike, Size
 from kdad.errors import DatasetError
 
@@ -104,7 +104,7 @@ class ThreeCADDataset(MVTecDataset):
         mask = (masks or mask_index(mask_dir)).get(f"{path.stem}{EXTENSION}".lower())
         if mask is None and not self.allow_missing_masks:
             raise DatasetError(f"mask not found for {path}: expected {mask_dir / (path.stem + EXTENSION)} "
-                               "(pass allow_missing_masks=True to use images without masks)")
+                               f"({MISSING_MASK_HINT})")
         return Sample(path, mask, 1, defect_type, mask is not None)
 
     @staticmethod

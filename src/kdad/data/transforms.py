@@ -9,6 +9,7 @@ image), scaled to [0, 1]. Mean/std normalisation is *not* done here; each model 
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -71,6 +72,23 @@ def _hw(size: Size) -> tuple[int, int]:
     return h, w
 
 
+_FILE_OBJECT_REPR = re.compile(r"<_io\.\w+ object at 0x[0-9a-fA-F]+>")
+
+
+def read_error_text(e: BaseException) -> str:
+    """``Type: message`` of a failed image read, without the ``<_io.BytesIO object at 0x...>`` that PIL
+    puts in some messages when it reads from memory (uploads, bytes read once for hashing)."""
+    text = _FILE_OBJECT_REPR.sub("the data", str(e))
+    if isinstance(e, Image.UnidentifiedImageError):
+        text = "not an image PIL can read (empty, cut short or an unknown format)"
+    return f"{type(e).__name__}: {text}"
+
+
+def _display_name(path: Any) -> Any:
+    """``path`` for messages: a file path as is, an in-memory stream as "(in-memory data)"."""
+    return path if isinstance(path, (str, Path)) else "(in-memory data)"
+
+
 def pixel_cap(value: float | None = None) -> float:
     """The pixel cap in megapixels: `value` if given, else $KDAD_MAX_MEGAPIXELS, else :data:`MAX_MEGAPIXELS`."""
     where = "--max-megapixels"
@@ -104,15 +122,16 @@ def check_pixel_count(size: tuple[int, int], path: PathLike, limit: float | None
 
 def open_header(path: PathLike, limit: float | None = None) -> Image.Image:
     """Open an image lazily (header only) and check its pixel count against the cap; nothing is decoded."""
+    name = _display_name(path)
     try:
         im = Image.open(path)
     except FileNotFoundError as e:
-        raise DatasetError(f"image file not found: {path}") from e
+        raise DatasetError(f"image file not found: {name}") from e
     except Image.DecompressionBombError as e:  # PIL's own, higher limit tripped first
-        raise ImageTooLargeError(f"image {path} is too large: {e}") from e
+        raise ImageTooLargeError(f"image {name} is too large: {_FILE_OBJECT_REPR.sub('the data', str(e))}") from e
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
-    check_pixel_count(im.size, path, limit)
+        raise DatasetError(f"cannot read image file {name}: {read_error_text(e)}") from e
+    check_pixel_count(im.size, name, limit)
     return im
 
 
@@ -125,7 +144,7 @@ def open_image(path: PathLike, max_megapixels: float | None = None) -> Image.Ima
     try:
         im.load()  # decode now, so a truncated or corrupt file fails here and not later
     except Exception as e:  # PIL raises OSError, SyntaxError, ValueError, struct.error, ... on bad data
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        raise DatasetError(f"cannot read image file {_display_name(path)}: {read_error_text(e)}") from e
     return im
 
 

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from kdad.data.mvtec import GOOD, Sample, SampleDataset
+from kdad.data.mvtec import GOOD, MISSING_MASK_HINT, Sample, SampleDataset
 from kdad.data.transforms import (
     PathLike,
     Size,
@@ -35,6 +35,7 @@ from kdad.data.transforms import (
     _to_rgb_float,
     open_header,
     open_image,
+    read_error_text,
 )
 from kdad.errors import DatasetError
 
@@ -65,7 +66,7 @@ def open_image_draft(path: PathLike, size: Size) -> tuple[Image.Image, tuple[int
             im.draft(None, (w, h))  # libjpeg scales by 1/2, 1/4 or 1/8 while decoding
         im.load()
     except Exception as e:
-        raise DatasetError(f"cannot read image file {path}: {type(e).__name__}: {e}") from e
+        raise DatasetError(f"cannot read image file {path}: {read_error_text(e)}") from e
     return im, full_size
 
 
@@ -215,7 +216,7 @@ class VisADataset(DraftSampleDataset):
         mask = row.mask if row.mask is not None and row.mask.is_file() else None
         if mask is None and not allow_missing_masks:
             raise DatasetError(f"mask not found for {row.image}: {row.mask or 'no mask column'} "
-                               f"({self.split_file} line {row.line})")
+                               f"({self.split_file} line {row.line}; {MISSING_MASK_HINT})")
         return Sample(row.image, mask, 1, names.get(row.image.name, ANOMALY), mask is not None)
 
     def __repr__(self) -> str:

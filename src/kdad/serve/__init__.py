@@ -4,7 +4,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from kdad.serve.app import Limits, create_app
+from kdad.errors import require_extra
+
+require_extra("serve", ("fastapi", "uvicorn"), "kdad serve")  # before app.py imports fastapi
+
+from kdad.serve.app import Limits, create_app  # noqa: E402
 
 
 def serve(

@@ -25,7 +25,14 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdad import __version__
-from kdad.data.transforms import ImageTooLargeError, check_pixel_count, input_contract, load_image, pixel_cap
+from kdad.data.transforms import (
+    ImageTooLargeError,
+    check_pixel_count,
+    input_contract,
+    load_image,
+    pixel_cap,
+    read_error_text,
+)
 from kdad.visualize import overlay, png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -107,7 +114,7 @@ def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> to
     except UnidentifiedImageError as e:
         raise HTTPException(415, f"{name}: not a supported image; send PNG, JPEG, BMP or TIFF") from e
     except Exception as e:
-        raise HTTPException(400, f"{name}: cannot read image header: {type(e).__name__}: {e}") from e
+        raise HTTPException(400, f"{name}: cannot read image header: {read_error_text(e)}") from e
     if fmt not in ACCEPTED_FORMATS:
         raise HTTPException(415, f"{name}: image format {fmt} not accepted; send PNG, JPEG, BMP or TIFF")
     try:
@@ -116,8 +123,9 @@ def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> to
         raise HTTPException(413, str(e)) from e
     try:  # PIL opens file objects too
         return load_image(io.BytesIO(data), image_size, limits.max_megapixels)  # type: ignore[arg-type]
-    except Exception as e:
-        raise HTTPException(400, f"{name}: cannot decode image: {e}") from e
+    except Exception as e:  # load_image wraps PIL's error; its cause holds what is wrong with the data
+        raise HTTPException(400, f"{name}: cannot decode image (truncated or corrupt?): "
+                                 f"{read_error_text(e.__cause__ or e)}") from e
 
 
 def _b64png(array: np.ndarray) -> str:
@@ -214,6 +222,8 @@ def create_app(
         version=__version__,
         description="Score images with a knowledge-distillation anomaly detector. "
         "Scores are raw (max of the anomaly map); decision = score >= threshold.",
+        docs_url=None,  # FastAPI's Swagger UI loads from a CDN and is blank offline; /docs below is local
+        redoc_url=None,
     )
     app.add_middleware(BodyLimit, limits=limits)
 
@@ -273,6 +283,10 @@ def create_app(
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
         return FileResponse(STATIC_DIR / "index.html", media_type="text/html")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs() -> FileResponse:
+        return FileResponse(STATIC_DIR / "docs.html", media_type="text/html")
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -2,11 +2,24 @@
 // Vanilla JS, no external resources, so it works offline.
 "use strict";
 
-const state = { stored: null, threshold: null, cards: [] };  // cards: {score, element}
+const state = { stored: null, threshold: null, cards: [], uploads: 0 };  // cards: {score, element}
 const $ = (id) => document.getElementById(id);
 
 function fmt(x) {
   return x === null || x === undefined ? "–" : Number(x).toPrecision(6);
+}
+
+// Tells apart uploads that share a file name: running number, size and time of the upload.
+function uploadLabel(n, bytes, when) {
+  const size = bytes < 1024 * 1024 ? `${(bytes / 1024).toFixed(1)} kB` : `${(bytes / 1024 / 1024).toFixed(1)} MB`;
+  return `upload #${n} · ${size} · ${when.toLocaleTimeString()}`;
+}
+
+// The status after one drop or selection: failures are counted, not only successes.
+function statusText(scored, failed) {
+  const total = scored + failed;
+  if (failed === 0) return `${scored} of ${total} image(s) scored`;
+  return `${scored} of ${total} image(s) scored, ${failed} failed (red cards say why)`;
 }
 
 function setStatus(text, isError) {
@@ -59,12 +72,14 @@ function setThreshold(value) {
   state.cards.forEach(decide);
 }
 
-function addCard(name, result) {
+function addCard(name, label, result) {
   const el = $("card-template").content.firstElementChild.cloneNode(true);
   el.querySelector(".name").textContent = name;
-  if (result.error) {
+  el.querySelector(".meta").textContent = label;
+  if (result.error) {  // a compact full-width strip: name, upload label and the reason, no empty image box
+    el.classList.add("failed");
     el.querySelector(".overlay").remove();
-    el.querySelector(".facts").innerHTML = "";
+    el.querySelectorAll(".facts > :not(.name):not(.meta)").forEach((child) => child.remove());
     const msg = document.createElement("div");
     msg.className = "error";
     msg.textContent = result.error;
@@ -86,8 +101,12 @@ function addCard(name, result) {
 
 async function upload(files) {
   const list = Array.from(files).filter((f) => f.size >= 0);
+  let scored = 0;
+  let failed = 0;
   for (let i = 0; i < list.length; i++) {
     const file = list[i];
+    state.uploads += 1;
+    const label = uploadLabel(state.uploads, file.size, new Date());
     setStatus(`scoring ${file.name} (${i + 1}/${list.length})…`, false);
     const form = new FormData();
     form.append("file", file, file.name);
@@ -95,15 +114,18 @@ async function upload(files) {
       const response = await fetch("/predict", { method: "POST", body: form });
       const body = await response.json().catch(() => ({ detail: response.statusText }));
       if (!response.ok) {
-        addCard(file.name, { error: `${response.status}: ${body.detail || response.statusText}` });
+        addCard(file.name, label, { error: `${response.status}: ${body.detail || response.statusText}` });
+        failed += 1;
         continue;
       }
-      addCard(file.name, body);
+      addCard(file.name, label, body);
+      scored += 1;
     } catch (err) {
-      addCard(file.name, { error: String(err) });
+      addCard(file.name, label, { error: String(err) });
+      failed += 1;
     }
   }
-  setStatus(`${state.cards.length} image(s) scored`, false);
+  setStatus(statusText(scored, failed), failed > 0);
 }
 
 async function loadInfo() {
@@ -139,5 +161,8 @@ function wire() {
   });
 }
 
-wire();
-loadInfo();
+if (typeof document !== "undefined") {
+  wire();
+  loadInfo();
+}
+if (typeof module !== "undefined") module.exports = { statusText, uploadLabel };  // for the tests (node)
