@@ -266,7 +266,8 @@ def test_fp16_steps_go_through_the_grad_scaler(name: str) -> None:
 def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: Path, tmp_path: Path) -> None:
     """A non-default train.threshold_quantile is what model.ckpt's image threshold is the quantile of."""
     over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "model.sigma=0",
-            "train.threshold_quantile=0.5", "train.pixel_threshold_quantile=0.75", "train.amp=false"]
+            "train.threshold_quantile=0.5", "train.pixel_threshold_quantile=0.75", "train.amp=false",
+            "train.pixel_threshold_rule=quantile"]
     cfg = load_config("rd_cpu", [], over)
     run = fit(cfg, tmp_path / "run")
     bundle = load_bundle(run)
