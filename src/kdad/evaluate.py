@@ -99,7 +99,7 @@ def _predict_tiled(model: nn.Module, ds: Dataset, device: torch.device, spec: Ti
         scores=np.asarray(scores, np.float32), labels=np.asarray(labels, np.int64), paths=paths, defect_types=types,
         map_means=np.asarray(means, np.float32), maps=np.stack(maps) if keep_maps else None,
         masks=np.stack(masks) if keep_maps else None, has_mask=np.asarray(has_mask, bool) if keep_maps else None,
-        extra={"tiling": spec.to_dict(), "metric_map_size": list(size) if size else None},
+        extra={"tiling": {**spec.to_dict(), "metric_map_size": list(size) if size else None}},
     )
 
 
@@ -231,7 +231,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
         if tiles is not None:  # what the pixel metrics were computed at
-            per_category[name]["tiling"] = {**pred.extra["tiling"], "metric_map_size": pred.extra["metric_map_size"]}
+            per_category[name]["tiling"] = pred.extra["tiling"]
         inner = getattr(ds, "ds", ds)  # dataset_parts tags items; LOCO channels live on the inner dataset
         if callable(getattr(inner, "spro_channels", None)):  # MVTec LOCO AD: AU-sPRO per subset
             per_category[name]["metrics"].update(loco_metrics(pred, inner))
