@@ -49,12 +49,13 @@ class TileSpec:
         (checked also when tiling is off, so a typo surfaces before someone turns it on)."""
         spec = cls(int(data.image_size), float(data.tile_overlap), int(data.tile_resolution),
                    int(data.tile_metric_size))
-        spec.check(data.format if data.tiling else "")
+        spec.check(data.format, data.tiling)
         return spec if data.tiling else None
 
-    def check(self, data_format: str = "") -> None:
-        """Raise ConfigError naming the data.* key of any value out of range."""
-        if self.tile <= 0:
+    def check(self, data_format: str = "", tiling: bool = True) -> None:
+        """Raise ConfigError naming the data.* key of any value out of range (the tile side and the format
+        only matter when tiling is on)."""
+        if tiling and self.tile <= 0:
             raise ConfigError(f"data.image_size={self.tile}: with data.tiling it is the tile side and must be > 0")
         if not 0.0 <= self.overlap < 1.0:
             raise ConfigError(f"data.tile_overlap={self.overlap}: must be in [0, 1) (a fraction of the tile side)")
@@ -62,7 +63,7 @@ class TileSpec:
             raise ConfigError(f"data.tile_resolution={self.resolution}: must be 0 (native) or a long side in pixels")
         if self.metric_size < 0:
             raise ConfigError(f"data.tile_metric_size={self.metric_size}: must be 0 (never pool) or a long side")
-        if data_format == "loco":
+        if tiling and data_format == "loco":
             raise ConfigError("data.tiling is not supported for data.format=loco (its AU-sPRO channels are read "
                               "at image_size); use tiling with mvtec, folder, visa, btad, mvtec_ad2, 3cad or realiad")
 
