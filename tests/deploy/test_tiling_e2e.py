@@ -60,7 +60,10 @@ def run(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return fit(cfg, tmp_path_factory.mktemp("tiling_run") / "run")
 
 
-def test_fit_and_test_stitch_full_size_maps(run: Path) -> None:
+def test_fit_and_test_stitch_full_size_maps(run: Path, tmp_path: Path) -> None:
+    import dataclasses
+
+    from kdad.checkpoint import load_bundle, model_from_bundle
     from kdad.evaluate import evaluate_run
 
     info = json.loads((run / "train_info.json").read_text())
@@ -69,6 +72,11 @@ def test_fit_and_test_stitch_full_size_maps(run: Path) -> None:
     assert result["n_images"] == 3 and "tiled" in result["protocol"]
     assert result["tiling"]["tile"] == TILE and result["tiling"]["metric_map_size"] == [H, W]
     assert {"image_auroc", "pixel_auroc", "au_pro"} <= set(result["metrics"])
+    data = dataclasses.replace(model_from_bundle(load_bundle(run))[1].data, tile_metric_size=W // 2)
+    pooled = evaluate_run(run, data=data, device="cpu", out_dir=tmp_path, report=False)
+    assert pooled["tiling"]["metric_map_size"] == [H // 2, W // 2]  # pixel metrics on pooled maps, said so
+    scores = lambda p: (p / "scores.csv").read_text().splitlines()  # noqa: E731
+    assert scores(tmp_path) == scores(run)  # image scores always come from the full-size map
 
 
 def test_predict_torch_and_onnx_stitch_alike_at_native_size(run: Path, folder: Path, tmp_path: Path) -> None:
