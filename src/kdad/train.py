@@ -262,6 +262,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
                 "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
                 "device": str(device), "world_size": world_size, **levers}
+        if tiles is not None:  # train_images_per_s then counts tiles
+            info["tiling"] = tiles.to_dict()
         atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_dict(), display=display,
                                                  train_info=info), run_dir / "model.ckpt")
         atomic_write_text(run_dir / "train_info.json", json.dumps(info, indent=2))

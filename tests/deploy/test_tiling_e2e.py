@@ -68,6 +68,7 @@ def test_fit_and_test_stitch_full_size_maps(run: Path, tmp_path: Path) -> None:
 
     info = json.loads((run / "train_info.json").read_text())
     assert info["threshold_source"] == "held-out normals"
+    assert info["tiling"]["tile"] == TILE
     result = evaluate_run(run, device="cpu", report=False)
     assert result["n_images"] == 3 and "tiled" in result["protocol"]
     assert result["tiling"]["tile"] == TILE and result["tiling"]["metric_map_size"] == [H, W]
