@@ -30,7 +30,11 @@ class DataConfig:
     category: str = ""  # name used in reports (defaults to the root's folder name)
     categories: list[str] = field(default_factory=list)  # multi-class: one model over these (names under root, or paths)
     balanced: bool = True  # multi-class: sample every category equally often whatever its size
-    image_size: int = 256
+    image_size: int = 256  # model input side; with tiling, the tile side
+    tiling: bool = False  # read images at native size (or tile_resolution) and cut image_size tiles (docs/tiling.md)
+    tile_overlap: float = 0.25  # fraction of the tile shared with its neighbour; maps are averaged there
+    tile_resolution: int = 0  # 0 = native size; else the long side the full image is resized to first
+    tile_metric_size: int = 1024  # stitched maps with a longer side are area-pooled for pixel metrics; 0 = never
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
     mask_dir: str = ""  # folder format: masks matched by file stem
@@ -256,8 +260,10 @@ def merged_dict(preset: str | None = None, files: list[str] | None = None, overr
 def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     """Validate a raw dict into a RunConfig, including the method's own Config."""
     from kdad.methods import get_method
+    from kdad.tiling import TileSpec
 
     cfg: RunConfig = from_dict(RunConfig, data, where)
+    TileSpec.from_data(cfg.data)  # range checks of the data.tile* keys
     spec = get_method(cfg.method)
     method_cfg = from_dict(spec.Config, cfg.model, f"{where}.model (method {cfg.method!r})")
     cfg.model = to_dict(method_cfg)

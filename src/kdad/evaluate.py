@@ -20,6 +20,7 @@ from kdad.config import DataConfig, TrainConfig
 from kdad.data.factory import dataset_parts
 from kdad.errors import ConfigError
 from kdad.seed import resolve_device
+from kdad.tiling import TileSpec, metric_hw, metric_view, model_forward, stitched_map
 
 
 @dataclass
@@ -39,8 +40,13 @@ class Predictions:
 
 @torch.inference_mode()
 def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 16, keep_maps: bool = True,
-            progress: bool = False, num_workers: int = 0) -> Predictions:
-    """Forward every item of `ds`; keep full maps only when asked (they dominate memory)."""
+            progress: bool = False, num_workers: int = 0, tiles: TileSpec | None = None) -> Predictions:
+    """Forward every item of `ds`; keep full maps only when asked (they dominate memory).
+
+    tiles: items are whole images at their tiled size; each is cut into tiles and its map stitched
+    (kept maps and masks are brought to one size for metrics, see kdad.tiling.metric_view)."""
+    if tiles is not None:
+        return _predict_tiled(model, ds, device, tiles, batch_size, keep_maps, progress, num_workers)
     was_training = model.training
     model.eval()
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -66,13 +72,47 @@ def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int
     )
 
 
-def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig) -> tuple[Any, dict[str, float]]:
+def _predict_tiled(model: nn.Module, ds: Dataset, device: torch.device, spec: TileSpec, batch_size: int,
+                   keep_maps: bool, progress: bool, num_workers: int) -> Predictions:
+    """predict() over whole images cut into tiles: one image per step (sizes may differ), its tiles in
+    chunks of batch_size; score = max of the full-size stitched map, metric maps at one shared size."""
+    was_training = model.training
+    model.eval()
+    forward = model_forward(model, device)
+    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers)  # items unbatched
+    scores, labels, means, paths, types, maps, masks, has_mask = [], [], [], [], [], [], [], []
+    size: tuple[int, int] | None = None
+    for item in tqdm(loader, desc="predict (tiled)", leave=False, disable=not progress):
+        amap = stitched_map(forward, item["image"], spec, batch_size)
+        scores.append(float(amap.max()))
+        means.append(float(amap.mean()))
+        labels.append(int(item["label"]))
+        paths.append(item["path"])
+        types.append(item["defect_type"])
+        if keep_maps:
+            size = size or metric_hw((int(amap.shape[0]), int(amap.shape[1])), spec)
+            view, gt = metric_view(amap, item["mask"][0].numpy() > 0.5, size)
+            maps.append(view)
+            masks.append(gt)
+            has_mask.append(bool(item.get("has_mask", True)))
+    model.train(was_training)
+    return Predictions(
+        scores=np.asarray(scores, np.float32), labels=np.asarray(labels, np.int64), paths=paths, defect_types=types,
+        map_means=np.asarray(means, np.float32), maps=np.stack(maps) if keep_maps else None,
+        masks=np.stack(masks) if keep_maps else None, has_mask=np.asarray(has_mask, bool) if keep_maps else None,
+        extra={"tiling": {**spec.to_dict(), "metric_map_size": list(size) if size else None}},
+    )
+
+
+def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig,
+                            tiles: TileSpec | None = None) -> tuple[Any, dict[str, float]]:
     """Image and pixel thresholds from normal images only (quantiles of their scores / pixels), plus the
-    overlay colour range."""
+    overlay colour range. tiles: the images are tiled and stitched (the pixel threshold is then taken over
+    the metric-size maps, see docs/tiling.md)."""
     from kdad.thresholds import (Thresholds, flagged_region_rate, image_threshold_from_validation,
                                  pixel_threshold_for_region_rate, pixel_threshold_from_validation)
 
-    pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True)
+    pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
     assert pred.maps is not None
     img = image_threshold_from_validation(pred.scores, None, quantile=tc.threshold_quantile)
     n = len(pred.scores)
@@ -195,6 +235,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     dev = resolve_device(device)
     model.to(dev)
     thr = bundle.get("thresholds") or {}
+    tiles = TileSpec.from_data(data)
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {
@@ -203,13 +244,20 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
                     "dataset-level @0.3; image label from folder; last/held-out-selected checkpoint",
         "train_info": bundle.get("train_info", {}),
     }
+    if tiles is not None:
+        base["protocol"] = ("tiled: image_size tiles of the full image, maps stitched (mean over overlaps), score = "
+                            "max of the full-size stitched map; pixel metrics on maps area-pooled and masks "
+                            "max-pooled to metric_map_size when the long side exceeds tile_metric_size; AU-PRO "
+                            "official dataset-level @0.3")
     per_category: dict[str, dict[str, Any]] = {}
     preds: dict[str, Predictions] = {}
     parts = dataset_parts(data, "test")
     for name, ds in parts:
-        pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress)
+        pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
         per_category[name]["good_images_flagged"] = good_images_flagged(pred, thr)
+        if tiles is not None:  # what the pixel metrics were computed at
+            per_category[name]["tiling"] = pred.extra["tiling"]
         inner = getattr(ds, "ds", ds)  # dataset_parts tags items; LOCO channels live on the inner dataset
         if callable(getattr(inner, "spro_channels", None)):  # MVTec LOCO AD: AU-sPRO per subset
             per_category[name]["metrics"].update(loco_metrics(pred, inner))

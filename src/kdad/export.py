@@ -277,8 +277,13 @@ def build_metadata(
     checkpoint: Path | None,
 ) -> dict[str, Any]:
     """The <name>.json written beside the graph (plain JSON; thresholds are editable by hand)."""
+    from kdad.config import DataConfig, from_dict
+    from kdad.tiling import TileSpec
+
     thr = dict(bundle.get("thresholds") or {})
     disp = dict(bundle.get("display") or {})
+    data = (bundle.get("config") or {}).get("data")
+    tiles = TileSpec.from_data(from_dict(DataConfig, data, "checkpoint config.data"))
     return {
         "format": METADATA_FORMAT,
         "method": method,
@@ -298,6 +303,8 @@ def build_metadata(
         },
         "thresholds": {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source"),
                        "min_area": int(thr.get("min_area", 1))},
+        # the graph is per tile; runners stitch full images with kdad.tiling when this is set
+        "tiling": None if tiles is None else tiles.to_dict(),
         "display": {"vmin": disp.get("vmin"), "vmax": disp.get("vmax")},
         "kdad_version": __version__,
         "torch_version": torch.__version__,

@@ -6,7 +6,7 @@ import csv
 import glob
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,8 +17,9 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kdad.checkpoint import atomic_write_bytes
-from kdad.data.transforms import is_image_file, load_image
+from kdad.data.transforms import is_image_file
 from kdad.errors import KdadError
+from kdad.tiling import image_loader, images_per_call
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -40,8 +41,8 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
 
 
 class _Paths(Dataset):
-    def __init__(self, paths: list[Path], size: int, max_megapixels: float | None = None) -> None:
-        self.paths, self.size, self.max_megapixels = paths, size, max_megapixels
+    def __init__(self, paths: list[Path], size: int, load: Callable[[Path], torch.Tensor]) -> None:
+        self.paths, self.size, self.load = paths, size, load  # `load` carries the size rule and the pixel cap
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -49,7 +50,7 @@ class _Paths(Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         p = self.paths[i]
         try:
-            return {"image": load_image(p, self.size, self.max_megapixels), "path": str(p), "error": ""}
+            return {"image": self.load(p), "path": str(p), "error": ""}
         except Exception as e:  # noqa: BLE001  # a bad file must not stop a long batch run: it is reported per row
             return {"image": torch.zeros(3, self.size, self.size), "path": str(p), "error": str(e)}
 
@@ -67,11 +68,12 @@ class Row:
 def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: int = 16, workers: int = 0,
                        progress: bool = True, max_megapixels: float | None = None,
                        ) -> Iterator[tuple[Row, np.ndarray | None, np.ndarray | None]]:
-    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch.
+    """Yield (row, map (H,W), image01 (H,W,3)) per image; memory bounded by one batch (one image when tiled).
 
     An image above the pixel cap (`max_megapixels`, default the shared one) becomes an error row, undecoded.
     """
-    loader = DataLoader(_Paths(paths, size, max_megapixels), batch_size=batch_size, num_workers=workers, shuffle=False)
+    loader = DataLoader(_Paths(paths, size, image_loader(runner, size, max_megapixels)),
+                        batch_size=images_per_call(runner, batch_size), num_workers=workers, shuffle=False)
     for batch in tqdm(loader, desc="predict", disable=not progress):
         maps, scores = runner(batch["image"])
         for i, p in enumerate(batch["path"]):

@@ -29,9 +29,11 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
     """TorchRunner for checkpoints, OnnxRunner for .onnx graphs (or when backend='onnx').
 
     With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
+    A model trained with data.tiling comes wrapped in a kdad.tiling.TiledRunner (stitched full-size maps).
     """
     from kdad.errors import ConfigError, KdadError
     from kdad.thresholds import finite_threshold
+    from kdad.tiling import tiled_runner
 
     finite_threshold(threshold, "--threshold")
     path = Path(model_path)
@@ -52,11 +54,11 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
             if not graph.is_file():
                 raise KdadError(f"no exported graph {graph} for {path}; run `kdad export {path}` first")
             path = graph
-        return OnnxRunner(path, image_threshold=threshold)
+        return tiled_runner(OnnxRunner(path, image_threshold=threshold))
     from kdad.runner import TorchRunner
 
-    return TorchRunner(path, device=device, image_threshold=threshold, precision=precision, compile=compile,
-                       cuda_graph=cuda_graph)
+    return tiled_runner(TorchRunner(path, device=device, image_threshold=threshold, precision=precision,
+                                    compile=compile, cuda_graph=cuda_graph))
 
 
 def _write_image(path: Path, rgb: np.ndarray) -> None:

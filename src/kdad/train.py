@@ -31,6 +31,7 @@ from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
 from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training
+from kdad.tiling import TileSpec, training_tiles
 
 
 def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset | None]:
@@ -48,12 +49,14 @@ def split_train_val(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, D
 def train_val_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, list[float] | None]:
     """Training set, held-out normals (or None) and, for balanced multi-class runs, per-item sampling weights.
 
-    Each category is split on its own, so the held-out set covers every category.
+    Each category is split on its own, so the held-out set covers every category. With data.tiling the
+    training set holds every grid tile of its images, and the held-out normals stay whole images.
     """
     trains, vals, weights = [], [], []
     fraction = 0.0 if cfg.data.val_split else cfg.train.val_fraction
     for _, ds in dataset_parts(cfg.data, "train"):
-        tr, va = split_train_val(ds, fraction, cfg.train.seed)
+        tr, va = split_train_val(ds, fraction, cfg.train.seed)  # split images, not tiles: no tile leaks
+        tr = training_tiles(tr, TileSpec.from_data(cfg.data))
         trains.append(tr)
         if va is not None:
             vals.append(va)
@@ -278,6 +281,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     # image and mask header of the splits used).
     ck = _load_resume(run_dir, cfg) if resume else None
     check_splits(cfg.data, ["train", *([cfg.data.val_split] if cfg.data.val_split else [])])
+    tiles = TileSpec.from_data(cfg.data)
     train_ds, val_ds, weights = train_val_datasets(cfg)
     if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
         raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
@@ -358,7 +362,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                     break
             record: dict[str, Any] = {"epoch": epoch, "iters": it, **_mean_logs(losses)}
             if val_ds is not None and tc.select == "val_map_mean" and (epoch + 1) % tc.val_every == 0:
-                res = predict(model, val_ds, device, tc.eval_batch_size, keep_maps=False)
+                res = predict(model, val_ds, device, tc.eval_batch_size, keep_maps=False, tiles=tiles)
                 record["val_map_mean"] = float(res.map_means.mean())
                 if record["val_map_mean"] < best["value"]:
                     best = {"value": record["val_map_mean"], "epoch": epoch}
@@ -387,14 +391,17 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     model.eval()
     calib = val_ds if val_ds is not None else train_ds
     if spec.calibrate is not None:  # map statistics live in model buffers, so they travel with every export
-        spec.calibrate(model, DataLoader(calib, batch_size=tc.eval_batch_size, shuffle=False), device)
+        spec.calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
+                       device)
         model.eval()
     if main:
-        thr, display = thresholds_from_normals(model, calib, device, tc)
+        thr, display = thresholds_from_normals(model, calib, device, tc, tiles=tiles)
         info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
                 "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
                 "device": str(device), "world_size": world_size, **levers}
+        if tiles is not None:  # train_images_per_s then counts tiles
+            info["tiling"] = tiles.to_dict()
         atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_dict(), display=display,
                                                  train_info=info), run_dir / "model.ckpt")
         atomic_write_text(run_dir / "train_info.json", json.dumps(info, indent=2))

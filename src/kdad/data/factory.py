@@ -124,4 +124,7 @@ def check_splits(data: DataConfig, splits: list[str]) -> None:
 
 def dataset_parts(data: DataConfig, split: str) -> list[tuple[str, Dataset]]:
     """[(category, dataset with items tagged by category)] for one- or multi-category configs."""
-    return [(category_name(c), _Tagged(build_dataset(c, split), category_name(c))) for c in category_configs(data)]
+    from kdad.tiling import tiled_dataset
+
+    return [(category_name(c), _Tagged(tiled_dataset(build_dataset(c, split), c), category_name(c)))
+            for c in category_configs(data)]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,8 @@ IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".
 
 PathLike = str | Path
 Size = int | tuple[int, int]
+SizeRule = Callable[[int, int], tuple[int, int]]
+"""(native H, native W) -> (H, W) to load at: a size that depends on the image (kdad.tiling)."""
 
 MAX_MEGAPIXELS = 50.0
 """Default cap on an image's pixel count (width x height / 1e6) for every entry point: training, evaluation,
@@ -87,6 +89,11 @@ def read_error_text(e: BaseException) -> str:
 def _display_name(path: Any) -> Any:
     """``path`` for messages: a file path as is, an in-memory stream as "(in-memory data)"."""
     return path if isinstance(path, (str, Path)) else "(in-memory data)"
+
+
+def _hw_of(size: Size | SizeRule, im: Image.Image) -> tuple[int, int]:
+    """The (H, W) to load ``im`` at: ``size`` itself, or what a :data:`SizeRule` says for its native size."""
+    return _hw(size(im.size[1], im.size[0])) if callable(size) else _hw(size)
 
 
 def pixel_cap(value: float | None = None) -> float:
@@ -194,8 +201,11 @@ def _to_rgb_float(im: Image.Image, hw: tuple[int, int], path: PathLike) -> np.nd
     return np.asarray(im, dtype=np.float32) / 255.0
 
 
-def load_image(path: PathLike, size: Size = 256, max_megapixels: float | None = None) -> torch.Tensor:
-    """Load an image file as float32 (3, H, W) in [0, 1], RGB, resized to ``size`` (int = square).
+def load_image(
+    path: PathLike, size: Size | SizeRule = 256, max_megapixels: float | None = None
+) -> torch.Tensor:
+    """Load an image file as float32 (3, H, W) in [0, 1], RGB, resized to ``size`` (int = square, or a
+    :data:`SizeRule` of the native size).
 
     Gray, LA, P, RGBA, CMYK and 16-bit gray are converted to RGB (alpha is dropped, not composited;
     16-bit values are scaled by 1/65535, with a :class:`NarrowRangeWarning` when they all fit in 8 bits;
@@ -203,8 +213,8 @@ def load_image(path: PathLike, size: Size = 256, max_megapixels: float | None = 
     not applied (as in torchvision). A missing, corrupt or truncated file raises :class:`DatasetError`
     naming the file, one above the pixel cap (:func:`pixel_cap`) :class:`ImageTooLargeError`.
     """
-    hw = _hw(size)
-    arr = _to_rgb_float(open_image(path, max_megapixels), hw, path)
+    im = open_image(path, max_megapixels)
+    arr = _to_rgb_float(im, _hw_of(size, im), path)
     return torch.from_numpy(np.ascontiguousarray(arr.transpose(2, 0, 1)))
 
 
@@ -240,6 +250,11 @@ def load_mask(path: PathLike, size: Size = 256, image_path: PathLike | None = No
     return _mask_tensor(im, hw, path)
 
 
+def image_file_size(path: PathLike) -> tuple[int, int]:
+    """(W, H) of an image file, read from its header only."""
+    return _file_size(path)
+
+
 def _file_size(path: PathLike) -> tuple[int, int]:
     """(W, H) of an image file from its header."""
     with open_header(path) as im:
@@ -266,15 +281,15 @@ def _mask_tensor(im: Image.Image, hw: tuple[int, int], path: PathLike) -> torch.
 
 
 def load_image_and_mask(
-    image_path: PathLike, mask_path: PathLike | None, size: Size = 256
+    image_path: PathLike, mask_path: PathLike | None, size: Size | SizeRule = 256
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Load an image (3, H, W) in [0, 1] and its mask (1, H, W) in {0, 1}; no mask gives zeros.
 
     Opens the image once and checks that the mask has the image's pixel size (else
     :class:`DatasetError` naming both files).
     """
-    hw = _hw(size)
     im = open_image(image_path)
+    hw = _hw_of(size, im)
     image = torch.from_numpy(np.ascontiguousarray(_to_rgb_float(im, hw, image_path).transpose(2, 0, 1)))
     if mask_path is None:
         return image, torch.zeros(1, *hw, dtype=torch.float32)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import threading
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,6 +34,7 @@ from kdad.data.transforms import (
     pixel_cap,
     read_error_text,
 )
+from kdad.tiling import image_loader, images_per_call, tiled_runner
 from kdad.visualize import overlay, png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -95,8 +97,10 @@ def _too_big_message(size: int | None, limit: int) -> str:
     return f"request body{of} exceeds the limit of {limit / 2**20:.2f} MB (--max-upload-mb per image)"
 
 
-def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> torch.Tensor:
+def decode_upload(data: bytes, name: str, image_size: int, limits: Limits,
+                  load: Callable[[Any], torch.Tensor] | None = None) -> torch.Tensor:
     """Uploaded bytes -> (3, S, S) float32 in [0, 1]; HTTPException 413 (too big), 415 (no image), 400 (bad).
+    load: how the checked bytes are decoded (default: resized to image_size; kdad.tiling.image_loader).
 
     The dimensions are read from the header and checked before any pixel is decoded (decompression bombs).
     """
@@ -122,6 +126,8 @@ def decode_upload(data: bytes, name: str, image_size: int, limits: Limits) -> to
     except ImageTooLargeError as e:
         raise HTTPException(413, str(e)) from e
     try:  # PIL opens file objects too
+        if load is not None:  # carries the size rule (tiling) and the pixel cap
+            return load(io.BytesIO(data))
         return load_image(io.BytesIO(data), image_size, limits.max_megapixels)  # type: ignore[arg-type]
     except Exception as e:  # load_image wraps PIL's error; its cause holds what is wrong with the data
         raise HTTPException(400, f"{name}: cannot decode image (truncated or corrupt?): "
@@ -191,6 +197,9 @@ def create_app(
     max_megapixels None means the shared cap (kdad.data.transforms.pixel_cap)."""
     limits = Limits(max_upload_mb, pixel_cap(max_megapixels), max_batch_files)
     lock = threading.Lock()
+    runner = tiled_runner(runner)  # a tiled model scores whole images: stitched maps, one image per call
+    load = image_loader(runner, int(runner.image_size), limits.max_megapixels)
+    chunk = images_per_call(runner, chunk)
 
     def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with lock, torch.inference_mode():
@@ -199,7 +208,7 @@ def create_app(
     async def decode(upload: UploadFile) -> torch.Tensor:
         name = upload.filename or "upload"
         data = await upload.read(limits.max_file_bytes + 1)
-        return await run_in_threadpool(decode_upload, data, name, int(runner.image_size), limits)
+        return await run_in_threadpool(decode_upload, data, name, int(runner.image_size), limits, load)
 
     async def score(
         images: list[torch.Tensor], names: list[str], threshold: float | None, mask: bool
