@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from kdad import __version__
+from kdad.thresholds import finite_threshold
 from kdad.checkpoint import atomic_write_bytes, atomic_write_text
 from kdad.errors import KdadError, require_extra
 from kdad.data.transforms import input_contract as shared_input_contract
@@ -372,6 +373,7 @@ class OnnxRunner:
         self._check_graph_io()
         thr = self.meta.get("thresholds") or {}
         stored = thr.get("image")
+        finite_threshold(image_threshold, "image_threshold")  # NaN would call every image normal
         self.image_threshold: float | None = (
             float(image_threshold)
             if image_threshold is not None

@@ -11,6 +11,7 @@ import torch
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.data.transforms import input_contract
 from kdad.errors import ConfigError
+from kdad.thresholds import finite_threshold
 from kdad.seed import resolve_device
 
 
@@ -39,6 +40,7 @@ class TorchRunner:
         elif compile or cuda_graph:
             raise ConfigError("compile and cuda_graph need precision 'fp32' or 'bf16', not 'exact'")
         thr: dict[str, Any] = self.bundle.get("thresholds") or {}
+        finite_threshold(image_threshold, "image_threshold")  # NaN would call every image normal
         self.image_threshold: float | None = image_threshold if image_threshold is not None else thr.get("image")
         self.pixel_threshold: float | None = thr.get("pixel")
         self.pixel_min_area = int(thr.get("min_area", 1))  # masks keep regions of at least this many pixels

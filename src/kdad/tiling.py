@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
 from kdad.data.transforms import PathLike, image_file_size, load_image, load_image_and_mask
+from kdad.data.mvtec import SampleDataset
 from kdad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -186,18 +187,16 @@ def load_tiled_image(source: PathLike | Any, spec: TileSpec, max_megapixels: flo
     return load_image(source, lambda h, w: tiled_hw(h, w, spec), max_megapixels)
 
 
-class TiledImages(Dataset[dict[str, Any]]):
+class TiledImages(SampleDataset):
     """The items of a SampleDataset (any dataset format but LOCO), each read at its tiled size instead of
     image_size: image (3, H, W), mask (1, H, W) at that size, and the usual label/path/defect_type/has_mask."""
 
     def __init__(self, ds: Any, spec: TileSpec) -> None:
         if not hasattr(ds, "samples"):
             raise ConfigError(f"data.tiling: {type(ds).__name__} does not list its image files, so it cannot be tiled")
-        self.samples, self.spec = ds.samples, spec
+        super().__init__(ds.samples, functools.partial(tiled_hw, spec=spec))  # a size rule of the native size
+        self.spec = spec
         self._hw: dict[int, tuple[int, int]] = {}
-
-    def __len__(self) -> int:
-        return len(self.samples)
 
     def hw(self, index: int) -> tuple[int, int]:
         """Tiled (H, W) of item `index`, from the file header (no decoding)."""
@@ -205,22 +204,6 @@ class TiledImages(Dataset[dict[str, Any]]):
             w, h = image_file_size(self.samples[index].image_path)
             self._hw[index] = tiled_hw(h, w, self.spec)
         return self._hw[index]
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        s = self.samples[index]
-        image, mask = load_image_and_mask(s.image_path, s.mask_path, lambda h, w: tiled_hw(h, w, self.spec))
-        return {"image": image, "mask": mask, "label": s.label, "path": str(s.image_path),
-                "defect_type": s.defect_type, "has_mask": s.has_mask}
-
-    @property
-    def labels(self) -> list[int]:
-        """Label of every item, in order, without loading any image."""
-        return [s.label for s in self.samples]
-
-    @property
-    def defect_types(self) -> list[str]:
-        """Defect type of every item, in order."""
-        return [s.defect_type for s in self.samples]
 
 
 def tiled_dataset(ds: Dataset, data: DataConfig) -> Dataset:

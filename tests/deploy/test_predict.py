@@ -138,6 +138,10 @@ def test_non_finite_threshold_is_refused(value: str, tmp_path: Path, capsys: pyt
     assert "--threshold" in err and "finite" in err
     with pytest.raises(ConfigError, match="--threshold must be a finite number"):  # programmatic callers too
         make_runner(tiny_run("rd"), None, "cpu", float(value))
+    from kdad.runner import TorchRunner
+
+    with pytest.raises(ConfigError, match="image_threshold must be a finite number"):  # the runner built directly
+        TorchRunner(tiny_run("rd"), "cpu", image_threshold=float(value))
 
 
 class _CountingRunner:

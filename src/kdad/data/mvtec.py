@@ -20,7 +20,7 @@ from typing import Any, Literal
 
 from torch.utils.data import Dataset
 
-from kdad.data.transforms import IMAGE_EXTENSIONS, PathLike, Size, list_images, load_image_and_mask
+from kdad.data.transforms import IMAGE_EXTENSIONS, PathLike, Size, SizeRule, list_images, load_image_and_mask
 from kdad.errors import DatasetError
 
 Split = Literal["train", "test"]
@@ -77,7 +77,7 @@ def find_mask(by_name: dict[str, Path], stem: str) -> Path | None:
 class SampleDataset(Dataset[dict[str, Any]]):
     """A torch Dataset over a list of :class:`Sample`; loads and resizes on access."""
 
-    def __init__(self, samples: list[Sample], image_size: Size = 256) -> None:
+    def __init__(self, samples: list[Sample], image_size: Size | SizeRule = 256) -> None:
         self.samples = samples
         self.image_size = image_size
 
