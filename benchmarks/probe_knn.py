@@ -85,9 +85,10 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--categories", nargs="+", default=["magnetic_tile", "bottle"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", default=str(quality_split.ROOT / "benchmarks" / "results" / "probe_knn.json"))
     args = ap.parse_args()
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     runs = []
     for cat in args.categories:
         for s in args.seeds:

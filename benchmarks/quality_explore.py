@@ -22,7 +22,12 @@ from kdad.data.factory import build_dataset
 from kdad.evaluate import compute_metrics, predict
 from kdad.methods import get_method
 from kdad.seed import seed_everything
+from kdad.blocks.losses import normalized_l2_loss
+from kdad.blocks.maps import pool_features
+from kdad.methods.base import optimizer_step
+from kdad.methods.rd import rd_loss
 from kdad.speed import heap_allocator, prepare_training
+from kdad.train import _texture_bank
 
 import quality_split
 
@@ -110,6 +115,7 @@ def main() -> None:
                  for i in range(0, n, 32)]
         cached = [torch.cat([f[k] for f in feats]) for k in range(len(feats[0]))]
         print(f"teacher cache {time.perf_counter() - t0:.1f}s", flush=True)
+    textures = _texture_bank(cfg, spec)  # built once (None without synthesis), as fit() does
     curve = []
     t_train = 0.0
     steps_per_epoch = math.ceil(n / args.batch)
@@ -122,26 +128,18 @@ def main() -> None:
                 idx = perm[s * args.batch:(s + 1) * args.batch]
                 b = {"image": x[idx].contiguous(memory_format=torch.channels_last), "label": torch.zeros(len(idx)),
                      "category": [args.category] * len(idx)}
-                if spec.needs_textures:
-                    from kdad.train import _texture_bank
-                    b["textures"] = _texture_bank(cfg, spec)
+                if textures is not None:
+                    b["textures"] = textures
                 with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(args.bf16)):
-                    if cached is not None and args.method == "stfpm":
-                        from kdad.blocks.losses import normalized_l2_loss
-                        from kdad.methods.base import optimizer_step
+                    if cached is not None:  # the method's own loss on cached teacher features
                         t = [c[idx] for c in cached]
-                        s = model.student(model.encoder.normalize(b["image"]))
-                        from kdad.blocks.maps import pool_features
-                        k = mcfg.pool
-                        logs = optimizer_step(opts["student"], normalized_l2_loss(pool_features(t, k), pool_features(s, k)))
-                    elif cached is not None:
-                        from kdad.blocks.losses import global_cosine_loss
-                        from kdad.methods.base import optimizer_step
-                        t = [c[idx] for c in cached]
-                        from kdad.blocks.maps import pool_features
-                        s = model.decoder(model.bottleneck(t))
-                        k = mcfg.pool
-                        logs = optimizer_step(opts["student"], global_cosine_loss(pool_features(t, k), pool_features(s, k)))
+                        if args.method == "stfpm":
+                            s = model.student(model.encoder.normalize(b["image"]))
+                            loss = normalized_l2_loss(pool_features(t, mcfg.pool), pool_features(s, mcfg.pool))
+                        else:
+                            s = model.decoder(model.bottleneck(t))
+                            loss = rd_loss(pool_features(t, mcfg.pool), pool_features(s, mcfg.pool), mcfg.loss)
+                        logs = optimizer_step(opts["student"], loss)
                     else:
                         logs = spec.train_step(model, b, opts, mcfg, gen)
             t_train += time.perf_counter() - t0

@@ -170,8 +170,8 @@ def region_peak(amap: np.ndarray, min_area: int, iters: int = 32) -> float:
         return n > 0 and int(np.bincount(lab.ravel())[1:].max()) >= min_area
 
     lo, hi = float(m.min()), float(m.max())
-    if not has_region(lo):
-        return lo - 1.0 if m.size >= min_area else lo
+    if not has_region(lo):  # only pixels above the minimum form regions: none is large enough
+        return lo - 1.0
     for _ in range(iters):
         mid = 0.5 * (lo + hi)
         if has_region(mid):

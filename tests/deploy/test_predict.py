@@ -280,3 +280,28 @@ def test_speed_flags_are_checked(flags: list[str], message: str, tmp_path: Path,
     run = tiny_run("rd")
     code = main(["predict", str(run), str(tmp_path), "--out", str(tmp_path / "o"), *flags])
     assert code != 0 and message in capsys.readouterr().err
+
+
+class _BlobRunner(_CountingRunner):
+    """Fake runner whose map holds a 5x5 blob (25 px) and one hot pixel, both above its pixel threshold."""
+
+    pixel_threshold, pixel_min_area, image_size = 0.5, 16, 16
+
+    def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        maps = np.zeros((len(images01), 16, 16), np.float32)
+        maps[:, 2:7, 2:7] = 1.0
+        maps[:, 12, 12] = 1.0
+        return maps, maps.reshape(len(maps), -1).max(1)
+
+
+def test_masks_keep_only_regions_of_the_stored_min_area(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """predict --masks applies the threshold's min_area (the region rule), not a bare per-pixel comparison."""
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (16, 16), (50, 50, 50)).save(tmp_path / "in" / "a.png")
+    monkeypatch.setattr("kdad.predict.make_runner", lambda *a, **k: _BlobRunner())
+    run = tmp_path / "fake_run"
+    run.mkdir()
+    (run / "model.ckpt").write_bytes(b"")
+    assert main(["predict", str(run), str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--masks"]) == 0
+    mask = np.asarray(Image.open(tmp_path / "out" / "masks" / "a_mask.png")) > 0
+    assert mask.sum() == 25 and mask[4, 4] and not mask[12, 12]
