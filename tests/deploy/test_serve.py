@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 pytest.importorskip("fastapi")
@@ -26,6 +27,7 @@ from kdad.data.transforms import load_image
 from kdad.runner import TorchRunner
 from kdad.data.transforms import MAX_MEGAPIXELS
 from kdad.serve import Limits, create_app
+from kdad.thresholds import defect_mask
 from tests.deploy import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
 
 MAX_MB = 1.0
@@ -76,13 +78,14 @@ def test_health_and_info(client: TestClient, runner: TorchRunner) -> None:
 def test_predict_matches_runner(client: TestClient, runner: TorchRunner) -> None:
     path = next(p for p in bottle_test_images(1) if p.parent.name != "good")
     body = client.post("/predict", files=_upload(path), params={"mask": "true"}).json()
-    _, scores = runner(load_image(path, IMAGE_SIZE)[None])
+    maps, scores = runner(load_image(path, IMAGE_SIZE)[None])
     assert abs(body["score"] - float(scores[0])) <= 1e-6  # same decoding and forward as `kdad predict`
     assert body["threshold"] == runner.image_threshold
     assert body["decision"] == int(body["score"] >= runner.image_threshold)
     assert _png_size(body["heatmap_png_base64"]) == (IMAGE_SIZE, IMAGE_SIZE)
     mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"]))))
     assert mask.shape == (IMAGE_SIZE, IMAGE_SIZE) and set(np.unique(mask)) <= {0, 255}
+    assert np.array_equal(mask > 0, defect_mask(maps[0], runner.pixel_threshold, runner.pixel_min_area))
     low = client.post("/predict", files=_upload(path), params={"threshold": 0}).json()
     high = client.post("/predict", files=_upload(path), params={"threshold": 1e9}).json()
     assert (low["decision"], high["decision"], low["threshold"]) == (1, 0, 0)
@@ -292,3 +295,27 @@ def test_page_status_counts_failures_and_labels_uploads() -> None:
     assert out[2].startswith("upload #1 · 2.0 kB") and out[3].startswith("upload #2")  # same name, told apart
     css = (app_js.parent / "style.css").read_text()
     assert "align-items: start" in css and ".card.failed" in css  # error cards do not stretch to image height
+
+
+class _BlobRunner:
+    """Fake runner: every map holds a 5x5 blob (25 px) and one hot pixel, both above the pixel threshold."""
+
+    image_threshold, pixel_threshold, pixel_min_area, image_size, vmin, vmax = 0.5, 0.5, 16, 16, 0.0, 1.0
+
+    def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        maps = np.zeros((len(images01), 16, 16), np.float32)
+        maps[:, 2:7, 2:7] = 1.0
+        maps[:, 12, 12] = 1.0
+        return maps, maps.reshape(len(maps), -1).max(1)
+
+    def info(self) -> dict[str, object]:
+        return {"method": "fake", "image_size": self.image_size}
+
+
+def test_served_masks_keep_only_regions_of_the_stored_min_area() -> None:
+    buf = io.BytesIO()
+    Image.new("RGB", (16, 16), (50, 50, 50)).save(buf, format="PNG")
+    body = TestClient(create_app(_BlobRunner())).post(
+        "/predict", files={"file": ("a.png", buf.getvalue(), "image/png")}, params={"mask": "true"}).json()
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(body["mask_png_base64"])))) > 0
+    assert mask.sum() == 25 and mask[4, 4] and not mask[12, 12]
