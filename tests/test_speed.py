@@ -109,7 +109,7 @@ def test_fold_batchnorm_counts_resnet_pairs() -> None:
 
 def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fold is checked on its own layer: a wrong one is undone and its BN stays, the others are kept."""
-    from kdad import speed
+    from kdad.deploy import fast as speed  # the fast path lives there (kdad.speed re-exports it)
 
     model, x = _trained("stfpm")
     with torch.inference_mode():
@@ -131,7 +131,7 @@ def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.Mon
 
 
 def test_optimize_starts_again_unfolded_when_the_map_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdad import speed
+    from kdad.deploy import fast as speed
 
     model, x = _trained("rd")
     with torch.inference_mode():
@@ -394,7 +394,7 @@ def test_compile_with_frozen_weights_keeps_each_models_weights() -> None:
 
 def test_heap_allocator_switches_and_restores() -> None:
     """On glibc the lever takes effect inside the block, and big allocations work inside and after it."""
-    from kdad.speed import _glibc, heap_allocator
+    from kdad.hardware import _glibc, heap_allocator
 
     with heap_allocator(False) as on:
         assert on is False

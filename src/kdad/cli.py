@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from kdad.errors import KdadError
+from kdad.formats import CHECKED_FORMATS
 
 EPILOG = """Config precedence (lowest to highest): method defaults < --preset < -c FILE (repeatable) < --set KEY=VALUE
 (repeatable, dotted keys such as train.epochs=5 or model.backbone=resnet18). `kdad list` shows methods and presets;
@@ -358,7 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("check", help="detect the layout, count images per split and defect type, list problems "
                             "(exit 1 on errors)")
     q.add_argument("path", help="dataset folder or one category folder")
-    q.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "btad", "mvtec_ad2", "realiad", "loco"],
+    q.add_argument("--format", default="auto", choices=["auto", *CHECKED_FORMATS],
                    help="layout (default auto: detected)")
     q.add_argument("--category", help="check only this category of a multi-category folder")
     q.add_argument("--split-file", help="VisA split CSV or Real-IAD JSON (or its folder) if not at the released place")

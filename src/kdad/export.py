@@ -23,10 +23,11 @@ import torch
 from torch import nn
 
 from kdad import __version__
-from kdad.thresholds import finite_threshold
-from kdad.checkpoint import atomic_write_bytes, atomic_write_text
-from kdad.errors import KdadError, require_extra
 from kdad.data.transforms import input_contract as shared_input_contract
+from kdad.errors import KdadError, require_extra
+from kdad.fileio import atomic_write_bytes, atomic_write_text
+from kdad.methods.base import teacher_of
+from kdad.thresholds import finite_threshold
 
 DEFAULT_OPSET = 17
 METADATA_FORMAT = "kdad-onnx/1"
@@ -53,9 +54,9 @@ def input_contract(image_size: int, model: nn.Module | None = None) -> dict[str,
     """The shared input contract plus the graph's own mean/std (informational: they are in the graph)."""
     contract = shared_input_contract(image_size)
     contract["name"] = INPUT_NAME
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "mean"):
-        contract["normalization_in_graph"] = {"mean": list(encoder.mean), "std": list(encoder.std)}
+    teacher = teacher_of(model) if model is not None else None
+    if teacher is not None and hasattr(teacher, "mean"):
+        contract["normalization_in_graph"] = {"mean": list(teacher.mean), "std": list(teacher.std)}
     return contract
 
 

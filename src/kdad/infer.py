@@ -16,9 +16,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from kdad.checkpoint import atomic_write_bytes
 from kdad.data.transforms import is_image_file
 from kdad.errors import KdadError
+from kdad.fileio import atomic_write_bytes
 from kdad.tiling import image_loader, images_per_call
 
 

@@ -9,9 +9,9 @@ from typing import Any
 
 import numpy as np
 
-from kdad.checkpoint import atomic_write_bytes
 from kdad.data.transforms import pixel_cap
 from kdad.errors import KdadError
+from kdad.fileio import atomic_write_bytes
 from kdad.infer import Row, common_base, expand_inputs, out_name, out_stems, stream_predictions, write_table
 from kdad.thresholds import defect_mask
 from kdad.visualize import overlay, png_bytes

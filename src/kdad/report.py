@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from kdad.checkpoint import atomic_write_text
 from kdad.errors import KdadError
-from kdad.evaluate import Predictions
+from kdad.fileio import atomic_write_text
+from kdad.deploy.dataset import Predictions
 from kdad.visualize import contour, overlay, png_bytes
 
 METRIC_LABELS: dict[str, str] = {

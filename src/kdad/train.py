@@ -17,16 +17,11 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
-from kdad.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    load_bundle,
-    make_bundle,
-    remove_stale_temporaries,
-)
+from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
+from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
@@ -182,7 +177,7 @@ RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.max_iters", "train.max_seconds", "train.device", "train.amp", "train.cpu_bf16",
     "train.channels_last", "train.fused_optimizer", "train.compile", "train.heap_allocator", "train.cuda_graph",
     "train.val_every", "train.ckpt_every", "train.threshold_quantile", "train.pixel_threshold_quantile",
-    "train.eval_batch_size", "train.progress", "train.select_on_test", "data.num_workers",
+    "train.eval_batch_size", "train.progress", "data.num_workers",
 })
 """Config keys `--resume` lets change: the budget, the device and speed levers, bookkeeping. Everything else
 (method, model architecture and optimizer settings, data, seed, split, batch size, selection) must match."""
@@ -271,7 +266,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if tc.cpu_bf16 and device.type == "cpu":
-        from kdad.speed import warn_if_slow_cpu_bf16
+        from kdad.hardware import warn_if_slow_cpu_bf16
 
         warn_if_slow_cpu_bf16("train.cpu_bf16=true")
     gen = seed_everything(tc.seed)

@@ -58,3 +58,18 @@ def test_teacher_stays_frozen_during_training() -> None:
     spec.train_step(model, {"image": torch.rand(2, 3, 64, 64)}, opts, cfg, torch.Generator())
     for k, v in model.encoder.state_dict().items():
         assert torch.equal(before[k], v), k
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
+def test_export_reads_the_teacher_normalisation(name: str) -> None:
+    """URD and CFRG call their teacher `teacher`, the others `encoder`: the ONNX contract finds both."""
+    from kdad.export import input_contract
+    from kdad.methods.base import Model, teacher_of
+
+    spec = get_method(name)
+    model = spec.Model(from_dict(spec.Config, TINY))
+    assert isinstance(model, Model)
+    teacher = teacher_of(model)
+    assert teacher is not None
+    assert input_contract(64, model)["normalization_in_graph"] == {"mean": list(teacher.mean),
+                                                                   "std": list(teacher.std)}

@@ -43,8 +43,9 @@ from kdad.data.transforms import (
     read_error_text,
 )
 from kdad.errors import DatasetError
+from kdad.formats import CHECKED_FORMATS
 
-FORMATS: tuple[str, ...] = ("mvtec", "loco", "visa", "btad", "mvtec_ad2", "realiad")
+FORMATS: tuple[str, ...] = CHECKED_FORMATS  # the registry's formats this module detects and checks
 """Layouts `kdad data check` knows (``auto`` detects one of them)."""
 
 ERROR, WARNING = "error", "warning"

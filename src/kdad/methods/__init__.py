@@ -25,8 +25,3 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
     return METHODS[name]
-
-
-def list_methods() -> list[str]:
-    """Names of all methods."""
-    return sorted(METHODS)

@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Protocol, runtime_checkable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from kdad.blocks.maps import AnomalyOutput
 
@@ -17,6 +17,34 @@ TrainStep = Callable[[nn.Module, dict[str, Any], dict[str, torch.optim.Optimizer
 BuildOptimizers = Callable[[nn.Module, Any], dict[str, torch.optim.Optimizer]]
 # calibrate(model, normal_loader, device) -> None: fit map statistics on normal images after training
 Calibrate = Callable[[nn.Module, Any, torch.device], None]
+
+
+@runtime_checkable
+class Model(Protocol):
+    """What the shared code reads from a method's Model (an nn.Module), and nothing more.
+
+    - ``forward(images)``: images in [0, 1] (B, 3, H, W) -> AnomalyOutput; the one inference path (evaluation,
+      export, the fast path and the service all call it).
+    - ``pairs(images)``: what the method's loss compares (teacher and student features).
+    - ``teacher`` or ``encoder``: the teacher network (a kdad.blocks.teachers.Encoder, whose ``mean``/``std``
+      normalisation is part of the graph); read it with :func:`teacher_of`, never by attribute name.
+    """
+
+    def __call__(self, images: Tensor) -> AnomalyOutput: ...
+
+    def pairs(self, images: Tensor) -> Any: ...
+
+
+def teacher_of(model: nn.Module) -> nn.Module | None:
+    """The teacher network of a method's Model: ``model.teacher`` (URD, CFRG) or ``model.encoder`` (the others).
+
+    Export reads its ``mean``/``std`` for the ONNX metadata; None for a model without a teacher.
+    """
+    for name in ("teacher", "encoder"):
+        found = getattr(model, name, None)
+        if isinstance(found, nn.Module):
+            return found
+    return None
 
 
 @dataclass(frozen=True)
@@ -56,4 +84,4 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any =
     return {"loss": loss.detach()}
 
 
-__all__ = ["AnomalyOutput", "MethodSpec", "TrainStep", "BuildOptimizers", "optimizer_step"]
+__all__ = ["AnomalyOutput", "BuildOptimizers", "MethodSpec", "Model", "TrainStep", "optimizer_step", "teacher_of"]

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.deform_align import IMPLS, PyramidAlign
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, cosine_distance
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, cosine_distance
 from kdad.blocks.memory import MemoryModule
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError, KdadError
 from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
 
 PAPER = "Zhong, Kang & Xiong, Unsupervised Anomaly Detection Algorithm Based on Bidirectional Knowledge " \
         "Distillation Network, Open Journal of Applied Sciences 15 (2025) 715-730"
@@ -76,7 +76,7 @@ class Config:
     loss_eps: float = 1e-8
     # map (eq. 13)
     support_reduce: str = "min"  # over shots: "min" or "mean" of d(Q, S~_j)
-    fuse: str = "mul"
+    fuse: Fuse = "mul"
     sigma: float = 4.0
     align_corners: bool = True
     support_seed: int = 0  # which training normals form the inference support set

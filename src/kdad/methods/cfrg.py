@@ -37,12 +37,12 @@ from kdad.blocks.adapters import AdapterSet
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, GaussianBlur, cosine_distance
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.blocks.unet import UNetHead
-from kdad.config import deep_merge, from_dict, to_dict
+from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
-from kdad.methods.rd import build_bottleneck
 from kdad.synthesis import BETA_RANGE_CODE, SynthesisConfig, TextureBank, synthesize
 
 PAPER = ("Yang, Xing et al., 3CAD: A Large-Scale Real-World 3C Product Dataset for Unsupervised Anomaly "

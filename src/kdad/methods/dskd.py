@@ -27,11 +27,11 @@ from torch.utils.checkpoint import checkpoint
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import pixel_cosine_loss
 from kdad.blocks.maps import AnomalyOutput, GaussianBlur, cosine_distance
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.resblocks import init_like_rd4ad
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
 
 PAPER = "Zhang, Suganuma & Okatani, Contextual Affinity Distillation for Image Anomaly Detection, WACV 2024"
 STUDENTS = {"both": ("local", "global"), "local": ("local",), "global": ("global",)}

@@ -17,21 +17,13 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, pool_features
-from kdad.blocks.ocbe import OCBE
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, pool_features
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
 
 PAPER = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
-
-# OCBE per ResNet teacher as in RD4AD's resnet.py: (block, number of OCE blocks, width_per_group)
-_OCBE_BY_TEACHER = {
-    "resnet18": ("basic", 2, 64),
-    "resnet34": ("basic", 3, 64),
-    "resnet50": ("bottleneck", 3, 64),
-    "wide_resnet50_2": ("bottleneck", 3, 128),
-}
 
 # "global": the official code's cosine of each sample's whole flattened C*H*W tensor (loss_fucntion);
 # "per_position": the paper's eq. 2, the mean over positions of 1 - channel cosine (docs/methods/rd.md)
@@ -53,7 +45,7 @@ class Config:
     ocbe_width: int = 64
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
     loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
@@ -61,12 +53,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
-
-
-def build_bottleneck(backbone: str, channels: list[int], width_per_group: int = 64) -> OCBE:
-    """RD4AD's OCBE for ResNet teachers; a bottleneck OCBE of 3 blocks (`width_per_group`) for other teachers."""
-    block, n, wpg = _OCBE_BY_TEACHER.get(backbone, ("bottleneck", 3, width_per_group))
-    return OCBE(channels, block=block, num_blocks=n, width_per_group=wpg)  # type: ignore[arg-type]
 
 
 class Model(nn.Module):

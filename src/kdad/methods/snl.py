@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.losses import global_cosine_loss
+from kdad.blocks.maps import Fuse
 from kdad.errors import ConfigError
 from kdad.methods import rd
 from kdad.methods.base import MethodSpec
@@ -43,7 +44,7 @@ class Config:
     pool: int = 1
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
     global_loss: bool = True  # RD's flattened cosine loss (the base SNL is built on)

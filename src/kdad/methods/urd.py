@@ -31,12 +31,12 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, cosine_distance
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, cosine_distance
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import Encoder, build_encoder
-from kdad.config import deep_merge, from_dict, to_dict
+from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
 from kdad.synthesis import BETA_RANGE_PAPER, SynthesisConfig, TextureBank, compute_foreground, synthesize
 
 PAPER = "Liu et al., Unlocking the Potential of Reverse Distillation for Anomaly Detection, AAAI 2025"
@@ -68,7 +68,7 @@ class Config:
     student_init: str = "xavier"
     mask_threshold: float = 0.5  # layer masks: bilinear (align_corners=True) resize, then > threshold
     synthesis: dict[str, Any] = field(default_factory=dict)  # overrides of SYNTHESIS (SynthesisConfig fields)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
 
