@@ -14,7 +14,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Lowest first. A module may import from its own layer or any layer below. A module belongs to the layer of the
 # longest prefix that names it (kdad.data.factory is "config", the other kdad.data modules are "parts").
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
-    ("base", ("kdad", "kdad.errors", "kdad.dicts", "kdad.fileio", "kdad.seed", "kdad.hardware",
+    ("base", ("kdad", "kdad.errors", "kdad.dicts", "kdad.fileio", "kdad.formats", "kdad.seed", "kdad.hardware",
               "kdad.distributed")),
     ("leaves", ("kdad.weights", "kdad.metrics", "kdad.data.transforms", "kdad.visualize")),
     ("parts", ("kdad.thresholds", "kdad.blocks", "kdad.synthesis", "kdad.data", "kdad.presets")),
@@ -80,7 +80,8 @@ def layer_of(module: str) -> int:
     best, best_len = -1, -1
     for i, (_, prefixes) in enumerate(LAYERS):
         for p in prefixes:
-            if (module == p or module.startswith(p + ".")) and len(p) > best_len:
+            inside = module == p or (p != "kdad" and module.startswith(p + "."))  # "kdad": the package itself
+            if inside and len(p) > best_len:
                 best, best_len = i, len(p)
     return best
 

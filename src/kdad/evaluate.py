@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import DataConfig, TrainConfig
 from kdad.data.factory import dataset_parts
+from kdad.deploy import postprocess
 from kdad.deploy.dataset import Predictions, predict
 from kdad.errors import ConfigError
 from kdad.fileio import atomic_write_text
@@ -28,8 +29,13 @@ def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device,
     """Image and pixel thresholds from normal images only (quantiles of their scores / pixels), plus the
     overlay colour range. tiles: the images are tiled and stitched (the pixel threshold is then taken over
     the metric-size maps, see docs/tiling.md)."""
-    from kdad.thresholds import (Thresholds, flagged_region_rate, image_threshold_from_validation,
-                                 pixel_threshold_for_region_rate, pixel_threshold_from_validation)
+    from kdad.thresholds import (
+        Thresholds,
+        flagged_region_rate,
+        image_threshold_from_validation,
+        pixel_threshold_for_region_rate,
+        pixel_threshold_from_validation,
+    )
 
     pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
     assert pred.maps is not None
@@ -51,20 +57,21 @@ def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device,
 
 
 def display_range(pixel_threshold: float, maps: np.ndarray | None = None) -> dict[str, float]:
-    """A fixed colour range for overlays: [median normal pixel, 2 * threshold - median]."""
-    vmin = float(np.median(maps)) if maps is not None and maps.size else 0.0
-    return {"vmin": vmin, "vmax": max(2 * pixel_threshold - vmin, vmin + 1e-6)}
+    """A fixed colour range for overlays: [median normal pixel, 2 * threshold - median] (kdad.deploy.postprocess)."""
+    vmin, vmax, _ = postprocess.display_range(None, pixel_threshold, maps)
+    return {"vmin": vmin, "vmax": vmax}
 
 
 def write_scores_csv(path: Path, preds: dict[str, Predictions], image_threshold: float | None) -> None:
     """Per-image scores (and decisions at the stored threshold) per category as CSV, written atomically."""
+    post = postprocess.PostProcess(image_threshold)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["category", "path", "defect_type", "label", "score", "decision"])
     for cat, pred in preds.items():
         for p, t, lab, s in zip(pred.paths, pred.defect_types, pred.labels, pred.scores):
-            decision = "" if image_threshold is None else int(s >= image_threshold)
-            w.writerow([cat, p, t, int(lab), f"{float(s):.6g}", decision])
+            decision = post.decision(float(s))
+            w.writerow([cat, p, t, int(lab), f"{float(s):.6g}", "" if decision is None else decision])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -91,13 +98,12 @@ def compute_metrics(pred: Predictions, pro_limit: float = 0.3) -> dict[str, floa
 def good_images_flagged(pred: Predictions, thr: dict[str, Any]) -> dict[str, Any] | None:
     """On the good test images: the fraction whose defect mask at the stored pixel threshold is not empty
     (what `kdad predict --masks` would paint on good parts), next to the rate the threshold was chosen for."""
-    from kdad.thresholds import defect_mask
-
-    if pred.maps is None or thr.get("pixel") is None:
+    post = postprocess.PostProcess.from_thresholds(thr)
+    if pred.maps is None or post.pixel_threshold is None:
         return None
     good = np.flatnonzero(pred.labels == 0)
-    area = int(thr.get("min_area", 1))
-    flagged = [bool(defect_mask(pred.maps[i], float(thr["pixel"]), area).any()) for i in good]
+    area = post.min_area
+    flagged = [bool(post.mask(pred.maps[i]).any()) for i in good]  # type: ignore[union-attr]
     return {"rate": float(np.mean(flagged)) if flagged else None, "n_good": int(len(good)), "min_area": area}
 
 
@@ -141,8 +147,13 @@ def loco_metrics(pred: Predictions, ds: Any) -> dict[str, float]:
 
 
 def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto", out_dir: str | Path | None = None,
-                 batch_size: int = 16, report: bool = True, checkpoint: str | Path | None = None) -> dict[str, Any]:
+                 batch_size: int = 16, report: bool = True, checkpoint: str | Path | None = None,
+                 backend: str = "torch") -> dict[str, Any]:
     """Test a trained run: metrics.json, scores.csv and report.html in out_dir (default run_dir).
+
+    backend "onnx": the run's exported graph (RUN/model.onnx, or X.onnx beside checkpoint X.ckpt) runs in ONNX
+    Runtime instead of the checkpoint in PyTorch, with the same data, metrics and thresholds, so export parity
+    is read on the metrics a user reads.
 
     Multi-class runs (data.categories) are evaluated per category; `metrics` is then the mean over
     categories, `per_category` holds each one, and report_<category>.html is written per category.
@@ -153,6 +164,17 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     data = data or cfg.data
     dev = resolve_device(device)
     model.to(dev)
+    forward: Any = model
+    if backend == "onnx":
+        from kdad.deploy.runner import OnnxRunner
+        from kdad.export import default_onnx_path
+
+        graph = default_onnx_path(checkpoint or run_dir)
+        if not graph.is_file():
+            raise ConfigError(f"no exported graph {graph}; run `kdad export {checkpoint or run_dir}` first")
+        forward = OnnxRunner(graph)
+    elif backend != "torch":
+        raise ConfigError(f"backend {backend!r} is not one of ['torch', 'onnx']")
     thr = bundle.get("thresholds") or {}
     tiles = TileSpec.from_data(data)
     out = Path(out_dir) if out_dir else run_dir
@@ -161,7 +183,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         "method": cfg.method, "image_size": data.image_size, "thresholds": thr, "display": bundle.get("display"),
         "protocol": "maps and masks at image_size (masks bilinear-resized, binarised at 0.5); AU-PRO official "
                     "dataset-level @0.3; image label from folder; last/held-out-selected checkpoint",
-        "train_info": bundle.get("train_info", {}),
+        "train_info": bundle.get("train_info", {}), "backend": backend,
     }
     if tiles is not None:
         base["protocol"] = ("tiled: image_size tiles of the full image, maps stitched (mean over overlaps), score = "
@@ -172,7 +194,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     preds: dict[str, Predictions] = {}
     parts = dataset_parts(data, "test")
     for name, ds in parts:
-        pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
+        pred = predict(forward, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
         per_category[name]["good_images_flagged"] = good_images_flagged(pred, thr)
         if tiles is not None:  # what the pixel metrics were computed at

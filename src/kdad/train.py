@@ -21,8 +21,8 @@ from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
-from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.evaluate import predict, thresholds_from_normals
+from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
 from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training

@@ -7,7 +7,8 @@ i.e. width_per_group 128) down to 2048@8^2. For any other teacher it is sized fr
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn

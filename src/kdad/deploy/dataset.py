@@ -30,14 +30,18 @@ class Predictions:
 
 
 @torch.inference_mode()
-def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 16, keep_maps: bool = True,
+def predict(model: nn.Module | Any, ds: Dataset, device: torch.device, batch_size: int = 16, keep_maps: bool = True,
             progress: bool = False, num_workers: int = 0, tiles: TileSpec | None = None) -> Predictions:
     """Forward every item of `ds`; keep full maps only when asked (they dominate memory).
 
+    model: a method's Model, or a runner (kdad.deploy.runner.Runner, e.g. an ONNX graph: `kdad test --backend
+    onnx`), called on images in [0, 1] as they come from the dataset.
     tiles: items are whole images at their tiled size; each is cut into tiles and its map stitched
     (kept maps and masks are brought to one size for metrics, see kdad.tiling.metric_view)."""
     if tiles is not None:
         return _predict_tiled(model, ds, device, tiles, batch_size, keep_maps, progress, num_workers)
+    if not isinstance(model, nn.Module):
+        return _predict_runner(model, ds, batch_size, keep_maps, progress, num_workers)
     was_training = model.training
     model.eval()
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
@@ -63,13 +67,38 @@ def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int
     )
 
 
-def _predict_tiled(model: nn.Module, ds: Dataset, device: torch.device, spec: TileSpec, batch_size: int,
+def _predict_runner(runner: Any, ds: Dataset, batch_size: int, keep_maps: bool, progress: bool,
+                    num_workers: int) -> Predictions:
+    """predict() through a runner: numpy maps (B, H, W) and scores (B,) per batch."""
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
+    scores, labels, means, paths, types, maps, masks, has_mask = [], [], [], [], [], [], [], []
+    for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
+        amap, score = runner(batch["image"])
+        amap = np.asarray(amap, np.float32)
+        scores.append(np.asarray(score, np.float32))
+        means.append(amap.reshape(len(amap), -1).mean(axis=1))
+        labels.append(np.asarray(batch["label"]))
+        paths += list(batch["path"])
+        types += list(batch["defect_type"])
+        if keep_maps:
+            maps.append(amap)
+            masks.append(batch["mask"][:, 0].numpy() > 0.5)
+            has_mask.append(np.asarray(batch.get("has_mask", torch.ones(len(batch["path"]), dtype=torch.bool))))
+    return Predictions(
+        scores=np.concatenate(scores), labels=np.concatenate(labels).astype(np.int64), paths=paths,
+        defect_types=types, map_means=np.concatenate(means),
+        maps=np.concatenate(maps) if keep_maps else None, masks=np.concatenate(masks) if keep_maps else None,
+        has_mask=np.concatenate(has_mask).astype(bool) if keep_maps else None,
+    )
+
+
+def _predict_tiled(model: nn.Module | Any, ds: Dataset, device: torch.device, spec: TileSpec, batch_size: int,
                    keep_maps: bool, progress: bool, num_workers: int) -> Predictions:
     """predict() over whole images cut into tiles: one image per step (sizes may differ), its tiles in
     chunks of batch_size; score = max of the full-size stitched map, metric maps at one shared size."""
-    was_training = model.training
-    model.eval()
-    forward = model_forward(model, device)
+    is_model = isinstance(model, nn.Module)
+    was_training = is_model and model.training
+    forward = model_forward(model.eval(), device) if is_model else model
     loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers)  # items unbatched
     scores, labels, means, paths, types, maps, masks, has_mask = [], [], [], [], [], [], [], []
     size: tuple[int, int] | None = None
@@ -86,7 +115,8 @@ def _predict_tiled(model: nn.Module, ds: Dataset, device: torch.device, spec: Ti
             maps.append(view)
             masks.append(gt)
             has_mask.append(bool(item.get("has_mask", True)))
-    model.train(was_training)
+    if is_model:
+        model.train(was_training)
     return Predictions(
         scores=np.asarray(scores, np.float32), labels=np.asarray(labels, np.int64), paths=paths, defect_types=types,
         map_means=np.asarray(means, np.float32), maps=np.stack(maps) if keep_maps else None,

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from kdad.errors import ConfigError
-from kdad.methods import dskd, rd, rdpp, snl, stfpm, urd
-from kdad.methods import bkd
-from kdad.methods import cfrg
+from kdad.methods import bkd, cfrg, dskd, rd, rdpp, snl, stfpm, urd
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {

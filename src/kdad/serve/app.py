@@ -9,6 +9,7 @@ same `load_image` as training and `kdad predict`, so the service sees the pixels
 from __future__ import annotations
 
 import base64
+import dataclasses
 import io
 import threading
 from collections.abc import Callable
@@ -34,8 +35,9 @@ from kdad.data.transforms import (
     pixel_cap,
     read_error_text,
 )
+from kdad.deploy.postprocess import post_of
 from kdad.tiling import image_loader, images_per_call, tiled_runner
-from kdad.visualize import overlay, png_bytes
+from kdad.visualize import png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
 ACCEPTED_FORMATS = ("PNG", "JPEG", "MPO", "BMP", "TIFF")
@@ -148,7 +150,8 @@ def result_dict(
     mask: bool,
 ) -> dict[str, Any]:
     """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64."""
-    decision = None if threshold is None else int(score >= threshold)
+    post = dataclasses.replace(post_of(runner), image_threshold=threshold)
+    decision = post.decision(score)
     out: dict[str, Any] = {
         "filename": name,
         "score": score,
@@ -156,12 +159,10 @@ def result_dict(
         "decision": decision,
         "label": None if decision is None else ("anomalous" if decision else "normal"),
         "image_threshold": runner.image_threshold,
-        "heatmap_png_base64": _b64png(overlay(image01, amap, runner.vmin, runner.vmax)),
+        "heatmap_png_base64": _b64png(post.overlay(image01, amap)),
     }
-    if mask and runner.pixel_threshold is not None:
-        from kdad.thresholds import defect_mask
-
-        keep = defect_mask(amap, runner.pixel_threshold, getattr(runner, "pixel_min_area", 1))
+    keep = post.mask(amap) if mask else None
+    if keep is not None:
         out["mask_png_base64"] = _b64png((keep * 255).astype(np.uint8))
     return out
 
