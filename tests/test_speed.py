@@ -188,7 +188,8 @@ def test_fused_optimizer_gives_the_same_update(kind: str) -> None:
     def run(fused: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         # no conv bias before BN: its gradient is ~0 and Adam's ~sign(grad) step would amplify rounding noise
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8),
+                                  torch.nn.Conv2d(8, 4, 1))
         opt = (torch.optim.Adam(net.parameters(), lr=0.005, betas=(0.5, 0.999)) if kind == "adam" else
                torch.optim.SGD(net.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-3))
         if fused:

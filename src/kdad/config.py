@@ -31,7 +31,8 @@ class DataConfig:
     root: str = ""  # MVTec-layout category folder (train/, test/, ground_truth/)
     format: DataFormat = "mvtec"  # one of kdad.formats.FORMATS (docs/datasets.md)
     category: str = ""  # name used in reports (defaults to the root's folder name)
-    categories: list[str] = field(default_factory=list)  # multi-class: one model over these (names under root, or paths)
+    # multi-class: one model over these (names under root, or paths)
+    categories: list[str] = field(default_factory=list)
     balanced: bool = True  # multi-class: sample every category equally often whatever its size
     image_size: int = 256  # model input side; with tiling, the tile side
     tiling: bool = False  # read images at native size (or tile_resolution) and cut image_size tiles (docs/tiling.md)
@@ -61,13 +62,15 @@ class TrainConfig:
     seed: int = 111
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # autocast on GPU in train.amp_dtype (the *_paper presets set the official codes' precision)
-    amp_dtype: AmpDtype = "bf16"  # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
+    # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
+    amp_dtype: AmpDtype = "bf16"
     cpu_bf16: bool = False  # bf16 autocast on CPU (AVX-512-BF16: about 2x faster training, see docs/benchmarks.md)
     channels_last: bool = True  # NHWC weights and batches (oneDNN / cuDNN NHWC kernels); same math
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them; same update rule
     compile: bool = False  # torch.compile each top-level submodule; pays 20-60 s of compile time first
     heap_allocator: bool = True  # CPU + glibc: recycle big tensors on the heap while training (kdad.speed)
-    cuda_graph: bool = False  # CUDA: replay each training step as one captured graph (RD, STFPM); drops the last partial batch
+    # CUDA: replay each training step as one captured graph (RD, STFPM); drops the last partial batch
+    cuda_graph: bool = False
     val_fraction: float = 0.0  # normal training images held out for selection and thresholds
     select: Select = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
     val_every: int = 1  # epochs between held-out evaluations when select != last
@@ -154,7 +157,8 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
-def merged_dict(preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def merged_dict(preset: str | None = None, files: list[str] | None = None,
+                overrides: list[str] | None = None) -> dict[str, Any]:
     """The merged raw config dict (before validation)."""
     data: dict[str, Any] = to_dict(RunConfig())
     if preset:
@@ -193,7 +197,8 @@ def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     return cfg
 
 
-def load_config(preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(preset: str | None = None, files: list[str] | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
     """Defaults < preset < files < overrides, validated."""
     return build_config(merged_dict(preset, files, overrides))
 

@@ -146,9 +146,9 @@ def loco_metrics(pred: Predictions, ds: Any) -> dict[str, float]:
     return out
 
 
-def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto", out_dir: str | Path | None = None,
-                 batch_size: int = 16, report: bool = True, checkpoint: str | Path | None = None,
-                 backend: str = "torch") -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto",
+                 out_dir: str | Path | None = None, batch_size: int = 16, report: bool = True,
+                 checkpoint: str | Path | None = None, backend: str = "torch") -> dict[str, Any]:
     """Test a trained run: metrics.json, scores.csv and report.html in out_dir (default run_dir).
 
     backend "onnx": the run's exported graph (RUN/model.onnx, or X.onnx beside checkpoint X.ckpt) runs in ONNX
@@ -212,7 +212,8 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         name = parts[0][0]
         result = {**base, "category": name, **per_category[name]}
     else:
-        result = {**base, "category": "+".join(per_category), "n_images": sum(r["n_images"] for r in per_category.values()),
+        result = {**base, "category": "+".join(per_category),
+                  "n_images": sum(r["n_images"] for r in per_category.values()),
                   "metrics": _mean_metrics(per_category), "per_category": per_category,
                   "multi_class": "one model over all categories; metrics = mean over categories"}
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))

@@ -53,7 +53,7 @@ def input_contract(image_size: int, model: nn.Module | None = None) -> dict[str,
     """The shared input contract plus the graph's own mean/std (informational: they are in the graph)."""
     contract = shared_input_contract(image_size)
     contract["name"] = INPUT_NAME
-    teacher = teacher_of(model) if model is not None else None
+    teacher: Any = teacher_of(model) if model is not None else None
     if teacher is not None and hasattr(teacher, "mean"):
         contract["normalization_in_graph"] = {"mean": list(teacher.mean), "std": list(teacher.std)}
     return contract

@@ -70,7 +70,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, (int, np.integer)):
         return f"{int(value):,}"
     if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{digits}f}" if abs(value) < 1e5 else f"{float(value):.4g}"
+        return f"{float(value):.{digits}f}" if abs(float(value)) < 1e5 else f"{float(value):.4g}"
     return _esc(value)
 
 
@@ -357,7 +357,7 @@ def _gallery(pred: Predictions, result: dict[str, Any], max_gallery: int) -> str
         return '<p class="note">No anomaly maps were kept, so there is no gallery.</p>'
     vmin, vmax, source = _display_range(result, pred)
     thr = (result.get("thresholds") or {}).get("image")
-    thr = None if _is_nan(thr) else float(thr)
+    thr = None if thr is None or _is_nan(thr) else float(thr)
     out = [f'<p class="note">Overlay colour range [{vmin:.4g}, {vmax:.4g}] ({_esc(source)}), the same for '
            "every image: not normalised per image.</p>"]
     for title, idx, empty in _gallery_sections(pred, thr, max_gallery):
@@ -491,7 +491,7 @@ def write_report(path: Path, result: dict[str, Any], pred: Predictions, max_gall
         raise KdadError(f"write_report {path}: the predictions hold no images")
     metrics = result.get("metrics") or {}
     thr = (result.get("thresholds") or {}).get("image")
-    image_threshold = None if _is_nan(thr) else float(thr)
+    image_threshold = None if thr is None or _is_nan(thr) else float(thr)
     title = f"kdad report: {result.get('method', '?')} on {result.get('category', '?')}"
     parts = [f"<h1>{_esc(title)}</h1>", _header(result), "<h2>Metrics</h2>", _metrics_table(result, pred),
              '<p class="note">F1-max values pick the threshold on the test labels (an oracle).</p>']
@@ -574,7 +574,7 @@ def compare_runs(run_dirs: list[Path], out_path: Path) -> dict[str, Any]:
     keys = [*METRIC_LABELS, *extra]
     rows = []
     for name, d, run in zip(_run_names(dirs), dirs, runs):
-        row = {"run": name, "dir": str(d), "method": str(run.get("method", "?")),
+        row: dict[str, Any] = {"run": name, "dir": str(d), "method": str(run.get("method", "?")),
                "category": str(run.get("category", "?"))}
         row.update({k: _as_float(run["metrics"].get(k)) for k in keys})
         row["train_images_per_s"] = _as_float((run.get("train_info") or {}).get("train_images_per_s"))

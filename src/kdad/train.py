@@ -322,7 +322,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 best_state = best_ck["model"]
 
     def eager_step(b: dict[str, Any]) -> dict[str, Any]:
-        return spec.train_step(model, b, opts, mcfg, gen)
+        return dict(spec.train_step(model, b, opts, mcfg, gen))
 
     # after the resume load: it resets the optimizers' hyper-parameters, capturable among them
     step: Any = GraphedTrainStep(eager_step, opts, device) if tc.cuda_graph else eager_step
@@ -343,7 +343,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                        disable=not (tc.progress and main))
             for batch in bar:
                 batch = _to_device(batch, device, tc.channels_last)
-                batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
+                # for methods that synthesise anomalies; batch["category"] names each image
+                batch["textures"] = textures
                 if scaler is not None:
                     batch["grad_scaler"] = scaler  # fp16: the step scales its loss (MethodSpec.grad_scaler)
                 with _autocast(device, tc):

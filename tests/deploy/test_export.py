@@ -17,7 +17,7 @@ from kdad.deploy.runner import OnnxRunner, TorchRunner
 from kdad.errors import KdadError
 from kdad.export import export_model_bytes, read_metadata, sha256_file
 from kdad.methods import METHODS
-from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
+from tests.deploy.fixtures import IMAGE_SIZE, bottle_test_images, exported, tiny_run
 
 pytest.importorskip("onnxruntime")
 

@@ -18,8 +18,8 @@ from kdad.cli import main
 from kdad.errors import ConfigError
 from kdad.infer import expand_inputs, out_stems, stream_predictions
 from kdad.predict import make_runner
-from tests.data import forged_png
-from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
+from tests.deploy.fixtures import IMAGE_SIZE, bottle_test_images, exported, tiny_run
+from tests.fakes import forged_png
 
 pytest.importorskip("onnxruntime")
 

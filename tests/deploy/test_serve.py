@@ -27,7 +27,7 @@ from kdad.data.transforms import MAX_MEGAPIXELS, load_image
 from kdad.runner import TorchRunner
 from kdad.serve import Limits, create_app
 from kdad.thresholds import defect_mask
-from tests.deploy import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
+from tests.deploy.fixtures import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
 
 MAX_MB = 1.0
 

@@ -1,5 +1,6 @@
 """Every registered method: build -> train_step -> forward on a tiny CPU config."""
 
+import dataclasses
 import math
 
 import pytest
@@ -32,6 +33,27 @@ def test_train_step_and_forward(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
+def test_train_step_moves_every_optimizer(name: str, tiny_batch: dict[str, torch.Tensor]) -> None:
+    """One optimizer step changes trainable parameters of each of the method's optimizers (RD++ steps every
+    `accumulate` batches, so it runs with accumulate=1 here)."""
+    spec = get_method(name)
+    overrides = {"accumulate": 1} if "accumulate" in {f.name for f in dataclasses.fields(spec.Config)} else {}
+    cfg = from_dict(spec.Config, {**TINY, **overrides})
+    torch.manual_seed(0)
+    model = spec.Model(cfg)
+    opts = spec.optimizers(model, cfg)
+    model.train()
+    before = {id(p): p.detach().clone() for p in model.parameters() if p.requires_grad}
+    spec.train_step(model, tiny_batch, opts, cfg, torch.Generator().manual_seed(0))
+    moved = {id(p) for p in model.parameters() if id(p) in before and not torch.equal(before[id(p)], p.detach())}
+    for opt_name, opt in opts.items():
+        owned = {id(p) for group in opt.param_groups for p in group["params"]}
+        assert owned <= set(before), f"{name}/{opt_name} optimizes a frozen parameter"
+        assert owned & moved, f"{name}/{opt_name}: no parameter moved after one step"
+    assert len(moved) > len(before) / 2, f"{name}: only {len(moved)} of {len(before)} trainable parameters moved"
+
+
+@pytest.mark.parametrize("name", sorted(METHODS))
 def test_same_seed_same_map(name: str) -> None:
     spec = get_method(name)
     cfg = from_dict(spec.Config, TINY)
@@ -41,7 +63,8 @@ def test_same_seed_same_map(name: str) -> None:
         model = spec.Model(cfg)
         opts = spec.optimizers(model, cfg)
         x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
-        spec.train_step(model, {"image": x, "mask": torch.zeros(2, 1, 64, 64)}, opts, cfg, torch.Generator().manual_seed(0))
+        batch = {"image": x, "mask": torch.zeros(2, 1, 64, 64)}
+        spec.train_step(model, batch, opts, cfg, torch.Generator().manual_seed(0))
         model.eval()
         with torch.inference_mode():
             maps.append(model(x).anomaly_map)

@@ -18,7 +18,7 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
             raise ConfigError("data.root is empty: give the dataset folder (e.g. --data path/to/bottle)")
         from kdad.data.mvtec import MVTecDataset
 
-        return MVTecDataset(data.root, split=split, image_size=data.image_size,
+        return MVTecDataset(data.root, split=split, image_size=data.image_size,  # type: ignore[arg-type]
                             allow_missing_masks=data.allow_missing_masks)
     if data.format == "loco":
         if not data.root:

@@ -37,7 +37,7 @@ def display_range(display: Mapping[str, Any] | None, pixel_threshold: float | No
     pixel = _finite(pixel_threshold)
     has_maps = maps is not None and maps.size > 0
     if pixel is not None:
-        vmin = float(np.median(maps)) if has_maps else 0.0
+        vmin = float(np.median(maps)) if maps is not None and has_maps else 0.0
         return vmin, max(2 * pixel - vmin, vmin + 1e-6), "median good-image pixel .. 2 × pixel threshold − median"
     if has_maps:
         assert maps is not None

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -11,13 +11,15 @@ from torch import Tensor, nn
 
 from kdad.blocks.maps import AnomalyOutput
 
+# The signatures below are documented, not checked: each method types them with its own Model and Config
+# (Callable parameters are contravariant, so a precise type here would reject every method).
 # train_step(model, batch, optimizers, cfg, generator) -> scalars to log: floats, or 0-dim tensors that the
 # engine reads when it logs (so a step need not wait for the device)
-TrainStep = Callable[[nn.Module, dict[str, Any], dict[str, torch.optim.Optimizer], Any, torch.Generator],
-                     dict[str, float | torch.Tensor]]
-BuildOptimizers = Callable[[nn.Module, Any], dict[str, torch.optim.Optimizer]]
+TrainStep = Callable[..., Mapping[str, float | torch.Tensor]]
+# optimizers(model, cfg) -> {name: optimizer}
+BuildOptimizers = Callable[..., dict[str, torch.optim.Optimizer]]
 # calibrate(model, normal_loader, device) -> None: fit map statistics on normal images after training
-Calibrate = Callable[[nn.Module, Any, torch.device], None]
+Calibrate = Callable[..., None]
 
 
 @runtime_checkable

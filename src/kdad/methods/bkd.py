@@ -287,7 +287,7 @@ def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     ids = {id(p) for p in align}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": align, "lr": cfg.align_lr}] if align else [])
-    return {"student": torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))}
+    return {"student": torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))}
 
 
 def train_step(
@@ -309,7 +309,8 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
-    return {"loss": float(loss.detach()), "loss_reverse": float(reverse.detach()), "loss_forward": float(forward.detach())}
+    return {"loss": float(loss.detach()), "loss_reverse": float(reverse.detach()),
+            "loss_forward": float(forward.detach())}
 
 
 def calibrate(model: Model, normal_loader: Any, device: torch.device) -> None:

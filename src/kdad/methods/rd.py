@@ -93,7 +93,7 @@ def rd_loss(teacher: list[Tensor], student: list[Tensor], form: str = "global") 
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam over OCBE + decoder (the teacher is frozen)."""
     params = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
-    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))}
+    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))}
 
 
 def train_step(
