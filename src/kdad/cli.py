@@ -130,8 +130,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         for job_cfg, _ in jobs:
             check_splits(job_cfg.data, ["test"])
+    from kdad.distributed import world
+
     for job_cfg, job_dir in jobs:
         fit(job_cfg, job_dir, resume=args.resume)
+        if world()[0] != 0:  # under torchrun rank 0 reports and tests; the other ranks only train
+            continue
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
         if args.test:
             from kdad.evaluate import evaluate_run

@@ -71,6 +71,8 @@ class TrainConfig:
     heap_allocator: bool = True  # CPU + glibc: recycle big tensors on the heap while training (kdad.speed)
     # CUDA: replay each training step as one captured graph (RD, STFPM); drops the last partial batch
     cuda_graph: bool = False
+    # under torchrun: BatchNorm statistics over the global batch (N ranks x batch_size), not each rank's own
+    sync_batchnorm: bool = False
     val_fraction: float = 0.0  # normal training images held out for selection and thresholds
     select: Select = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
     val_every: int = 1  # epochs between held-out evaluations when select != last

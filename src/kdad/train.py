@@ -155,7 +155,7 @@ _POSTFIX_EVERY = 20  # progress-bar loss refresh (each refresh reads the device 
 def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen: torch.Generator,
            scaler: Any = None) -> dict[str, Any]:
     st = {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(), "gen": gen.get_state(),
-          "optimizers": {k: getattr(o, "opt", o).state_dict() for k, o in opts.items()}}
+          "optimizers": {k: o.state_dict() for k, o in opts.items()}}
     if scaler is not None:
         st["grad_scaler"] = scaler.state_dict()
     return st
@@ -288,7 +288,9 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         trim_log(run_dir / "train_log.jsonl", ck["train_state"]["epoch"] if ck else -1)
     loader_gen = torch.Generator()  # reseeded every epoch so a resumed run shuffles like an uninterrupted one
     sampler: Any = None
-    if distributed:
+    if distributed and weights is not None:  # multi-class balancing over the global batch, dealt out to ranks
+        sampler = dist_utils.ShardedWeightedSampler(weights, rank, world_size, seed=tc.seed)
+    elif distributed:
         sampler = DistributedSampler(train_ds, seed=tc.seed)
     elif weights is not None:
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=loader_gen)
@@ -296,11 +298,14 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                         num_workers=cfg.data.num_workers, generator=loader_gen, drop_last=tc.cuda_graph,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     model = spec.Model(mcfg).to(device)
+    if tc.sync_batchnorm:
+        if not distributed:
+            raise ConfigError("train.sync_batchnorm=true needs several processes (launch with torchrun)")
+        dist_utils.sync_batchnorm(model, device)
     opts: dict[str, Any] = dict(spec.optimizers(model, mcfg))
     levers = prepare_training(model, opts, tc.channels_last, tc.fused_optimizer, tc.compile)
-    if distributed:
-        dist_utils.broadcast_model(model)
-        opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
+    # DDP: rank 0's weights broadcast now; methods' backward (batch["backward"]) all-reduces gradient buckets
+    ddp_backward = dist_utils.ddp_backward(dist_utils.wrap(model, device)) if distributed else None
 
     textures = _texture_bank(cfg, spec)
     scaler = _grad_scaler(device, tc)
@@ -309,7 +314,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if ck is not None:
         model.load_state_dict(ck["model"])
         for k, o in opts.items():
-            getattr(o, "opt", o).load_state_dict(ck["train_state"]["optimizers"][k])
+            o.load_state_dict(ck["train_state"]["optimizers"][k])
         st = ck["train_state"]
         start_epoch, it, best = st["epoch"] + 1, st["iters"], st["best"]
         torch.set_rng_state(st["rng"])
@@ -335,7 +340,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     with heap_allocator(device.type == "cpu" and tc.heap_allocator) as levers["heap_allocator"]:
         for epoch in range(start_epoch, total_epochs):
             loader_gen.manual_seed(tc.seed + epoch)
-            if isinstance(sampler, DistributedSampler):
+            if isinstance(sampler, (DistributedSampler, dist_utils.ShardedWeightedSampler)):
                 sampler.set_epoch(epoch)
             model.train()
             losses: list[dict[str, Any]] = []  # floats or device scalars, read by _mean_logs
@@ -345,6 +350,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 batch = _to_device(batch, device, tc.channels_last)
                 # for methods that synthesise anomalies; batch["category"] names each image
                 batch["textures"] = textures
+                if ddp_backward is not None:
+                    batch["backward"] = ddp_backward  # arms DDP's all-reduce for each backward of the step
                 if scaler is not None:
                     batch["grad_scaler"] = scaler  # fp16: the step scales its loss (MethodSpec.grad_scaler)
                 with _autocast(device, tc):

@@ -69,22 +69,35 @@ class MethodSpec:
     grad_scaler: bool = False
 
 
-def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any = None) -> dict[str, torch.Tensor]:
+def backward(batch: dict[str, Any], loss: torch.Tensor) -> None:
+    """``loss.backward()``, through the engine's ``batch["backward"]`` when it gives one: distributed training
+    arms DDP's gradient all-reduce there (kdad.distributed). Methods call this instead of ``loss.backward()``."""
+    fn = batch.get("backward")
+    if fn is None:
+        loss.backward()
+    else:
+        fn(loss)
+
+
+def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any = None,
+                   backward_fn: Callable[[torch.Tensor], None] | None = None) -> dict[str, torch.Tensor]:
     """zero_grad -> backward -> step for a single-optimizer method; returns {"loss": detached 0-dim tensor}.
 
     The loss stays on the device: reading it here would make every step wait for the GPU to finish.
     With a GradScaler (fp16 autocast, from batch["grad_scaler"]) the loss is scaled and the step skipped on
-    inf/nan gradients, as torch.cuda.amp.
+    inf/nan gradients, as torch.cuda.amp. ``backward_fn`` is the engine's batch["backward"] (see :func:`backward`).
     """
+    run_backward = backward_fn or torch.Tensor.backward
     opt.zero_grad(set_to_none=True)
     if scaler is None:
-        loss.backward()
+        run_backward(loss)
         opt.step()
     else:
-        scaler.scale(loss).backward()
+        run_backward(scaler.scale(loss))
         scaler.step(opt)
         scaler.update()
     return {"loss": loss.detach()}
 
 
-__all__ = ["AnomalyOutput", "BuildOptimizers", "MethodSpec", "Model", "TrainStep", "optimizer_step", "teacher_of"]
+__all__ = ["AnomalyOutput", "BuildOptimizers", "MethodSpec", "Model", "TrainStep", "backward", "optimizer_step",
+           "teacher_of"]

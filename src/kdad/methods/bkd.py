@@ -27,7 +27,7 @@ from kdad.blocks.memory import MemoryModule
 from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError, KdadError
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, backward
 
 PAPER = "Zhong, Kang & Xiong, Unsupervised Anomaly Detection Algorithm Based on Bidirectional Knowledge " \
         "Distillation Network, Open Journal of Applied Sciences 15 (2025) 715-730"
@@ -307,7 +307,7 @@ def train_step(
     loss, reverse, forward = bkd_loss(p, cfg)
     opt = opts["student"]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(batch, loss)
     opt.step()
     return {"loss": float(loss.detach()), "loss_reverse": float(reverse.detach()),
             "loss_forward": float(forward.detach())}

@@ -256,7 +256,7 @@ def train_step(
     w_seg, w_dis, w_rec = cfg.loss_weights
     loss = w_seg * l_seg + w_dis * l_dis + w_rec * l_rec
     # fp16 (cfrg_paper, as the official torch.cuda.amp)
-    optimizer_step(opt, loss, batch.get("grad_scaler"))
+    optimizer_step(opt, loss, batch.get("grad_scaler"), batch.get("backward"))
     model.steps_done += 1
     return {"loss": float(loss.detach()), "loss_seg": float(l_seg.detach()), "loss_dis": float(l_dis.detach()),
             "loss_rec": float(l_rec.detach()), "lr": lr}

@@ -31,7 +31,7 @@ from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.resblocks import init_like_rd4ad
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, backward
 
 PAPER = "Zhang, Suganuma & Okatani, Contextual Affinity Distillation for Image Anomaly Detection, WACV 2024"
 STUDENTS = {"both": ("local", "global"), "local": ("local",), "global": ("global",)}
@@ -296,7 +296,7 @@ def train_step(
     total = torch.stack(list(losses.values())).sum()
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
-    total.backward()
+    backward(batch, total)
     for opt in opts.values():
         opt.step()
     return {"loss": float(total.detach()), **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}

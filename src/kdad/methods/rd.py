@@ -102,7 +102,7 @@ def train_step(
     """One Adam step on the teacher-student cosine loss (``cfg.loss``: global flattened or per-position)."""
     teacher, student = model.pairs(batch["image"])
     loss = rd_loss(pool_features(teacher, cfg.pool), pool_features(student, cfg.pool), cfg.loss)
-    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"))
+    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
 SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)

@@ -38,7 +38,7 @@ from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, backward
 from kdad.synthesis import SynthesisConfig, synthesize
 
 PAPER = "Tien et al., Revisiting Reverse Distillation for Anomaly Detection, CVPR 2023"
@@ -230,7 +230,7 @@ def train_step(
     weights = cfg.weight_ssot + cfg.weight_recon + cfg.weight_contrast
     l_proj = (cfg.weight_ssot * l_ssot + cfg.weight_recon * l_recon + cfg.weight_contrast * l_contrast) / weights
     loss = l_distill + cfg.weight_proj * l_proj
-    loss.backward()
+    backward(batch, loss)
     model.accum_count += 1
     if int(model.accum_count) % cfg.accumulate == 0:
         for opt in opts.values():

@@ -25,7 +25,7 @@ from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import Fuse
 from kdad.errors import ConfigError
 from kdad.methods import rd
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, backward
 
 PAPER = ("Deng & Li, Structural Teacher-Student Normality Learning for Multi-Class Anomaly Detection and "
          "Localization; designed from the abstract (no code or full text public), not the paper's method")
@@ -198,7 +198,7 @@ def train_step(
     loss = torch.stack(list(terms.values())).sum()
     opt = opts["student"]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(batch, loss)
     opt.step()
     return {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 

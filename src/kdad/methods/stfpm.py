@@ -73,7 +73,7 @@ def train_step(
     """One SGD step on the normalised-L2 feature loss."""
     teacher, student = model.pairs(batch["image"])
     loss = normalized_l2_loss(pool_features(teacher, cfg.pool), pool_features(student, cfg.pool))
-    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"))
+    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
 SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)
