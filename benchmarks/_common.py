@@ -1,5 +1,5 @@
 """What every benchmark script shares: where the data lives, the quality study's seeded test-split halves, the
-run metadata and the results JSON.
+RD family's train-and-test run (rd_family.py, levers_seeds.py), the run metadata and the results JSON.
 
 Scripts run as ``python benchmarks/X.py`` (with kdad installed, or ``PYTHONPATH=src``); Python puts
 ``benchmarks/`` on the path for the script itself, so ``import _common`` needs no path manipulation.
@@ -21,10 +21,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-
-from kdad.config import load_config
-from kdad.evaluate import evaluate_run
-from kdad.train import fit
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("KDAD_SHARED", str(ROOT.parent / "shared")))  # a copy elsewhere (GPU machine)
@@ -73,6 +69,10 @@ def run_one(method: str, category: str, args: argparse.Namespace, work: Path,
             extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train with the method's CPU preset under the shared budget (plus `extra_overrides`), then evaluate on
     the test split."""
+    from kdad.config import load_config  # here, so that importing _common does not load torch
+    from kdad.evaluate import evaluate_run
+    from kdad.train import fit
+
     overrides = [
         f"data.root={CATEGORIES[category]}", "data.image_size=256", f"train.device={args.device}",
         "train.progress=false",
