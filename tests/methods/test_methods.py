@@ -2,6 +2,7 @@
 
 import dataclasses
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -96,3 +97,13 @@ def test_export_reads_the_teacher_normalisation(name: str) -> None:
     assert teacher is not None
     assert input_contract(64, model)["normalization_in_graph"] == {"mean": list(teacher.mean),
                                                                    "std": list(teacher.std)}
+
+
+def test_methods_backpropagate_through_the_engine_hook() -> None:
+    """A bare `loss.backward()` in a method would skip DDP's all-reduce under torchrun and let the ranks drift
+    apart: methods call kdad.methods.base.backward (or optimizer_step), which runs the engine's batch["backward"]."""
+    import kdad.methods
+
+    for path in sorted(Path(kdad.methods.__file__).parent.glob("*.py")):
+        if path.name != "base.py":
+            assert ".backward()" not in path.read_text(), path.name
