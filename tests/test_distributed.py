@@ -52,6 +52,20 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
                              kind="object")
 
 
+def _one_step_fit(demo: Path) -> list[str]:
+    """RD, 8 training images, no hold-out, one epoch."""
+    return ["fit", "--preset", "rd_cpu", "--data", str(demo), *TINY, "--set", "train.val_fraction=0.0",
+            "--set", "train.epochs=1"]
+
+
+@pytest.fixture(scope="module")
+def single_run(demo: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One process, batch 8: one step (the reference of the DDP test, and the model the predict test serves)."""
+    run = tmp_path_factory.mktemp("single") / "one"
+    _kdad([*_one_step_fit(demo), "--out", str(run), "--set", "train.batch_size=8"])
+    return run
+
+
 def test_torchrun_two_processes_train_one_model(demo: Path, tmp_path: Path) -> None:
     run = tmp_path / "run"
     _kdad(["fit", "--preset", "rd_cpu", "--data", str(demo), "--out", str(run), *TINY,
@@ -64,15 +78,13 @@ def test_torchrun_two_processes_train_one_model(demo: Path, tmp_path: Path) -> N
     assert log[-1]["iters"] == 4
 
 
-def test_two_ranks_train_the_weights_of_one_process_with_the_doubled_batch(demo: Path, tmp_path: Path) -> None:
+def test_two_ranks_train_the_weights_of_one_process_with_the_doubled_batch(demo: Path, single_run: Path,
+                                                                           tmp_path: Path) -> None:
     """8 training images, no hold-out, one step. DDP averages the ranks' gradients of their batch-mean losses,
     i.e. the gradient of the mean over all 8; SyncBatchNorm normalises with the statistics of all 8."""
-    common = ["fit", "--preset", "rd_cpu", "--data", str(demo), *TINY, "--set", "train.val_fraction=0.0",
-              "--set", "train.epochs=1"]
-    _kdad([*common, "--out", str(tmp_path / "ddp"), "--set", "train.batch_size=4",
+    _kdad([*_one_step_fit(demo), "--out", str(tmp_path / "ddp"), "--set", "train.batch_size=4",
            "--set", "train.sync_batchnorm=true"], nproc=2)
-    _kdad([*common, "--out", str(tmp_path / "one"), "--set", "train.batch_size=8"])
-    ddp, one = (load_bundle(tmp_path / name / "model.ckpt") for name in ("ddp", "one"))
+    ddp, one = load_bundle(tmp_path / "ddp" / "model.ckpt"), load_bundle(single_run / "model.ckpt")
     assert ddp["train_info"]["iters"] == one["train_info"]["iters"] == 1
     assert ddp["model"].keys() == one["model"].keys()
     n_weights = n_differ = 0
@@ -84,12 +96,10 @@ def test_two_ranks_train_the_weights_of_one_process_with_the_doubled_batch(demo:
     assert n_differ / n_weights < MAX_DIFFERING_WEIGHTS
 
 
-def test_sharded_predict_equals_single_process_row_for_row(demo: Path, tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    _kdad(["fit", "--preset", "rd_cpu", "--data", str(demo), "--out", str(run), *TINY, "--set", "train.epochs=1"])
+def test_sharded_predict_equals_single_process_row_for_row(demo: Path, single_run: Path, tmp_path: Path) -> None:
     inputs = [str(demo / "test")]
-    _kdad(["predict", str(run), *inputs, "--out", str(tmp_path / "one"), "--device", "cpu"])
-    _kdad(["predict", str(run), *inputs, "--out", str(tmp_path / "two"), "--device", "cpu"], nproc=2)
+    _kdad(["predict", str(single_run), *inputs, "--out", str(tmp_path / "one"), "--device", "cpu"])
+    _kdad(["predict", str(single_run), *inputs, "--out", str(tmp_path / "two"), "--device", "cpu"], nproc=2)
     rows = [list(csv.reader((tmp_path / name / "predictions.csv").open())) for name in ("one", "two")]
     assert len(rows[0]) == 1 + 7
     assert rows[0] == rows[1]
