@@ -6,6 +6,7 @@ from kdad.errors import ConfigError
 from kdad.methods import dskd, rd, rdpp, snl, stfpm, urd
 from kdad.methods import bkd
 from kdad.methods import cfrg
+from kdad.methods import patchst
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -17,6 +18,7 @@ METHODS: dict[str, MethodSpec] = {
     "dskd": dskd.SPEC,
     "snl": snl.SPEC,
     "cfrg": cfrg.SPEC,
+    "patchst": patchst.SPEC,
 }
 
 
