@@ -307,6 +307,9 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     # DDP: rank 0's weights broadcast now; methods' backward (batch["backward"]) all-reduces gradient buckets
     ddp_backward = dist_utils.ddp_backward(dist_utils.wrap(model, device)) if distributed else None
 
+    if spec.prepare is not None and ck is None:
+        # every rank sees the whole training set here, so every rank computes the same statistics
+        spec.prepare(model, DataLoader(train_ds, batch_size=tc.eval_batch_size, shuffle=False), device)
     textures = _texture_bank(cfg, spec)
     scaler = _grad_scaler(device, tc)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from kdad.errors import ConfigError
-from kdad.methods import bkd, cfrg, dskd, rd, rdpp, snl, stfpm, urd
+from kdad.methods import bkd, cfrg, dskd, patchst, rd, rdpp, snl, stfpm, urd
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -15,6 +15,7 @@ METHODS: dict[str, MethodSpec] = {
     "dskd": dskd.SPEC,
     "snl": snl.SPEC,
     "cfrg": cfrg.SPEC,
+    "patchst": patchst.SPEC,
 }
 
 

@@ -62,6 +62,9 @@ class MethodSpec:
     paper: str
     needs_textures: bool = False
     calibrate: Calibrate | None = None  # e.g. DSKD's per-student map mean/std (stored as model buffers)
+    # prepare(model, training_loader, device): statistics the loss needs before the first step (e.g. PatchST's
+    # target standardisation); run by fit on a new run only, since a resumed run restores them from its buffers
+    prepare: Calibrate | None = None
     # train_step has no host sync, no data-dependent shape and a constant learning rate, and logs only tensors,
     # so train.cuda_graph may capture it whole (kdad.speed.GraphedTrainStep)
     graph_safe: bool = False
