@@ -28,6 +28,8 @@ CATEGORIES = {
     "bottle": SHARED / "data" / "mvtec_ad" / "bottle",
     "magnetic_tile": SHARED / "data" / "mtd" / "magnetic_tile",
 }
+# the hard generated category (benchmarks/make_hard_category.py --out <this> --seed 0); never committed
+CATEGORIES["brushed"] = Path(os.environ.get("KDAD_HARD", "/tmp/kdad_hard/brushed"))
 TEXTURES = SHARED / "data" / "dtd" / "images"
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu", "cfrg": "cfrg_cpu"}  # the RD family's CPU presets
