@@ -177,3 +177,23 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(path)
     return path
+
+
+def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
+    """Markdown table of quality.json runs: mean ± sample std over seeds, per cell and category."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault((r["cell"], r["category"]), []).append(r)
+
+    def fmt(vals: list[float]) -> str:
+        a = np.asarray(vals, float)
+        return f"{a.mean():.3f} ± {a.std(ddof=1):.3f}" if len(a) > 1 else (f"{a.mean():.3f}" if len(a) else "–")
+
+    lines = ["| cell | category | seeds | train min (1 core) | image AUROC | pixel AUROC | AU-PRO | good images flagged |",
+             "|---|---|---|---|---|---|---|---|"]
+    for (cell, cat), rows in sorted(groups.items()):
+        cols = [fmt([r[half][k] for r in rows]) for k in ("image_auroc", "pixel_auroc", "au_pro")]
+        flagged = fmt([r["good_images_flagged"]["rate"] for r in rows if r.get("good_images_flagged")])
+        lines.append(f"| {cell} | {cat} | {len(rows)} | {fmt([r['train_minutes'] for r in rows])} | "
+                     + " | ".join(cols) + f" | {flagged} |")
+    return "\n".join(lines)

@@ -12,6 +12,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from _common import quality_table
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -346,6 +348,10 @@ def main() -> None:
              ("train_profile", train_profile))
     for kind, fn in kinds:
         parts += [fn(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files if f.name.startswith(kind)]
+    quality = RESULTS / "quality.json"
+    if quality.is_file():  # the quality study (issue 18): report half, the half no recipe was chosen on
+        parts.append("\n## Detection quality — `quality.json` (report half; selection in docs/quality.md)\n\n"
+                     + quality_table(json.loads(quality.read_text())["runs"], "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")
     parts += [generic(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files
               if not f.name.startswith(tuple(k for k, _ in kinds))]
