@@ -302,6 +302,7 @@ def main() -> None:
     ap.add_argument("--reuse", action="store_true",
                     help="do not run mutmut; re-read the last run's statuses in --work (e.g. after editing the "
                          "equivalent file)")
+    ap.add_argument("--note", help="a note kept in the report (e.g. why a group was cut short)")
     ap.add_argument("--list", action="store_true", help="print the groups and exit")
     args = ap.parse_args()
     if args.list:
@@ -317,11 +318,17 @@ def main() -> None:
         print(f"== {name}", flush=True)
         work = args.work / name
         if args.reuse:
-            result = report["groups"][name]
+            g = GROUPS[name]
+            result = report["groups"].get(name) or {
+                "files": list(g.files), "tests": list(g.tests), "functions": list(g.functions), "note": g.note,
+                "command": "mutmut run --max-children 1 " + " ".join(g.functions), "finished": None,
+                "date": dt.datetime.now().isoformat(timespec="seconds"), "git_commit": git_commit()}
         else:
             result = run_group(GROUPS[name], work, args.limit)
         result["modules"], result["survivors"] = collect(GROUPS[name], work)
         report["groups"][name] = result
+        if args.note:
+            report["note"] = args.note
         write_report(report, equivalent, args.out, torch.__version__)
 
 
@@ -346,6 +353,7 @@ def write_report(report: dict, equivalent: dict[str, str], out: Path, torch_vers
                    "(null = not yet explained).",
     }
     report["unexplained_survivors"] = len(unexplained)
+    report["not_run"] = sorted(set(GROUPS) - set(report["groups"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
     for name, result in report["groups"].items():
