@@ -245,23 +245,29 @@ def collect(group: Group, work: Path) -> tuple[dict[str, dict[str, int]], list[d
     if group.functions:
         statuses = {k: v for k, v in statuses.items() if any(fnmatch.fnmatch(k, g) for g in group.functions)}
     modules: dict[str, dict[str, int]] = {}
-    survivors = []
-    for mutant, status in sorted(statuses.items()):
-        module, fn = function_of(mutant)
-        counts = modules.setdefault(module, {s: 0 for s in ("killed", "survived", "timeout", "suspicious")})
+    for mutant, status in statuses.items():
+        counts = modules.setdefault(function_of(mutant)[0], {s: 0 for s in ("killed", "survived", "timeout",
+                                                                             "suspicious")})
         counts[status] = counts.get(status, 0) + 1
-        if status in ("survived", "no tests", "suspicious"):
-            diff = subprocess.run([mutmut_exe(), "show", mutant], cwd=work, env=env, capture_output=True,
-                                  text=True).stdout
-            diff = diff.split("\n", 1)[1] if diff.startswith("#") else diff
-            old, new, rel = changed_lines(diff)
-            path = ROOT / "src" / (module.replace(".", "/") + ".py")
-            if not path.exists():
-                path = path.with_suffix("") / "__init__.py"
-            start = function_start(path, fn)
-            where = f"{path.relative_to(ROOT)}:{start + rel - 1 if start and rel else '?'}"
-            survivors.append({"mutant": mutant, "status": status, "location": where,
-                              "key": stable_key(module, fn, old, new), "diff": diff.strip()})
+    left = sorted(k for k, v in statuses.items() if v in ("survived", "no tests", "suspicious"))
+    # one process for every diff (``mutmut show`` per mutant costs a second each)
+    script = ("import json, sys\nfrom mutmut.__main__ import get_diff_for_mutant\n"
+              "print(json.dumps({n: get_diff_for_mutant(n) for n in json.load(sys.stdin)}))")
+    diffs = json.loads(subprocess.run([str(Path(mutmut_exe()).with_name("python")), "-c", script], cwd=work,
+                                      env=env, input=json.dumps(left), capture_output=True, text=True,
+                                      check=True).stdout)
+    survivors = []
+    for mutant in left:
+        module, fn = function_of(mutant)
+        diff = diffs[mutant]
+        old, new, rel = changed_lines(diff)
+        path = ROOT / "src" / (module.replace(".", "/") + ".py")
+        if not path.exists():
+            path = path.with_suffix("") / "__init__.py"
+        start = function_start(path, fn)
+        where = f"{path.relative_to(ROOT)}:{start + rel - 1 if start and rel else '?'}"
+        survivors.append({"mutant": mutant, "status": statuses[mutant], "location": where,
+                          "key": stable_key(module, fn, old, new), "diff": diff.strip()})
     return modules, survivors
 
 
