@@ -68,7 +68,9 @@ GROUPS: dict[str, Group] = {
     ),
     "maps_losses": Group(
         files=("src/kdad/blocks/maps.py", "src/kdad/blocks/losses.py"),
-        tests=("tests/blocks/test_maps.py", "tests/methods/test_rd.py", "tests/test_tiling.py"),
+        tests=("tests/blocks/test_maps.py", "tests/blocks/test_losses.py", "tests/blocks/test_ocbe_decoders.py",
+               "tests/methods/test_rd.py", "tests/test_tiling.py", "tests/test_speed.py::test_fast_head_matches_head",
+               "tests/test_speed.py::test_resize_and_blur_matrices"),
     ),
     "thresholds": Group(
         files=("src/kdad/thresholds.py",),
@@ -76,7 +78,7 @@ GROUPS: dict[str, Group] = {
     ),
     "decision": Group(
         files=("src/kdad/infer.py", "src/kdad/evaluate.py", "src/kdad/serve/app.py"),
-        tests=("tests/deploy/test_predict.py", "tests/deploy/test_serve.py", "tests/deploy/test_decision.py",
+        tests=("tests/deploy/test_decision_units.py", "tests/deploy/test_serve.py", "tests/deploy/test_decision.py",
                "tests/test_report.py"),
         functions=_fn("kdad.infer", "stream_predictions")
         + _fn("kdad.evaluate", "display_range", "write_scores_csv", "compute_metrics", "good_images_flagged",
