@@ -166,3 +166,89 @@ def test_stream_predictions_keeps_path_order_and_decides_inclusive(tmp_path: Pat
     assert [r.decision for r, _, _ in rows if not r.error] == [0, 1, 0, 1, 1]
     _, amap, image = rows[1]
     assert amap.shape == (8, 8) and image.shape == (8, 8, 3)
+
+
+def test_good_images_flagged_counts_good_images_with_a_large_enough_region() -> None:
+    from kdad.evaluate import good_images_flagged
+
+    maps = np.zeros((5, 12, 12), np.float32)
+    maps[0, 2:4, 2:4] = 1.0  # good, 4-px region: flagged at min_area 4
+    maps[1, 5, 5] = 1.0  # good, hot pixel: flagged only at min_area 1
+    maps[3, 2:6, 2:6] = 1.0  # defective: never counted
+    labels = np.array([0, 0, 0, 1, 0])
+    p = Predictions(maps.max(axis=(1, 2)), labels, [""] * 5, [""] * 5, maps.mean(axis=(1, 2)), maps)
+    assert good_images_flagged(p, {"pixel": 0.5, "min_area": 4}) == {"rate": 0.25, "n_good": 4, "min_area": 4}
+    assert good_images_flagged(p, {"pixel": 0.5}) == {"rate": 0.5, "n_good": 4, "min_area": 1}
+    assert good_images_flagged(p, {"pixel": 1.0, "min_area": 4})["rate"] == 0.25  # >= threshold
+    assert good_images_flagged(p, {"pixel": None}) is None
+    assert good_images_flagged(Predictions(p.scores, labels, [], [], p.map_means), {"pixel": 0.5}) is None
+    none_good = Predictions(p.scores[3:4], labels[3:4], [""], [""], p.map_means[3:4], maps[3:4])
+    assert good_images_flagged(none_good, {"pixel": 0.5}) == {"rate": None, "n_good": 0, "min_area": 1}
+
+
+class _ChannelModel(torch.nn.Module):
+    """Stand-in model: map = the first channel, score = its maximum."""
+
+    def forward(self, images: torch.Tensor) -> SimpleNamespace:
+        amap = images[:, :1]
+        return SimpleNamespace(anomaly_map=amap, score=amap.amax(dim=(1, 2, 3)))
+
+
+def _normal_items(n: int = 12) -> list[dict]:
+    rng = np.random.default_rng(3)
+    items = []
+    for i in range(n):
+        image = torch.from_numpy(rng.random((3, 16, 16)).astype(np.float32)) * 0.1
+        y, x = rng.integers(0, 10, size=2)
+        image[0, y:y + 4, x:x + 4] += 0.5 + i / n  # one 16-px spot per image, peaks all distinct
+        items.append({"image": image, "label": 0, "path": f"{i}.png", "defect_type": "good",
+                      "mask": torch.zeros(1, 16, 16)})
+    return items
+
+
+def test_thresholds_from_normals_region_and_quantile_rules() -> None:
+    import dataclasses
+
+    from kdad.config import TrainConfig
+    from kdad.errors import ConfigError
+    from kdad.evaluate import predict, thresholds_from_normals
+    from kdad.thresholds import (image_threshold_from_validation, pixel_threshold_for_region_rate,
+                                 pixel_threshold_from_validation)
+
+    items, model, cpu = _normal_items(), _ChannelModel(), torch.device("cpu")
+    pred = predict(model, items, cpu)
+    tc = dataclasses.replace(TrainConfig(), threshold_quantile=0.9, pixel_region_rate=0.25, pixel_min_area=9,
+                             pixel_threshold_quantile=0.95, eval_batch_size=5)
+    thr, display = thresholds_from_normals(model, items, cpu, tc)
+    assert thr.image == image_threshold_from_validation(pred.scores, None, 0.9)
+    assert thr.pixel == pixel_threshold_for_region_rate(pred.maps, 0.25, 9)
+    assert thr.min_area == 9
+    assert thr.source == ("image: 0.9 quantile of 12 normal scores; pixel: at most 0.25 of those images with a "
+                          "region of >= 9 px flagged (measured 0.250)")
+    assert display == display_range(thr.pixel, pred.maps)
+    thr, display = thresholds_from_normals(model, items, cpu, dataclasses.replace(tc, pixel_threshold_rule="quantile"))
+    assert thr.pixel == pixel_threshold_from_validation(pred.maps, None, 0.95)
+    assert (thr.image, thr.min_area) == (image_threshold_from_validation(pred.scores, None, 0.9), 1)
+    assert thr.source == "normal-image quantiles (0.9, 0.95) over 12 images"
+    assert display == display_range(thr.pixel, pred.maps)
+    with pytest.raises(ConfigError, match="^train.pixel_threshold_rule: 'x' is not 'region' or 'quantile'"):
+        thresholds_from_normals(model, items, cpu, dataclasses.replace(tc, pixel_threshold_rule="x"))
+
+
+def test_model_info_reports_the_stored_decision_rule() -> None:
+    from kdad import __version__
+    from kdad.export import input_contract
+    from kdad.serve.app import ACCEPTED_FORMATS, Limits, model_info
+
+    runner = _runner(image_size=32, vmin=0.1, vmax=0.9)
+    runner.info = lambda: {"method": "rd"}
+    limits = Limits(max_upload_mb=1.0, max_megapixels=2.0, max_batch_files=3)
+    info = model_info(runner, limits)
+    assert info["method"] == "rd" and info["input_contract"] == input_contract(32)
+    assert (info["image_threshold"], info["pixel_threshold"]) == (0.7, 0.5)
+    assert info["display"] == {"vmin": 0.1, "vmax": 0.9}
+    assert info["limits"] == {"max_upload_mb": 1.0, "max_megapixels": 2.0, "max_batch_files": 3}
+    assert info["accepted_formats"] == list(ACCEPTED_FORMATS) and info["kdad_version"] == __version__
+    assert info["score"] == "raw image score = max of the anomaly map; decision = score >= threshold"
+    runner.info = lambda: {"input_contract": "own"}
+    assert model_info(runner, limits)["input_contract"] == "own"
