@@ -379,3 +379,54 @@ def test_region_labelling_is_eight_connected_and_per_image() -> None:
     assert regions.n_regions == 2
     assert sorted(np.round(regions.weights * 2, 6)) == [0.5, 0.5, 1.0]
     assert ndimage.label(masks[0], np.ones((3, 3)))[1] == 1
+
+
+# Edge cases found by mutation testing (benchmarks/mutation.py): undefined metrics name themselves.
+
+
+def _metric_warnings(fn, *args, **kw):  # noqa: ANN001, ANN202 - a tiny local helper
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    return out, [w for w in caught if issubclass(w.category, M.MetricWarning)]
+
+
+def test_undefined_metrics_warn_under_their_own_name() -> None:
+    one_class = ([0.1, 0.2, 0.3], [0, 0, 0])
+    no_defect = (np.zeros((1, 4, 4)), np.zeros((1, 4, 4)))
+    for name, fn, args in [("image_auroc", M.image_auroc, one_class), ("image_ap", M.image_ap, one_class),
+                           ("image_f1_max", M.image_f1_max, one_class), ("f1_max", M.f1_max, one_class),
+                           ("pixel_auroc", M.pixel_auroc, no_defect), ("pixel_ap", M.pixel_ap, no_defect),
+                           ("pixel_f1_max", M.pixel_f1_max, no_defect)]:
+        out, caught = _metric_warnings(fn, *args)
+        assert np.isnan(out if np.isscalar(out) else out[0]), name
+        assert [str(w.message).split(" is undefined")[0] for w in caught] == [name], name
+
+
+def test_image_f1_max_is_f1_max_on_images() -> None:
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 1, 0, 1]
+    assert M.image_f1_max(scores, labels) == M.f1_max(scores, labels) == (1.0, 0.4)
+
+
+def test_evaluate_maps_names_each_undefined_metric_and_points_at_the_caller() -> None:
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    masks = np.zeros((2, 4, 4), bool)
+    masks[1, :2, :2] = True
+    out, caught = _metric_warnings(M.evaluate_maps, maps, masks, None, [0, 0])
+    assert [str(w.message).split(" is undefined")[0] for w in caught] == ["image_auroc", "image_ap", "image_f1_max"]
+    assert np.isfinite(out["pixel_auroc"])
+    out, caught = _metric_warnings(M.evaluate_maps, maps, np.ones((2, 4, 4)), None, [1, 1])
+    names = [str(w.message).split(" is undefined")[0] for w in caught]
+    assert names == ["image_auroc", "pixel_auroc", "au_pro"] and np.isnan(out["au_pro"])
+    out, caught = _metric_warnings(M.evaluate_maps, maps, np.zeros((2, 4, 4)), None, [0, 1])
+    assert [str(w.message) for w in caught] == ["no mask has a defect pixel: pixel metrics skipped (nan)"]
+    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller's line
+    assert all(np.isnan(out[k]) for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "au_pro"))
+
+
+def test_evaluate_maps_errors_name_the_culprit() -> None:
+    maps, masks = np.zeros((2, 4, 4)), np.zeros((2, 4, 4))
+    with pytest.raises(ValueError, match=r"^3 image scores/labels for 2 maps$"):
+        M.evaluate_maps(maps, masks, [0.1, 0.2, 0.3], [0, 1, 0])
+    with pytest.raises(ConfigError, match="^pro_limit must be in"):
+        M.evaluate_maps(maps, masks, None, [0, 1], pro_limit=0.0)
