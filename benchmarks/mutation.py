@@ -157,6 +157,12 @@ def changed_lines(diff: str) -> tuple[list[str], list[str], int | None]:
     return old, new, first
 
 
+def changed_only(diff: str) -> str:
+    """The hunk headers and changed lines of a unified diff (its context lines make the report large)."""
+    return "\n".join(r for r in diff.splitlines() if r.startswith(("@@", "-", "+")) and not
+                     r.startswith(("---", "+++")))
+
+
 def function_start(path: Path, qualname: str) -> int | None:
     """First line (decorators included) of function ``qualname`` (``f`` or ``Class.f``) in ``path``."""
     body = ast.parse(path.read_text()).body
@@ -269,7 +275,7 @@ def collect(group: Group, work: Path) -> tuple[dict[str, dict[str, int]], list[d
         start = function_start(path, fn)
         where = f"{path.relative_to(ROOT)}:{start + rel - 1 if start and rel else '?'}"
         survivors.append({"mutant": mutant, "status": statuses[mutant], "location": where,
-                          "key": stable_key(module, fn, old, new), "diff": diff.strip()})
+                          "key": stable_key(module, fn, old, new), "diff": changed_only(diff)})
     return modules, survivors
 
 
