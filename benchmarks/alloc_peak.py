@@ -13,19 +13,14 @@ a little higher. Usage (anomalib importable, e.g. from .venv-anomalib):
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import sys
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
-from torch.profiler import ProfilerActivity, profile
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from vs_anomalib import (  # the sibling benchmark holds the builders
+from _common import metadata, write_json
+from _speed import (
     HAVE_ANOMALIB,
     SIZE,
     anomalib_train_fn,
@@ -34,6 +29,8 @@ from vs_anomalib import (  # the sibling benchmark holds the builders
     engine_step_fn,
     infer_fn,
 )
+from torch import Tensor, nn
+from torch.profiler import ProfilerActivity, profile
 
 from kdad.speed import optimize_for_inference
 
@@ -133,11 +130,10 @@ def main() -> None:
         sys.exit("anomalib is not importable here; see docs/benchmarks.md for the side venv")
     torch.set_num_threads(args.threads)
     out: dict[str, Any] = {
-        "meta": {"date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-                 "torch": torch.__version__, "argv": sys.argv[1:],
-                 "memory": "live tensor bytes from torch.profiler allocation events (CPU): peak growth of one "
-                           "call after a warm-up; total = resident parameters, buffers, gradients and "
-                           "optimizer state + growth (inference rows only). Workspaces are not counted."},
+        "meta": metadata(argv=sys.argv[1:],
+                         memory="live tensor bytes from torch.profiler allocation events (CPU): peak growth of one "
+                                "call after a warm-up; total = resident parameters, buffers, gradients and "
+                                "optimizer state + growth (inference rows only). Workspaces are not counted."),
         "configs": [],
     }
     for spec in args.configs:
@@ -146,9 +142,7 @@ def main() -> None:
         out["configs"].append(measure(method, backbone, args.batch, args.train_batch))
         print(json.dumps(out["configs"][-1], indent=1), flush=True)
     if args.out:
-        tmp = Path(args.out).with_suffix(".tmp")
-        tmp.write_text(json.dumps(out, indent=1) + "\n")
-        tmp.replace(args.out)
+        write_json(args.out, out)
         print(f"wrote {args.out}")
 
 

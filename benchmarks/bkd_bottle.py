@@ -15,7 +15,6 @@ categories listed in --subset (both by default; --test-per-type 0 = full test sp
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import random
@@ -27,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_json
 
 import kdad
 from kdad.checkpoint import load_bundle, model_from_bundle
@@ -158,7 +158,7 @@ def main() -> None:
                  "machine": f"{platform.machine()} {os.cpu_count()} cpus (shared), {args.threads} torch threads",
                  "teacher": "efficientnet_lite0 (random init; weights do not change the cost)",
                  "latency": latency_table(args)}
-        args.out.write_text(json.dumps(table, indent=2))
+        write_json(args.out, table)
         for name, row in table["latency"].items():
             print(f"{name:24s} {row['median_ms']:.1f} ms")
         return
@@ -186,7 +186,7 @@ def main() -> None:
                 row = run_one(method, shots, root, category, args, Path(tmp), extra)
                 row["wall_seconds"] = time.perf_counter() - t0
                 out["runs"].append(row)
-                args.out.write_text(json.dumps(out, indent=2))
+                write_json(args.out, out)
                 print(f"{category:14s} {method}{shots or '':<2}{' ablated' if extra else ''} I-AUROC {row['i_auroc']:.4f} P-AUROC "
                       f"{row['p_auroc']:.4f} I-F1 {row['i_f1_max']:.4f} P-F1 {row['p_f1_max']:.4f} "
                       f"AU-PRO {row['au_pro']:.4f} {row['train_img_per_s']:.2f} img/s "

@@ -17,7 +17,6 @@ Reads ../shared/data (MVTec bottle, MTD). Caveat: a few hundred images seen per 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -28,6 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from _common import write_json
 
 import kdad
 from kdad.checkpoint import load_bundle, model_from_bundle
@@ -173,11 +173,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if "memory" in args.parts:
             out["memory"] = run_memory(args)
-            args.out.write_text(json.dumps(out, indent=2))
+            write_json(args.out, out)
         if "logical" in args.parts:
             row = run_logical(args, Path(tmp))
             out["runs"].append(row)
-            args.out.write_text(json.dumps(out, indent=2))
+            write_json(args.out, out)
             for name, m in row["per_student"].items():
                 print(f"logical toy  {name:8s} I-AUROC logical {m['image_auroc_logical']:.3f} structural "
                       f"{m['image_auroc_structural']:.3f}  AU-sPRO@0.05 logical {m['au_spro_logical@0.05']:.3f} "
@@ -187,7 +187,7 @@ def main() -> None:
                 for method in args.methods:
                     row = run_mvtec(method, category, args, Path(tmp))
                     out["runs"].append(row)
-                    args.out.write_text(json.dumps(out, indent=2))
+                    write_json(args.out, out)
                     print(f"{category:14s} {method:5s} I-AUROC {row['i_auroc']:.4f} P-AUROC {row['p_auroc']:.4f} "
                           f"AU-PRO {row['au_pro']:.4f}  {row['train_seconds']:.0f} s train "
                           f"{row['wall_seconds']:.0f} s total", flush=True)

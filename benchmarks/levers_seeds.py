@@ -12,23 +12,13 @@ Run:  python benchmarks/levers_seeds.py [--seeds 111 112 113 114 115]
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from rd_family import run_one
-
-from kdad.checkpoint import atomic_write_text
+from _common import RESULTS, metadata, run_one, write_json
 
 KEYS = ("image_auroc", "pixel_auroc", "au_pro")
 
@@ -48,14 +38,13 @@ def main() -> None:
     p.add_argument("--categories", nargs="+", default=["bottle", "magnetic_tile"])
     p.add_argument("--iters", type=int, default=40)
     p.add_argument("--batch", type=int, default=8)
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "levers_seeds.json"))
+    p.add_argument("--out", default=str(RESULTS / "levers_seeds.json"))
     args = p.parse_args()
     torch.set_num_threads(2)
-    result: dict[str, Any] = {"meta": {
-        "question": "do channels_last + fused optimizer change RD's metrics beyond seed-to-seed variation?",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "torch": torch.__version__,
-        "budget": f"{args.iters} steps x {args.batch} images, efficientnet_lite0, 256 px, CPU",
-        "protocol": "rd_family.py's: last step kept, thresholds from 10% held-out normals"}, "categories": {}}
+    result: dict[str, Any] = {"meta": metadata(
+        question="do channels_last + fused optimizer change RD's metrics beyond seed-to-seed variation?",
+        budget=f"{args.iters} steps x {args.batch} images, efficientnet_lite0, 256 px, CPU",
+        protocol="rd_family.py's: last step kept, thresholds from 10% held-out normals"), "categories": {}}
     for cat in args.categories:
         runs = []
         for seed in args.seeds:
@@ -73,7 +62,7 @@ def main() -> None:
                           "on_higher_lower_tied": [sum(x > 0 for x in diffs), sum(x < 0 for x in diffs),
                                                    sum(x == 0 for x in diffs)]}
         result["categories"][cat] = {"runs": runs, "summary": summary}
-        atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+        write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -21,6 +21,11 @@ HEADER = """# Benchmarks
 _Generated from the JSON files in `benchmarks/results/`; rerun `python benchmarks/make_benchmarks_doc.py`
 after a benchmark. Every number below comes from one of those files, named above its table._
 
+Every script writes its file through `benchmarks/_common.py`, whose `meta` records the command line, the git
+commit, the machine (CPU model and flags such as `amx_bf16` / `avx512_bf16`), the thread count, the load average
+at start and end, and the torch and kdad versions. Files made before that say `command: unknown`, or give the
+command rebuilt from the `argv` they stored.
+
 ## Reading the CPU numbers
 
 `vs_anomalib_cpu_quiet*.json` and `methods_speed_cpu.json` were measured on the 2-core machine with nothing else

@@ -19,18 +19,13 @@ import os
 import platform
 import subprocess
 import sys
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import torch
+from _common import ROOT, metadata, write_json
+from _speed import engine_step_fn, infer_fn, interleaved, memory_cuda, peak_rss_mb, rss_mb
 from torch import nn
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "benchmarks"))
-
-from vs_anomalib import engine_step_fn, infer_fn, interleaved, loadavg, peak_rss_mb, rss_mb
 
 from kdad.config import from_dict
 from kdad.methods import METHODS, get_method
@@ -77,8 +72,6 @@ def memory_probe(method: str, teacher: str, batch: int) -> dict[str, float]:
 
 def memory(method: str, teacher: str, batch: int, dev: torch.device, model: nn.Module) -> dict[str, Any]:
     if dev.type == "cuda":
-        from vs_anomalib import memory_cuda
-
         return memory_cuda(infer_fn(model), torch.rand(batch, 3, SIZE, SIZE, device=dev))
     cmd = [sys.executable, __file__, "--memory-probe", method, teacher, str(batch)]
     try:
@@ -175,19 +168,17 @@ def main() -> None:
     args.batches = args.batches or ([1, 16] if dev.type == "cpu" else [16, 64])
     methods = args.methods or [m for m in sorted(METHODS) if m not in PEERED]
     out_path = Path(args.out)
-    result: dict[str, Any] = {"meta": {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "argv": sys.argv[1:], "device": str(dev),
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
-        "cpu_threads": torch.get_num_threads(), "torch": torch.__version__, "loadavg_start": loadavg(),
-        "weights": "random (speed does not depend on them)", "timing": "median over interleaved rounds",
-        "train_heap_allocator": True,
-    }, "rows": []}
+    result: dict[str, Any] = {"meta": metadata(
+        argv=sys.argv[1:], device=str(dev),
+        device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or platform.machine(),
+        cpu_threads=torch.get_num_threads(),
+        weights="random (speed does not depend on them)", timing="median over interleaved rounds",
+        train_heap_allocator=True,
+    ), "rows": []}
     for teacher in args.teachers:
         for method in methods:
             result["rows"].append(bench(method, teacher, dev, args))
-            result["meta"]["loadavg_end"] = loadavg()
-            out_path.parent.mkdir(parents=True, exist_ok=True)
-            out_path.write_text(json.dumps(result, indent=1) + "\n")
+            write_json(out_path, result)
     print(f"wrote {out_path}", flush=True)
 
 

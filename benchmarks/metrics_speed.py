@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+from _common import write_json
 from scipy import ndimage
 
 LIMIT = 0.3
@@ -238,7 +239,7 @@ def main(args: argparse.Namespace) -> None:
         "targets": {"per_threshold_over_kdad_at_least": 10, "anomalib_exact_over_kdad_at_least": 1},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    write_json(args.out, report)
     print(json.dumps(speedups, indent=2))
 
 

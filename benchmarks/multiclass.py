@@ -19,7 +19,6 @@ Results are written after every run to benchmarks/results/multiclass.json, so a 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -29,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from _common import write_json
 
 import kdad
 from kdad.config import load_config
@@ -171,7 +171,7 @@ def main() -> None:
             row["wall_seconds"] = time.perf_counter() - t0
             out["runs"].append(row)
             out["table"] = summarize(out["runs"], categories)
-            args.out.write_text(json.dumps(out, indent=2))
+            write_json(args.out, out)
             print(f"{name:22s} {row['wall_seconds']:6.0f} s  " + "  ".join(
                 f"{c}: {v['image_auroc']:.3f}" for c, v in row["per_category"].items()), flush=True)
     print_table(out["table"], categories)

@@ -58,8 +58,8 @@ def _fn(module: str, *names: str) -> tuple[str, ...]:
     return tuple(f"{module}.x_{n}__mutmut_*" for n in names)
 
 
-# The decision code (thresholds, `score >= threshold` in infer/serve, threshold use in evaluate) may move to
-# kdad/deploy/: update `files` and `functions` here when it does.
+# The decision rule (score >= threshold, the defect mask, the display range) lives in kdad/deploy/postprocess.py;
+# its callers keep a few decision functions (batch streaming, evaluate's helpers, the service's result).
 GROUPS: dict[str, Group] = {
     "metrics": Group(
         files=("src/kdad/metrics/__init__.py", "src/kdad/metrics/_core.py", "src/kdad/metrics/classification.py",
@@ -77,14 +77,17 @@ GROUPS: dict[str, Group] = {
         tests=("tests/test_thresholds.py",),
     ),
     "decision": Group(
-        files=("src/kdad/infer.py", "src/kdad/evaluate.py", "src/kdad/serve/app.py"),
+        files=("src/kdad/deploy/postprocess.py", "src/kdad/deploy/batch.py", "src/kdad/evaluate.py",
+               "src/kdad/deploy/serve/app.py"),
         tests=("tests/deploy/test_decision_units.py", "tests/deploy/test_serve.py", "tests/deploy/test_decision.py",
                "tests/test_report.py"),
-        functions=_fn("kdad.infer", "stream_predictions")
+        functions=("kdad.deploy.postprocess.*",)
+        + _fn("kdad.deploy.batch", "stream_predictions")
         + _fn("kdad.evaluate", "display_range", "write_scores_csv", "compute_metrics", "good_images_flagged",
               "_mean_metrics", "thresholds_from_normals")
-        + _fn("kdad.serve.app", "result_dict", "model_info"),
-        note="the decision and post-processing functions only (file I/O, upload limits and routes are not mutated)",
+        + _fn("kdad.deploy.serve.app", "result_dict", "model_info"),
+        note="postprocess.py whole; elsewhere the decision and post-processing functions only (file I/O, upload "
+             "limits and routes are not mutated)",
     ),
     "checkpoint_resume": Group(
         files=("src/kdad/checkpoint.py", "src/kdad/train.py"),
@@ -104,10 +107,10 @@ GROUPS: dict[str, Group] = {
     "method_losses": Group(
         files=("src/kdad/methods/rd.py", "src/kdad/methods/rdpp.py", "src/kdad/methods/urd.py",
                "src/kdad/methods/snl.py", "src/kdad/methods/dskd.py", "src/kdad/methods/bkd.py",
-               "src/kdad/methods/cfrg.py"),
+               "src/kdad/methods/cfrg.py", "src/kdad/methods/patchst.py"),
         tests=("tests/methods/test_rd.py", "tests/methods/test_rdpp.py", "tests/methods/test_urd.py",
                "tests/methods/test_snl.py", "tests/methods/test_dskd.py", "tests/methods/test_bkd.py",
-               "tests/methods/test_cfrg.py"),
+               "tests/methods/test_cfrg.py", "tests/methods/test_patchst.py"),
         functions=_fn("kdad.methods.rd", "rd_loss")
         + _fn("kdad.methods.rdpp", "contrast_loss", "_ot_eps", "sinkhorn_divergence", "ssot_loss")
         + _fn("kdad.methods.urd", "layer_masks", "teacher_loss", "student_loss")
@@ -117,7 +120,8 @@ GROUPS: dict[str, Group] = {
         + _fn("kdad.methods.dskd", "_student_lse", "contextual_affinity_map", "contextual_affinity_loss",
               "student_loss")
         + _fn("kdad.methods.bkd", "feature_loss", "bkd_loss")
-        + _fn("kdad.methods.cfrg", "discrepancy_loss", "segmentation_loss", "recovery_loss"),
+        + _fn("kdad.methods.cfrg", "discrepancy_loss", "segmentation_loss", "recovery_loss")
+        + _fn("kdad.methods.patchst", "hard_mse"),
         note="the loss functions only; STFPM's loss is normalized_l2_loss in blocks/losses.py (group maps_losses)",
     ),
 }

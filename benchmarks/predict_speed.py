@@ -12,25 +12,16 @@ Run:  python benchmarks/predict_speed.py [--out benchmarks/results/predict_speed
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
-import sys
 import tempfile
 import time
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from _common import CATEGORIES, RESULTS, metadata, write_json
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-SHARED = Path(os.environ.get("KDAD_SHARED", ROOT.parent / "shared" / "data"))
-
-from kdad.checkpoint import atomic_write_text
 from kdad.config import load_config
 from kdad.export import export_onnx
 from kdad.infer import expand_inputs, stream_predictions
@@ -61,17 +52,15 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--options", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
-    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predict_speed_cpu.json"))
+    p.add_argument("--out", default=str(RESULTS / "predict_speed_cpu.json"))
     args = p.parse_args()
     torch.set_num_threads(args.threads)
-    root = SHARED / "mvtec_ad" / "bottle"
+    root = CATEGORIES["bottle"]
     paths = expand_inputs([str(root / "test")])
-    result: dict[str, Any] = {"meta": {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": args.device, "torch": torch.__version__,
-        "machine": platform.machine(), "threads": args.threads, "loadavg_start": [round(v, 2) for v in os.getloadavg()],
-        "images": len(paths), "batch": args.batch, "workers": args.workers, "repeats": args.repeats,
-        "model": "rd, efficientnet_lite0, 256 px, 10 training steps on bottle",
-        "timing": "wall time of stream_predictions over all images (decode + resize + model + scores), median"},
+    result: dict[str, Any] = {"meta": metadata(
+        device=args.device, images=len(paths), batch=args.batch, workers=args.workers, repeats=args.repeats,
+        model="rd, efficientnet_lite0, 256 px, 10 training steps on bottle",
+        timing="wall time of stream_predictions over all images (decode + resize + model + scores), median"),
         "options": {}}
     with tempfile.TemporaryDirectory() as tmp:
         cfg = load_config("rd_cpu", [], [f"data.root={root}", "train.max_iters=10", "train.progress=false",
@@ -91,8 +80,7 @@ def main() -> None:
                 "samples_s": [round(t, 3) for t in times],
                 "max_abs_score_diff_vs_exact": float(np.abs(scores - ref).max())}
             print(name, result["options"][name], flush=True)
-    result["meta"]["loadavg_end"] = [round(v, 2) for v in os.getloadavg()]
-    atomic_write_text(args.out, json.dumps(result, indent=1) + "\n")
+    write_json(args.out, result)
     print(f"wrote {args.out}")
 
 

@@ -14,19 +14,17 @@ import argparse
 import json
 import time
 from datetime import UTC, datetime
-from pathlib import Path
 
+import _common as quality_split  # the split logic and data paths live in _common
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from kdad.blocks.maps import GaussianBlur
 from kdad.blocks.teachers import build_encoder
-from kdad.data.factory import build_dataset
 from kdad.config import DataConfig
+from kdad.data.factory import build_dataset
 from kdad.evaluate import Predictions, compute_metrics
-
-import quality_split
 
 
 @torch.inference_mode()
@@ -97,7 +95,7 @@ def main() -> None:
             runs.append(r)
     meta = {"question": "the no-training kNN bar on frozen Lite0 layers 2-3 (3x3 pooled, 40k patches)",
             "date": datetime.now(UTC).isoformat(timespec="seconds"), "split_seed": quality_split.SPLIT_SEED}
-    Path(args.out).write_text(json.dumps({**meta, "runs": runs}, indent=1))
+    quality_split.write_json(args.out, {**meta, "meta": quality_split.metadata(), "runs": runs})
 
 
 if __name__ == "__main__":

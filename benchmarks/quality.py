@@ -1,5 +1,5 @@
 """Quality study cells through the real engine: `fit` with a preset (+ overrides), then metrics on the selection
-and report halves of the test split (benchmarks/quality_split.py). Appends one row per (cell, category, seed)
+and report halves of the test split (benchmarks/_common.py). Appends one row per (cell, category, seed)
 to the JSON file after every run, so an interrupted study keeps what it finished.
 
 Run: python benchmarks/quality.py --cell stfpm_cpu --categories magnetic_tile bottle --seeds 0 1 2 [--threads 1]
@@ -13,24 +13,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import _common as quality_split  # the split logic and data paths live in _common
 import torch
 
-import kdad
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.factory import build_dataset
 from kdad.evaluate import Predictions, compute_metrics, good_images_flagged, predict
 from kdad.speed import cpu_has_fast_bf16
 from kdad.train import fit
-
-import quality_split
 
 KEYS = ("image_auroc", "pixel_auroc", "au_pro")
 
@@ -96,9 +91,7 @@ def main() -> None:
         "question": "which CPU recipe finds the defects: each cell through fit, metrics on the selection and "
                     "report halves of the test split (quality_split.SPLIT_SEED), several seeds",
         "split_seed": quality_split.SPLIT_SEED, "runs": []}
-    meta = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "kdad": kdad.__version__,
-            "torch": torch.__version__, "machine": f"{platform.machine()} {os.cpu_count()} cpus",
-            "threads": args.threads, "cpu_fast_bf16": cpu_has_fast_bf16()}
+    meta = quality_split.metadata(threads=args.threads, cpu_fast_bf16=cpu_has_fast_bf16())
     with tempfile.TemporaryDirectory() as tmp:
         for text in args.cell:
             name, preset, overrides = parse_cell(text)

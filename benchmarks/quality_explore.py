@@ -13,23 +13,21 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
+import _common as quality_split  # the split logic and data paths live in _common
 import torch
 import yaml
 
+from kdad.blocks.losses import normalized_l2_loss
+from kdad.blocks.maps import pool_features
 from kdad.config import DataConfig, RunConfig, TrainConfig, method_config
 from kdad.data.factory import build_dataset
 from kdad.evaluate import compute_metrics, predict
 from kdad.methods import get_method
-from kdad.seed import seed_everything
-from kdad.blocks.losses import normalized_l2_loss
-from kdad.blocks.maps import pool_features
 from kdad.methods.base import optimizer_step
 from kdad.methods.rd import rd_loss
+from kdad.seed import seed_everything
 from kdad.speed import heap_allocator, prepare_training
 from kdad.train import _texture_bank
-
-import quality_split
 
 
 def _stack(ds: Any) -> torch.Tensor:
@@ -39,8 +37,8 @@ def _stack(ds: Any) -> torch.Tensor:
 @torch.inference_mode()
 def score_variants(model: Any, ds: Any) -> dict[str, float]:
     """Image AUROC of alternative map recipes on the same teacher/student features (diagnostics only)."""
-    from sklearn.metrics import roc_auc_score
     import torch.nn.functional as F
+    from sklearn.metrics import roc_auc_score
 
     from kdad.blocks.maps import GaussianBlur, cosine_distance
 
@@ -158,7 +156,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 curve.append(row)
     if args.out:
-        Path(args.out).write_text(json.dumps({"args": vars(args), "curve": curve}, indent=1))
+        Path(args.out).write_text(json.dumps({"meta": quality_split.metadata(), "args": vars(args), "curve": curve}, indent=1))
 
 
 if __name__ == "__main__":

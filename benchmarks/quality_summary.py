@@ -23,7 +23,7 @@ def main() -> None:
     groups: dict[tuple[str, str], list[dict]] = defaultdict(list)
     for r in json.loads(Path(args.file).read_text())["runs"]:
         groups[(r["cell"], r["category"])].append(r)
-    print(f"| cell | category | seeds | train min (1 core) | image AUROC | pixel AUROC | AU-PRO | good images flagged |")
+    print("| cell | category | seeds | train min (1 core) | image AUROC | pixel AUROC | AU-PRO | good images flagged |")
     print("|---|---|---|---|---|---|---|---|")
     for (cell, cat), rows in sorted(groups.items()):
         def fmt(vals: list[float]) -> str:

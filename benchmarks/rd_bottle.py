@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 
 import torch
+from _common import write_json
 
-from kdad.checkpoint import atomic_write_text, load_bundle, model_from_bundle
+from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.mvtec import MVTecDataset
 from kdad.evaluate import compute_metrics, predict
@@ -67,7 +68,7 @@ def main() -> None:
         "note": "last epoch kept; thresholds from 10% held-out training normals; no test-set selection",
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out, json.dumps(result, indent=2))
+    write_json(args.out, result)
     print(json.dumps(result, indent=2))
 
 

@@ -13,17 +13,16 @@ Reads ../shared/data (MVTec bottle train images if present, DTD textures); falls
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 import torch
+from _common import write_json
 from PIL import Image
 
 import kdad
@@ -171,12 +170,7 @@ def main() -> None:
         "verdict_basis": "per kind the faster thread setting's median, then the slowest kind",
         "verdict": verdict(slowest),
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=args.out.parent, prefix=".synthesis_speed.", suffix=".tmp")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(report, fh, indent=2)
-        fh.write("\n")
-    os.replace(tmp, args.out)
+    write_json(args.out, report)
     print(report["verdict"])
     print(f"wrote {args.out}")
 

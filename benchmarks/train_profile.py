@@ -12,25 +12,17 @@ Run:  .venv-anomalib/bin/python benchmarks/train_profile.py --device cuda --out 
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import torch
+from _common import ROOT, metadata, write_json
+from _speed import HAVE_ANOMALIB, anomalib_train_fn, kdad_train_fn, sync
 from torch import Tensor
 from torch.profiler import ProfilerActivity, profile
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "benchmarks"))
-sys.path.insert(0, str(ROOT / "src"))
-
-from vs_anomalib import HAVE_ANOMALIB, anomalib_train_fn, kdad_train_fn, sync
 
 
 def _dev_time(e: Any) -> float:
@@ -110,12 +102,11 @@ def main() -> None:
                                                                       compile=True)
     if HAVE_ANOMALIB:
         variants = {"anomalib": lambda: anomalib_train_fn("rd", args.backbone, dev), **variants}
-    out: dict[str, Any] = {"meta": {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "device": str(dev), "torch": torch.__version__,
-        "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
-        "method": "rd", "backbone": args.backbone, "batch": args.batch, "steps": args.steps,
-        "anomalib": __import__("anomalib").__version__ if HAVE_ANOMALIB else None,
-        "ms_per_step": "per kernel (GPU time) or per operator (self CPU time), summed over calls"}, "variants": {}}
+    out: dict[str, Any] = {"meta": metadata(
+        device=str(dev), device_name=torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.machine(),
+        method="rd", backbone=args.backbone, batch=args.batch, steps=args.steps,
+        anomalib=__import__("anomalib").__version__ if HAVE_ANOMALIB else None,
+        ms_per_step="per kernel (GPU time) or per operator (self CPU time), summed over calls"), "variants": {}}
     x = torch.rand(args.batch, 3, 256, 256, device=dev)
     for name, build in variants.items():
         print(f"== {name}", flush=True)
@@ -126,8 +117,7 @@ def main() -> None:
             out["variants"][name] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         if dev.type == "cuda":
             torch.cuda.empty_cache()
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
+    write_json(args.out, out)
     print(f"wrote {args.out}")
 
 

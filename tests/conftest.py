@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
@@ -20,3 +21,10 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def bottle_dir(shared_dir: Path) -> Path:
     return shared_dir / "data" / "mvtec_ad" / "bottle"
+
+
+@pytest.fixture
+def tiny_batch() -> dict[str, torch.Tensor]:
+    """Two seeded random 64 px images with empty masks: enough for one train_step of any method on CPU."""
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    return {"image": images, "mask": torch.zeros(2, 1, 64, 64)}

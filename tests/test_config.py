@@ -81,3 +81,45 @@ def test_set_overrides_reach_the_resolved_config_and_the_model() -> None:
     assert model.head.blur.sigma == 2.5 and model.encoder.channels == [64, 128, 256]
     group = spec.optimizers(model, mcfg)["student"].param_groups[0]
     assert group["lr"] == 0.002 and tuple(group["betas"]) == (0.9, 0.99)
+
+
+@pytest.mark.parametrize(("override", "key", "choices"), [
+    ("train.select=best", "train.select", "'last', 'val_map_mean'"),
+    ("train.amp_dtype=fp8", "train.amp_dtype", "'bf16', 'fp16'"),
+    ("train.pixel_threshold_rule=max", "train.pixel_threshold_rule", "'region', 'quantile'"),
+    ("data.format=mvtech", "data.format", "'mvtec', 'loco', 'folder'"),
+    ("model.fuse=max", "model.fuse", "'sum', 'mul'"),
+])
+def test_fixed_choice_keys_name_the_key_and_the_choices(override: str, key: str, choices: str) -> None:
+    """A typo in a fixed-choice key is a ConfigError at load time, never a silent default or a raw ValueError."""
+    with pytest.raises(ConfigError) as e:
+        load_config("rd_cpu", None, [override])
+    assert key in str(e.value) and choices in str(e.value)
+
+
+def test_one_format_registry() -> None:
+    """data.format, the loaders' error, `kdad data check` and docs/datasets.md all read kdad.formats."""
+    import typing
+    from pathlib import Path
+
+    from kdad.config import DataConfig
+    from kdad.data import check
+    from kdad.formats import CHECKED_FORMATS, FORMATS, DataFormat
+
+    assert typing.get_args(DataFormat) == tuple(FORMATS)
+    assert typing.get_type_hints(DataConfig)["format"] == DataFormat
+    assert check.FORMATS == CHECKED_FORMATS
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "datasets.md").read_text()
+    missing = [name for name in FORMATS if f"`{name}`" not in docs]
+    assert missing == [], f"docs/datasets.md does not describe {missing}"
+
+
+def test_a_stored_config_with_a_removed_key_still_loads() -> None:
+    from kdad.config import build_config, to_dict
+
+    stored = to_dict(load_config("rd_cpu"))
+    stored["train"]["select_on_test"] = False  # written by kdad before the key was removed
+    assert to_dict(build_config(stored)) == to_dict(load_config("rd_cpu"))
+    stored["train"]["select_on_test"] = True
+    with pytest.raises(ConfigError, match="select_on_test"):
+        build_config(stored)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from kdad import speed
+from kdad import hardware
 
 
 def _cpuinfo(tmp_path: Path, flags: str) -> str:
@@ -17,17 +17,17 @@ def _cpuinfo(tmp_path: Path, flags: str) -> str:
 
 
 def test_cpu_bf16_flags(tmp_path: Path) -> None:
-    assert speed.cpu_has_fast_bf16(_cpuinfo(tmp_path, "fpu sse avx avx2 fma")) is False
-    assert speed.cpu_has_fast_bf16(_cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")) is True
-    assert speed.cpu_has_fast_bf16(_cpuinfo(tmp_path, "avx2 amx_bf16 amx_tile")) is True
-    assert speed.cpu_has_fast_bf16(str(tmp_path / "missing")) is None
+    assert hardware.cpu_has_fast_bf16(_cpuinfo(tmp_path, "fpu sse avx avx2 fma")) is False
+    assert hardware.cpu_has_fast_bf16(_cpuinfo(tmp_path, "avx2 avx512f avx512_bf16")) is True
+    assert hardware.cpu_has_fast_bf16(_cpuinfo(tmp_path, "avx2 amx_bf16 amx_tile")) is True
+    assert hardware.cpu_has_fast_bf16(str(tmp_path / "missing")) is None
 
 
 def test_warning_names_the_option(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(speed, "cpu_has_fast_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: False)
     with pytest.warns(RuntimeWarning, match="train.cpu_bf16=true.*emulated"):
-        speed.warn_if_slow_cpu_bf16("train.cpu_bf16=true")
-    monkeypatch.setattr(speed, "cpu_has_fast_bf16", lambda: True)
+        hardware.warn_if_slow_cpu_bf16("train.cpu_bf16=true")
+    monkeypatch.setattr(hardware, "cpu_has_fast_bf16", lambda: True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        speed.warn_if_slow_cpu_bf16("train.cpu_bf16=true")
+        hardware.warn_if_slow_cpu_bf16("train.cpu_bf16=true")

@@ -7,7 +7,6 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from torch.utils.data import DataLoader
 
 from kdad.cli import main
 from kdad.config import load_config

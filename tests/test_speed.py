@@ -109,7 +109,7 @@ def test_fold_batchnorm_counts_resnet_pairs() -> None:
 
 def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each fold is checked on its own layer: a wrong one is undone and its BN stays, the others are kept."""
-    from kdad import speed
+    from kdad.deploy import fast as speed  # the fast path lives there (kdad.speed re-exports it)
 
     model, x = _trained("stfpm")
     with torch.inference_mode():
@@ -131,7 +131,7 @@ def test_fold_batchnorm_keeps_a_pair_whose_fold_is_wrong(monkeypatch: pytest.Mon
 
 
 def test_optimize_starts_again_unfolded_when_the_map_moves(monkeypatch: pytest.MonkeyPatch) -> None:
-    from kdad import speed
+    from kdad.deploy import fast as speed
 
     model, x = _trained("rd")
     with torch.inference_mode():
@@ -188,7 +188,8 @@ def test_fused_optimizer_gives_the_same_update(kind: str) -> None:
     def run(fused: bool) -> list[torch.Tensor]:
         torch.manual_seed(0)
         # no conv bias before BN: its gradient is ~0 and Adam's ~sign(grad) step would amplify rounding noise
-        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Conv2d(8, 4, 1))
+        net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8),
+                                  torch.nn.Conv2d(8, 4, 1))
         opt = (torch.optim.Adam(net.parameters(), lr=0.005, betas=(0.5, 0.999)) if kind == "adam" else
                torch.optim.SGD(net.parameters(), lr=0.4, momentum=0.9, weight_decay=1e-3))
         if fused:
@@ -394,7 +395,7 @@ def test_compile_with_frozen_weights_keeps_each_models_weights() -> None:
 
 def test_heap_allocator_switches_and_restores() -> None:
     """On glibc the lever takes effect inside the block, and big allocations work inside and after it."""
-    from kdad.speed import _glibc, heap_allocator
+    from kdad.hardware import _glibc, heap_allocator
 
     with heap_allocator(False) as on:
         assert on is False

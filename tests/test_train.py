@@ -12,9 +12,6 @@ import torch
 
 from kdad.checkpoint import atomic_torch_save, load_bundle, model_from_bundle
 from kdad.cli import main
-from kdad.config import load_config
-
-from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import PRESET_ALIASES, list_presets, load_config
 from kdad.data.demo import make_demo_dataset
 from kdad.errors import ConfigError, KdadError

@@ -8,8 +8,10 @@ import math
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from kdad.errors import KdadError
+from kdad.formats import CHECKED_FORMATS
 
 EPILOG = """Config precedence (lowest to highest): method defaults < --preset < -c FILE (repeatable) < --set KEY=VALUE
 (repeatable, dotted keys such as train.epochs=5 or model.backbone=resnet18). `kdad list` shows methods and presets;
@@ -63,6 +65,12 @@ def _add_runner_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--cuda-graph", action="store_true",
                    help="torch backend with --precision fp32/bf16 on CUDA: replay one captured CUDA graph per "
                         "batch shape (removes kernel-launch overhead at small batches)")
+
+
+def _runner_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The torch-backend speed options of `kdad predict/serve` (--precision, --compile, --cuda-graph)."""
+    return {"precision": getattr(args, "precision", "exact"), "compile": getattr(args, "compile", False),
+            "cuda_graph": getattr(args, "cuda_graph", False)}
 
 
 def _config_from_args(args: argparse.Namespace):  # noqa: ANN202
@@ -122,8 +130,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
 
         for job_cfg, _ in jobs:
             check_splits(job_cfg.data, ["test"])
+    from kdad.distributed import world
+
     for job_cfg, job_dir in jobs:
         fit(job_cfg, job_dir, resume=args.resume)
+        if world()[0] != 0:  # under torchrun rank 0 reports and tests; the other ranks only train
+            continue
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
         if args.test:
             from kdad.evaluate import evaluate_run
@@ -148,7 +160,7 @@ def cmd_test(args: argparse.Namespace) -> int:
     run_dir = run.parent if run.suffix == ".ckpt" else run
     res = evaluate_run(run_dir, data=data, device=args.device or "auto", out_dir=args.out,
                        batch_size=args.batch_size, report=not args.no_report,
-                       checkpoint=run if run.suffix == ".ckpt" else None)
+                       checkpoint=run if run.suffix == ".ckpt" else None, backend=args.backend)
     print(json.dumps(res["metrics"], indent=2))
     print(f"wrote {Path(args.out or run_dir) / 'metrics.json'}")
     return 0
@@ -156,9 +168,11 @@ def cmd_test(args: argparse.Namespace) -> int:
 
 def cmd_predict(args: argparse.Namespace) -> int:
     check_run(args.run)
-    from kdad.predict import run_predict
+    from kdad.deploy.predict import run_predict
 
-    run_predict(args)
+    run_predict(args.run, args.inputs, args.out, args.backend, args.device, args.threshold, args.batch_size,
+                args.workers, overlays=args.overlays, masks=args.masks, progress=getattr(args, "progress", True),
+                max_megapixels=getattr(args, "max_megapixels", None), **_runner_options(args))
     return 0
 
 
@@ -182,11 +196,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     check_run(args.run)
+    from kdad.deploy.runner import make_runner
     from kdad.serve import serve  # first: a missing [serve] extra is reported before the model loads
 
-    from kdad.predict import make_runner, runner_options
-
-    runner = make_runner(args.run, args.backend, args.device, args.threshold, **runner_options(args))
+    runner = make_runner(args.run, args.backend, args.device, args.threshold, **_runner_options(args))
     serve(runner, host=args.host, port=args.port, max_upload_mb=args.max_upload_mb,
           max_megapixels=args.max_megapixels)
     return 0
@@ -209,10 +222,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_synth_gallery(args: argparse.Namespace) -> int:
+    import torch
+
     from kdad.data.factory import build_dataset
     from kdad.synthesis import SynthesisConfig, TextureBank
     from kdad.synthesis.gallery import save_gallery
-    import torch
 
     cfg = _config_from_args(args)
     ds = build_dataset(cfg.data, "train")
@@ -297,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", help="auto, cpu, cuda")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.add_argument("--no-report", action="store_true", help="skip the HTML report")
+    p.add_argument("--backend", choices=["torch", "onnx"], default="torch",
+                   help="torch (the checkpoint, default) or onnx (the exported RUN/model.onnx: same metrics)")
     p.set_defaults(func=cmd_test)
 
     p = sub.add_parser("predict", help="score images: CSV/JSON of scores and decisions, optional overlays")
@@ -358,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     q = data_sub.add_parser("check", help="detect the layout, count images per split and defect type, list problems "
                             "(exit 1 on errors)")
     q.add_argument("path", help="dataset folder or one category folder")
-    q.add_argument("--format", default="auto", choices=["auto", "mvtec", "visa", "btad", "mvtec_ad2", "realiad", "loco"],
+    q.add_argument("--format", default="auto", choices=["auto", *CHECKED_FORMATS],
                    help="layout (default auto: detected)")
     q.add_argument("--category", help="check only this category of a multi-category folder")
     q.add_argument("--split-file", help="VisA split CSV or Real-IAD JSON (or its folder) if not at the released place")

@@ -7,18 +7,21 @@ rejects unknown keys and wrong types with the source, the key path and the valid
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 import warnings
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
+from kdad.formats import DataFormat
+
+AmpDtype = Literal["bf16", "fp16"]
+Select = Literal["last", "val_map_mean"]
+PixelThresholdRule = Literal["region", "quantile"]
 
 
 @dataclass
@@ -26,9 +29,10 @@ class DataConfig:
     """Where the images are and how they are read."""
 
     root: str = ""  # MVTec-layout category folder (train/, test/, ground_truth/)
-    format: str = "mvtec"  # "mvtec" | "folder" | "visa" | "btad" | "mvtec_ad2" | "realiad" (docs/datasets.md)
+    format: DataFormat = "mvtec"  # one of kdad.formats.FORMATS (docs/datasets.md)
     category: str = ""  # name used in reports (defaults to the root's folder name)
-    categories: list[str] = field(default_factory=list)  # multi-class: one model over these (names under root, or paths)
+    # multi-class: one model over these (names under root, or paths)
+    categories: list[str] = field(default_factory=list)
     balanced: bool = True  # multi-class: sample every category equally often whatever its size
     image_size: int = 256  # model input side; with tiling, the tile side
     tiling: bool = False  # read images at native size (or tile_resolution) and cut image_size tiles (docs/tiling.md)
@@ -58,23 +62,26 @@ class TrainConfig:
     seed: int = 111
     device: str = "auto"  # "auto" | "cpu" | "cuda" | "cuda:N"
     amp: bool = True  # autocast on GPU in train.amp_dtype (the *_paper presets set the official codes' precision)
-    amp_dtype: str = "bf16"  # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
+    # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
+    amp_dtype: AmpDtype = "bf16"
     cpu_bf16: bool = False  # bf16 autocast on CPU (AVX-512-BF16: about 2x faster training, see docs/benchmarks.md)
     channels_last: bool = True  # NHWC weights and batches (oneDNN / cuDNN NHWC kernels); same math
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them; same update rule
     compile: bool = False  # torch.compile each top-level submodule; pays 20-60 s of compile time first
     heap_allocator: bool = True  # CPU + glibc: recycle big tensors on the heap while training (kdad.speed)
-    cuda_graph: bool = False  # CUDA: replay each training step as one captured graph (RD, STFPM); drops the last partial batch
+    # CUDA: replay each training step as one captured graph (RD, STFPM); drops the last partial batch
+    cuda_graph: bool = False
+    # under torchrun: BatchNorm statistics over the global batch (N ranks x batch_size), not each rank's own
+    sync_batchnorm: bool = False
     val_fraction: float = 0.0  # normal training images held out for selection and thresholds
-    select: str = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
-    select_on_test: bool = False  # reproduction only: never used unless set, and then reported
+    select: Select = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
     val_every: int = 1  # epochs between held-out evaluations when select != last
     ckpt_every: int = 1  # epochs between checkpoints (last.ckpt is overwritten atomically)
     threshold_quantile: float = 0.99  # image threshold from normal-only validation scores
     pixel_threshold_quantile: float = 0.999  # pixel_threshold_rule "quantile": this quantile of normal pixels
     # "region" (default): the pixel threshold at which at most pixel_region_rate of the held-out normal images
     # show any flagged region of pixel_min_area pixels or more (at image_size); masks drop smaller regions
-    pixel_threshold_rule: str = "region"
+    pixel_threshold_rule: PixelThresholdRule = "region"
     pixel_region_rate: float = 0.05
     pixel_min_area: int = 16
     eval_batch_size: int = 16
@@ -89,99 +96,6 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model: dict[str, Any] = field(default_factory=dict)
-
-
-def _is_dataclass_type(tp: Any) -> bool:
-    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
-
-
-def _coerce(value: Any, tp: Any, where: str) -> Any:
-    """Convert a YAML value to the annotated type, or raise ConfigError naming the key."""
-    origin = typing.get_origin(tp)
-    if tp is Any:
-        return value
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(tp)
-        if value is None and type(None) in args:
-            return None
-        errors = []
-        for a in args:
-            if a is type(None):
-                continue
-            try:
-                return _coerce(value, a, where)
-            except ConfigError as e:
-                errors.append(str(e))
-        raise ConfigError(f"{where}: {value!r} matches none of {tp}")
-    if origin is typing.Literal:
-        if value not in typing.get_args(tp):
-            raise ConfigError(f"{where}: {value!r} is not one of {list(typing.get_args(tp))}")
-        return value
-    if origin in (tuple, list):
-        if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{where}: expected a list, got {value!r}")
-        args = typing.get_args(tp)
-        if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            items = [_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value)]
-        elif origin is tuple and args:
-            if len(args) != len(value):
-                raise ConfigError(f"{where}: expected {len(args)} items, got {len(value)}")
-            items = [_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
-        else:
-            items = [_coerce(v, args[0] if args else Any, f"{where}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple else items
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
-        return dict(value)
-    if _is_dataclass_type(tp):
-        return from_dict(tp, value, where)
-    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if tp is bool and not isinstance(value, bool):
-        raise ConfigError(f"{where}: expected true/false, got {value!r}")
-    if tp is int and (isinstance(value, bool) or not isinstance(value, int)):
-        raise ConfigError(f"{where}: expected an integer, got {value!r}")
-    if tp is str and not isinstance(value, str):
-        raise ConfigError(f"{where}: expected a string, got {value!r}")
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any] | None, where: str = "config") -> Any:
-    """Build dataclass `cls` from a dict, strictly: unknown keys and wrong types raise ConfigError."""
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{where}: expected a mapping, got {data!r}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {names}")
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}") for k, v in data.items()}
-    return cls(**kwargs)
-
-
-def to_dict(obj: Any) -> Any:
-    """Dataclass (nested) -> plain dict/list values that YAML and torch.load(weights_only) accept."""
-    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, (list, tuple)):
-        return [to_dict(v) for v in obj]
-    if isinstance(obj, dict):
-        return {k: to_dict(v) for k, v in obj.items()}
-    return obj
-
-
-def deep_merge(base: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; `new` wins."""
-    out = dict(base)
-    for k, v in new.items():
-        if isinstance(v, dict) and isinstance(out.get(k), dict):
-            out[k] = deep_merge(out[k], v)
-        else:
-            out[k] = v
-    return out
 
 
 def list_presets() -> list[str]:
@@ -245,7 +159,8 @@ def parse_override(item: str) -> dict[str, Any]:
     return out
 
 
-def merged_dict(preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> dict[str, Any]:
+def merged_dict(preset: str | None = None, files: list[str] | None = None,
+                overrides: list[str] | None = None) -> dict[str, Any]:
     """The merged raw config dict (before validation)."""
     data: dict[str, Any] = to_dict(RunConfig())
     if preset:
@@ -257,20 +172,35 @@ def merged_dict(preset: str | None = None, files: list[str] | None = None, overr
     return data
 
 
+# Keys that were removed, with the value they always had: a stored config (a checkpoint, a run's config.yaml)
+# still holding one at that value loads; any other value is refused as an unknown key.
+REMOVED_KEYS: dict[tuple[str, str], Any] = {("train", "select_on_test"): False}
+
+
+def _drop_removed_keys(data: dict[str, Any]) -> dict[str, Any]:
+    out = dict(data)
+    for (section, key), old in REMOVED_KEYS.items():
+        part = out.get(section)
+        if isinstance(part, dict) and key in part and part[key] == old:
+            out[section] = {k: v for k, v in part.items() if k != key}
+    return out
+
+
 def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     """Validate a raw dict into a RunConfig, including the method's own Config."""
     from kdad.methods import get_method
     from kdad.tiling import TileSpec
 
-    cfg: RunConfig = from_dict(RunConfig, data, where)
+    cfg: RunConfig = from_dict(RunConfig, _drop_removed_keys(data), where)
     TileSpec.from_data(cfg.data)  # range checks of the data.tile* keys
     spec = get_method(cfg.method)
-    method_cfg = from_dict(spec.Config, cfg.model, f"{where}.model (method {cfg.method!r})")
+    method_cfg = from_dict(spec.Config, cfg.model, f"{where}: method {cfg.method!r}: model")
     cfg.model = to_dict(method_cfg)
     return cfg
 
 
-def load_config(preset: str | None = None, files: list[str] | None = None, overrides: list[str] | None = None) -> RunConfig:
+def load_config(preset: str | None = None, files: list[str] | None = None,
+                overrides: list[str] | None = None) -> RunConfig:
     """Defaults < preset < files < overrides, validated."""
     return build_config(merged_dict(preset, files, overrides))
 
@@ -280,7 +210,7 @@ def method_config(cfg: RunConfig) -> Any:
     from kdad.methods import get_method
 
     spec = get_method(cfg.method)
-    return from_dict(spec.Config, cfg.model, f"model (method {cfg.method!r})")
+    return from_dict(spec.Config, cfg.model, f"method {cfg.method!r}: model")
 
 
 def dump_yaml(cfg: RunConfig) -> str:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from kdad.config import load_config
 from kdad.data.demo import make_demo_dataset
@@ -38,7 +38,8 @@ def demo_summary(result: dict[str, Any], out: Path, run_dir: Path, data_root: Pa
     return "\n".join(lines)
 
 
-def run_demo(out: Path, kind: str = "object", epochs: int | None = None, device: str = "auto") -> dict:
+def run_demo(out: Path, kind: Literal["texture", "object"] = "object", epochs: int | None = None,
+             device: str = "auto") -> dict:
     """Run the whole pipeline under `out` and return the test result dict."""
     data_root = make_demo_dataset(out / "data" / kind, kind=kind, seed=0)
     overrides = [f"data.root={data_root}", f"train.device={device}"]

@@ -5,103 +5,23 @@ from __future__ import annotations
 import csv
 import io
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
+from torch.utils.data import Dataset
 
-from kdad.checkpoint import atomic_write_text, load_bundle, model_from_bundle
+from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import DataConfig, TrainConfig
 from kdad.data.factory import dataset_parts
+from kdad.deploy import postprocess
+from kdad.deploy.dataset import Predictions, predict
 from kdad.errors import ConfigError
+from kdad.fileio import atomic_write_text
 from kdad.seed import resolve_device
-from kdad.tiling import TileSpec, metric_hw, metric_view, model_forward, stitched_map
-
-
-@dataclass
-class Predictions:
-    """Model outputs over a dataset: maps (N,H,W) float32, scores (N,), labels (N,), masks (N,H,W) bool."""
-
-    scores: np.ndarray
-    labels: np.ndarray
-    paths: list[str]
-    defect_types: list[str]
-    map_means: np.ndarray
-    maps: np.ndarray | None = None
-    masks: np.ndarray | None = None
-    has_mask: np.ndarray | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-
-@torch.inference_mode()
-def predict(model: nn.Module, ds: Dataset, device: torch.device, batch_size: int = 16, keep_maps: bool = True,
-            progress: bool = False, num_workers: int = 0, tiles: TileSpec | None = None) -> Predictions:
-    """Forward every item of `ds`; keep full maps only when asked (they dominate memory).
-
-    tiles: items are whole images at their tiled size; each is cut into tiles and its map stitched
-    (kept maps and masks are brought to one size for metrics, see kdad.tiling.metric_view)."""
-    if tiles is not None:
-        return _predict_tiled(model, ds, device, tiles, batch_size, keep_maps, progress, num_workers)
-    was_training = model.training
-    model.eval()
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False, num_workers=num_workers)
-    scores, labels, means, paths, types, maps, masks, has_mask = [], [], [], [], [], [], [], []
-    for batch in tqdm(loader, desc="predict", leave=False, disable=not progress):
-        out = model(batch["image"].to(device))
-        amap = out.anomaly_map.float()
-        scores.append(out.score.float().cpu().numpy())
-        means.append(amap.mean(dim=(1, 2, 3)).cpu().numpy())
-        labels.append(np.asarray(batch["label"]))
-        paths += list(batch["path"])
-        types += list(batch["defect_type"])
-        if keep_maps:
-            maps.append(amap[:, 0].cpu().numpy().astype(np.float32))
-            masks.append(batch["mask"][:, 0].numpy() > 0.5)
-            has_mask.append(np.asarray(batch.get("has_mask", torch.ones(len(batch["path"]), dtype=torch.bool))))
-    model.train(was_training)
-    return Predictions(
-        scores=np.concatenate(scores), labels=np.concatenate(labels).astype(np.int64), paths=paths,
-        defect_types=types, map_means=np.concatenate(means),
-        maps=np.concatenate(maps) if keep_maps else None, masks=np.concatenate(masks) if keep_maps else None,
-        has_mask=np.concatenate(has_mask).astype(bool) if keep_maps else None,
-    )
-
-
-def _predict_tiled(model: nn.Module, ds: Dataset, device: torch.device, spec: TileSpec, batch_size: int,
-                   keep_maps: bool, progress: bool, num_workers: int) -> Predictions:
-    """predict() over whole images cut into tiles: one image per step (sizes may differ), its tiles in
-    chunks of batch_size; score = max of the full-size stitched map, metric maps at one shared size."""
-    was_training = model.training
-    model.eval()
-    forward = model_forward(model, device)
-    loader = DataLoader(ds, batch_size=None, shuffle=False, num_workers=num_workers)  # items unbatched
-    scores, labels, means, paths, types, maps, masks, has_mask = [], [], [], [], [], [], [], []
-    size: tuple[int, int] | None = None
-    for item in tqdm(loader, desc="predict (tiled)", leave=False, disable=not progress):
-        amap = stitched_map(forward, item["image"], spec, batch_size)
-        scores.append(float(amap.max()))
-        means.append(float(amap.mean()))
-        labels.append(int(item["label"]))
-        paths.append(item["path"])
-        types.append(item["defect_type"])
-        if keep_maps:
-            size = size or metric_hw((int(amap.shape[0]), int(amap.shape[1])), spec)
-            view, gt = metric_view(amap, item["mask"][0].numpy() > 0.5, size)
-            maps.append(view)
-            masks.append(gt)
-            has_mask.append(bool(item.get("has_mask", True)))
-    model.train(was_training)
-    return Predictions(
-        scores=np.asarray(scores, np.float32), labels=np.asarray(labels, np.int64), paths=paths, defect_types=types,
-        map_means=np.asarray(means, np.float32), maps=np.stack(maps) if keep_maps else None,
-        masks=np.stack(masks) if keep_maps else None, has_mask=np.asarray(has_mask, bool) if keep_maps else None,
-        extra={"tiling": {**spec.to_dict(), "metric_map_size": list(size) if size else None}},
-    )
+from kdad.tiling import TileSpec
 
 
 def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig,
@@ -109,8 +29,13 @@ def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device,
     """Image and pixel thresholds from normal images only (quantiles of their scores / pixels), plus the
     overlay colour range. tiles: the images are tiled and stitched (the pixel threshold is then taken over
     the metric-size maps, see docs/tiling.md)."""
-    from kdad.thresholds import (Thresholds, flagged_region_rate, image_threshold_from_validation,
-                                 pixel_threshold_for_region_rate, pixel_threshold_from_validation)
+    from kdad.thresholds import (
+        Thresholds,
+        flagged_region_rate,
+        image_threshold_from_validation,
+        pixel_threshold_for_region_rate,
+        pixel_threshold_from_validation,
+    )
 
     pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
     assert pred.maps is not None
@@ -132,20 +57,21 @@ def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device,
 
 
 def display_range(pixel_threshold: float, maps: np.ndarray | None = None) -> dict[str, float]:
-    """A fixed colour range for overlays: [median normal pixel, 2 * threshold - median]."""
-    vmin = float(np.median(maps)) if maps is not None and maps.size else 0.0
-    return {"vmin": vmin, "vmax": max(2 * pixel_threshold - vmin, vmin + 1e-6)}
+    """A fixed colour range for overlays: [median normal pixel, 2 * threshold - median] (kdad.deploy.postprocess)."""
+    vmin, vmax, _ = postprocess.display_range(None, pixel_threshold, maps)
+    return {"vmin": vmin, "vmax": vmax}
 
 
 def write_scores_csv(path: Path, preds: dict[str, Predictions], image_threshold: float | None) -> None:
     """Per-image scores (and decisions at the stored threshold) per category as CSV, written atomically."""
+    post = postprocess.PostProcess(image_threshold)
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(["category", "path", "defect_type", "label", "score", "decision"])
     for cat, pred in preds.items():
         for p, t, lab, s in zip(pred.paths, pred.defect_types, pred.labels, pred.scores):
-            decision = "" if image_threshold is None else int(s >= image_threshold)
-            w.writerow([cat, p, t, int(lab), f"{float(s):.6g}", decision])
+            decision = post.decision(float(s))
+            w.writerow([cat, p, t, int(lab), f"{float(s):.6g}", "" if decision is None else decision])
     atomic_write_text(path, buf.getvalue())
 
 
@@ -172,13 +98,12 @@ def compute_metrics(pred: Predictions, pro_limit: float = 0.3) -> dict[str, floa
 def good_images_flagged(pred: Predictions, thr: dict[str, Any]) -> dict[str, Any] | None:
     """On the good test images: the fraction whose defect mask at the stored pixel threshold is not empty
     (what `kdad predict --masks` would paint on good parts), next to the rate the threshold was chosen for."""
-    from kdad.thresholds import defect_mask
-
-    if pred.maps is None or thr.get("pixel") is None:
+    post = postprocess.PostProcess.from_thresholds(thr)
+    if pred.maps is None or post.pixel_threshold is None:
         return None
     good = np.flatnonzero(pred.labels == 0)
-    area = int(thr.get("min_area", 1))
-    flagged = [bool(defect_mask(pred.maps[i], float(thr["pixel"]), area).any()) for i in good]
+    area = post.min_area
+    flagged = [bool(post.mask(pred.maps[i]).any()) for i in good]  # type: ignore[union-attr]
     return {"rate": float(np.mean(flagged)) if flagged else None, "n_good": int(len(good)), "min_area": area}
 
 
@@ -221,9 +146,14 @@ def loco_metrics(pred: Predictions, ds: Any) -> dict[str, float]:
     return out
 
 
-def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto", out_dir: str | Path | None = None,
-                 batch_size: int = 16, report: bool = True, checkpoint: str | Path | None = None) -> dict[str, Any]:
+def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: str = "auto",
+                 out_dir: str | Path | None = None, batch_size: int = 16, report: bool = True,
+                 checkpoint: str | Path | None = None, backend: str = "torch") -> dict[str, Any]:
     """Test a trained run: metrics.json, scores.csv and report.html in out_dir (default run_dir).
+
+    backend "onnx": the run's exported graph (RUN/model.onnx, or X.onnx beside checkpoint X.ckpt) runs in ONNX
+    Runtime instead of the checkpoint in PyTorch, with the same data, metrics and thresholds, so export parity
+    is read on the metrics a user reads.
 
     Multi-class runs (data.categories) are evaluated per category; `metrics` is then the mean over
     categories, `per_category` holds each one, and report_<category>.html is written per category.
@@ -234,6 +164,17 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     data = data or cfg.data
     dev = resolve_device(device)
     model.to(dev)
+    forward: Any = model
+    if backend == "onnx":
+        from kdad.deploy.runner import OnnxRunner
+        from kdad.export import default_onnx_path
+
+        graph = default_onnx_path(checkpoint or run_dir)
+        if not graph.is_file():
+            raise ConfigError(f"no exported graph {graph}; run `kdad export {checkpoint or run_dir}` first")
+        forward = OnnxRunner(graph)
+    elif backend != "torch":
+        raise ConfigError(f"backend {backend!r} is not one of ['torch', 'onnx']")
     thr = bundle.get("thresholds") or {}
     tiles = TileSpec.from_data(data)
     out = Path(out_dir) if out_dir else run_dir
@@ -242,7 +183,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         "method": cfg.method, "image_size": data.image_size, "thresholds": thr, "display": bundle.get("display"),
         "protocol": "maps and masks at image_size (masks bilinear-resized, binarised at 0.5); AU-PRO official "
                     "dataset-level @0.3; image label from folder; last/held-out-selected checkpoint",
-        "train_info": bundle.get("train_info", {}),
+        "train_info": bundle.get("train_info", {}), "backend": backend,
     }
     if tiles is not None:
         base["protocol"] = ("tiled: image_size tiles of the full image, maps stitched (mean over overlaps), score = "
@@ -253,7 +194,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     preds: dict[str, Predictions] = {}
     parts = dataset_parts(data, "test")
     for name, ds in parts:
-        pred = predict(model, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
+        pred = predict(forward, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
         per_category[name]["good_images_flagged"] = good_images_flagged(pred, thr)
         if tiles is not None:  # what the pixel metrics were computed at
@@ -271,7 +212,8 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         name = parts[0][0]
         result = {**base, "category": name, **per_category[name]}
     else:
-        result = {**base, "category": "+".join(per_category), "n_images": sum(r["n_images"] for r in per_category.values()),
+        result = {**base, "category": "+".join(per_category),
+                  "n_images": sum(r["n_images"] for r in per_category.values()),
                   "metrics": _mean_metrics(per_category), "per_category": per_category,
                   "multi_class": "one model over all categories; metrics = mean over categories"}
     atomic_write_text(out / "metrics.json", json.dumps(result, indent=2))

@@ -1,4 +1,4 @@
-"""ONNX export of a run's forward() and the ONNX Runtime runner.
+"""ONNX export of a run's forward() (the ONNX Runtime runner is kdad.deploy.runner.OnnxRunner).
 
 The graph is exactly `Model.forward(images01)`: encoder (with its mean/std normalisation), student, and
 the anomaly-map head (resize, fuse, Gaussian blur, max score). It outputs raw maps and scores; thresholds
@@ -23,10 +23,10 @@ import torch
 from torch import nn
 
 from kdad import __version__
-from kdad.thresholds import finite_threshold
-from kdad.checkpoint import atomic_write_bytes, atomic_write_text
-from kdad.errors import KdadError, require_extra
 from kdad.data.transforms import input_contract as shared_input_contract
+from kdad.errors import KdadError, require_extra
+from kdad.fileio import atomic_write_bytes, atomic_write_text
+from kdad.methods.base import teacher_of
 
 DEFAULT_OPSET = 17
 METADATA_FORMAT = "kdad-onnx/1"
@@ -53,9 +53,9 @@ def input_contract(image_size: int, model: nn.Module | None = None) -> dict[str,
     """The shared input contract plus the graph's own mean/std (informational: they are in the graph)."""
     contract = shared_input_contract(image_size)
     contract["name"] = INPUT_NAME
-    encoder = getattr(model, "encoder", None)
-    if encoder is not None and hasattr(encoder, "mean"):
-        contract["normalization_in_graph"] = {"mean": list(encoder.mean), "std": list(encoder.std)}
+    teacher: Any = teacher_of(model) if model is not None else None
+    if teacher is not None and hasattr(teacher, "mean"):
+        contract["normalization_in_graph"] = {"mean": list(teacher.mean), "std": list(teacher.std)}
     return contract
 
 
@@ -347,84 +347,3 @@ def read_metadata(onnx_path: str | Path) -> dict[str, Any]:
         if key not in meta:
             raise KdadError(f"metadata {mpath} lacks the key {key!r}")
     return meta
-
-
-class OnnxRunner:
-    """ONNX Runtime inference, TorchRunner's interface: images01 (B,3,S,S) -> (maps (B,S,S), scores (B,))."""
-
-    def __init__(
-        self,
-        path: str | Path,
-        image_threshold: float | None = None,
-        providers: list[str] | None = None,
-        verify: bool = True,
-    ) -> None:
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise KdadError(f"ONNX graph not found: {self.path}")
-        self.meta = read_metadata(self.path)
-        if verify and self.meta.get("graph_sha256") and sha256_file(self.path) != self.meta["graph_sha256"]:
-            raise KdadError(
-                f"{self.path} does not match its metadata {metadata_path(self.path)} (graph_sha256 "
-                "differs); the graph was replaced after export, re-run `kdad export`"
-            )
-        self.session = _session(str(self.path), str(self.path), providers)
-        self.image_size = int(self.meta["image_size"])
-        self._check_graph_io()
-        thr = self.meta.get("thresholds") or {}
-        stored = thr.get("image")
-        finite_threshold(image_threshold, "image_threshold")  # NaN would call every image normal
-        self.image_threshold: float | None = (
-            float(image_threshold)
-            if image_threshold is not None
-            else (None if stored is None else float(stored))
-        )
-        self.pixel_threshold: float | None = None if thr.get("pixel") is None else float(thr["pixel"])
-        self.pixel_min_area = int(thr.get("min_area", 1))  # masks keep regions of at least this many pixels
-        disp = self.meta.get("display") or {}
-        self.vmin = float(disp["vmin"]) if disp.get("vmin") is not None else 0.0
-        self.vmax = float(disp["vmax"]) if disp.get("vmax") is not None else (self.pixel_threshold or 1.0) * 2
-
-    def _check_graph_io(self) -> None:
-        inputs = self.session.get_inputs()
-        outs = [o.name for o in self.session.get_outputs()]
-        shape = list(inputs[0].shape) if inputs else []
-        if (
-            len(inputs) != 1
-            or inputs[0].name != INPUT_NAME
-            or shape[1:] != [3, self.image_size, self.image_size]
-            or sorted(outs) != sorted(OUTPUT_NAMES)
-        ):
-            raise KdadError(
-                f"{self.path}: graph inputs/outputs {[(i.name, i.shape) for i in inputs]} -> {outs} do "
-                f"not match metadata (input {INPUT_NAME!r} [batch, 3, {self.image_size}, "
-                f"{self.image_size}], outputs {list(OUTPUT_NAMES)})"
-            )
-
-    def __call__(self, images01: torch.Tensor | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Images in [0, 1], float32 (B, 3, S, S) -> maps (B, S, S) and scores (B,) as numpy float32."""
-        x = images01.detach().cpu().numpy() if isinstance(images01, torch.Tensor) else np.asarray(images01)
-        x = np.ascontiguousarray(x, dtype=np.float32)
-        if x.ndim != 4 or x.shape[1:] != (3, self.image_size, self.image_size):
-            raise KdadError(
-                f"{self.path} expects (B, 3, {self.image_size}, {self.image_size}) float32 in [0, 1], "
-                f"got shape {tuple(x.shape)}"
-            )
-        amap, score = self.session.run(list(OUTPUT_NAMES), {INPUT_NAME: x})
-        return amap[:, 0], score
-
-    def info(self) -> dict[str, Any]:
-        """Model facts for humans and the web service (same keys as TorchRunner.info)."""
-        return {
-            "method": self.meta["method"],
-            "image_size": self.image_size,
-            "image_threshold": self.image_threshold,
-            "pixel_threshold": self.pixel_threshold,
-            "backend": "onnxruntime",
-            "device": ",".join(self.session.get_providers()),
-            "input_contract": self.meta["input"],
-            "exporter": self.meta.get("exporter"),
-            "opset": self.meta.get("opset"),
-            "kdad_version": self.meta.get("kdad_version"),
-            "graph": str(self.path),
-        }

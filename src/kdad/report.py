@@ -22,9 +22,10 @@ from typing import Any
 
 import numpy as np
 
-from kdad.checkpoint import atomic_write_text
+from kdad.deploy.dataset import Predictions
+from kdad.deploy.postprocess import PostProcess, display_range
 from kdad.errors import KdadError
-from kdad.evaluate import Predictions
+from kdad.fileio import atomic_write_text
 from kdad.visualize import contour, overlay, png_bytes
 
 METRIC_LABELS: dict[str, str] = {
@@ -69,7 +70,7 @@ def _fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, (int, np.integer)):
         return f"{int(value):,}"
     if isinstance(value, (float, np.floating)):
-        return f"{float(value):.{digits}f}" if abs(value) < 1e5 else f"{float(value):.4g}"
+        return f"{float(value):.{digits}f}" if abs(float(value)) < 1e5 else f"{float(value):.4g}"
     return _esc(value)
 
 
@@ -268,19 +269,10 @@ def _histogram_png(pred: Predictions, image_threshold: float | None) -> bytes:
 def _display_range(result: dict[str, Any], pred: Predictions) -> tuple[float, float, str]:
     """One fixed colour range for every overlay: stored, else from the pixel threshold, else percentiles."""
     thr = result.get("thresholds") or {}
-    disp = result.get("display") or thr.get("display") or {}
-    if "vmin" in disp and "vmax" in disp:
-        return float(disp["vmin"]), float(disp["vmax"]), "stored display range"
     assert pred.maps is not None
     good = pred.maps[pred.labels == 0]
     ref = good if good.size else pred.maps
-    pixel = thr.get("pixel")
-    if not _is_nan(pixel) and math.isfinite(float(pixel)):
-        vmin = float(np.median(ref))
-        vmax = max(2 * float(pixel) - vmin, vmin + 1e-6)
-        return vmin, vmax, "median good-image pixel .. 2 × pixel threshold − median"
-    vmin, vmax = (float(v) for v in np.percentile(ref, [1.0, 99.5]))
-    return vmin, max(vmax, vmin + 1e-6), "no stored thresholds: 1st .. 99.5th percentile of test pixels"
+    return display_range(result.get("display") or thr.get("display"), thr.get("pixel"), ref)
 
 
 def _thumb(rgb: np.ndarray) -> bytes:
@@ -317,7 +309,8 @@ def _gallery_row(pred: Predictions, i: int, vmin: float, vmax: float, thr: float
     else:
         truth, truth_note = heat, "ground truth: no defect pixel"
     score = float(pred.scores[i])
-    decision = "" if thr is None else (" ≥ threshold (flagged)" if score >= thr else " < threshold")
+    flagged = PostProcess(thr).decision(score)
+    decision = "" if flagged is None else (" ≥ threshold (flagged)" if flagged else " < threshold")
     name = "/".join(Path(pred.paths[i]).parts[-3:])
     caption = _esc(f"{pred.defect_types[i]}, score {score:.4g}{decision}{load_note}")
     caption = f"{_path_html(name)}<br>{caption}"
@@ -341,8 +334,9 @@ def _gallery_sections(pred: Predictions, thr: float | None, max_gallery: int) ->
                  "no good images in the test set"),
                 ("Defective images with the lowest scores (no stored threshold)", bad[:max_gallery],
                  "no defective images in the test set")]
-    fp, passed = good[pred.scores[good] >= thr], good[pred.scores[good] < thr]
-    fn, caught = bad[pred.scores[bad] < thr], bad[pred.scores[bad] >= thr]
+    post = PostProcess(thr)
+    fp, passed = good[post.flagged(pred.scores[good])], good[~post.flagged(pred.scores[good])]
+    fn, caught = bad[~post.flagged(pred.scores[bad])], bad[post.flagged(pred.scores[bad])]
     n_fp, n_fn = min(len(fp), max_gallery), min(len(fn), max_gallery)
     return [
         (f"False positives at the image threshold {thr:.4g}: {len(fp)} of {_plural(len(good), 'good image')} "
@@ -363,7 +357,7 @@ def _gallery(pred: Predictions, result: dict[str, Any], max_gallery: int) -> str
         return '<p class="note">No anomaly maps were kept, so there is no gallery.</p>'
     vmin, vmax, source = _display_range(result, pred)
     thr = (result.get("thresholds") or {}).get("image")
-    thr = None if _is_nan(thr) else float(thr)
+    thr = None if thr is None or _is_nan(thr) else float(thr)
     out = [f'<p class="note">Overlay colour range [{vmin:.4g}, {vmax:.4g}] ({_esc(source)}), the same for '
            "every image: not normalised per image.</p>"]
     for title, idx, empty in _gallery_sections(pred, thr, max_gallery):
@@ -428,7 +422,7 @@ def _defect_table(pred: Predictions, image_threshold: float | None) -> str:
                 warnings.simplefilter("ignore", MetricWarning)
                 both = sel | good
                 auroc = _fmt(image_auroc(pred.scores[both], (~good)[both].astype(np.int64)))
-        flagged = None if image_threshold is None else float((s >= image_threshold).mean())
+        flagged = None if image_threshold is None else float(PostProcess(image_threshold).flagged(s).mean())
         rows.append([_esc(t), _fmt(int(sel.sum())), _fmt(float(s.mean())), _fmt(float(s.std())),
                      auroc, _fmt(flagged, 3)])
     header = ["defect type", "images", "mean score", "std score", "image AUROC vs good",
@@ -497,7 +491,7 @@ def write_report(path: Path, result: dict[str, Any], pred: Predictions, max_gall
         raise KdadError(f"write_report {path}: the predictions hold no images")
     metrics = result.get("metrics") or {}
     thr = (result.get("thresholds") or {}).get("image")
-    image_threshold = None if _is_nan(thr) else float(thr)
+    image_threshold = None if thr is None or _is_nan(thr) else float(thr)
     title = f"kdad report: {result.get('method', '?')} on {result.get('category', '?')}"
     parts = [f"<h1>{_esc(title)}</h1>", _header(result), "<h2>Metrics</h2>", _metrics_table(result, pred),
              '<p class="note">F1-max values pick the threshold on the test labels (an oracle).</p>']
@@ -580,7 +574,7 @@ def compare_runs(run_dirs: list[Path], out_path: Path) -> dict[str, Any]:
     keys = [*METRIC_LABELS, *extra]
     rows = []
     for name, d, run in zip(_run_names(dirs), dirs, runs):
-        row = {"run": name, "dir": str(d), "method": str(run.get("method", "?")),
+        row: dict[str, Any] = {"run": name, "dir": str(d), "method": str(run.get("method", "?")),
                "category": str(run.get("category", "?"))}
         row.update({k: _as_float(run["metrics"].get(k)) for k in keys})
         row["train_images_per_s"] = _as_float((run.get("train_info") or {}).get("train_images_per_s"))

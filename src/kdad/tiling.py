@@ -22,8 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import ConcatDataset, Dataset, Subset
 
-from kdad.data.transforms import PathLike, image_file_size, load_image, load_image_and_mask
 from kdad.data.mvtec import SampleDataset
+from kdad.data.transforms import PathLike, image_file_size, load_image
 from kdad.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -271,6 +271,7 @@ class TiledRunner:
         self.image_threshold: float | None = runner.image_threshold
         self.pixel_threshold: float | None = runner.pixel_threshold
         self.vmin, self.vmax = runner.vmin, runner.vmax
+        self.post = getattr(runner, "post", None)  # the wrapped runner's kdad.deploy.postprocess.PostProcess
 
     @property
     def pixel_min_area(self) -> int:

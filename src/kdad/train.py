@@ -17,17 +17,12 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
-from kdad.checkpoint import (
-    atomic_torch_save,
-    atomic_write_text,
-    load_bundle,
-    make_bundle,
-    remove_stale_temporaries,
-)
+from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
+from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
 from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training
@@ -160,7 +155,7 @@ _POSTFIX_EVERY = 20  # progress-bar loss refresh (each refresh reads the device 
 def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen: torch.Generator,
            scaler: Any = None) -> dict[str, Any]:
     st = {"epoch": epoch, "iters": it, "best": best, "rng": torch.get_rng_state(), "gen": gen.get_state(),
-          "optimizers": {k: getattr(o, "opt", o).state_dict() for k, o in opts.items()}}
+          "optimizers": {k: o.state_dict() for k, o in opts.items()}}
     if scaler is not None:
         st["grad_scaler"] = scaler.state_dict()
     return st
@@ -182,7 +177,7 @@ RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.max_iters", "train.max_seconds", "train.device", "train.amp", "train.cpu_bf16",
     "train.channels_last", "train.fused_optimizer", "train.compile", "train.heap_allocator", "train.cuda_graph",
     "train.val_every", "train.ckpt_every", "train.threshold_quantile", "train.pixel_threshold_quantile",
-    "train.eval_batch_size", "train.progress", "train.select_on_test", "data.num_workers",
+    "train.eval_batch_size", "train.progress", "data.num_workers",
 })
 """Config keys `--resume` lets change: the budget, the device and speed levers, bookkeeping. Everything else
 (method, model architecture and optimizer settings, data, seed, split, batch size, selection) must match."""
@@ -271,7 +266,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     if tc.cpu_bf16 and device.type == "cpu":
-        from kdad.speed import warn_if_slow_cpu_bf16
+        from kdad.hardware import warn_if_slow_cpu_bf16
 
         warn_if_slow_cpu_bf16("train.cpu_bf16=true")
     gen = seed_everything(tc.seed)
@@ -293,7 +288,9 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
         trim_log(run_dir / "train_log.jsonl", ck["train_state"]["epoch"] if ck else -1)
     loader_gen = torch.Generator()  # reseeded every epoch so a resumed run shuffles like an uninterrupted one
     sampler: Any = None
-    if distributed:
+    if distributed and weights is not None:  # multi-class balancing over the global batch, dealt out to ranks
+        sampler = dist_utils.ShardedWeightedSampler(weights, rank, world_size, seed=tc.seed)
+    elif distributed:
         sampler = DistributedSampler(train_ds, seed=tc.seed)
     elif weights is not None:
         sampler = WeightedRandomSampler(weights, num_samples=len(weights), replacement=True, generator=loader_gen)
@@ -301,12 +298,18 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                         num_workers=cfg.data.num_workers, generator=loader_gen, drop_last=tc.cuda_graph,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
     model = spec.Model(mcfg).to(device)
+    if tc.sync_batchnorm:
+        if not distributed:
+            raise ConfigError("train.sync_batchnorm=true needs several processes (launch with torchrun)")
+        dist_utils.sync_batchnorm(model, device)
     opts: dict[str, Any] = dict(spec.optimizers(model, mcfg))
     levers = prepare_training(model, opts, tc.channels_last, tc.fused_optimizer, tc.compile)
-    if distributed:
-        dist_utils.broadcast_model(model)
-        opts = {k: dist_utils.AllReduceOptimizer(o) for k, o in opts.items()}
+    # DDP: rank 0's weights broadcast now; methods' backward (batch["backward"]) all-reduces gradient buckets
+    ddp_backward = dist_utils.ddp_backward(dist_utils.wrap(model, device)) if distributed else None
 
+    if spec.prepare is not None and ck is None:
+        # every rank sees the whole training set here, so every rank computes the same statistics
+        spec.prepare(model, DataLoader(train_ds, batch_size=tc.eval_batch_size, shuffle=False), device)
     textures = _texture_bank(cfg, spec)
     scaler = _grad_scaler(device, tc)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
@@ -314,7 +317,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     if ck is not None:
         model.load_state_dict(ck["model"])
         for k, o in opts.items():
-            getattr(o, "opt", o).load_state_dict(ck["train_state"]["optimizers"][k])
+            o.load_state_dict(ck["train_state"]["optimizers"][k])
         st = ck["train_state"]
         start_epoch, it, best = st["epoch"] + 1, st["iters"], st["best"]
         torch.set_rng_state(st["rng"])
@@ -327,7 +330,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                 best_state = best_ck["model"]
 
     def eager_step(b: dict[str, Any]) -> dict[str, Any]:
-        return spec.train_step(model, b, opts, mcfg, gen)
+        return dict(spec.train_step(model, b, opts, mcfg, gen))
 
     # after the resume load: it resets the optimizers' hyper-parameters, capturable among them
     step: Any = GraphedTrainStep(eager_step, opts, device) if tc.cuda_graph else eager_step
@@ -340,7 +343,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     with heap_allocator(device.type == "cpu" and tc.heap_allocator) as levers["heap_allocator"]:
         for epoch in range(start_epoch, total_epochs):
             loader_gen.manual_seed(tc.seed + epoch)
-            if isinstance(sampler, DistributedSampler):
+            if isinstance(sampler, (DistributedSampler, dist_utils.ShardedWeightedSampler)):
                 sampler.set_epoch(epoch)
             model.train()
             losses: list[dict[str, Any]] = []  # floats or device scalars, read by _mean_logs
@@ -348,7 +351,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                        disable=not (tc.progress and main))
             for batch in bar:
                 batch = _to_device(batch, device, tc.channels_last)
-                batch["textures"] = textures  # for methods that synthesise anomalies; batch["category"] names each image
+                # for methods that synthesise anomalies; batch["category"] names each image
+                batch["textures"] = textures
+                if ddp_backward is not None:
+                    batch["backward"] = ddp_backward  # arms DDP's all-reduce for each backward of the step
                 if scaler is not None:
                     batch["grad_scaler"] = scaler  # fp16: the step scales its loss (MethodSpec.grad_scaler)
                 with _autocast(device, tc):

@@ -41,7 +41,3 @@ def png_bytes(rgb: np.ndarray) -> bytes:
     Image.fromarray(rgb).save(buf, format="PNG")
     return buf.getvalue()
 
-
-def chw_to_hwc(image: "np.ndarray") -> np.ndarray:
-    """(3, H, W) -> (H, W, 3)."""
-    return np.transpose(image, (1, 2, 0))

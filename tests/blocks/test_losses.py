@@ -31,7 +31,8 @@ def test_cosine_losses_against_their_formulas() -> None:
     pix = sum((1 - F.cosine_similarity(t, s, dim=1)).mean() for t, s in ((t1, s1), (t2, s2)))
     assert torch.allclose(global_cosine_loss([t1, t2], [s1, s2]), glob, atol=1e-6)
     assert torch.allclose(pixel_cosine_loss([t1, t2], [s1, s2]), pix, atol=1e-6)
-    assert torch.allclose(global_cosine_loss([t1], [s1]), (1 - F.cosine_similarity(t1.flatten(1), s1.flatten(1))).mean())
+    one = (1 - F.cosine_similarity(t1.flatten(1), s1.flatten(1))).mean()
+    assert torch.allclose(global_cosine_loss([t1], [s1]), one)
 
 
 def test_nhwc_is_only_a_4d_channels_last_tensor() -> None:

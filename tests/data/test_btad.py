@@ -9,22 +9,8 @@ from kdad.data import MVTecDataset
 from kdad.data.btad import BTADDataset, btad_dataset
 from kdad.data.factory import build_dataset
 from kdad.errors import DatasetError
-from tests.data.test_visa import defect_mask, part_image
-
-SIZE = (64, 64)
-
-
-def make_btad(root: Path) -> Path:
-    """Product 01 with .bmp images and .png masks, product 03 with .png images and .bmp masks."""
-    for product, ext, mask_ext in [("01", "bmp", "png"), ("03", "png", "bmp")]:
-        p = root / product
-        for i in range(3):
-            part_image(p / "train" / "ok" / f"{i:04d}.{ext}", seed=i, size=SIZE)
-        part_image(p / "test" / "ok" / f"0000.{ext}", seed=7, size=SIZE)
-        for i in range(2):
-            part_image(p / "test" / "ko" / f"{i:04d}.{ext}", seed=20 + i, defect=True, size=SIZE)
-            defect_mask(p / "ground_truth" / "ko" / f"{i:04d}.{mask_ext}", size=SIZE)
-    return root
+from tests.fakes import BTAD_SIZE as SIZE
+from tests.fakes import defect_mask, make_btad, part_image
 
 
 @pytest.fixture

@@ -10,11 +10,7 @@ from PIL import Image
 
 from kdad.cli import main
 from kdad.data.check import check_dataset, detect_format
-from tests.data import forged_png
-from tests.data.test_btad import make_btad
-from tests.data.test_mvtec_ad2 import make_mvtec_ad2
-from tests.data.test_realiad import make_realiad
-from tests.data.test_visa import defect_mask, make_visa, part_image
+from tests.fakes import defect_mask, forged_png, make_btad, make_mvtec_ad2, make_realiad, make_visa, part_image
 
 SIZE = (48, 40)
 
@@ -131,7 +127,8 @@ def _narrow_16bit(c: Path) -> Path:
 
 
 SEEDS = [  # (seed, kind, level)
-    (lambda c: (_truncate(c / "train" / "good" / "001.png"), c / "train" / "good" / "001.png")[1], "unreadable", "error"),
+    (lambda c: (_truncate(c / "train" / "good" / "001.png"), c / "train" / "good" / "001.png")[1],
+     "unreadable", "error"),
     (_truncated_jpeg, "unreadable", "error"),
     (_orphan_mask, "orphan_mask", "error"),
     (_missing_mask, "missing_mask", "error"),
@@ -212,7 +209,8 @@ def test_fit_test_reports_bad_test_files_before_training(fault: str, tmp_path: P
     c = root / "widget"
     expect = {"zero_byte": "empty file (0 bytes)", "mask_size": "mask is 20x20",
               "missing_mask": "data.allow_missing_masks=true", "bomb": "decompression bomb"}[fault]
-    culprit = {"zero_byte": c / "test" / "good" / "000.png", "mask_size": c / "ground_truth" / "scratch" / "001_mask.png",
+    culprit = {"zero_byte": c / "test" / "good" / "000.png",
+               "mask_size": c / "ground_truth" / "scratch" / "001_mask.png",
                "missing_mask": c / "test" / "scratch" / "001.png", "bomb": c / "test" / "good" / "000.png"}[fault]
     if fault == "zero_byte":
         culprit.write_bytes(b"")

@@ -29,7 +29,8 @@ def toy(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_layout_written(toy: Path) -> None:
     assert json.loads((toy / "defects_config.json").read_text())[0]["defect_name"] == "missing_disc"
     assert len(list((toy / "test" / "logical_anomalies").glob("*.png"))) == 3
-    assert sorted(p.name for p in (toy / "ground_truth" / "logical_anomalies" / "002").iterdir()) == ["000.png", "001.png"]
+    gt_dir = toy / "ground_truth" / "logical_anomalies" / "002"
+    assert sorted(p.name for p in gt_dir.iterdir()) == ["000.png", "001.png"]
 
 
 def test_splits_and_item_contract(toy: Path) -> None:

@@ -9,25 +9,7 @@ from kdad.data.factory import build_dataset
 from kdad.data.mvtec_ad2 import MVTecAD2Dataset
 from kdad.errors import DatasetError
 from kdad.train import train_val_datasets
-from tests.data.test_visa import defect_mask, part_image
-
-SIZE = (80, 60)
-
-
-def make_mvtec_ad2(root: Path) -> Path:
-    """Category ``can``: 3 train, 2 validation, test_public 1 good + 2 bad, and private test images."""
-    c = root / "can"
-    for i in range(3):
-        part_image(c / "train" / "good" / f"{i:03d}_regular.png", seed=i, size=SIZE)
-    for i in range(2):
-        part_image(c / "validation" / "good" / f"{i:03d}_regular.png", seed=10 + i, size=SIZE)
-    part_image(c / "test_public" / "good" / "000_regular.png", seed=20, size=SIZE)
-    for i in range(2):
-        part_image(c / "test_public" / "bad" / f"{i:03d}_regular.png", seed=30 + i, defect=True, size=SIZE)
-        defect_mask(c / "test_public" / "ground_truth" / "bad" / f"{i:03d}_regular_mask.png", size=SIZE)
-    part_image(c / "test_private" / "000_regular.png", seed=40, size=SIZE)
-    part_image(c / "test_private_mixed" / "000_overexposed.png", seed=41, size=SIZE)
-    return root
+from tests.fakes import make_mvtec_ad2
 
 
 @pytest.fixture
@@ -43,7 +25,8 @@ def test_splits_image_by_image(ad2: Path) -> None:
     val = MVTecAD2Dataset(ad2 / "can", "validation", image_size=16)
     assert [Path(val[i]["path"]).parent.parent.name for i in range(2)] == ["validation"] * 2 and val.labels == [0, 0]
     test = MVTecAD2Dataset(ad2, "test", image_size=16, category="can")
-    expected = [("good/000_regular.png", 0, "good"), ("bad/000_regular.png", 1, "bad"), ("bad/001_regular.png", 1, "bad")]
+    expected = [("good/000_regular.png", 0, "good"), ("bad/000_regular.png", 1, "bad"),
+                ("bad/001_regular.png", 1, "bad")]
     assert len(test) == 3
     for i, (name, label, defect) in enumerate(expected):
         item = test[i]

@@ -1,6 +1,5 @@
 """Real-IAD: per-view items from the released JSON split files, and the per-view / per-sample protocol."""
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -18,42 +17,9 @@ from kdad.data.realiad import (
 )
 from kdad.errors import DatasetError
 from kdad.metrics import MetricWarning
-from tests.data.test_visa import defect_mask, part_image
-
-SIZE = (64, 64)
-VIEWS = ["C1", "C2", "C3", "C4", "C5"]
-STAMP = "20231021130905"
-
-
-def _view(root: Path, rel: str, seed: int, defect: bool = False) -> None:
-    part_image(root / "realiad_256" / "audiojack" / rel, seed=seed, defect=defect, size=SIZE)
-
-
-def _entry(anomaly_class: str, image: str, mask: str | None) -> dict:
-    return {"category": "audiojack", "anomaly_class": anomaly_class, "image_path": image, "mask_path": mask}
-
-
-def make_realiad(root: Path) -> Path:
-    """audiojack: train = OK samples 0001, 0003; test = OK sample 0004 and NG (QS) sample 0002 whose
-    defect shows in views C1 and C3 only (the other views are labelled OK, without masks)."""
-    train, test = [], []
-    for sid, entries in [("0001", train), ("0003", train), ("0004", test)]:
-        for v in VIEWS:
-            rel = f"OK/S{sid}/audiojack_{sid}_OK_{v}_{STAMP}.jpg"
-            _view(root, rel, seed=int(sid) * 10 + int(v[1]))
-            entries.append(_entry("OK", rel, None))
-    for v in VIEWS:
-        rel = f"NG/QS/S0002/audiojack_0002_NG_QS_{v}_{STAMP}.jpg"
-        visible = v in ("C1", "C3")
-        _view(root, rel, seed=50 + int(v[1]), defect=visible)
-        if visible:
-            defect_mask(root / "realiad_256" / "audiojack" / rel.replace(".jpg", ".png"), size=SIZE)
-        test.append(_entry("QS" if visible else "OK", rel, rel.replace(".jpg", ".png") if visible else None))
-    doc = {"meta": {"prefix": "audiojack", "normal_class": "OK"}, "train": train, "test": test}
-    jdir = root / "realiad_jsons" / "realiad_jsons"
-    jdir.mkdir(parents=True, exist_ok=True)
-    (jdir / "audiojack.json").write_text(json.dumps(doc))
-    return root
+from tests.fakes import REALIAD_STAMP as STAMP
+from tests.fakes import REALIAD_VIEWS as VIEWS
+from tests.fakes import make_realiad
 
 
 @pytest.fixture

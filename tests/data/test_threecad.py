@@ -4,55 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from kdad.config import DataConfig
 from kdad.data.factory import build_dataset, dataset_parts
 from kdad.data.threecad import THREECAD_CATEGORIES, ThreeCADDataset, category_folder
 from kdad.errors import DatasetError
+from tests.fakes import make_threecad
 
 SIZE = 32
-
-
-def _img(path: Path, wh: tuple[int, int], value: int = 120) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.full((wh[1], wh[0], 3), value, np.uint8)).save(path)
-
-
-def _mask(path: Path, wh: tuple[int, int], boxes: list[tuple[int, int, int, int]], rgb: bool = False) -> None:
-    """Mask with one filled box per (x0, y0, x1, y1); rgb=True stores it with 3 channels."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.zeros((wh[1], wh[0]), np.uint8)
-    for x0, y0, x1, y1 in boxes:
-        arr[y0:y1, x0:x1] = 255
-    Image.fromarray(np.repeat(arr[..., None], 3, axis=2) if rgb else arr).save(path)
-
-
-def make_threecad(root: Path) -> Path:
-    """Two categories in the 3CAD release layout, at real 3CAD sizes (288-1024 px, non-square)."""
-    acc = root / "Aluminum_Camera_Cover"  # sizes vary per image in this category
-    for i, wh in enumerate([(288, 320), (400, 288), (1024, 960)]):
-        _img(acc / "train" / "good" / f"{i:04d}.png", wh)
-    _img(acc / "train" / "good" / "0099.jpg", (288, 288))  # not PNG: ignored, as the official loader
-    (acc / "train" / "good" / "Thumbs.db").write_bytes(b"\0")
-    _img(acc / "test" / "good" / "0000.png", (300, 288))
-    # several regions (up to 23 in 3CAD) in one image, and a 3-channel mask
-    _img(acc / "test" / "scratch" / "0000.png", (288, 320), 60)
-    _mask(acc / "ground_truth" / "scratch" / "0000.png", (288, 320), [(10, 10, 80, 80), (150, 200, 260, 300)])
-    _img(acc / "test" / "bump" / "0001.png", (320, 288), 60)
-    _mask(acc / "ground_truth" / "bump" / "0001.png", (320, 288), [(100, 100, 200, 200)], rgb=True)
-    # a tiny defect: vanishes at 32 px, but the image stays defective (label from the folder)
-    _img(acc / "test" / "bump" / "0002.png", (320, 288), 60)
-    _mask(acc / "ground_truth" / "bump" / "0002.png", (320, 288), [(5, 5, 7, 7)])
-    cs = root / "Copper_Stator"  # CS and IS are 1024 x 1024
-    _img(cs / "train" / "good" / "0000.png", (1024, 1024))
-    _img(cs / "train" / "good" / "0001.png", (1024, 1024))
-    _img(cs / "test" / "good" / "0000.png", (1024, 1024))
-    _img(cs / "test" / "iron_core_airflow" / "0000.png", (1024, 1024), 30)
-    _mask(cs / "ground_truth" / "iron_core_airflow" / "0000.png", (1024, 1024), [(0, 0, 512, 512)])
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ from kdad.data.transforms import (
     load_mask,
 )
 from kdad.errors import ConfigError, DatasetError
-from tests.data import forged_png
+from tests.fakes import forged_png
 
 
 def _save(path: Path, array: np.ndarray, mode: str | None = None) -> Path:

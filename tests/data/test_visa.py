@@ -1,62 +1,16 @@
 """VisADataset on a generated copy of the released layout (Data/Images, Data/Masks, split_csv/1cls.csv)."""
 
-import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from kdad.config import DataConfig
 from kdad.data.factory import build_dataset
 from kdad.data.transforms import load_image
 from kdad.data.visa import VisADataset, load_image_and_mask_draft
 from kdad.errors import DatasetError
-
-W, H = 96, 64  # VisA images are landscape JPEGs (about 1.5k px; small here)
-
-
-def part_image(path: Path, seed: int, defect: bool = False, size: tuple[int, int] = (W, H)) -> None:
-    """A smooth part on a dark background with sensor noise; a bright blob when ``defect``."""
-    rng = np.random.default_rng(seed)
-    w, h = size
-    yy, xx = np.mgrid[0:h, 0:w]
-    part = ((xx - w / 2) ** 2 / (w / 3) ** 2 + (yy - h / 2) ** 2 / (h / 3) ** 2) < 1
-    arr = np.stack([30 + 150 * part + 20 * xx / w, 30 + 120 * part, 40 + 90 * part + 30 * yy / h], axis=2)
-    arr = arr + rng.normal(0, 4, arr.shape)
-    if defect:
-        arr[h // 3:h // 2, w // 3:w // 2] = 250
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
-
-
-def defect_mask(path: Path, value: int = 255, size: tuple[int, int] = (W, H)) -> None:
-    """The blob of :func:`part_image` as a mask with one positive ``value``."""
-    w, h = size
-    arr = np.zeros((h, w), np.uint8)
-    arr[h // 3:h // 2, w // 3:w // 2] = value
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(arr).save(path)
-
-
-def make_visa(root: Path) -> Path:
-    """Two categories; candle: 3 train normals, test = 1 normal + 2 anomalies (mask values 255 and 1)."""
-    rows = [("object", "split", "label", "image", "mask")]
-    for k, cat in enumerate(["candle", "pcb1"]):
-        imgs = root / cat / "Data" / "Images"
-        for i in range(4):
-            part_image(imgs / "Normal" / f"{i:04d}.JPG", seed=10 * k + i)
-            rows.append((cat, "train" if i < 3 else "test", "normal", f"{cat}/Data/Images/Normal/{i:04d}.JPG", ""))
-        for i, value in enumerate([255, 1]):
-            part_image(imgs / "Anomaly" / f"{i:03d}.JPG", seed=100 + i, defect=True)
-            defect_mask(root / cat / "Data" / "Masks" / "Anomaly" / f"{i:03d}.png", value)
-            rows.append((cat, "test", "anomaly", f"{cat}/Data/Images/Anomaly/{i:03d}.JPG",
-                         f"{cat}/Data/Masks/Anomaly/{i:03d}.png"))
-    (root / "split_csv").mkdir(parents=True, exist_ok=True)
-    with open(root / "split_csv" / "1cls.csv", "w", newline="") as f:
-        csv.writer(f).writerows(rows)
-    return root
+from tests.fakes import make_visa
 
 
 @pytest.fixture
@@ -67,7 +21,8 @@ def visa(tmp_path: Path) -> Path:
 def test_train_split_from_csv(visa: Path) -> None:
     ds = VisADataset(visa, "train", image_size=16, category="candle")
     assert [Path(ds[i]["path"]).relative_to(visa).as_posix() for i in range(len(ds))] == [
-        "candle/Data/Images/Normal/0000.JPG", "candle/Data/Images/Normal/0001.JPG", "candle/Data/Images/Normal/0002.JPG"]
+        "candle/Data/Images/Normal/0000.JPG", "candle/Data/Images/Normal/0001.JPG",
+        "candle/Data/Images/Normal/0002.JPG"]
     for i in range(len(ds)):
         item = ds[i]
         assert item["label"] == 0 and item["defect_type"] == "good" and item["has_mask"] is True

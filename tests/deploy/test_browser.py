@@ -14,7 +14,7 @@ import pytest
 
 from kdad.runner import TorchRunner
 from kdad.serve import create_app
-from tests.deploy import bottle_test_images, live_server, tiny_run
+from tests.deploy.fixtures import bottle_test_images, live_server, tiny_run
 
 CHROMIUM_NAMES = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 

@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
+from kdad.deploy.batch import stream_predictions
+from kdad.deploy.serve.app import result_dict
 from kdad.evaluate import Predictions, _mean_metrics, compute_metrics, display_range, write_scores_csv
-from kdad.infer import stream_predictions
 from kdad.metrics import evaluate_maps, image_ap, image_auroc, image_f1_max
-from kdad.serve.app import result_dict
 
 
 def _png(b64: str) -> np.ndarray:
@@ -140,7 +140,9 @@ def test_scores_csv_decides_at_the_threshold_inclusive(tmp_path: Path) -> None:
 class _MaxRunner:
     """Stand-in runner: map = the image's first channel, score = its maximum."""
 
-    image_threshold = 0.5
+    image_threshold: float | None = 0.5
+    pixel_threshold = None
+    vmin, vmax = 0.0, 1.0
 
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         maps = images[:, 0].numpy()
@@ -212,8 +214,11 @@ def test_thresholds_from_normals_region_and_quantile_rules() -> None:
     from kdad.config import TrainConfig
     from kdad.errors import ConfigError
     from kdad.evaluate import predict, thresholds_from_normals
-    from kdad.thresholds import (image_threshold_from_validation, pixel_threshold_for_region_rate,
-                                 pixel_threshold_from_validation)
+    from kdad.thresholds import (
+        image_threshold_from_validation,
+        pixel_threshold_for_region_rate,
+        pixel_threshold_from_validation,
+    )
 
     items, model, cpu = _normal_items(), _ChannelModel(), torch.device("cpu")
     pred = predict(model, items, cpu)
@@ -237,8 +242,8 @@ def test_thresholds_from_normals_region_and_quantile_rules() -> None:
 
 def test_model_info_reports_the_stored_decision_rule() -> None:
     from kdad import __version__
+    from kdad.deploy.serve.app import ACCEPTED_FORMATS, Limits, model_info
     from kdad.export import input_contract
-    from kdad.serve.app import ACCEPTED_FORMATS, Limits, model_info
 
     runner = _runner(image_size=32, vmin=0.1, vmax=0.9)
     runner.info = lambda: {"method": "rd"}

@@ -13,11 +13,11 @@ from torch import nn
 
 from kdad.checkpoint import load_bundle
 from kdad.data.transforms import images_to_batch
+from kdad.deploy.runner import OnnxRunner, TorchRunner
 from kdad.errors import KdadError
-from kdad.export import OnnxRunner, export_model_bytes, read_metadata, sha256_file
+from kdad.export import export_model_bytes, read_metadata, sha256_file
 from kdad.methods import METHODS
-from kdad.runner import TorchRunner
-from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
+from tests.deploy.fixtures import IMAGE_SIZE, bottle_test_images, exported, tiny_run
 
 pytest.importorskip("onnxruntime")
 

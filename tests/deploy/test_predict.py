@@ -13,13 +13,13 @@ import pytest
 import torch
 from PIL import Image
 
-import kdad.predict
+import kdad.deploy.predict
 from kdad.cli import main
 from kdad.errors import ConfigError
-from kdad.predict import make_runner
 from kdad.infer import expand_inputs, out_stems, stream_predictions
-from tests.data import forged_png
-from tests.deploy import IMAGE_SIZE, bottle_test_images, exported, tiny_run
+from kdad.predict import make_runner
+from tests.deploy.fixtures import IMAGE_SIZE, bottle_test_images, exported, tiny_run
+from tests.fakes import forged_png
 
 pytest.importorskip("onnxruntime")
 
@@ -180,7 +180,7 @@ def test_output_stems_never_collide(tmp_path: Path) -> None:
 
 def _fake_predict(monkeypatch: pytest.MonkeyPatch, folder: Path, out: Path, *flags: str) -> int:
     """`kdad predict` over `folder` with _CountingRunner instead of a model."""
-    monkeypatch.setattr("kdad.predict.make_runner", lambda *a, **k: _CountingRunner())
+    monkeypatch.setattr("kdad.deploy.predict.make_runner", lambda *a, **k: _CountingRunner())
     run = out.parent / "fake_run"  # kdad predict checks that RUN holds a model before it loads one
     run.mkdir(parents=True, exist_ok=True)
     (run / "model.ckpt").write_bytes(b"")
@@ -227,7 +227,7 @@ def test_results_are_kept_when_writing_an_overlay_fails(tmp_path: Path, monkeypa
                                                         capsys: pytest.CaptureFixture[str]) -> None:
     for i in range(6):
         Image.new("RGB", (8, 8), (i * 40, 0, 0)).save(tmp_path / f"{i}.png")
-    real_write, calls = kdad.predict.atomic_write_bytes, []
+    real_write, calls = kdad.deploy.predict.atomic_write_bytes, []
 
     def failing_write(path: Path, data: bytes) -> None:
         calls.append(path)
@@ -235,7 +235,7 @@ def test_results_are_kept_when_writing_an_overlay_fails(tmp_path: Path, monkeypa
             raise OSError(28, "No space left on device")
         real_write(path, data)
 
-    monkeypatch.setattr("kdad.predict.atomic_write_bytes", failing_write)
+    monkeypatch.setattr("kdad.deploy.predict.atomic_write_bytes", failing_write)
     assert _fake_predict(monkeypatch, tmp_path, tmp_path / "out", "--overlays", "--batch-size", "2") == 2
     assert "No space left" in capsys.readouterr().err
     rows = json.loads((tmp_path / "out" / "predictions.json").read_text())
@@ -298,7 +298,7 @@ def test_masks_keep_only_regions_of_the_stored_min_area(tmp_path: Path, monkeypa
     """predict --masks applies the threshold's min_area (the region rule), not a bare per-pixel comparison."""
     (tmp_path / "in").mkdir()
     Image.new("RGB", (16, 16), (50, 50, 50)).save(tmp_path / "in" / "a.png")
-    monkeypatch.setattr("kdad.predict.make_runner", lambda *a, **k: _BlobRunner())
+    monkeypatch.setattr("kdad.deploy.predict.make_runner", lambda *a, **k: _BlobRunner())
     run = tmp_path / "fake_run"
     run.mkdir()
     (run / "model.ckpt").write_bytes(b"")

@@ -23,12 +23,11 @@ pytest.importorskip("httpx")
 import httpx
 from fastapi.testclient import TestClient
 
-from kdad.data.transforms import load_image
+from kdad.data.transforms import MAX_MEGAPIXELS, load_image
 from kdad.runner import TorchRunner
-from kdad.data.transforms import MAX_MEGAPIXELS
 from kdad.serve import Limits, create_app
 from kdad.thresholds import defect_mask
-from tests.deploy import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
+from tests.deploy.fixtures import IMAGE_SIZE, REPO_ROOT, bottle_test_images, exported, live_server, tiny_run
 
 MAX_MB = 1.0
 
@@ -172,7 +171,7 @@ def test_pixel_cap_is_the_shared_one(runner: TorchRunner, monkeypatch: pytest.Mo
 
 
 def test_onnx_app_agrees(client: TestClient) -> None:
-    from kdad.export import OnnxRunner
+    from kdad.deploy.runner import OnnxRunner
 
     onnx_client = TestClient(create_app(OnnxRunner(exported("rd"))))
     path = bottle_test_images(1)[0]

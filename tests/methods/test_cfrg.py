@@ -95,7 +95,8 @@ def test_adapter_structure_and_shapes() -> None:
     kinds = [type(m).__name__ for m in adapter.op]
     assert kinds == ["Conv2d", "Conv2d", "BatchNorm2d", "ReLU", "Conv2d", "Conv2d", "BatchNorm2d", "ReLU"]
     convs = [m for m in adapter.op if isinstance(m, nn.Conv2d)]
-    assert [c.groups for c in convs] == [24, 1, 1, 1] and [c.kernel_size for c in convs] == [(3, 3), (1, 1), (3, 3), (1, 1)]
+    assert [c.groups for c in convs] == [24, 1, 1, 1]
+    assert [c.kernel_size for c in convs] == [(3, 3), (1, 1), (3, 3), (1, 1)]
     assert all(c.bias is None for c in convs)
     out = AdapterSet([24, 40, 112], [256, 512, 1024])(
         [torch.randn(2, 24, 16, 16), torch.randn(2, 40, 8, 8), torch.randn(2, 112, 4, 4)])
@@ -199,11 +200,11 @@ def test_per_category_fit_runs_every_category(tmp_path: Path) -> None:
     """`kdad fit --categories A,B --per-category` trains both (the official script dies after the first),
     each with its own schedule, which decays after its own first pass over the data."""
     from kdad.cli import main
-    from tests.data.test_threecad import _img, make_threecad
+    from tests.fakes import make_threecad, solid_image
 
     root = make_threecad(tmp_path / "3CAD")
     for i in range(4):
-        _img(tmp_path / "tex" / "banded" / f"banded_{i:04d}.jpg", (40, 40), 40 * i)
+        solid_image(tmp_path / "tex" / "banded" / f"banded_{i:04d}.jpg", (40, 40), 40 * i)
     out = tmp_path / "runs"
     args = ["fit", "--preset", "cfrg_cpu", "--categories", "ACC,CS", "--per-category", "--out", str(out),
             "--test"]

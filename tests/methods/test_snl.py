@@ -1,4 +1,5 @@
-"""SNL: each loss pinned on hand-checkable tensors, each switch trains, all-off is RD; every method in multi-class mode."""
+"""SNL: each loss pinned on hand-checkable tensors, each switch trains, all-off is RD; every method in multi-class
+mode."""
 
 from __future__ import annotations
 

@@ -38,7 +38,8 @@ def test_teacher_loss_sums_layers_and_averages_pixels() -> None:
     t_a[0, :, 0, 1] = torch.tensor([0.0, 1.0])  # second pixel orthogonal: D^a = (0, 1)
     mask = torch.tensor([[[[0.0, 1.0]]]])
     assert urd.teacher_loss([e], [t_a], [e], [mask]).item() == pytest.approx(0.0, abs=1e-6)
-    assert urd.teacher_loss([e, e], [t_a, t_a], [e, e], [1 - mask, 1 - mask]).item() == pytest.approx(2.0, abs=1e-6)  # |0-1|, |1-0|: 1 per layer
+    # |0-1|, |1-0|: 1 per layer
+    assert urd.teacher_loss([e, e], [t_a, t_a], [e, e], [1 - mask, 1 - mask]).item() == pytest.approx(2.0, abs=1e-6)
 
 
 def test_layer_masks_resample_from_full_mask() -> None:

@@ -54,7 +54,8 @@ def test_default_foreground_covers_urd_visa_table() -> None:
     from kdad.synthesis import URD_FOREGROUND, URD_FOREGROUND_MVTEC, URD_FOREGROUND_VISA
 
     assert not set(URD_FOREGROUND_MVTEC) & set(URD_FOREGROUND_VISA)  # one merged table loses nothing
-    assert len(URD_FOREGROUND_VISA) == 12 and set(URD_FOREGROUND) == set(URD_FOREGROUND_MVTEC) | set(URD_FOREGROUND_VISA)
+    assert len(URD_FOREGROUND_VISA) == 12
+    assert set(URD_FOREGROUND) == set(URD_FOREGROUND_MVTEC) | set(URD_FOREGROUND_VISA)
     cfg = SynthesisConfig()
     for category in ("candle", "capsules", "pcb1", "pipe_fryum"):
         assert cfg.foreground_method(category) == "grabcut", category

@@ -8,7 +8,8 @@ order (shallow/high-resolution first), so index i of the student matches index i
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 from torch import Tensor, nn
 

@@ -77,6 +77,9 @@ def gaussian_kernel1d(sigma: float, truncate: float = 4.0) -> Tensor:
 class GaussianBlur(nn.Module):
     """Separable Gaussian blur of (B, 1, H, W) maps with scipy-compatible symmetric padding."""
 
+    kernel_h: Tensor
+    kernel_v: Tensor
+
     def __init__(self, sigma: float, truncate: float = 4.0) -> None:
         super().__init__()
         self.sigma = float(sigma)

@@ -7,7 +7,8 @@ i.e. width_per_group 128) down to 2048@8^2. For any other teacher it is sized fr
 
 from __future__ import annotations
 
-from typing import Literal, Sequence
+from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,3 +61,18 @@ class OCBE(nn.Module):
         f1, f2, f3 = feats
         fused = torch.cat([self.branch1(f1), self.branch2(f2), f3], dim=1)
         return self.oce(fused).contiguous()
+
+
+# OCBE per ResNet teacher as in RD4AD's resnet.py: (block, number of OCE blocks, width_per_group)
+OCBE_BY_TEACHER = {
+    "resnet18": ("basic", 2, 64),
+    "resnet34": ("basic", 3, 64),
+    "resnet50": ("bottleneck", 3, 64),
+    "wide_resnet50_2": ("bottleneck", 3, 128),
+}
+
+
+def build_bottleneck(backbone: str, channels: list[int], width_per_group: int = 64) -> OCBE:
+    """RD4AD's OCBE for ResNet teachers; a bottleneck OCBE of 3 blocks (`width_per_group`) for other teachers."""
+    block, n, wpg = OCBE_BY_TEACHER.get(backbone, ("bottleneck", 3, width_per_group))
+    return OCBE(channels, block=block, num_blocks=n, width_per_group=wpg)  # type: ignore[arg-type]

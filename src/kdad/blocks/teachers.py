@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
+from typing import Any
 
 import timm
 import torch
@@ -65,6 +66,9 @@ class Encoder(nn.Module):
     [0, 1] images. A frozen encoder has no trainable parameters and stays in eval mode even after
     ``.train()``, so its BatchNorm statistics never change.
     """
+
+    norm_mean: Tensor
+    norm_std: Tensor
 
     def __init__(
         self,
@@ -178,7 +182,7 @@ def _check_layers(name: str, layers: Sequence[int], valid: range) -> tuple[int, 
     return layers
 
 
-_Parts = tuple[nn.Module, list[int], list[int], tuple[float, float, float], tuple[float, float, float]]
+_Parts = tuple[Any, list[int], list[int], tuple[float, float, float], tuple[float, float, float]]
 
 
 def _build_resnet(name: str, layers: Sequence[int], weights: str | None) -> _Parts:
@@ -197,7 +201,7 @@ def _build_resnet(name: str, layers: Sequence[int], weights: str | None) -> _Par
 def _build_lite(name: str, layers: Sequence[int], weights: str | None) -> _Parts:
     layers = _check_layers(name, layers, range(5))
     path = resolve_weights(name, weights)
-    body = timm.create_model(_LITES[name], pretrained=False, features_only=True, out_indices=layers)
+    body: Any = timm.create_model(_LITES[name], pretrained=False, features_only=True, out_indices=layers)
     stage_depths = [len(stage) for stage in body.blocks]
     if path is not None:
         state_dict = load_state_dict_file(path)

@@ -43,8 +43,9 @@ from kdad.data.transforms import (
     read_error_text,
 )
 from kdad.errors import DatasetError
+from kdad.formats import CHECKED_FORMATS
 
-FORMATS: tuple[str, ...] = ("mvtec", "loco", "visa", "btad", "mvtec_ad2", "realiad")
+FORMATS: tuple[str, ...] = CHECKED_FORMATS  # the registry's formats this module detects and checks
 """Layouts `kdad data check` knows (``auto`` detects one of them)."""
 
 ERROR, WARNING = "error", "warning"
@@ -252,7 +253,8 @@ def _scan_mvtec_ad2(rep: CheckReport, root: Path, category: str | None) -> None:
         _add_folder(rep, c.name, "train", c / "train" / GOOD, 0, GOOD)
         _add_folder(rep, c.name, "validation", c / "validation" / GOOD, 0, GOOD)
         _add_folder(rep, c.name, "test", c / "test_public" / GOOD, 0, GOOD)
-        _add_folder(rep, c.name, "test", c / "test_public" / "bad", 1, "bad", c / "test_public" / "ground_truth" / "bad")
+        _add_folder(rep, c.name, "test", c / "test_public" / "bad", 1, "bad",
+                    c / "test_public" / "ground_truth" / "bad")
         for split in PRIVATE_SPLITS:  # no ground truth: counted, read and hashed only
             if (c / split).is_dir():
                 images = sorted(p for p in (c / split).rglob("*") if is_image_file(p))
@@ -315,7 +317,8 @@ def _scan_realiad(rep: CheckReport, root: Path, category: str | None, split_file
         cats = sorted(p.stem for p in (base / "realiad_jsons").glob("*.json"))
     cats = [c for c in cats if category in (None, c)]
     if not cats:
-        rep.add(ERROR, "split_file", json_dir, "no Real-IAD split JSON found" + (f" for {category!r}" if category else ""))
+        rep.add(ERROR, "split_file", json_dir,
+                "no Real-IAD split JSON found" + (f" for {category!r}" if category else ""))
     for cat in cats:
         try:
             path = find_split_file(root, cat, split_file)
@@ -408,7 +411,7 @@ def _check_files(rep: CheckReport, workers: int, cap: float) -> None:
     masks = sorted({m for e in rep.entries for m in e.masks})
     jobs = [(p, False) for p in images] + [(p, True) for p in masks]
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos = dict(zip(jobs, pool.map(lambda j: _inspect(*j, cap), jobs)))
+        infos = dict(zip(jobs, pool.map(lambda j: _inspect(j[0], j[1], cap), jobs)))
     for (p, is_mask), info in infos.items():
         what = "mask" if is_mask else "image"
         if info.too_large:

@@ -178,7 +178,7 @@ def _curve(rng: np.random.Generator, x0: float, y0: float, length: float, bend: 
     return list(zip(xs, ys, strict=True))
 
 
-def _walk(rng: np.random.Generator, x: float, y: float, steps: int, step: float, a: float) -> list[tuple]:
+def _walk(rng: np.random.Generator, x: float, y: float, steps: int, step: float, a: float) -> list[tuple[float, float]]:
     """A jagged random-walk polyline (a crack path)."""
     pts = [(x, y)]
     for _ in range(steps):

@@ -8,6 +8,7 @@ from torch.utils.data import Dataset
 
 from kdad.config import DataConfig
 from kdad.errors import ConfigError
+from kdad.formats import FORMATS
 
 
 def build_dataset(data: DataConfig, split: str) -> Dataset:
@@ -17,7 +18,7 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
             raise ConfigError("data.root is empty: give the dataset folder (e.g. --data path/to/bottle)")
         from kdad.data.mvtec import MVTecDataset
 
-        return MVTecDataset(data.root, split=split, image_size=data.image_size,
+        return MVTecDataset(data.root, split=split, image_size=data.image_size,  # type: ignore[arg-type]
                             allow_missing_masks=data.allow_missing_masks)
     if data.format == "loco":
         if not data.root:
@@ -39,7 +40,7 @@ def build_dataset(data: DataConfig, split: str) -> Dataset:
             raise ConfigError("data.test_good_dir and data.bad_dir are empty: nothing to test on")
         return FolderDataset(good_dir=data.test_good_dir or None, bad_dir=data.bad_dir or None,
                              mask_dir=data.mask_dir or None, image_size=data.image_size)
-    valid = ["mvtec", "loco", "folder", *LAYOUT_FORMATS]
+    valid = list(FORMATS)
     raise ConfigError(f"data.format: unknown format {data.format!r}; valid: {valid}")
 
 

@@ -72,6 +72,8 @@ class LocoDataset(SampleDataset):
             raises :class:`DatasetError`; if True it gets no channels and ``has_mask=False``.
     """
 
+    image_size: Size  # a fixed size, never a SizeRule
+
     def __init__(self, root: PathLike, split: LocoSplit = "train", image_size: Size = 256,
                  category: str | None = None, allow_missing_masks: bool = False) -> None:
         if split not in ("train", "validation", "test"):

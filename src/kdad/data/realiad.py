@@ -98,7 +98,8 @@ def find_split_file(root: PathLike, category: str, split_file: PathLike | None =
     for c in candidates:
         if c.is_file():
             return c
-    raise DatasetError(f"Real-IAD split file not found: {candidates[0]} (set data.split_file to the JSON or its folder)")
+    raise DatasetError(f"Real-IAD split file not found: {candidates[0]} "
+                       "(set data.split_file to the JSON or its folder)")
 
 
 def find_image_dir(root: PathLike, prefix: str, image_size: Size = 256) -> Path:

@@ -90,6 +90,8 @@ def load_image_and_mask_draft(
 class DraftSampleDataset(SampleDataset):
     """:class:`SampleDataset` that decodes JPEGs at reduced scale (``fast_jpeg=False`` for full decode)."""
 
+    image_size: Size  # a fixed size: draft decoding needs the target size before it opens the file
+
     def __init__(self, samples: list[Sample], image_size: Size = 256, fast_jpeg: bool = True) -> None:
         super().__init__(samples, image_size)
         self.fast_jpeg = fast_jpeg

@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 from kdad.errors import ConfigError
-from kdad.methods import dskd, rd, rdpp, snl, stfpm, urd
-from kdad.methods import bkd
-from kdad.methods import cfrg
+from kdad.methods import bkd, cfrg, dskd, patchst, rd, rdpp, snl, stfpm, urd
 from kdad.methods.base import MethodSpec
 
 METHODS: dict[str, MethodSpec] = {
@@ -17,6 +15,7 @@ METHODS: dict[str, MethodSpec] = {
     "dskd": dskd.SPEC,
     "snl": snl.SPEC,
     "cfrg": cfrg.SPEC,
+    "patchst": patchst.SPEC,
 }
 
 
@@ -25,8 +24,3 @@ def get_method(name: str) -> MethodSpec:
     if name not in METHODS:
         raise ConfigError(f"unknown method {name!r}; valid methods: {sorted(METHODS)}")
     return METHODS[name]
-
-
-def list_methods() -> list[str]:
-    """Names of all methods."""
-    return sorted(METHODS)

@@ -22,12 +22,12 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.deform_align import IMPLS, PyramidAlign
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, cosine_distance
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, cosine_distance
 from kdad.blocks.memory import MemoryModule
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError, KdadError
-from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
+from kdad.methods.base import MethodSpec, backward
 
 PAPER = "Zhong, Kang & Xiong, Unsupervised Anomaly Detection Algorithm Based on Bidirectional Knowledge " \
         "Distillation Network, Open Journal of Applied Sciences 15 (2025) 715-730"
@@ -76,7 +76,7 @@ class Config:
     loss_eps: float = 1e-8
     # map (eq. 13)
     support_reduce: str = "min"  # over shots: "min" or "mean" of d(Q, S~_j)
-    fuse: str = "mul"
+    fuse: Fuse = "mul"
     sigma: float = 4.0
     align_corners: bool = True
     support_seed: int = 0  # which training normals form the inference support set
@@ -287,7 +287,7 @@ def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     ids = {id(p) for p in align}
     rest = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
     groups = [{"params": rest, "lr": cfg.lr}] + ([{"params": align, "lr": cfg.align_lr}] if align else [])
-    return {"student": torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))}
+    return {"student": torch.optim.Adam(groups, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))}
 
 
 def train_step(
@@ -307,9 +307,10 @@ def train_step(
     loss, reverse, forward = bkd_loss(p, cfg)
     opt = opts["student"]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(batch, loss)
     opt.step()
-    return {"loss": float(loss.detach()), "loss_reverse": float(reverse.detach()), "loss_forward": float(forward.detach())}
+    return {"loss": float(loss.detach()), "loss_reverse": float(reverse.detach()),
+            "loss_forward": float(forward.detach())}
 
 
 def calibrate(model: Model, normal_loader: Any, device: torch.device) -> None:

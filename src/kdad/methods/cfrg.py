@@ -37,12 +37,12 @@ from kdad.blocks.adapters import AdapterSet
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, GaussianBlur, cosine_distance
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.blocks.unet import UNetHead
-from kdad.config import deep_merge, from_dict, to_dict
+from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
-from kdad.methods.rd import build_bottleneck
 from kdad.synthesis import BETA_RANGE_CODE, SynthesisConfig, TextureBank, synthesize
 
 PAPER = ("Yang, Xing et al., 3CAD: A Large-Scale Real-World 3C Product Dataset for Unsupervised Anomaly "
@@ -112,7 +112,8 @@ def build_student(cfg: Config) -> tuple[nn.Module, list[int], list[int]]:
     return body, list(info.channels()), list(info.reduction())
 
 
-def segmentation_inputs(teacher: Sequence[Tensor], student: Sequence[Tensor], recovered: Sequence[Tensor]) -> list[Tensor]:
+def segmentation_inputs(teacher: Sequence[Tensor], student: Sequence[Tensor],
+                        recovered: Sequence[Tensor]) -> list[Tensor]:
     """Per level (1 - cos(T, R)) * (1 - cos(T, S)) * T, (B, C_l, h_l, w_l); the weights keep their gradients."""
     return [cosine_distance(t, r) * cosine_distance(t, s) * t for t, s, r in zip(teacher, student, recovered)]
 
@@ -223,7 +224,8 @@ def scheduled_lr(model: Model, cfg: Config) -> float:
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam over every trainable part (student, adapters, OCBE, decoder, UNet); the teacher is frozen."""
     params = [p for p in model.parameters() if p.requires_grad]
-    return {"cfrg": torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]), weight_decay=cfg.weight_decay)}
+    return {"cfrg": torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]),
+                                     weight_decay=cfg.weight_decay)}
 
 
 def _synthesize(batch: dict[str, Any], cfg: Config, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -253,7 +255,8 @@ def train_step(
     l_rec = recovery_loss(teacher_normal, out.recovered)
     w_seg, w_dis, w_rec = cfg.loss_weights
     loss = w_seg * l_seg + w_dis * l_dis + w_rec * l_rec
-    optimizer_step(opt, loss, batch.get("grad_scaler"))  # fp16 (cfrg_paper, as the official torch.cuda.amp)
+    # fp16 (cfrg_paper, as the official torch.cuda.amp)
+    optimizer_step(opt, loss, batch.get("grad_scaler"), batch.get("backward"))
     model.steps_done += 1
     return {"loss": float(loss.detach()), "loss_seg": float(l_seg.detach()), "loss_dis": float(l_dis.detach()),
             "loss_rec": float(l_rec.detach()), "lr": lr}

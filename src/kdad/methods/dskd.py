@@ -27,11 +27,11 @@ from torch.utils.checkpoint import checkpoint
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import pixel_cosine_loss
 from kdad.blocks.maps import AnomalyOutput, GaussianBlur, cosine_distance
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.resblocks import init_like_rd4ad
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
+from kdad.methods.base import MethodSpec, backward
 
 PAPER = "Zhang, Suganuma & Okatani, Contextual Affinity Distillation for Image Anomaly Detection, WACV 2024"
 STUDENTS = {"both": ("local", "global"), "local": ("local",), "global": ("global",)}
@@ -94,7 +94,8 @@ def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float
     transient working set is ~4 x chunk x h*w floats whatever the batch and h*w are (docs/methods/dskd.md).
     """
     b, _, h, w = teacher.shape
-    amp = torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled() else contextlib.nullcontext()
+    amp = (torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled()
+           else contextlib.nullcontext())
     with amp:
         t_all = F.normalize(teacher.detach().float().flatten(2), dim=1)  # (B, C, N)
         s_all = F.normalize(student.float().flatten(2), dim=1)
@@ -246,7 +247,8 @@ class Model(nn.Module):
         return [contextual_affinity_map(t, s, self.cfg.temperature, self.cfg.affinity_chunk)
                 for t, s in zip(teacher, feats)]
 
-    def raw_maps(self, teacher: list[Tensor], students: dict[str, list[Tensor]], size: tuple[int, int]) -> dict[str, Tensor]:
+    def raw_maps(self, teacher: list[Tensor], students: dict[str, list[Tensor]],
+                 size: tuple[int, int]) -> dict[str, Tensor]:
         """Eq. 8's M_loc / M_glo before normalisation: per student, sum of bilinearly upsampled layer maps."""
         out = {}
         for name, feats in students.items():
@@ -294,7 +296,7 @@ def train_step(
     total = torch.stack(list(losses.values())).sum()
     for opt in opts.values():
         opt.zero_grad(set_to_none=True)
-    total.backward()
+    backward(batch, total)
     for opt in opts.values():
         opt.step()
     return {"loss": float(total.detach()), **{f"loss_{k}": float(v.detach()) for k, v in losses.items()}}

@@ -17,21 +17,13 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, pool_features
-from kdad.blocks.ocbe import OCBE
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, pool_features
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
 
 PAPER = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
-
-# OCBE per ResNet teacher as in RD4AD's resnet.py: (block, number of OCE blocks, width_per_group)
-_OCBE_BY_TEACHER = {
-    "resnet18": ("basic", 2, 64),
-    "resnet34": ("basic", 3, 64),
-    "resnet50": ("bottleneck", 3, 64),
-    "wide_resnet50_2": ("bottleneck", 3, 128),
-}
 
 # "global": the official code's cosine of each sample's whole flattened C*H*W tensor (loss_fucntion);
 # "per_position": the paper's eq. 2, the mean over positions of 1 - channel cosine (docs/methods/rd.md)
@@ -53,7 +45,7 @@ class Config:
     ocbe_width: int = 64
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
     loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
@@ -61,12 +53,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
-
-
-def build_bottleneck(backbone: str, channels: list[int], width_per_group: int = 64) -> OCBE:
-    """RD4AD's OCBE for ResNet teachers; a bottleneck OCBE of 3 blocks (`width_per_group`) for other teachers."""
-    block, n, wpg = _OCBE_BY_TEACHER.get(backbone, ("bottleneck", 3, width_per_group))
-    return OCBE(channels, block=block, num_blocks=n, width_per_group=wpg)  # type: ignore[arg-type]
 
 
 class Model(nn.Module):
@@ -107,7 +93,7 @@ def rd_loss(teacher: list[Tensor], student: list[Tensor], form: str = "global") 
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
     """One Adam over OCBE + decoder (the teacher is frozen)."""
     params = list(model.bottleneck.parameters()) + list(model.decoder.parameters())
-    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=tuple(cfg.betas))}
+    return {"student": torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.betas[0], cfg.betas[1]))}
 
 
 def train_step(
@@ -116,7 +102,7 @@ def train_step(
     """One Adam step on the teacher-student cosine loss (``cfg.loss``: global flattened or per-position)."""
     teacher, student = model.pairs(batch["image"])
     loss = rd_loss(pool_features(teacher, cfg.pool), pool_features(student, cfg.pool), cfg.loss)
-    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"))
+    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
 SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)

@@ -33,12 +33,12 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import flatten_pair, global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
-from kdad.config import deep_merge, from_dict, to_dict
+from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
+from kdad.methods.base import MethodSpec, backward
 from kdad.synthesis import SynthesisConfig, synthesize
 
 PAPER = "Tien et al., Revisiting Reverse Distillation for Anomaly Detection, CVPR 2023"
@@ -71,7 +71,7 @@ class Config:
     ssot_iters: int = 10  # Sinkhorn iterations at the final epsilon, after annealing
     ssot_scaling: float = 0.7  # epsilon annealing factor from the cost diameter down to ssot_eps
     synthesis: dict[str, Any] = field(default_factory=dict)  # overrides of SYNTHESIS (SynthesisConfig fields)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
 
@@ -230,7 +230,7 @@ def train_step(
     weights = cfg.weight_ssot + cfg.weight_recon + cfg.weight_contrast
     l_proj = (cfg.weight_ssot * l_ssot + cfg.weight_recon * l_recon + cfg.weight_contrast * l_contrast) / weights
     loss = l_distill + cfg.weight_proj * l_proj
-    loss.backward()
+    backward(batch, loss)
     model.accum_count += 1
     if int(model.accum_count) % cfg.accumulate == 0:
         for opt in opts.values():

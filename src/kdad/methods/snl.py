@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.losses import global_cosine_loss
+from kdad.blocks.maps import Fuse
 from kdad.errors import ConfigError
 from kdad.methods import rd
-from kdad.methods.base import MethodSpec
+from kdad.methods.base import MethodSpec, backward
 
 PAPER = ("Deng & Li, Structural Teacher-Student Normality Learning for Multi-Class Anomaly Detection and "
          "Localization; designed from the abstract (no code or full text public), not the paper's method")
@@ -43,7 +44,7 @@ class Config:
     pool: int = 1
     lr: float = 0.005
     betas: tuple[float, float] = (0.5, 0.999)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
     global_loss: bool = True  # RD's flattened cosine loss (the base SNL is built on)
@@ -197,7 +198,7 @@ def train_step(
     loss = torch.stack(list(terms.values())).sum()
     opt = opts["student"]
     opt.zero_grad(set_to_none=True)
-    loss.backward()
+    backward(batch, loss)
     opt.step()
     return {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 

@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from kdad.blocks.losses import normalized_l2_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, pool_features
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, pool_features
 from kdad.blocks.teachers import build_encoder
 from kdad.methods.base import MethodSpec, optimizer_step
 
@@ -33,7 +33,7 @@ class Config:
     lr: float = 0.4
     momentum: float = 0.9
     weight_decay: float = 1e-4
-    fuse: str = "mul"
+    fuse: Fuse = "mul"
     sigma: float = 0.0
     pool: int = 1  # k x k mean of both feature maps before loss and map (1 = the official per-position form)
 
@@ -73,7 +73,7 @@ def train_step(
     """One SGD step on the normalised-L2 feature loss."""
     teacher, student = model.pairs(batch["image"])
     loss = normalized_l2_loss(pool_features(teacher, cfg.pool), pool_features(student, cfg.pool))
-    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"))
+    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
 SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)

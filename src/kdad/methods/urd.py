@@ -31,12 +31,12 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, cosine_distance
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, cosine_distance
+from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import Encoder, build_encoder
-from kdad.config import deep_merge, from_dict, to_dict
+from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec
-from kdad.methods.rd import build_bottleneck
+from kdad.methods.base import MethodSpec, backward
 from kdad.synthesis import BETA_RANGE_PAPER, SynthesisConfig, TextureBank, compute_foreground, synthesize
 
 PAPER = "Liu et al., Unlocking the Potential of Reverse Distillation for Anomaly Detection, AAAI 2025"
@@ -68,7 +68,7 @@ class Config:
     student_init: str = "xavier"
     mask_threshold: float = 0.5  # layer masks: bilinear (align_corners=True) resize, then > threshold
     synthesis: dict[str, Any] = field(default_factory=dict)  # overrides of SYNTHESIS (SynthesisConfig fields)
-    fuse: str = "sum"
+    fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
 
@@ -275,14 +275,14 @@ def train_step(
         m_a = layer_masks(masks, [(int(t.shape[-2]), int(t.shape[-1])) for t in t_a], cfg.mask_threshold)
         loss_t = teacher_loss(t_n, t_a, e_n, m_a, e_a)
         opts["teacher"].zero_grad(set_to_none=True)
-        loss_t.backward()
+        backward(batch, loss_t)
         opts["teacher"].step()
         logs["loss_teacher"] = float(loss_t.detach())
     model.teacher.eval()
     t_n, t_a = model.teacher_features(images), model.teacher_features(images_a)
     loss_s = student_loss(model.student(t_n), model.student(t_a), t_n, e_n)
     opts["student"].zero_grad(set_to_none=True)
-    loss_s.backward()
+    backward(batch, loss_s)
     opts["student"].step()
     logs["loss_student"] = float(loss_s.detach())
     logs["loss"] = logs["loss_student"] + logs.get("loss_teacher", 0.0)

@@ -167,8 +167,8 @@ def load_loco_defects_config(path: str | Path) -> dict[int, LocoDefect]:
         raise DatasetError(f"{path}: cannot read defects config ({exc})") from None
     if not isinstance(raw, list):
         raise DatasetError(f"{path}: expected a JSON list of defects, got {type(raw).__name__}")
-    fields: dict[str, type | tuple[type, ...]] = {"defect_name": str, "pixel_value": int, "saturation_threshold": (int, float),
-              "relative_saturation": bool}
+    fields: dict[str, type | tuple[type, ...]] = {"defect_name": str, "pixel_value": int,
+                                                  "saturation_threshold": (int, float), "relative_saturation": bool}
     defects: dict[int, LocoDefect] = {}
     for i, entry in enumerate(raw):
         if not isinstance(entry, dict):

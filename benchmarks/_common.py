@@ -1,0 +1,177 @@
+"""What every benchmark script shares: where the data lives, the quality study's seeded test-split halves, the
+RD family's train-and-test run (rd_family.py, levers_seeds.py), the run metadata and the results JSON.
+
+Scripts run as ``python benchmarks/X.py`` (with kdad installed, or ``PYTHONPATH=src``); Python puts
+``benchmarks/`` on the path for the script itself, so ``import _common`` needs no path manipulation.
+Every results file records the command that made it (``meta.command``) next to the machine it ran on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib.util
+import json
+import os
+import platform
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("KDAD_SHARED", str(ROOT.parent / "shared")))  # a copy elsewhere (GPU machine)
+CATEGORIES = {
+    "bottle": SHARED / "data" / "mvtec_ad" / "bottle",
+    "magnetic_tile": SHARED / "data" / "mtd" / "magnetic_tile",
+}
+TEXTURES = SHARED / "data" / "dtd" / "images"
+RESULTS = ROOT / "benchmarks" / "results"
+PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu", "cfrg": "cfrg_cpu"}  # the RD family's CPU presets
+
+# The quality study: presets are chosen on the selection half (and on generated data) and reported on the other
+# half, so no number in docs/benchmarks.md comes from the images it was tuned on. Halves are stratified by defect type.
+SPLIT_SEED = 20261202
+
+# /proc/cpuinfo flags that decide which CPU kernels torch can use (AMX and AVX-512 bf16 matmuls, VNNI)
+CPU_FLAGS = ("avx2", "avx512f", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_int8", "amx_tile")
+
+
+def halves(ds: Any, seed: int = SPLIT_SEED) -> tuple[list[int], list[int]]:
+    """(selection indices, report indices) of a test dataset: each defect type split in two at random, seeded."""
+    types = [s.defect_type for s in ds.samples]
+    rng = np.random.default_rng(seed)
+    sel: list[int] = []
+    rep: list[int] = []
+    for t in sorted(set(types)):
+        idx = [i for i, tt in enumerate(types) if tt == t]
+        rng.shuffle(idx)
+        k = len(idx) // 2
+        sel += idx[:k]
+        rep += idx[k:]
+    return sorted(sel), sorted(rep)
+
+
+def urd_foreground(category: str) -> str:
+    """URD's per-category foreground (bottle: GrabCut), or "none" where OpenCV is missing (recorded)."""
+    from kdad.synthesis import URD_FOREGROUND_MVTEC
+
+    method = URD_FOREGROUND_MVTEC.get(category, "none")
+    if method == "grabcut" and importlib.util.find_spec("cv2") is None:
+        return "none"
+    return method
+
+
+def run_one(method: str, category: str, args: argparse.Namespace, work: Path,
+            extra_overrides: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Train with the method's CPU preset under the shared budget (plus `extra_overrides`), then evaluate on
+    the test split."""
+    from kdad.config import load_config  # here, so that importing _common does not load torch
+    from kdad.evaluate import evaluate_run
+    from kdad.train import fit
+
+    overrides = [
+        f"data.root={CATEGORIES[category]}", "data.image_size=256", f"train.device={args.device}",
+        "train.progress=false",
+        f"train.max_iters={args.iters}", f"train.batch_size={args.batch}", "train.epochs=1000",
+        f"train.seed={args.seed}", "train.val_fraction=0.1", "model.backbone=efficientnet_lite0",
+        f"train.max_seconds={args.max_seconds}",
+    ]
+    extra: dict[str, Any] = {}
+    if method == "urd":
+        extra["foreground"] = urd_foreground(category)
+        overrides += [f"data.texture_dir={TEXTURES}", f"model.synthesis.foreground={extra['foreground']}"]
+    if method == "cfrg":
+        overrides += [f"data.texture_dir={TEXTURES}"]
+    cfg = load_config(PRESETS[method], [], [*overrides, *extra_overrides])
+    run_dir = work / f"{method}_{category}"
+    fit(cfg, run_dir)
+    res = evaluate_run(run_dir, device=args.device, report=False)
+    info = res["train_info"]
+    m = res["metrics"]
+    return {
+        "method": method, "category": category, "preset": PRESETS[method], **extra,
+        "i_auroc": m.get("image_auroc"), "p_auroc": m.get("pixel_auroc"), "au_pro": m.get("au_pro"),
+        "train_img_per_s": info.get("train_images_per_s"), "train_seconds": info.get("train_seconds"),
+        "iters": info.get("iters"), "n_test_images": res["n_images"], "metrics": m,
+    }
+
+
+def loadavg() -> list[float]:
+    """1, 5 and 15 minute load averages (cores here are shared with other jobs, so every result records them)."""
+    return [round(v, 2) for v in os.getloadavg()]
+
+
+def command_line() -> str:
+    """The command that is running, as one shell line (``python benchmarks/X.py --flag value``)."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])
+
+
+def git_commit() -> str:
+    """HEAD of the repository, with ``+dirty`` when tracked files differ from it; "unknown" outside git."""
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return "unknown"
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD"], cwd=ROOT, capture_output=True, timeout=10)
+        return head.stdout.strip() + ("+dirty" if dirty.returncode == 1 else "")
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def cpu_info() -> dict[str, Any]:
+    """CPU model, logical CPU count and which of :data:`CPU_FLAGS` it has (Linux; model only elsewhere)."""
+    model, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model in ("", platform.machine(), platform.processor()):
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    return {"model": model, "logical_cpus": os.cpu_count(), "flags": {f: f in flags for f in CPU_FLAGS}}
+
+
+def metadata(**extra: Any) -> dict[str, Any]:
+    """Facts about this run that a results file needs to be read later: the command, the commit, the machine,
+    the thread count, the load, library versions and the date. ``extra`` adds script-specific fields."""
+    import torch
+
+    import kdad
+
+    meta: dict[str, Any] = {
+        "command": command_line(),
+        "git_commit": git_commit(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "machine": {"arch": platform.machine(),
+                    "system": platform.platform(), "cpu": cpu_info()},
+        "threads": torch.get_num_threads(),
+        "loadavg_start": loadavg(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "kdad": kdad.__version__,
+    }
+    if torch.cuda.is_available():
+        meta["cuda_device"] = torch.cuda.get_device_name(0)
+    meta.update(extra)
+    return meta
+
+
+def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
+    """Write ``doc`` to ``path`` atomically (a reader never sees half a file; parallel runs may append).
+
+    ``doc["meta"]`` gets ``loadavg_end``; a doc without ``meta`` gets :func:`metadata` so that every results
+    file says which command made it."""
+    path = Path(path)
+    meta = doc.setdefault("meta", metadata())
+    meta["loadavg_end"] = loadavg()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(doc, indent=1) + "\n")
+    tmp.replace(path)
+    return path

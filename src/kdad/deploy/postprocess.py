@@ -1,0 +1,104 @@
+"""Post-processing written once: the decision rule, the pixel defect mask and the overlay display range.
+
+A `PostProcess` is built from the stored `Thresholds` (and the stored display range). Every user of a decision
+(evaluation's scores.csv, the report, `kdad predict`, the web service) asks it; nothing else compares a score
+with a threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from kdad.thresholds import Thresholds, defect_mask, finite_threshold
+from kdad.visualize import overlay
+
+DisplayRange = tuple[float, float, str]  # (vmin, vmax, how it was chosen)
+
+
+def _finite(value: Any) -> float | None:
+    if value is None:
+        return None
+    v = float(value)
+    return v if math.isfinite(v) else None
+
+
+def display_range(display: Mapping[str, Any] | None, pixel_threshold: float | None,
+                  maps: np.ndarray | None = None) -> DisplayRange:
+    """One fixed colour range for every overlay: the stored one; else [median pixel of `maps` (normal ones),
+    2 * pixel threshold - median] (median 0 without maps); else the 1st..99.5th percentile of `maps`."""
+    disp = display or {}
+    if disp.get("vmin") is not None and disp.get("vmax") is not None:
+        return float(disp["vmin"]), float(disp["vmax"]), "stored display range"
+    pixel = _finite(pixel_threshold)
+    has_maps = maps is not None and maps.size > 0
+    if pixel is not None:
+        vmin = float(np.median(maps)) if maps is not None and has_maps else 0.0
+        return vmin, max(2 * pixel - vmin, vmin + 1e-6), "median good-image pixel .. 2 × pixel threshold − median"
+    if has_maps:
+        assert maps is not None
+        vmin, vmax = (float(v) for v in np.percentile(maps, [1.0, 99.5]))
+        return vmin, max(vmax, vmin + 1e-6), "no stored thresholds: 1st .. 99.5th percentile of test pixels"
+    return 0.0, 2.0, "no stored thresholds or maps: [0, 2]"
+
+
+@dataclass(frozen=True)
+class PostProcess:
+    """Raw (map, score) -> decision, defect mask and overlay, at the stored operating point.
+
+    image_threshold: an image is anomalous iff ``score >= image_threshold`` (None: no decision).
+    pixel_threshold, min_area: the defect mask keeps pixels ``>= pixel_threshold`` in 8-connected regions of at
+    least ``min_area`` pixels (None: no mask). vmin, vmax: the fixed overlay colour range.
+    """
+
+    image_threshold: float | None = None
+    pixel_threshold: float | None = None
+    min_area: int = 1
+    vmin: float = 0.0
+    vmax: float = 2.0
+
+    def __post_init__(self) -> None:
+        finite_threshold(self.image_threshold, "image_threshold")  # NaN would call every image normal
+
+    @classmethod
+    def from_thresholds(cls, thresholds: Thresholds | Mapping[str, Any] | None,
+                        display: Mapping[str, Any] | None = None, image_threshold: float | None = None,
+                        maps: np.ndarray | None = None) -> PostProcess:
+        """From stored thresholds (a Thresholds or its dict, keys may be missing or None) and display range;
+        `image_threshold` overrides the stored one (e.g. `--threshold`); `maps` feed the display fallback."""
+        thr = thresholds.to_dict() if isinstance(thresholds, Thresholds) else dict(thresholds or {})
+        finite_threshold(image_threshold, "image_threshold")
+        image = image_threshold if image_threshold is not None else thr.get("image")
+        pixel = None if thr.get("pixel") is None else float(thr["pixel"])
+        vmin, vmax, _ = display_range(display, pixel, maps)
+        return cls(None if image is None else float(image), pixel, int(thr.get("min_area") or 1), vmin, vmax)
+
+    def decision(self, score: float) -> int | None:
+        """1 (anomalous) if ``score >= image_threshold``, 0 if below, None without a threshold."""
+        return None if self.image_threshold is None else int(score >= self.image_threshold)
+
+    def flagged(self, scores: np.ndarray) -> np.ndarray:
+        """Boolean per score: ``score >= image_threshold`` (all False without a threshold)."""
+        s = np.asarray(scores)
+        return np.zeros(s.shape, bool) if self.image_threshold is None else s >= self.image_threshold
+
+    def mask(self, amap: np.ndarray) -> np.ndarray | None:
+        """Boolean defect mask of one map (H, W), or None without a pixel threshold."""
+        return None if self.pixel_threshold is None else defect_mask(amap, self.pixel_threshold, self.min_area)
+
+    def overlay(self, image01: np.ndarray, amap: np.ndarray) -> np.ndarray:
+        """The map coloured in the fixed range, blended onto the image (H, W, 3) in [0, 1] -> uint8."""
+        return overlay(image01, amap, self.vmin, self.vmax)
+
+
+def post_of(runner: Any) -> PostProcess:
+    """A runner's PostProcess (`runner.post`), or one built from its threshold and display attributes."""
+    post = getattr(runner, "post", None)
+    if isinstance(post, PostProcess):
+        return post
+    return PostProcess(runner.image_threshold, runner.pixel_threshold, int(getattr(runner, "pixel_min_area", 1)),
+                       float(runner.vmin), float(runner.vmax))

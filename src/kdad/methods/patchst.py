@@ -1,0 +1,172 @@
+"""PatchST — a patch student regressing a frozen teacher's pooled features (kdad's CPU method).
+
+Not a method of our papers: kdad's answer to the quality gap of issue 18, built from the student–teacher
+branch of EfficientAD (Batzner, Heckler & König, "EfficientAD: Accurate Visual Anomaly Detection at
+Millisecond-Level Latencies", WACV 2024), written from the paper:
+- target: the frozen teacher's layers (default EfficientNet-Lite0 layers 2-3, strides 8 and 16), each
+  3x3-mean-pooled (the kNN probe's features, benchmarks/probe_knn.py), resized to the finest layer's grid,
+  concatenated and standardised per channel with the training normals' mean and std (``prepare``);
+- student: a small patch network (blocks/patchnet.py) trained from scratch with Adam on the squared error;
+- hard-feature loss (EfficientAD eq. 1): only the largest (1 - ``hard_quantile``) share of the batch's
+  squared errors counts, so the student spends its capacity on what it still gets wrong
+  (rare normal content: tile edges, bright streaks) instead of the easy bulk;
+- map: per position mean over channels of the squared error; with ``map_norm: position`` it is divided by
+  the held-out normals' mean error at that position (``calibrate``: normal images err more at the frame's
+  edges), bilinearly resized, Gaussian-blurred; image score = max.
+Differences from EfficientAD: no autoencoder branch (logical anomalies), a Lite0 teacher instead of a
+WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change the ranking), and
+no ImageNet penalty: its DTD stand-in did not help on the selection half (docs/methods/patchst.md).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from kdad.blocks.maps import AnomalyOutput, GaussianBlur, pool_features
+from kdad.blocks.patchnet import PatchNet
+from kdad.blocks.teachers import build_encoder
+from kdad.errors import ConfigError
+from kdad.methods.base import MethodSpec, optimizer_step
+
+PAPER = ("kdad's patch student (after the student-teacher branch of Batzner et al., EfficientAD, WACV 2024); "
+         "not a method of the papers")
+
+
+@dataclass(frozen=True)
+class Config:
+    """PatchST hyperparameters; defaults are the CPU recipe of docs/quality.md."""
+
+    backbone: str = "efficientnet_lite0"
+    layers: tuple[int, ...] = (2, 3)
+    weights: str = "imagenet"
+    pool: int = 3  # k x k mean of the teacher's layers before they become the target
+    width: int = 32  # PatchNet width
+    extra: int = 0  # dilated layers that widen the student's receptive field
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    hard_quantile: float = 0.99  # 0 = plain mean squared error
+    map_norm: Literal["none", "position"] = "position"
+    sigma: float = 4.0
+    std_floor: float = 1e-6  # lower bound of the target std and of the per-position mean error
+
+
+def hard_mse(target: Tensor, pred: Tensor, quantile: float) -> Tensor:
+    """Mean of the largest (1 - quantile) share of the squared errors (all of them for quantile 0)."""
+    d = (target.float() - pred.float()) ** 2
+    if quantile <= 0:
+        return d.mean()
+    flat = d.flatten()
+    k = max(1, round((1.0 - quantile) * flat.numel()))  # top-k: half the time of torch.quantile's full sort
+    return flat.topk(k, sorted=False).values.mean()
+
+
+class Model(nn.Module):
+    """Frozen teacher, patch student, standardisation and map statistics as buffers (saved and exported)."""
+
+    feat_mean: Tensor
+    feat_std: Tensor
+    map_mean: Tensor
+
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        if not 0.0 <= cfg.hard_quantile < 1.0:
+            raise ConfigError(f"model.hard_quantile must be in [0, 1), got {cfg.hard_quantile}")
+        if cfg.map_norm not in ("none", "position"):
+            raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
+        self.cfg = cfg
+        self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
+        if self.encoder.strides[0] != 8:
+            raise ConfigError(f"model.layers must start at a stride-8 layer for the patch student; layer "
+                              f"{cfg.layers[0]} of {cfg.backbone} has stride {self.encoder.strides[0]}")
+        channels = int(sum(self.encoder.channels))
+        self.student = PatchNet(channels, cfg.width, cfg.extra)
+        self.register_buffer("feat_mean", torch.zeros(1, channels, 1, 1))
+        self.register_buffer("feat_std", torch.ones(1, channels, 1, 1))
+        # per-position mean error of held-out normals on the stride-8 grid; empty until calibrate()
+        self.register_buffer("map_mean", torch.zeros(0))
+        self.blur = GaussianBlur(cfg.sigma)
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        # the map statistics take the grid of the image size they were calibrated at: size the buffers first
+        if prefix + "map_mean" in state_dict:
+            self.map_mean = torch.empty_like(state_dict[prefix + "map_mean"], device=self.map_mean.device)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def raw_target(self, images: Tensor) -> Tensor:
+        """The teacher's pooled layers on the finest grid, concatenated (not standardised)."""
+        with torch.no_grad():
+            feats = pool_features(list(self.encoder(self.encoder.normalize(images))), self.cfg.pool)
+            size = feats[0].shape[-2:]
+            return torch.cat([f if f.shape[-2:] == size else
+                              F.interpolate(f, size=size, mode="bilinear", align_corners=False)
+                              for f in feats], 1).float()
+
+    def pairs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+        """([standardised target], [student output]) on the stride-8 grid."""
+        target = (self.raw_target(images) - self.feat_mean) / self.feat_std
+        return [target], [self.student(self.encoder.normalize(images))]
+
+    def error_grid(self, images: Tensor) -> Tensor:
+        """(B, 1, h, w) mean squared error per position, before map statistics."""
+        (t,), (s,) = self.pairs(images)
+        return ((t - s.float()) ** 2).mean(1, keepdim=True)
+
+    def forward(self, images: Tensor) -> AnomalyOutput:
+        d = self.error_grid(images)
+        if self.map_mean.numel() > 0:
+            mean = self.map_mean
+            if mean.shape[-2:] != d.shape[-2:]:  # another input size than calibrated: resize the statistics
+                mean = F.interpolate(mean, size=d.shape[-2:], mode="bilinear", align_corners=False)
+            d = d / mean
+        amap = self.blur(F.interpolate(d, size=images.shape[-2:], mode="bilinear", align_corners=False))
+        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+
+def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
+    """Adam over the student (EfficientAD: lr 1e-4 at batch 1; 1e-3 at batch 16 here)."""
+    return {"student": torch.optim.Adam(model.student.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)}
+
+
+def train_step(
+    model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
+) -> dict[str, Tensor]:
+    """One Adam step on the hard-feature loss."""
+    (t,), (s,) = model.pairs(batch["image"])
+    loss = hard_mse(t, s, cfg.hard_quantile)
+    return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
+
+
+@torch.no_grad()
+def prepare(model: Model, normal_loader: Any, device: torch.device) -> None:
+    """Per-channel mean and std of the target over the training normals (before the first step)."""
+    n, s, ss = 0, None, None
+    for batch in normal_loader:
+        t = model.raw_target(batch["image"].to(device)).double()
+        n += t.shape[0] * t.shape[2] * t.shape[3]
+        s = t.sum((0, 2, 3)) if s is None else s + t.sum((0, 2, 3))
+        ss = (t * t).sum((0, 2, 3)) if ss is None else ss + (t * t).sum((0, 2, 3))
+    if n == 0 or s is None or ss is None:
+        raise ConfigError("patchst needs at least one training image to standardise its target")
+    mean = s / n
+    std = torch.sqrt(torch.clamp(ss / n - mean * mean, min=0.0))
+    model.feat_mean.copy_(mean.float().view_as(model.feat_mean))
+    model.feat_std.copy_(torch.clamp(std.float(), min=model.cfg.std_floor).view_as(model.feat_std))
+
+
+@torch.no_grad()
+def calibrate(model: Model, normal_loader: Any, device: torch.device) -> None:
+    """Per-position mean error on held-out normals (map_norm: position); the map becomes the ratio to it."""
+    if model.cfg.map_norm != "position":
+        return
+    model.eval()
+    g = torch.cat([model.error_grid(batch["image"].to(device)).double().cpu() for batch in normal_loader])
+    model.map_mean = torch.clamp(g.mean(0, keepdim=True).float(), min=model.cfg.std_floor).to(device)
+
+
+SPEC = MethodSpec("patchst", Config, Model, optimizers, train_step, PAPER, prepare=prepare, calibrate=calibrate,
+                  grad_scaler=True)

@@ -1,0 +1,91 @@
+"""PatchST: the hard-feature loss, the target standardisation, the per-position map statistics and their
+round trip through a state dict."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader
+
+from kdad.blocks.patchnet import PatchNet
+from kdad.config import from_dict
+from kdad.errors import ConfigError
+from kdad.methods import patchst
+
+TINY = {"backbone": "resnet18", "weights": "random"}
+
+
+def _model(**kw: object) -> patchst.Model:
+    torch.manual_seed(0)
+    return patchst.Model(from_dict(patchst.Config, {**TINY, **kw}))
+
+
+def _loader(n: int, size: int = 64, seed: int = 0) -> DataLoader:
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed))
+    return DataLoader([{"image": im} for im in x], batch_size=3)
+
+
+def test_patchnet_gives_the_stride_8_grid() -> None:
+    net = PatchNet(7, width=4, extra=1)
+    assert net(torch.rand(1, 3, 256, 256)).shape == (1, 7, 32, 32)
+    assert net(torch.rand(1, 3, 64, 96)).shape == (1, 7, 8, 12)
+
+
+def test_hard_mse_keeps_only_the_largest_errors() -> None:
+    t = torch.zeros(1, 1, 10, 10)
+    s = torch.zeros(1, 1, 10, 10)
+    s.view(-1)[:5] = torch.tensor([10.0, 9.0, 1.0, 1.0, 1.0])  # 100 errors: two large, three small, 95 zero
+    assert float(patchst.hard_mse(t, s, 0.0)) == pytest.approx((100 + 81 + 3) / 100)
+    # the largest 2 % of the 100 squared errors: 100 and 81
+    assert float(patchst.hard_mse(t, s, 0.98)) == pytest.approx((100 + 81) / 2)
+
+
+def test_prepare_standardises_the_target_per_channel() -> None:
+    model = _model()
+    loader = _loader(7)
+    patchst.prepare(model, loader, torch.device("cpu"))
+    raw = torch.cat([model.raw_target(b["image"]) for b in loader])
+    assert torch.allclose(model.feat_mean.flatten(), raw.mean((0, 2, 3)), atol=1e-5)
+    assert torch.allclose(model.feat_std.flatten(), raw.std((0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-5)
+    (t,), _ = model.pairs(torch.cat([b["image"] for b in loader]))
+    assert torch.allclose(t.mean((0, 2, 3)), torch.zeros(t.shape[1]), atol=1e-4)
+
+
+def test_calibrate_divides_the_map_by_its_mean_per_position_and_survives_a_state_dict() -> None:
+    model = _model()
+    patchst.prepare(model, _loader(6), torch.device("cpu"))
+    normals = _loader(5, seed=1)
+    patchst.calibrate(model, normals, torch.device("cpu"))
+    grids = torch.cat([model.error_grid(b["image"]) for b in normals])
+    assert model.map_mean.shape == (1, 1, 8, 8)
+    assert torch.allclose(model.map_mean, grids.mean(0, keepdim=True), atol=1e-5)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    model.eval()
+    with torch.inference_mode():
+        out = model(x)
+        z = model.error_grid(x) / model.map_mean
+    expected = model.blur(F.interpolate(z, size=(64, 64), mode="bilinear", align_corners=False))
+    assert torch.allclose(out.anomaly_map, expected, atol=1e-5)
+    fresh = _model()  # uncalibrated: empty statistics until the state dict sizes them
+    assert fresh.map_mean.numel() == 0
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.inference_mode():
+        assert torch.allclose(fresh(x).anomaly_map, out.anomaly_map, atol=1e-6)
+
+
+def test_without_position_statistics_the_map_is_the_raw_error() -> None:
+    model = _model(map_norm="none")
+    patchst.calibrate(model, _loader(4), torch.device("cpu"))
+    assert model.map_mean.numel() == 0
+    x = torch.rand(1, 3, 64, 64)
+    model.eval()
+    with torch.inference_mode():
+        raw = model.blur(F.interpolate(model.error_grid(x), size=(64, 64), mode="bilinear", align_corners=False))
+        assert torch.allclose(model(x).anomaly_map, raw)
+
+
+def test_a_first_layer_off_stride_8_is_refused() -> None:
+    with pytest.raises(ConfigError, match="stride-8"):
+        _model(layers=[1, 2])
+    with pytest.raises(ConfigError, match="hard_quantile"):
+        _model(hard_quantile=1.0)
