@@ -79,7 +79,8 @@ GROUPS: dict[str, Group] = {
     "decision": Group(
         files=("src/kdad/deploy/postprocess.py", "src/kdad/deploy/batch.py", "src/kdad/evaluate.py",
                "src/kdad/deploy/serve/app.py"),
-        tests=("tests/deploy/test_decision_units.py", "tests/deploy/test_serve.py", "tests/deploy/test_decision.py",
+        tests=("tests/deploy/test_postprocess.py", "tests/deploy/test_decision_units.py", "tests/deploy/test_serve.py",
+               "tests/deploy/test_decision.py",
                "tests/test_report.py"),
         functions=("kdad.deploy.postprocess.*",)
         + _fn("kdad.deploy.batch", "stream_predictions")
