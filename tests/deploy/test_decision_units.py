@@ -144,7 +144,11 @@ class _MaxRunner:
     pixel_threshold = None
     vmin, vmax = 0.0, 1.0
 
+    def __init__(self) -> None:
+        self.calls: list[int] = []
+
     def __call__(self, images: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        self.calls.append(len(images))
         maps = images[:, 0].numpy()
         return maps, maps.reshape(len(maps), -1).max(axis=1)
 
@@ -168,6 +172,16 @@ def test_stream_predictions_keeps_path_order_and_decides_inclusive(tmp_path: Pat
     assert [r.decision for r, _, _ in rows if not r.error] == [0, 1, 0, 1, 1]
     _, amap, image = rows[1]
     assert amap.shape == (8, 8) and image.shape == (8, 8, 3)
+    assert runner.calls[-3:] == [2, 2, 2]  # memory bounded by one batch of the asked size
+
+
+def test_stream_predictions_applies_the_callers_pixel_cap(tmp_path: Path) -> None:
+    path = tmp_path / "big.png"
+    Image.fromarray(np.zeros((40, 40, 3), np.uint8)).save(path)  # 1600 px
+    row = next(stream_predictions(_MaxRunner(), [path], 8, progress=False, max_megapixels=0.001))[0]
+    assert row.error and "megapixel" in row.error.lower() and row.decision is None
+    ok = next(stream_predictions(_MaxRunner(), [path], 8, progress=False, max_megapixels=0.01))[0]
+    assert not ok.error and ok.decision == 0
 
 
 def test_good_images_flagged_counts_good_images_with_a_large_enough_region() -> None:

@@ -39,6 +39,7 @@ def test_display_range_around_the_pixel_threshold() -> None:
                                               "median good-image pixel .. 2 × pixel threshold − median")
     assert display_range({}, 0.5, None)[:2] == (0.0, 1.0)
     assert display_range(None, 0.5, np.zeros(0))[:2] == (0.0, 1.0)
+    assert display_range(None, 0.5, np.array([0.3]))[:2] == pytest.approx((0.3, 0.7))  # one pixel is a median
     lo, hi, _ = display_range(None, 0.1, maps)  # threshold under the median: a tiny range, never inverted
     assert lo == pytest.approx(0.25) and hi == pytest.approx(0.25 + 1e-6) and hi > lo
 
