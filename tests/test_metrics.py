@@ -379,3 +379,196 @@ def test_region_labelling_is_eight_connected_and_per_image() -> None:
     assert regions.n_regions == 2
     assert sorted(np.round(regions.weights * 2, 6)) == [0.5, 0.5, 1.0]
     assert ndimage.label(masks[0], np.ones((3, 3)))[1] == 1
+
+
+# Edge cases found by mutation testing (benchmarks/mutation.py): undefined metrics name themselves.
+
+
+def _metric_warnings(fn, *args, **kw):  # noqa: ANN001, ANN202 - a tiny local helper
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn(*args, **kw)
+    return out, [w for w in caught if issubclass(w.category, M.MetricWarning)]
+
+
+def test_undefined_metrics_warn_under_their_own_name() -> None:
+    one_class = ([0.1, 0.2, 0.3], [0, 0, 0])
+    no_defect = (np.zeros((1, 4, 4)), np.zeros((1, 4, 4)))
+    for name, fn, args in [("image_auroc", M.image_auroc, one_class), ("image_ap", M.image_ap, one_class),
+                           ("image_f1_max", M.image_f1_max, one_class), ("f1_max", M.f1_max, one_class),
+                           ("pixel_auroc", M.pixel_auroc, no_defect), ("pixel_ap", M.pixel_ap, no_defect),
+                           ("pixel_f1_max", M.pixel_f1_max, no_defect)]:
+        out, caught = _metric_warnings(fn, *args)
+        assert np.isnan(out if np.isscalar(out) else out[0]), name
+        assert [str(w.message).split(" is undefined")[0] for w in caught] == [name], name
+
+
+def test_image_f1_max_is_f1_max_on_images() -> None:
+    scores, labels = [0.1, 0.4, 0.35, 0.8], [0, 1, 0, 1]
+    assert M.image_f1_max(scores, labels) == M.f1_max(scores, labels) == (1.0, 0.4)
+
+
+def test_evaluate_maps_names_each_undefined_metric_and_points_at_the_caller() -> None:
+    maps = np.random.default_rng(0).random((2, 4, 4))
+    masks = np.zeros((2, 4, 4), bool)
+    masks[1, :2, :2] = True
+    out, caught = _metric_warnings(M.evaluate_maps, maps, masks, None, [0, 0])
+    assert [str(w.message).split(" is undefined")[0] for w in caught] == ["image_auroc", "image_ap", "image_f1_max"]
+    assert np.isfinite(out["pixel_auroc"])
+    out, caught = _metric_warnings(M.evaluate_maps, maps, np.ones((2, 4, 4)), None, [1, 1])
+    names = [str(w.message).split(" is undefined")[0] for w in caught]
+    assert names == ["image_auroc", "pixel_auroc", "au_pro"] and np.isnan(out["au_pro"])
+    assert {w.filename for w in caught} == {__file__}
+    out, caught = _metric_warnings(M.evaluate_maps, maps, np.zeros((2, 4, 4)), None, [0, 1])
+    assert [str(w.message) for w in caught] == ["no mask has a defect pixel: pixel metrics skipped (nan)"]
+    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller's line
+    assert all(np.isnan(out[k]) for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "au_pro"))
+
+
+def test_evaluate_maps_errors_name_the_culprit() -> None:
+    maps, masks = np.zeros((2, 4, 4)), np.zeros((2, 4, 4))
+    with pytest.raises(ValueError, match=r"^3 image scores/labels for 2 maps$"):
+        M.evaluate_maps(maps, masks, [0.1, 0.2, 0.3], [0, 1, 0])
+    with pytest.raises(ConfigError, match="^pro_limit must be in"):
+        M.evaluate_maps(maps, masks, None, [0, 1], pro_limit=0.0)
+
+
+# Edge cases found by mutation testing, continued: exact messages, where warnings point, PRO corner cases.
+
+_ONE = "only one class present (need normal and anomalous samples)"
+
+
+def test_undefined_metrics_give_their_reason_and_point_at_the_caller() -> None:
+    one_class = ([0.1, 0.2, 0.3], [0, 0, 0])
+    no_defect = (np.random.default_rng(0).random((2, 4, 4)), np.zeros((2, 4, 4)))
+    all_defect = (no_defect[0], np.ones((2, 4, 4)))
+    table = [(M.image_auroc, one_class, "image_auroc", _ONE),
+             (M.image_ap, one_class, "image_ap", "no anomalous samples"),
+             (M.image_f1_max, one_class, "image_f1_max", "no anomalous samples"),
+             (M.f1_max, one_class, "f1_max", "no anomalous samples"),
+             (M.pixel_auroc, all_defect, "pixel_auroc", _ONE),
+             (M.pixel_ap, no_defect, "pixel_ap", "no anomalous samples"),
+             (M.pixel_f1_max, no_defect, "pixel_f1_max", "no anomalous samples"),
+             (M.au_pro, no_defect, "au_pro", "no mask has an anomalous pixel"),
+             (M.au_pro, all_defect, "au_pro", "no normal pixel, so the FPR is undefined")]
+    for fn, args, name, reason in table:
+        out, caught = _metric_warnings(fn, *args)
+        if isinstance(out, tuple):  # F1-max: (nan, nan)
+            assert len(out) == 2 and np.isnan(out[1])
+            out = out[0]
+        assert np.isnan(out), name
+        assert [str(w.message) for w in caught] == [f"{name} is undefined: {reason}; returning nan"], name
+        assert caught[0].filename == __file__, name  # the public function's caller, not metrics internals
+
+
+def test_legacy_pro_warns_per_skipped_image_at_the_caller() -> None:
+    maps = np.random.default_rng(1).random((3, 6, 6))
+    maps[1] = 0.5  # constant map: no usable curve
+    masks = np.zeros(maps.shape, bool)
+    masks[1, 2:4, 2:4] = masks[2, 1:3, 1:4] = True
+    out, caught = _metric_warnings(M.legacy_rd4ad_pro, maps, masks)
+    assert np.isfinite(out)
+    assert [str(w.message) for w in caught] == ["legacy_rd4ad_pro: image 1 gives no usable curve; skipped"]
+    assert caught[0].filename == __file__
+    assert out == pytest.approx(M.legacy_rd4ad_pro(maps[2:], masks[2:]))  # image 1 is left out of the mean
+    out, caught = _metric_warnings(M.legacy_rd4ad_pro, maps[1:2], masks[1:2])
+    assert np.isnan(out)
+    assert [str(w.message) for w in caught] == [
+        "legacy_rd4ad_pro: image 0 gives no usable curve; skipped",
+        "legacy_rd4ad_pro is undefined: no anomalous image with a usable curve; returning nan"]
+    assert {w.filename for w in caught} == {__file__}
+    _, caught = _metric_warnings(M.au_spro, [MAP_A], [[]])
+    assert caught and {w.filename for w in caught} == {__file__}
+
+
+def _legacy_reference(amap: np.ndarray, mask: np.ndarray, steps: int = 200, max_fpr: float = 0.3) -> float:
+    """hq-deng/RD4AD compute_pro for one image, written out with explicit loops."""
+    lab, count = ndimage.label(mask, structure=np.ones((3, 3)))
+    lo, hi = amap.min(), amap.max()
+    fprs, pros = [], []
+    for th in np.arange(lo, hi, (hi - lo) / steps):
+        binary = amap > th
+        pros.append(np.mean([(binary & (lab == r)).sum() / (lab == r).sum() for r in range(1, count + 1)]))
+        fprs.append((binary & ~mask).sum() / (~mask).sum())
+    fpr, pro = np.array(fprs), np.array(pros)
+    keep = fpr < max_fpr
+    fpr, pro = fpr[keep] / fpr[keep].max(), pro[keep]
+    return float(-np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2.0)
+
+
+@pytest.mark.parametrize("steps,max_fpr", [(200, 0.3), (37, 0.5)])
+def test_legacy_pro_matches_an_explicit_loop(steps: int, max_fpr: float) -> None:
+    rng = np.random.default_rng(4)
+    amap = np.round(rng.random((12, 10)) * 8) / 8  # ties between region and normal pixels
+    mask = np.zeros((12, 10), bool)
+    mask[1:4, 1:3] = mask[4, 3] = True  # one region 8-connected through a diagonal
+    mask[8:11, 6:9] = True  # a second region of another size
+    amap[mask] += 0.3
+    want = _legacy_reference(amap, mask, steps, max_fpr)
+    assert M.legacy_rd4ad_pro(amap[None], mask[None], steps, max_fpr) == pytest.approx(want, abs=1e-12)
+    lo = amap - amap.min() + 2.0  # a map far from 0: the threshold grid spans min .. max
+    assert M.legacy_rd4ad_pro(lo[None], mask[None], steps, max_fpr) == pytest.approx(
+        _legacy_reference(lo, mask, steps, max_fpr), abs=1e-12)
+
+
+def test_pro_curve_errors_and_full_range() -> None:
+    with pytest.raises(ValueError, match="^pro_curve needs both defect pixels and normal pixels in masks$"):
+        M.pro_curve(np.random.rand(1, 4, 4), np.zeros((1, 4, 4)))
+    with pytest.raises(ValueError, match="^pro_curve needs both defect pixels and normal pixels in masks$"):
+        M.pro_curve(np.random.rand(1, 4, 4), np.ones((1, 4, 4)))
+    rng = np.random.default_rng(2)
+    maps, masks = random_case(rng, n=3, size=12, levels=10)
+    fpr, pro = M.pro_curve(maps, masks)
+    assert (fpr[0], pro[0], fpr[-1], pro[-1]) == (0.0, 0.0, 1.0, 1.0)
+    assert np.all(np.diff(fpr) >= 0) and fpr.max() == 1.0
+    assert M.au_pro(maps, masks, 1.0) == pytest.approx(float(np.sum(np.diff(fpr) * (pro[1:] + pro[:-1])) / 2))
+
+
+@pytest.mark.parametrize("limit", [0.3, 0.05, 0.001])
+def test_au_pro_partial_sort_equals_the_full_sort(limit: float) -> None:
+    from kdad.metrics._core import rank
+
+    rng = np.random.default_rng(7)
+    maps, masks = random_case(rng, n=4, size=24, levels=50)
+    regions = M.pro.region_pixels(maps, masks)
+    full = M.pro.au_pro_prepared(maps, regions, limit, rank(maps, masks))
+    assert M.au_pro(maps, masks, limit) == pytest.approx(full, abs=1e-12)
+    assert full == pytest.approx(slow_au_pro(maps, masks, limit), abs=1e-9)
+
+
+def test_area_to_limit_interpolates_only_inside_the_curve() -> None:
+    from kdad.metrics._core import area_to_limit
+
+    fpr, pro = np.array([0.0, 0.2, 0.2, 0.6, 1.0]), np.array([0.0, 0.4, 0.6, 0.8, 1.0])
+    assert area_to_limit(fpr, pro, 0.2) == pytest.approx((0.2 * 0.4 / 2) / 0.2)  # ends at the vertical step
+    assert area_to_limit(fpr, pro, 0.4) == pytest.approx((0.04 + 0.2 * (0.6 + 0.7) / 2) / 0.4)
+    assert area_to_limit(fpr, pro, 1.0) == pytest.approx(0.04 + 0.4 * 0.7 + 0.4 * 0.9)
+    short = np.array([0.0, 0.1]), np.array([0.0, 0.5])  # a partial curve that stops before the limit
+    assert area_to_limit(*short, 0.3) == pytest.approx(0.1 * 0.5 / 2 / 0.3)
+
+
+def test_top_sorted_and_distinct_counts() -> None:
+    from kdad.metrics._core import _distinct_desc, top_sorted
+
+    x = np.array([[3.0, 1.0], [2.0, 5.0]])
+    top, full = top_sorted(x, 2)
+    assert top.tolist() == [3.0, 5.0] and full is False
+    for k in (4, 9):
+        top, full = top_sorted(x, k)
+        assert top.tolist() == [1.0, 2.0, 3.0, 5.0] and full is True
+    values, counts = _distinct_desc(np.array([1.0, 1.0, 2.0, 4.0, 4.0, 4.0]))
+    assert values.tolist() == [4.0, 2.0, 1.0] and counts.tolist() == [3, 1, 2] and counts.dtype == np.int64
+    values, counts = _distinct_desc(np.zeros(0, np.float32))
+    assert values.shape == counts.shape == (0,) and values.dtype == np.float32 and counts.dtype == np.int64
+
+
+def test_scores_and_labels_errors_name_the_argument() -> None:
+    with pytest.raises(ValueError, match=r"^scores and labels must have the same length; got \(3,\) and \(2,\)$"):
+        M.image_auroc([0.1, 0.2, 0.3], [0, 1])
+    with pytest.raises(ValueError, match="^scores contains NaN$"):
+        M.image_ap([0.1, float("nan")], [0, 1])
+    with pytest.raises(ValueError, match="^labels must be 0/1"):
+        M.image_ap([0.1, 0.2], [0, -1])
+    with pytest.raises(ConfigError, match=r"^limit must be in \(0, 1\], got 2$"):
+        M.au_pro(np.zeros((1, 2, 2)), np.eye(2)[None], limit=2)
+    assert M.image_auroc(np.array([[0.1, 0.9]]), np.array([[0], [1]])) == 1.0  # columns are flattened

@@ -132,3 +132,140 @@ def test_thresholds_min_area_round_trips_and_old_bundles_load() -> None:
     assert Thresholds.from_dict({"image": 1.0, "pixel": 0.5, "source": "old"}).min_area == 1
     with pytest.raises(ConfigError, match="min_area"):
         Thresholds.from_dict({"image": 1.0, "pixel": 0.5, "source": "x", "min_area": 0})
+
+
+# Edge cases found by mutation testing (benchmarks/mutation.py): each test fails on a named wrong behaviour.
+
+
+def test_finite_threshold_passes_numbers_and_none_and_names_the_bad_one() -> None:
+    from kdad.thresholds import finite_threshold
+
+    assert finite_threshold(None) is None
+    assert finite_threshold(0.25) == 0.25
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        with pytest.raises(ConfigError, match="^threshold must be a finite number"):
+            finite_threshold(bad)
+    with pytest.raises(ConfigError, match="^image_threshold must be a finite number"):
+        finite_threshold(float("nan"), "image_threshold")
+
+
+def test_quantile_bounds_are_inclusive_and_a_single_score_is_enough() -> None:
+    scores = [0.1, 0.5, 0.3]
+    assert image_threshold_from_validation(scores, quantile=1.0) == 0.5
+    assert image_threshold_from_validation(scores, quantile=0.0) == 0.1
+    assert image_threshold_from_validation([0.3]) == 0.3
+    with pytest.raises(ValueError, match="^image_threshold_from_validation needs at least one score$"):
+        image_threshold_from_validation([])
+
+
+def test_column_scores_and_labels_are_flattened() -> None:
+    scores = np.array([[0.1], [0.2], [0.3], [0.6], [0.7], [0.25]])
+    labels = np.array([[0], [0], [0], [1], [1], [1]])
+    expected = f1_max(scores.ravel(), labels.ravel())[1]
+    assert image_threshold_from_validation(scores, labels.ravel()) == expected
+    assert image_threshold_from_validation(scores.ravel(), labels) == expected
+
+
+def test_bad_inputs_are_named_in_the_error() -> None:
+    from kdad.thresholds import flagged_region_rate, pixel_threshold_for_region_rate
+
+    with pytest.raises(ValueError, match="^scores contains NaN"):
+        image_threshold_from_validation([0.1, float("nan")])
+    with pytest.raises(ValueError, match="^labels must be 0/1"):
+        image_threshold_from_validation([0.1, 0.2], [0, -1])
+    nan_maps = np.zeros((1, 4, 4))
+    nan_maps[0, 0, 0] = np.nan
+    for call in (lambda: pixel_threshold_from_validation(nan_maps), lambda: flagged_region_rate(nan_maps, 0.5),
+                 lambda: pixel_threshold_for_region_rate(nan_maps)):
+        with pytest.raises(ValueError, match="^maps contains NaN"):
+            call()
+    with pytest.raises(ConfigError, match="^max_pixels must be >= 1"):
+        pixel_threshold_from_validation(np.zeros((1, 4, 4)), max_pixels=0)
+    with pytest.raises(ValueError, match=r"^maps must be \(N, H, W\)"):
+        pixel_threshold_for_region_rate(np.zeros((4, 4)))
+    with pytest.raises(ValueError, match=r"^maps must be \(N, H, W\)"):
+        pixel_threshold_for_region_rate(np.zeros((0, 4, 4)))
+    with pytest.raises(ConfigError, match="^min_area must be >= 1"):
+        pixel_threshold_for_region_rate(np.zeros((2, 4, 4)), 0.5, min_area=0)
+    maps = _spotty_maps(n=4)
+    assert pixel_threshold_for_region_rate(maps, 0.0, min_area=1) == maps.max()  # 1 px: the per-pixel maximum
+
+
+def test_sources_name_the_rule_used_for_each_threshold() -> None:
+    rng = np.random.default_rng(5)
+    maps = rng.random((4, 8, 8))
+    masks = np.zeros(maps.shape, bool)
+    masks[1, 2:4, 2:4] = True
+    maps[masks] += 1.0
+    t = thresholds_from_validation(maps.max(axis=(1, 2)), maps, labels=[0, 1, 0, 0], masks=masks)
+    assert t.source == "validation image=f1_max pixel=f1_max"
+    assert t.pixel == f1_max(maps, masks)[1]
+    t = thresholds_from_validation(maps.max(axis=(1, 2)), maps, image_quantile=0.5, pixel_quantile=0.9)
+    assert t.source == "validation image=quantile:0.5 pixel=quantile:0.9"
+
+
+def test_pixel_subsample_draws_from_every_pixel_and_only_above_the_cap() -> None:
+    maps = np.random.default_rng(6).random((1, 4, 4))
+    assert pixel_threshold_from_validation(maps, quantile=0.7, max_pixels=16) == np.quantile(maps, 0.7)
+    assert pixel_threshold_from_validation(maps, quantile=0.7, max_pixels=1) in maps
+    # two pixels, one drawn: over seeds both are drawn (index 0 included), so the threshold varies with the seed
+    two = np.array([[[1.0, 2.0]]])
+    drawn = {pixel_threshold_from_validation(two, quantile=0.5, max_pixels=1, seed=s) for s in range(20)}
+    assert drawn == {1.0, 2.0}
+    assert pixel_threshold_from_validation(np.zeros((1, 1, 1)), max_pixels=1) == 0.0
+
+
+def test_region_peak_edge_cases() -> None:
+    from kdad.thresholds import region_peak
+
+    m = np.zeros((16, 16))
+    m[3, 3:5] = 2.0  # a 2-px region
+    m[10, 10] = 5.0  # a hot pixel
+    assert region_peak(m, 2) == pytest.approx(2.0, abs=1e-6)
+    diagonal = np.zeros((16, 16))
+    for i in range(5):
+        diagonal[4 + i, 4 + i] = 1.0  # 8-connected: one 5-px region
+    assert region_peak(diagonal, 5) == pytest.approx(1.0, abs=1e-6)
+    assert region_peak(np.ones((8, 8)), 4) < 1.0  # a flat map has no region above its minimum
+    assert region_peak(np.array([[0.5, 1.0], [0.2, 0.3]]), 5) < 0.2  # smaller than min_area: never flagged
+
+
+def test_region_rate_one_flags_every_image() -> None:
+    from kdad.thresholds import flagged_region_rate, pixel_threshold_for_region_rate, region_peak
+
+    maps = _spotty_maps(n=10)
+    maps[1:] += 5.0  # peaks far apart: a threshold below all but the lowest one does not flag every image
+    t = pixel_threshold_for_region_rate(maps, 1.0, min_area=16)
+    assert t < min(region_peak(a, 16) for a in maps)
+    assert flagged_region_rate(maps, t, 16) == 1.0
+    assert flagged_region_rate(maps[:1], t, 16) == 1.0
+    assert np.isnan(flagged_region_rate(np.zeros((0, 8, 8)), 0.5, 16))
+
+
+def test_defect_mask_is_8_connected_inclusive_and_honours_min_area_2() -> None:
+    from kdad.thresholds import defect_mask
+
+    m = np.zeros((12, 12))
+    for i in range(4):
+        m[2 + i, 2 + i] = 1.0  # a 4-px diagonal: one 8-connected region
+    m[9, 9] = 1.0
+    assert defect_mask(m, 1.0, 1).sum() == 5  # a pixel equal to the threshold is flagged
+    assert defect_mask(m, 1.0, 2).sum() == 4
+    assert defect_mask(m, 1.0, 4).sum() == 4
+
+
+@pytest.mark.parametrize("bad", [2.5, True])
+def test_thresholds_min_area_must_be_a_plain_integer(bad: object) -> None:
+    with pytest.raises(ConfigError, match="min_area"):
+        Thresholds.from_dict({"image": 1.0, "pixel": 0.5, "source": "x", "min_area": bad})
+
+
+def test_thresholds_over_the_pixel_cap_are_reproducible(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdad.thresholds as thresholds
+
+    monkeypatch.setattr(thresholds, "DEFAULT_MAX_PIXELS", 100)  # stands in for a 20 M-pixel validation set
+    rng = np.random.default_rng(7)
+    scores, maps = rng.random(8), rng.random((8, 16, 16))
+    a = thresholds_from_validation(scores, maps)
+    assert thresholds_from_validation(scores, maps) == a
+    assert a.pixel == pixel_threshold_from_validation(maps, quantile=0.999, max_pixels=100, seed=0)

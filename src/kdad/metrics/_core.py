@@ -22,9 +22,13 @@ class MetricWarning(UserWarning):
     """A metric is undefined for the given data (e.g. only one class); it returned ``nan``."""
 
 
-def undefined(metric: str, reason: str) -> float:
-    """Warn that ``metric`` is undefined and return ``nan`` (never a silent NaN)."""
-    warnings.warn(f"{metric} is undefined: {reason}; returning nan", MetricWarning, stacklevel=3)
+def undefined(metric: str, reason: str, stacklevel: int = 4) -> float:
+    """Warn that ``metric`` is undefined and return ``nan`` (never a silent NaN).
+
+    ``stacklevel`` as in warnings.warn, so the warning points at the line that called the public metric:
+    4 when that metric reaches here through one helper (image_auroc -> auroc_ranked -> undefined), 3 when
+    it calls this directly."""
+    warnings.warn(f"{metric} is undefined: {reason}; returning nan", MetricWarning, stacklevel=stacklevel)
     return float("nan")
 
 

@@ -152,5 +152,5 @@ def legacy_rd4ad_pro(maps: ArrayLike, masks: ArrayLike, steps: int = 200, max_fp
         else:
             values.append(value)
     if not values:
-        return undefined("legacy_rd4ad_pro", "no anomalous image with a usable curve")
+        return undefined("legacy_rd4ad_pro", "no anomalous image with a usable curve", stacklevel=3)
     return float(np.mean(values))

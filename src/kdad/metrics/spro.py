@@ -125,7 +125,10 @@ def au_spro(
             n_union += int(np.count_nonzero(np.logical_or.reduce([as_bool(c.mask, "mask") for c in chans])))
     if n_channels == 0 or n_union == n_pixels:
         reason = "no GT channel" if n_channels == 0 else "no negative pixel"
-        return {v: undefined(f"au_spro@{v}", reason) for v in checked}
+        out = {}
+        for v in checked:  # a loop, not a comprehension: its frame would shift stacklevel before Python 3.12
+            out[v] = undefined(f"au_spro@{v}", reason, stacklevel=3)
+        return out
     fpr, pro = spro_curve(maps, channels)
     return {v: area_to_limit(fpr, pro, v) for v in checked}
 
