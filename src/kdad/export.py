@@ -302,8 +302,9 @@ def build_metadata(
                 "meaning": "raw image score = max of anomaly_map",
             },
         },
-        "thresholds": {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source"),
-                       "min_area": int(thr.get("min_area", 1))},
+        "thresholds": threshold_metadata(thr),
+        # the calibration normals' image scores (sorted): what the service measures drift against
+        "calibration": bundle.get("calibration"),
         # the graph is per tile; runners stitch full images with kdad.tiling when this is set
         "tiling": None if tiles is None else tiles.to_dict(),
         "display": {"vmin": disp.get("vmin"), "vmax": disp.get("vmax")},
@@ -317,6 +318,17 @@ def build_metadata(
             "sha256": sha256_file(checkpoint) if checkpoint else None,
         },
     }
+
+
+def threshold_metadata(thr: dict[str, Any]) -> dict[str, Any]:
+    """The metadata's thresholds: image, pixel, source, min_area, and the conformal alpha, n and guarantee
+    (None for bundles with a quantile threshold, written before conformal thresholds)."""
+    from kdad.thresholds import conformal_guarantee
+
+    alpha, n_cal = thr.get("alpha"), thr.get("n_calibration")
+    return {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source"),
+            "min_area": int(thr.get("min_area", 1)), "alpha": alpha, "n_calibration": n_cal,
+            "guarantee": None if alpha is None or n_cal is None else conformal_guarantee(float(alpha), int(n_cal))}
 
 
 def _session(graph: bytes | str, where: str, providers: list[str] | None = None) -> Any:
