@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
@@ -36,6 +37,7 @@ from kdad.data.transforms import (
     read_error_text,
 )
 from kdad.deploy.postprocess import post_of
+from kdad.deploy.serve.monitor import DriftConfig, Monitor, calibration_scores
 from kdad.tiling import image_loader, images_per_call, tiled_runner
 from kdad.visualize import png_bytes
 
@@ -192,15 +194,18 @@ def create_app(
     max_megapixels: float | None = None,
     max_batch_files: int = 32,
     chunk: int = 8,
+    drift: DriftConfig | None = None,
 ) -> FastAPI:
     """The web app for one runner. Model calls run in the thread pool, one at a time (a lock), so
     concurrent requests never run two forwards at once; decoding runs in parallel outside the lock.
-    max_megapixels None means the shared cap (kdad.data.transforms.pixel_cap)."""
+    max_megapixels None means the shared cap (kdad.data.transforms.pixel_cap). drift: the window and alarm
+    level of the drift statistic on /metrics and /monitor (kdad.deploy.serve.monitor)."""
     limits = Limits(max_upload_mb, pixel_cap(max_megapixels), max_batch_files)
     lock = threading.Lock()
     runner = tiled_runner(runner)  # a tiled model scores whole images: stitched maps, one image per call
     load = image_loader(runner, int(runner.image_size), limits.max_megapixels)
     chunk = images_per_call(runner, chunk)
+    monitor = Monitor(calibration_scores(runner), runner.image_threshold, drift)
 
     def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         with lock, torch.inference_mode():
@@ -225,6 +230,7 @@ def create_app(
                         result_dict, runner, names[i + j], float(scores[j]), maps[j], image01, threshold, mask
                     )
                 )
+                monitor.observe(float(scores[j]), results[-1]["decision"])
         return results
 
     app = FastAPI(
@@ -260,8 +266,11 @@ def create_app(
         ] = None,
         mask: Annotated[bool, Query(description="also return a mask at the pixel threshold")] = False,
     ) -> dict[str, Any]:
+        start = time.perf_counter()
         image = await decode(file)
-        return (await score([image], [file.filename or "upload"], pick_threshold(threshold), mask))[0]
+        out = (await score([image], [file.filename or "upload"], pick_threshold(threshold), mask))[0]
+        monitor.latency.labels("/predict").observe(time.perf_counter() - start)
+        return out
 
     @app.post("/predict/batch", summary="score several images (bad files become error items)")
     async def predict_batch(
@@ -271,6 +280,7 @@ def create_app(
         ] = None,
         mask: Annotated[bool, Query(description="also return binary masks")] = False,
     ) -> list[dict[str, Any]]:
+        start = time.perf_counter()
         if len(files) > limits.max_batch_files:
             raise HTTPException(413, f"{len(files)} files exceed the batch limit of {limits.max_batch_files}")
         items: list[dict[str, Any] | None] = [None] * len(files)
@@ -288,7 +298,18 @@ def create_app(
         )
         for (i, _), res in zip(good, scored, strict=True):
             items[i] = res
+        monitor.latency.labels("/predict/batch").observe(time.perf_counter() - start)
         return [it for it in items if it is not None]
+
+    @app.get("/metrics", summary="Prometheus metrics: decisions, score and latency histograms, drift")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await run_in_threadpool(monitor.prometheus_text), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/monitor", summary="recent score histogram vs calibration scores and threshold, drift (JSON)")
+    async def monitor_data() -> dict[str, Any]:
+        return await run_in_threadpool(monitor.page_data)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:
