@@ -69,6 +69,9 @@ def calibrate_run(run: str | Path, normals: str | Path, alpha: float | None = No
     old = dict(bundle.get("thresholds") or {})
     entry = {"time": stamp, "normals": str(normals), "n": int(len(scores)), "alpha": thr.alpha,
              "image_threshold": thr.image, "previous_image_threshold": old.get("image"), "warnings": notes}
+    if bundle.get("gate") is not None:  # the invalid-input gate keeps its features' mean and covariance
+        entry["gate_threshold"], entry["previous_gate_threshold"] = _recalibrate_gate(bundle, model, ds, dev,
+                                                                                      batch_size, normals)
     new = {**bundle, "config": to_dict(cfg), "thresholds": thr.to_metadata(), "display": display,
            "calibration": calibration_record(scores, f"kdad calibrate {normals}"),
            "calibration_history": [*bundle.get("calibration_history", []), entry]}
@@ -81,6 +84,31 @@ def calibrate_run(run: str | Path, normals: str | Path, alpha: float | None = No
     return summary
 
 
+def _recalibrate_gate(bundle: dict[str, Any], model: Any, ds: Any, device: Any, batch_size: int,
+                      normals: str | Path) -> tuple[float, float]:
+    """Re-threshold the bundle's gate (in place) on the new normals' gate scores: the conformal threshold at the
+    gate's alpha times its margin. The mean and covariance of the training normals are kept (the new normals are
+    the calibration set, not the fit set). Returns (new, old) thresholds."""
+    import numpy as np
+    import torch
+    from torch.utils.data import DataLoader
+
+    from kdad.gate import Gate
+    from kdad.thresholds import conformal_threshold
+
+    gate = Gate.from_bundle(bundle["gate"])
+    module = gate.module(model).to(device).eval()
+    with torch.inference_mode():
+        scores = np.concatenate([module(b["image"].to(device)).cpu().numpy()
+                                 for b in DataLoader(ds, batch_size=batch_size, shuffle=False)]).astype(np.float64)
+    conf = conformal_threshold(scores, gate.alpha)
+    new = dataclasses.replace(gate, threshold=conf.threshold * gate.margin, n_calibration=len(scores),
+                              scores=tuple(float(v) for v in np.sort(scores)),
+                              source=f"{gate.source.split(';')[0]}; threshold from kdad calibrate {normals}")
+    bundle["gate"] = new.to_bundle()
+    return new.threshold, gate.threshold
+
+
 def _update_onnx_metadata(ckpt: Path, target: Path, bundle: dict[str, Any], stamp: str) -> str | None:
     """Rewrite the thresholds of the graph exported from `ckpt` (RUN/model.onnx's JSON), keeping the old JSON."""
     from kdad.export import default_onnx_path, metadata_path, read_metadata, sha256_file, threshold_metadata
@@ -90,6 +118,10 @@ def _update_onnx_metadata(ckpt: Path, target: Path, bundle: dict[str, Any], stam
         return None
     meta = read_metadata(graph)
     _keep(metadata_path(graph), stamp)
+    if bundle.get("gate") is not None and meta.get("gate") is not None:
+        from kdad.gate import Gate
+
+        meta["gate"] = {**meta["gate"], **Gate.from_bundle(bundle["gate"]).metadata()}
     meta.update(thresholds=threshold_metadata(bundle["thresholds"]), display=bundle["display"],
                 calibration=bundle["calibration"], calibration_history=bundle["calibration_history"])
     meta["source_checkpoint"] = {"path": str(target), "sha256": sha256_file(target)}  # same weights, new thresholds

@@ -83,6 +83,12 @@ class TrainConfig:
     # `alpha`; "quantile": the threshold_quantile of the held-out normal scores (kdad before 0.x)
     image_threshold_rule: ImageThresholdRule = "conformal"
     alpha: float = 0.01  # image_threshold_rule "conformal": the false-alarm rate to guarantee on normal images
+    # the invalid-input gate (kdad.gate, docs/operating_point.md): images unlike the training normals are
+    # called `invalid`, not normal; gate_alpha: its conformal rate on held-out normals; gate_margin: the factor
+    # on that threshold (8: on bottle, defects reach 6.4x the highest held-out normal, other products >= 26x)
+    gate: bool = True
+    gate_alpha: float = 0.005
+    gate_margin: float = 8.0
     threshold_quantile: float = 0.99  # image_threshold_rule "quantile": this quantile of the normal scores
     pixel_threshold_quantile: float = 0.999  # pixel_threshold_rule "quantile": this quantile of normal pixels
     # "region" (default): the pixel threshold at which at most pixel_region_rate of the held-out normal images

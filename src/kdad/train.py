@@ -180,7 +180,7 @@ RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.max_iters", "train.max_seconds", "train.device", "train.amp", "train.cpu_bf16",
     "train.channels_last", "train.fused_optimizer", "train.compile", "train.heap_allocator", "train.cuda_graph",
     "train.val_every", "train.ckpt_every", "train.threshold_quantile", "train.pixel_threshold_quantile",
-    "train.image_threshold_rule", "train.alpha",
+    "train.image_threshold_rule", "train.alpha", "train.gate", "train.gate_alpha", "train.gate_margin",
     "train.eval_batch_size", "train.progress", "data.num_workers",
 })
 """Config keys `--resume` lets change: the budget, the device and speed levers, bookkeeping. Everything else
@@ -250,6 +250,23 @@ def _load_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         raise KdadError(f"{path} has no training state to resume from")
     check_resume_config(ck["config"], cfg, path)
     return ck
+
+
+def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: Dataset | None,
+             device: torch.device) -> Any:
+    """The invalid-input gate (kdad.gate.Gate) on the training normals `fit_ds`, thresholded on `calib_ds`
+    (the training normals when None); None when train.gate is off, the model has no teacher, or the run is tiled
+    (the gate looks at whole images at the model's size, a tile is not one)."""
+    from kdad.gate import fit_gate
+    from kdad.methods.base import teacher_of
+
+    tc = cfg.train
+    if not tc.gate or teacher_of(model) is None or TileSpec.from_data(cfg.data) is not None:
+        return None
+    source = "held-out normals" if calib_ds is not None else "training normals (optimistic)"
+    gate = fit_gate(model, fit_ds, calib_ds if calib_ds is not None else fit_ds, device, tc.gate_alpha,
+                    tc.gate_margin, tc.eval_batch_size)
+    return dataclasses.replace(gate, source=f"{gate.source}; threshold from {source}")
 
 
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
@@ -423,8 +440,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
             info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
             info["tiling"] = tiles.to_dict()
+        gate = gate_for(model, cfg, train_ds, val_ds, device)
+        extra = {} if gate is None else {"gate": gate.to_bundle()}
         atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_metadata(), display=display, train_info=info,
-                                      calibration=calibration_record(calib_scores, info["threshold_source"])),
+                                      calibration=calibration_record(calib_scores, info["threshold_source"]),
+                                      **extra),
                           run_dir / "model.ckpt")
         atomic_write_text(run_dir / "train_info.json", json.dumps(info, indent=2))
     if distributed:

@@ -36,7 +36,7 @@ from kdad.data.transforms import (
     pixel_cap,
     read_error_text,
 )
-from kdad.deploy.postprocess import post_of
+from kdad.deploy.postprocess import gate_scores_of, post_of
 from kdad.deploy.serve.monitor import DriftConfig, Monitor, calibration_scores
 from kdad.tiling import image_loader, images_per_call, tiled_runner
 from kdad.visualize import png_bytes
@@ -150,16 +150,24 @@ def result_dict(
     image01: np.ndarray,
     threshold: float | None,
     mask: bool,
+    gate_score: float | None = None,
 ) -> dict[str, Any]:
-    """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64."""
+    """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64.
+
+    label: "invalid" (with `reason`) when the invalid-input gate refuses the image, then decision is None;
+    else "anomalous" / "normal" by the decision rule."""
     post = dataclasses.replace(post_of(runner), image_threshold=threshold)
-    decision = post.decision(score)
+    label, reason = post.verdict(score, gate_score, image01)
+    decision = None if label in (None, "invalid") else int(label == "anomalous")
     out: dict[str, Any] = {
         "filename": name,
         "score": score,
         "threshold": threshold,
         "decision": decision,
-        "label": None if decision is None else ("anomalous" if decision else "normal"),
+        "label": label,
+        "reason": reason,
+        "gate_score": gate_score,
+        "gate_threshold": post.gate_threshold,
         "image_threshold": runner.image_threshold,
         "heatmap_png_base64": _b64png(post.overlay(image01, amap)),
     }
@@ -183,6 +191,9 @@ def model_info(runner: Any, limits: Limits) -> dict[str, Any]:
             "accepted_formats": list(ACCEPTED_FORMATS),
             "kdad_version": __version__,
             "score": "raw image score = max of the anomaly map; decision = score >= threshold",
+            "gate": "label 'invalid' (decision null, with a reason) when the image is not a plausible picture of "
+                    "the trained product: gate_score > gate_threshold, or a flat or overexposed frame",
+            "gate_threshold": post_of(runner).gate_threshold,
         }
     )
     return info
@@ -207,9 +218,10 @@ def create_app(
     chunk = images_per_call(runner, chunk)
     monitor = Monitor(calibration_scores(runner), runner.image_threshold, drift)
 
-    def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with lock, torch.inference_mode():
-            return runner(images01)
+            maps, scores = runner(images01)
+            return maps, scores, gate_scores_of(runner, images01)
 
     async def decode(upload: UploadFile) -> torch.Tensor:
         name = upload.filename or "upload"
@@ -222,15 +234,16 @@ def create_app(
         results: list[dict[str, Any]] = []
         for i in range(0, len(images), chunk):
             batch = torch.stack(images[i : i + chunk])
-            maps, scores = await run_in_threadpool(locked_call, batch)
+            maps, scores, gates = await run_in_threadpool(locked_call, batch)
             for j in range(len(batch)):
                 image01 = batch[j].permute(1, 2, 0).numpy()
+                gate = None if gates is None else float(gates[j])
                 results.append(
                     await run_in_threadpool(
-                        result_dict, runner, names[i + j], float(scores[j]), maps[j], image01, threshold, mask
+                        result_dict, runner, names[i + j], float(scores[j]), maps[j], image01, threshold, mask, gate
                     )
                 )
-                monitor.observe(float(scores[j]), results[-1]["decision"])
+                monitor.observe(float(scores[j]), results[-1]["decision"], results[-1]["label"] == "invalid")
         return results
 
     app = FastAPI(

@@ -16,7 +16,8 @@ from typing import Any
 import numpy as np
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-DECISIONS = ("normal", "anomalous", "undecided")  # undecided: no image threshold stored or given
+# undecided: no image threshold stored or given; invalid: the invalid-input gate refused the image (kdad.gate)
+DECISIONS = ("normal", "anomalous", "undecided", "invalid")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 THRESHOLD_MULTIPLES = (0.25, 0.5, 0.75, 0.9, 1.0, 1.1, 1.25, 1.5, 2.0, 3.0, 5.0)
 
@@ -78,10 +79,13 @@ class Monitor:
         self.info.labels("calibration_images").set(0 if self.calibration is None else len(self.calibration))
         self.info.labels("drift_alarm_p").set(self.cfg.alarm_p)
 
-    def observe(self, score: float, decision: int | None) -> None:
-        """Count one scored image (decision 1 anomalous, 0 normal, None undecided)."""
-        name = DECISIONS[2] if decision is None else DECISIONS[int(decision)]
+    def observe(self, score: float, decision: int | None, invalid: bool = False) -> None:
+        """Count one scored image (decision 1 anomalous, 0 normal, None undecided; `invalid`: refused by the
+        gate, counted as such and kept out of the score histogram and the drift window)."""
+        name = "invalid" if invalid else DECISIONS[2] if decision is None else DECISIONS[int(decision)]
         self.decisions.labels(name).inc()
+        if invalid:
+            return
         self.scores.observe(score)
         with self.lock:
             self.recent.append(float(score))

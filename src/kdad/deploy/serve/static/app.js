@@ -53,6 +53,12 @@ function decide(card) {
   const bar = el.querySelector(".bar-threshold");
   bar.style.display = state.threshold === null ? "none" : "block";
   bar.style.left = `${Math.min(100, (100 * (state.threshold || 0)) / max)}%`;
+  if (card.invalid) {  // the invalid-input gate: not a picture of the trained product, whatever the threshold
+    dec.textContent = `INVALID: ${card.reason}`;
+    dec.className = "decision invalid";
+    el.dataset.decision = "invalid";
+    return;
+  }
   if (state.threshold === null) {
     dec.textContent = "no threshold (set one with the slider)";
     dec.className = "decision";
@@ -92,7 +98,7 @@ function addCard(name, label, result) {
   scoreEl.textContent = fmt(result.score);
   scoreEl.dataset.score = String(result.score);
   el.dataset.score = String(result.score);
-  const card = { score: result.score, element: el };
+  const card = { score: result.score, element: el, invalid: result.label === "invalid", reason: result.reason };
   state.cards.push(card);
   $("results").prepend(el);
   syncSlider();
