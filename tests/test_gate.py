@@ -31,7 +31,9 @@ def test_verdict_checks_the_gate_first_then_the_decision_rule() -> None:
     assert label == "invalid" and "11 > 10" in str(reason)
     assert post.verdict(0.5, math.nan, photo)[0] == "invalid"
     assert "flat frame" in str(post.verdict(0.5, 3.0, np.zeros((32, 32, 3)))[1])
-    assert "overexposed" in str(post.verdict(0.5, 3.0, np.ones((3, 32, 32)) * 0.99 + photo.transpose(2, 0, 1) * 0)[1])
+    burnt = photo.copy()
+    burnt[:20] = 1.0  # 20 of 32 rows saturated: 62 % > 50 %, not flat
+    assert "overexposed" in str(post.verdict(0.5, 3.0, burnt.transpose(2, 0, 1))[1])
     # no stored gate (bundles before the gate): the two-way decision as before
     assert PostProcess(image_threshold=1.0).verdict(0.5, 1e9, np.zeros((8, 8, 3))) == ("normal", None)
 
