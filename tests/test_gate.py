@@ -44,7 +44,7 @@ def bottle_run(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 
 
 def _images(folder: Path, n: int, size: int) -> torch.Tensor:
-    paths = sorted(p for p in folder.rglob("*.png") if "ground_truth" not in p.parts)
+    paths = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg") and "ground_truth" not in p.parts)
     paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)]
     return torch.stack([load_image(p, size) for p in paths])
 
