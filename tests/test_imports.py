@@ -18,13 +18,13 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
               "kdad.distributed")),
     ("leaves", ("kdad.weights", "kdad.metrics", "kdad.data.transforms", "kdad.visualize")),
     ("parts", ("kdad.thresholds", "kdad.blocks", "kdad.synthesis", "kdad.data", "kdad.presets")),
-    ("methods", ("kdad.methods",)),
+    ("methods", ("kdad.methods", "kdad.gate")),
     ("config", ("kdad.config", "kdad.tiling", "kdad.data.factory")),
     ("bundle", ("kdad.checkpoint", "kdad.export")),
     ("deploy", ("kdad.deploy",)),
     # applications, and the old homes of moved names (kdad.runner, kdad.infer, kdad.predict re-export kdad.deploy)
-    ("apps", ("kdad.evaluate", "kdad.report", "kdad.speed", "kdad.train", "kdad.demo", "kdad.cli", "kdad.serve",
-              "kdad.runner", "kdad.infer", "kdad.predict")),
+    ("apps", ("kdad.evaluate", "kdad.calibrate", "kdad.report", "kdad.speed", "kdad.train", "kdad.demo", "kdad.cli",
+              "kdad.serve", "kdad.runner", "kdad.infer", "kdad.predict")),
 ]
 
 

@@ -255,3 +255,27 @@ def test_compare_one_run_title(tmp_path: Path) -> None:
     (run / "metrics.json").write_text(json.dumps(_result(pred, {"image_auroc": 0.9})))
     compare_runs([run], tmp_path / "c.html")
     assert "comparison of 1 run<" in (tmp_path / "c.html").read_text()
+
+
+def test_report_operating_point_shows_observed_false_alarms_beside_alpha(tmp_path: Path) -> None:
+    """Issue 21.1: the observed false-alarm rate on good test images, its binomial 95 % interval, alpha and the
+    guarantee; an old (quantile) threshold says it carries no guarantee."""
+    from kdad.evaluate import false_alarms
+    from kdad.thresholds import Thresholds
+
+    pred = _fake_predictions(tmp_path / "data", n_good=4, n_bad=3)
+    good = np.sort(pred.scores[pred.labels == 0])
+    thr = Thresholds(image=float((good[-1] + good[-2]) / 2), pixel=0.45, source="conformal", alpha=0.2,
+                     n_calibration=9).to_metadata()  # exactly one good image flagged
+    fa = false_alarms(pred, thr)
+    assert fa is not None and fa["flagged"] == 1 and fa["n_good"] == 4 and fa["rate"] == 0.25
+    assert fa["ci95"][0] == pytest.approx(0.00631, abs=1e-4) and fa["ci95"][1] == pytest.approx(0.80589, abs=1e-4)
+    result = {**_result(pred), "thresholds": thr, "false_alarms": fa}
+    write_report(tmp_path / "r.html", result, pred)
+    text = (tmp_path / "r.html").read_text()
+    assert "Operating point" in text and "1 of 4 = 25.0%" in text and "0.6% .. 80.6%" in text
+    assert "20.0% (on 9 calibration normals)" in text and "P(false alarm) &lt;= 0.2 " in text
+    old = {"image": thr["image"], "pixel": 0.45, "source": "normal-image quantiles"}
+    result = {**_result(pred), "thresholds": old, "false_alarms": false_alarms(pred, old)}
+    write_report(tmp_path / "old.html", result, pred)
+    assert "none: a quantile threshold" in (tmp_path / "old.html").read_text()

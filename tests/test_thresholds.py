@@ -269,3 +269,94 @@ def test_thresholds_over_the_pixel_cap_are_reproducible(monkeypatch: pytest.Monk
     a = thresholds_from_validation(scores, maps)
     assert thresholds_from_validation(scores, maps) == a
     assert a.pixel == pixel_threshold_from_validation(maps, quantile=0.999, max_pixels=100, seed=0)
+
+
+# ----------------------------------------------------------------------------------- conformal (issue 21.1)
+def test_conformal_threshold_is_the_hand_computed_order_statistic() -> None:
+    from kdad.thresholds import conformal_rank, conformal_threshold
+
+    scores = np.random.default_rng(3).permutation(np.arange(1.0, 20.0))  # 1..19, shuffled
+    conf = conformal_threshold(scores, alpha=0.1)
+    # k = ceil((19 + 1) * 0.9) = 18: the 18th smallest score; anomalous iff score > it (score >= next float)
+    assert conformal_rank(19, 0.1) == 18 and conf.rank == 18 and conf.enough
+    assert conf.threshold == np.nextafter(18.0, np.inf)
+    assert not (18.0 >= conf.threshold) and 19.0 >= conf.threshold
+    assert conformal_rank(99, 0.01) == 99 and conformal_rank(40, 0.1) == 37  # (n+1)(1-a) integer, and not
+
+
+def test_conformal_false_alarm_rate_is_at_most_alpha_over_random_splits() -> None:
+    """Many random calibration/test splits of a known score distribution: the mean realised false-alarm rate
+    matches the exact conformal value (n+1-k)/(n+1) <= alpha, where the old 0.95 quantile rule exceeds alpha."""
+    from kdad.thresholds import conformal_threshold
+
+    rng = np.random.default_rng(0)
+    n, alpha, trials, m = 40, 0.05, 3000, 200
+    conf_rates, quant_rates = [], []
+    for _ in range(trials):
+        calib, test = rng.lognormal(size=n), rng.lognormal(size=m)
+        conf_rates.append(np.mean(test >= conformal_threshold(calib, alpha).threshold))
+        quant_rates.append(np.mean(test >= image_threshold_from_validation(calib, quantile=1 - alpha)))
+    k = int(np.ceil((n + 1) * (1 - alpha)))  # 39
+    exact = (n + 1 - k) / (n + 1)  # 2/41 = 0.0488
+    se = np.std(conf_rates) / np.sqrt(trials)
+    assert exact <= alpha
+    assert abs(np.mean(conf_rates) - exact) < 4 * se
+    assert np.mean(conf_rates) <= alpha
+    assert np.mean(quant_rates) > alpha + 4 * np.std(quant_rates) / np.sqrt(trials)  # why the rule changed
+
+
+def test_too_few_calibration_images_warn_and_say_how_many() -> None:
+    from kdad.thresholds import conformal_guarantee, conformal_threshold, images_needed
+
+    assert images_needed(0.01) == 99 and images_needed(0.05) == 19 and images_needed(0.3) == 3
+    conf = conformal_threshold(np.arange(50.0), alpha=0.01)
+    assert not conf.enough and conf.rank == 50 and conf.threshold > 49.0
+    assert conf.warning is not None and "at least 99" in conf.warning
+    assert "at least 99" in conformal_guarantee(0.01, 50) and "<= 0.01961" in conformal_guarantee(0.01, 50)
+    assert conformal_threshold(np.arange(99.0), alpha=0.01).warning is None
+    assert "P(false alarm) <= 0.01 " in conformal_guarantee(0.01, 99)
+
+
+def test_thresholds_from_predictions_follow_the_rule_and_warn() -> None:
+    from kdad.config import TrainConfig
+    from kdad.evaluate import thresholds_from_predictions
+
+    rng = np.random.default_rng(1)
+    scores, maps = rng.random(30), rng.random((30, 8, 8))
+    with pytest.warns(UserWarning, match="at least 99"):
+        thr, _ = thresholds_from_predictions(scores, maps, TrainConfig(alpha=0.01))
+    assert thr.alpha == 0.01 and thr.n_calibration == 30 and "conformal" in thr.source
+    assert thr.image == np.nextafter(scores.max(), np.inf)
+    thr, _ = thresholds_from_predictions(scores, maps, TrainConfig(alpha=0.1))
+    assert thr.image == np.nextafter(np.sort(scores)[27], np.inf)  # k = ceil(31 * 0.9) = 28
+    meta = thr.to_metadata()
+    assert meta["alpha"] == 0.1 and meta["n_calibration"] == 30 and "<= 0.1 " in meta["guarantee"]
+    old, _ = thresholds_from_predictions(scores, maps, TrainConfig(image_threshold_rule="quantile"))
+    assert old.image == pytest.approx(np.quantile(scores, 0.99)) and old.alpha is None and old.guarantee is None
+
+
+def test_bundles_without_alpha_load_as_the_quantile_rule() -> None:
+    old = Thresholds.from_dict({"image": 2.0, "pixel": 1.0, "source": "normal-image quantiles (0.99, 0.999) over 32"})
+    assert old.alpha is None and old.n_calibration is None and old.guarantee is None
+    new = Thresholds.from_dict({**old.to_dict(), "alpha": 0.05, "n_calibration": 40, "guarantee": "ignored"})
+    assert new.alpha == 0.05 and new.guarantee is not None and "40 calibration images" in new.guarantee
+    with pytest.raises(ConfigError, match="alpha"):
+        Thresholds.from_dict({**old.to_dict(), "alpha": 1.5, "n_calibration": 40})
+
+
+def test_clopper_pearson_interval() -> None:
+    from kdad.thresholds import clopper_pearson
+
+    lo, hi = clopper_pearson(0, 10)
+    assert lo == 0.0 and hi == pytest.approx(1 - 0.025 ** (1 / 10))
+    lo, hi = clopper_pearson(5, 100)
+    assert lo == pytest.approx(0.01643, abs=1e-4) and hi == pytest.approx(0.11284, abs=1e-4)
+
+
+def test_onnx_metadata_states_alpha_n_and_the_guarantee() -> None:
+    from kdad.export import threshold_metadata
+
+    meta = threshold_metadata({"image": 2.0, "pixel": 1.0, "source": "s", "alpha": 0.01, "n_calibration": 120})
+    assert meta["alpha"] == 0.01 and meta["n_calibration"] == 120 and "<= 0.01 " in meta["guarantee"]
+    old = threshold_metadata({"image": 2.0, "pixel": 1.0, "source": "normal-image quantiles"})
+    assert old["alpha"] is None and old["guarantee"] is None and old["min_area"] == 1

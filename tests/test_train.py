@@ -264,7 +264,7 @@ def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: 
     """A non-default train.threshold_quantile is what model.ckpt's image threshold is the quantile of."""
     over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "model.sigma=0",
             "train.threshold_quantile=0.5", "train.pixel_threshold_quantile=0.75", "train.amp=false",
-            "train.pixel_threshold_rule=quantile"]
+            "train.pixel_threshold_rule=quantile", "train.image_threshold_rule=quantile"]
     cfg = load_config("rd_cpu", [], over)
     run = fit(cfg, tmp_path / "run")
     bundle = load_bundle(run)
@@ -277,6 +277,27 @@ def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: 
     assert bundle["thresholds"]["pixel"] == pytest.approx(pixel, rel=1e-6)
     assert image != pytest.approx(np.quantile(pred.scores, 0.99), rel=1e-3)  # the default would differ
     assert pixel != pytest.approx(np.quantile(pred.maps, 0.999), rel=1e-3)
+
+
+def test_default_image_threshold_is_conformal_on_held_out_normals(demo_root: Path, tmp_path: Path) -> None:
+    """model.ckpt states alpha, n and the guarantee; its image threshold is the ceil((n+1)(1-alpha))-th smallest
+    held-out normal score; the calibration scores travel in the bundle; a too-small alpha warns."""
+    over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "train.alpha=0.3",
+            "train.amp=false"]
+    run = fit(load_config("rd_cpu", [], over), tmp_path / "run")
+    bundle = load_bundle(run)
+    model, cfg2 = model_from_bundle(bundle)
+    _, val_ds, _ = train_val_datasets(cfg2)
+    scores = np.sort(predict(model, val_ds, torch.device("cpu"), 8, keep_maps=False).scores.astype(np.float64))
+    thr = bundle["thresholds"]
+    assert len(scores) == 6 and thr["alpha"] == 0.3 and thr["n_calibration"] == 6
+    assert thr["image"] == pytest.approx(np.nextafter(scores[4], np.inf), rel=1e-6)  # k = ceil(7 * 0.7) = 5
+    assert "P(false alarm) <= 0.3 " in thr["guarantee"]
+    assert bundle["calibration"]["n"] == 6 and bundle["calibration"]["scores"] == pytest.approx(scores, rel=1e-6)
+    assert "calibration_warnings" not in bundle["train_info"]
+    with pytest.warns(UserWarning, match="at least 99"):
+        run = fit(load_config("rd_cpu", [], over + ["train.alpha=0.01"]), tmp_path / "small")
+    assert "at least 99" in load_bundle(run)["train_info"]["calibration_warnings"][0]
 
 
 @pytest.mark.parametrize("method", ["urd", "cfrg"])

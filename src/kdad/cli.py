@@ -1,4 +1,4 @@
-"""Command-line interface: kdad fit | test | predict | export | serve | demo | list (`kdad COMMAND --help`)."""
+"""Command-line interface: kdad fit | test | predict | calibrate | export | serve | demo | list (`kdad CMD --help`)."""
 
 from __future__ import annotations
 
@@ -194,6 +194,18 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    check_run(args.run)
+    if not Path(args.normals).is_dir():
+        raise KdadError(f"--normals {args.normals}: folder not found")
+    from kdad.calibrate import calibrate_run, describe
+
+    summary = calibrate_run(args.run, args.normals, alpha=args.alpha, device=args.device,
+                            batch_size=args.batch_size, out=args.out)
+    print(describe(summary))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     check_run(args.run)
     from kdad.deploy.runner import make_runner
@@ -337,6 +349,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="torch exporter: legacy TorchScript, dynamo (needs onnxscript), or auto (first that works)")
     p.add_argument("--no-check", action="store_true", help="skip the onnxruntime-vs-PyTorch parity check")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("calibrate", help="new thresholds from new good images (new camera, lighting, line), "
+                       "no retraining; the old model.ckpt is kept (docs/operating_point.md)")
+    p.add_argument("run", help="run folder (with model.ckpt) or a .ckpt file")
+    p.add_argument("--normals", required=True, metavar="DIR",
+                   help="folder of good images (the files directly inside it)")
+    p.add_argument("--alpha", type=_finite_float, default=None,
+                   help="false-alarm rate to guarantee, in (0, 1) (default: the run's train.alpha, 0.01)")
+    p.add_argument("--out", help="write the new bundle here instead of replacing RUN/model.ckpt")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda")
+    p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("serve", help="HTTP API + web page for a run (FastAPI/uvicorn)")
     p.add_argument("run", help="run folder (with model.ckpt), a .ckpt file, or an exported .onnx")

@@ -22,6 +22,7 @@ from kdad.formats import DataFormat
 AmpDtype = Literal["bf16", "fp16"]
 Select = Literal["last", "val_map_mean"]
 PixelThresholdRule = Literal["region", "quantile"]
+ImageThresholdRule = Literal["conformal", "quantile"]
 
 
 @dataclass
@@ -73,11 +74,22 @@ class TrainConfig:
     cuda_graph: bool = False
     # under torchrun: BatchNorm statistics over the global batch (N ranks x batch_size), not each rank's own
     sync_batchnorm: bool = False
-    val_fraction: float = 0.0  # normal training images held out for selection and thresholds
+    # normal training images held out for selection and thresholds (the calibration set, docs/operating_point.md)
+    val_fraction: float = 0.1
     select: Select = "last"  # "last" | "val_map_mean" (STFPM: lowest mean map on held-out normals)
     val_every: int = 1  # epochs between held-out evaluations when select != last
     ckpt_every: int = 1  # epochs between checkpoints (last.ckpt is overwritten atomically)
-    threshold_quantile: float = 0.99  # image threshold from normal-only validation scores
+    # "conformal" (default): the split-conformal threshold bounding the false-alarm rate of normal images by
+    # `alpha`; "quantile": the threshold_quantile of the held-out normal scores (kdad before 0.x)
+    image_threshold_rule: ImageThresholdRule = "conformal"
+    alpha: float = 0.01  # image_threshold_rule "conformal": the false-alarm rate to guarantee on normal images
+    # the invalid-input gate (kdad.gate, docs/operating_point.md): images unlike the training normals are
+    # called `invalid`, not normal; gate_alpha: its conformal rate on held-out normals; gate_margin: the factor
+    # on that threshold (8: on bottle, defects reach 6.4x the highest held-out normal, other products >= 26x)
+    gate: bool = True
+    gate_alpha: float = 0.005
+    gate_margin: float = 8.0
+    threshold_quantile: float = 0.99  # image_threshold_rule "quantile": this quantile of the normal scores
     pixel_threshold_quantile: float = 0.999  # pixel_threshold_rule "quantile": this quantile of normal pixels
     # "region" (default): the pixel threshold at which at most pixel_region_rate of the held-out normal images
     # show any flagged region of pixel_min_area pixels or more (at image_size); masks drop smaller regions

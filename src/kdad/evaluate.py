@@ -25,35 +25,65 @@ from kdad.tiling import TileSpec
 
 
 def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig,
-                            tiles: TileSpec | None = None) -> tuple[Any, dict[str, float]]:
-    """Image and pixel thresholds from normal images only (quantiles of their scores / pixels), plus the
-    overlay colour range. tiles: the images are tiled and stitched (the pixel threshold is then taken over
-    the metric-size maps, see docs/tiling.md)."""
+                            tiles: TileSpec | None = None) -> tuple[Any, dict[str, float], np.ndarray]:
+    """Image and pixel thresholds from normal images only, the overlay colour range and the normal images'
+    scores (N,), sorted (the calibration scores the service's drift statistic compares with). The image threshold
+    follows tc.image_threshold_rule (conformal at tc.alpha, or a quantile), see :func:`thresholds_from_predictions`.
+    tiles: the images are tiled and stitched (the pixel threshold is then taken over the metric-size maps, see
+    docs/tiling.md)."""
+    pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
+    assert pred.maps is not None
+    thr, display = thresholds_from_predictions(pred.scores, pred.maps, tc)
+    return thr, display, np.sort(np.asarray(pred.scores, dtype=np.float64))
+
+
+def image_threshold_rule(scores: np.ndarray, tc: TrainConfig) -> tuple[float, str, float | None]:
+    """(image threshold, its source in words, alpha or None) from normal scores (N,) under tc's rule; warns
+    (UserWarning) when N is too small for tc.alpha."""
+    import warnings
+
+    from kdad.thresholds import conformal_threshold, image_threshold_from_validation
+
+    n = len(scores)
+    if tc.image_threshold_rule == "quantile":
+        img = image_threshold_from_validation(scores, None, quantile=tc.threshold_quantile)
+        return img, f"{tc.threshold_quantile} quantile of {n} normal scores", None
+    if tc.image_threshold_rule != "conformal":
+        raise ConfigError(f"train.image_threshold_rule: {tc.image_threshold_rule!r} is not 'conformal' or 'quantile'")
+    conf = conformal_threshold(scores, tc.alpha)
+    if conf.warning:
+        warnings.warn(conf.warning, UserWarning, stacklevel=3)
+    return conf.threshold, f"conformal alpha={conf.alpha:g}: score of rank {conf.rank} of {n} normal scores", conf.alpha
+
+
+def thresholds_from_predictions(scores: np.ndarray, maps: np.ndarray, tc: TrainConfig) -> tuple[Any, dict[str, float]]:
+    """Thresholds (a kdad.thresholds.Thresholds) and display range from normal scores (N,) and maps (N, H, W)."""
     from kdad.thresholds import (
         Thresholds,
         flagged_region_rate,
-        image_threshold_from_validation,
         pixel_threshold_for_region_rate,
         pixel_threshold_from_validation,
     )
 
-    pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
-    assert pred.maps is not None
-    img = image_threshold_from_validation(pred.scores, None, quantile=tc.threshold_quantile)
-    n = len(pred.scores)
+    img, img_src, alpha = image_threshold_rule(scores, tc)
+    n = len(scores)
+    n_cal = n if alpha is not None else None
     if tc.pixel_threshold_rule == "region":
-        pix = pixel_threshold_for_region_rate(pred.maps, tc.pixel_region_rate, tc.pixel_min_area)
-        rate = flagged_region_rate(pred.maps, pix, tc.pixel_min_area)
-        thr = Thresholds(image=float(img), pixel=float(pix), min_area=tc.pixel_min_area, source=(
-            f"image: {tc.threshold_quantile} quantile of {n} normal scores; pixel: at most {tc.pixel_region_rate:g} "
-            f"of those images with a region of >= {tc.pixel_min_area} px flagged (measured {rate:.3f})"))
+        pix = pixel_threshold_for_region_rate(maps, tc.pixel_region_rate, tc.pixel_min_area)
+        rate = flagged_region_rate(maps, pix, tc.pixel_min_area)
+        thr = Thresholds(image=float(img), pixel=float(pix), min_area=tc.pixel_min_area, alpha=alpha,
+                         n_calibration=n_cal, source=(
+                             f"image: {img_src}; pixel: at most {tc.pixel_region_rate:g} of those images with a "
+                             f"region of >= {tc.pixel_min_area} px flagged (measured {rate:.3f})"))
     elif tc.pixel_threshold_rule == "quantile":
-        pix = pixel_threshold_from_validation(pred.maps, None, quantile=tc.pixel_threshold_quantile)
-        thr = Thresholds(image=float(img), pixel=float(pix), source=f"normal-image quantiles "
-                         f"({tc.threshold_quantile}, {tc.pixel_threshold_quantile}) over {n} images")
+        pix = pixel_threshold_from_validation(maps, None, quantile=tc.pixel_threshold_quantile)
+        source = (f"normal-image quantiles ({tc.threshold_quantile}, {tc.pixel_threshold_quantile}) over {n} images"
+                  if alpha is None else f"image: {img_src}; pixel: {tc.pixel_threshold_quantile} quantile of their "
+                  "pixels")
+        thr = Thresholds(image=float(img), pixel=float(pix), alpha=alpha, n_calibration=n_cal, source=source)
     else:
         raise ConfigError(f"train.pixel_threshold_rule: {tc.pixel_threshold_rule!r} is not 'region' or 'quantile'")
-    return thr, display_range(float(pix), pred.maps)
+    return thr, display_range(float(pix), maps)
 
 
 def display_range(pixel_threshold: float, maps: np.ndarray | None = None) -> dict[str, float]:
@@ -105,6 +135,21 @@ def good_images_flagged(pred: Predictions, thr: dict[str, Any]) -> dict[str, Any
     area = post.min_area
     flagged = [bool(post.mask(pred.maps[i]).any()) for i in good]  # type: ignore[union-attr]
     return {"rate": float(np.mean(flagged)) if flagged else None, "n_good": int(len(good)), "min_area": area}
+
+
+def false_alarms(pred: Predictions, thr: dict[str, Any]) -> dict[str, Any] | None:
+    """On the good test images: how many the stored image threshold flags, the rate with its exact binomial 95 %
+    interval, next to the alpha the threshold guarantees (None for a quantile threshold). None without a
+    threshold or without good images."""
+    from kdad.thresholds import clopper_pearson
+
+    post = postprocess.PostProcess.from_thresholds(thr)
+    good = pred.scores[pred.labels == 0]
+    if post.image_threshold is None or len(good) == 0:
+        return None
+    k, n = int(post.flagged(good).sum()), int(len(good))
+    return {"flagged": k, "n_good": n, "rate": k / n, "ci95": list(clopper_pearson(k, n)),
+            "alpha": thr.get("alpha"), "n_calibration": thr.get("n_calibration")}
 
 
 def _mean_metrics(per_category: dict[str, dict[str, Any]]) -> dict[str, float]:
@@ -197,6 +242,7 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         pred = predict(forward, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
         per_category[name]["good_images_flagged"] = good_images_flagged(pred, thr)
+        per_category[name]["false_alarms"] = false_alarms(pred, thr)
         if tiles is not None:  # what the pixel metrics were computed at
             per_category[name]["tiling"] = pred.extra["tiling"]
         inner = getattr(ds, "ds", ds)  # dataset_parts tags items; LOCO channels live on the inner dataset

@@ -262,6 +262,8 @@ def export_onnx(
     meta = build_metadata(model, cfg.method, size, bundle, used, opset, graph, ckpt)
     if check:
         meta["parity_check"] = check_parity(model, graph, size)
+    if bundle.get("gate") is not None:
+        meta["gate"] = _export_gate(model, bundle["gate"], size, opset, out_path, check)
     atomic_write_bytes(out_path, graph)
     atomic_write_text(metadata_path(out_path), json.dumps(meta, indent=2) + "\n")
     return out_path
@@ -302,8 +304,9 @@ def build_metadata(
                 "meaning": "raw image score = max of anomaly_map",
             },
         },
-        "thresholds": {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source"),
-                       "min_area": int(thr.get("min_area", 1))},
+        "thresholds": threshold_metadata(thr),
+        # the calibration normals' image scores (sorted): what the service measures drift against
+        "calibration": bundle.get("calibration"),
         # the graph is per tile; runners stitch full images with kdad.tiling when this is set
         "tiling": None if tiles is None else tiles.to_dict(),
         "display": {"vmin": disp.get("vmin"), "vmax": disp.get("vmax")},
@@ -317,6 +320,53 @@ def build_metadata(
             "sha256": sha256_file(checkpoint) if checkpoint else None,
         },
     }
+
+
+GATE_OUTPUT = "gate_score"
+
+
+def gate_path(onnx_path: str | Path) -> Path:
+    """X.gate.onnx beside X.onnx: the invalid-input gate's graph (teacher + pooled-feature Mahalanobis)."""
+    p = Path(onnx_path)
+    return p.with_name(p.stem + ".gate.onnx")
+
+
+def _export_gate(model: nn.Module, stored: dict[str, Any], size: int, opset: int, out_path: Path,
+                 check: bool) -> dict[str, Any]:
+    """Write the gate's own graph beside `out_path` (images01 -> gate_score (B,)) and return the metadata's
+    ``gate`` entry: the thresholds, the graph's name and hash, and the parity with torch when `check`."""
+    from kdad.gate import Gate
+
+    module = Gate.from_bundle(stored).module(model).eval()
+    example = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (example,), buf,  # type: ignore[arg-type]
+                          input_names=[INPUT_NAME], output_names=[GATE_OUTPUT],
+                          dynamic_axes={INPUT_NAME: {0: "batch"}, GATE_OUTPUT: {0: "batch"}},
+                          opset_version=opset, do_constant_folding=True, dynamo=False)
+    graph = buf.getvalue()
+    entry = {**Gate.from_bundle(stored).metadata(), "graph": gate_path(out_path).name,
+             "graph_sha256": hashlib.sha256(graph).hexdigest()}
+    if check:
+        with torch.inference_mode():
+            ref = module(example).numpy()
+        got = _session(graph, "the gate graph").run([GATE_OUTPUT], {INPUT_NAME: example.numpy()})[0]
+        entry["parity_max_rel_diff"] = float(np.max(np.abs(got - ref) / np.maximum(np.abs(ref), 1e-6)))
+    atomic_write_bytes(gate_path(out_path), graph)
+    return entry
+
+
+def threshold_metadata(thr: dict[str, Any]) -> dict[str, Any]:
+    """The metadata's thresholds: image, pixel, source, min_area, and the conformal alpha, n and guarantee
+    (None for bundles with a quantile threshold, written before conformal thresholds)."""
+    from kdad.thresholds import conformal_guarantee
+
+    alpha, n_cal = thr.get("alpha"), thr.get("n_calibration")
+    return {"image": thr.get("image"), "pixel": thr.get("pixel"), "source": thr.get("source"),
+            "min_area": int(thr.get("min_area", 1)), "alpha": alpha, "n_calibration": n_cal,
+            "guarantee": None if alpha is None or n_cal is None else conformal_guarantee(float(alpha), int(n_cal))}
 
 
 def _session(graph: bytes | str, where: str, providers: list[str] | None = None) -> Any:

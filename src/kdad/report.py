@@ -479,6 +479,30 @@ def _header(result: dict[str, Any]) -> str:
 
 
 # ------------------------------------------------------------------------------------------- public
+def _operating_point(result: dict[str, Any]) -> list[str]:
+    """The false-alarm rate observed on the good test images, with its 95 % interval, beside the guaranteed
+    alpha (conformal thresholds) or the quantile aimed at (older bundles)."""
+    fa = result.get("false_alarms")
+    if not fa:
+        return []
+    thr = result.get("thresholds") or {}
+    lo, hi = fa["ci95"]
+    rows = [["false alarms on good test images", f"{fa['flagged']} of {fa['n_good']} = {fa['rate']:.1%} "
+                                                  f"(95 % interval {lo:.1%} .. {hi:.1%}, Clopper-Pearson)"]]
+    if fa.get("alpha") is not None:
+        rows.append(["guaranteed false-alarm rate alpha", f"{float(fa['alpha']):.1%} "
+                                                          f"(on {fa['n_calibration']} calibration normals)"])
+        verdict = "consistent with" if lo <= float(fa["alpha"]) else "above"
+        rows.append(["guarantee", _esc(str(thr.get("guarantee") or ""))])
+        rows.append(["observed vs alpha", f"the interval is {verdict} alpha"
+                     + ("" if lo <= float(fa["alpha"]) else ": the test normals are not exchangeable with the "
+                        "calibration ones (another camera, lighting or line?); recalibrate with `kdad calibrate`")])
+    else:
+        rows.append(["guarantee", "none: a quantile threshold (written before conformal thresholds or with "
+                                  "train.image_threshold_rule=quantile)"])
+    return ["<h2>Operating point</h2>", _table(["", "value"], rows)]
+
+
 def write_report(path: Path, result: dict[str, Any], pred: Predictions, max_gallery: int = 8) -> None:
     """Write a self-contained HTML report of one evaluated run to `path` (atomically).
 
@@ -495,6 +519,7 @@ def write_report(path: Path, result: dict[str, Any], pred: Predictions, max_gall
     title = f"kdad report: {result.get('method', '?')} on {result.get('category', '?')}"
     parts = [f"<h1>{_esc(title)}</h1>", _header(result), "<h2>Metrics</h2>", _metrics_table(result, pred),
              '<p class="note">F1-max values pick the threshold on the test labels (an oracle).</p>']
+    parts += _operating_point(result)
     curves, note = _curves_figure(pred, metrics)
     parts += ["<h2>Curves</h2>", _img(curves, "ROC, PR and PRO curves"), f'<p class="note">{_esc(note)}</p>']
     parts += ["<h2>Score histogram</h2>", _img(_histogram_png(pred, image_threshold), "score histogram"),

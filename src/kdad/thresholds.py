@@ -5,6 +5,10 @@ usual case: LOCO and MVTec AD 2 ship defect-free validation sets) F1-max is mean
 threshold gives F1 = 0 and the "best" one is the lowest score, marking everything anomalous), so
 a high quantile of the normal scores is used instead: about (1 - quantile) of normal images or
 pixels are then flagged.
+
+The default image rule on normals is split-conformal (:func:`conformal_threshold`): the ceil((n+1)(1-alpha))-th
+smallest of n held-out normal scores, which bounds the false-alarm probability of a new normal image by alpha
+(docs/operating_point.md).
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ class Thresholds:
     pixel: float
     source: str
     min_area: int = 1
+    alpha: float | None = None  # conformal rule: the false-alarm rate bounded; None: quantile/F1 rule (old bundles)
+    n_calibration: int | None = None  # normal images the image threshold was computed on
+
+    @property
+    def guarantee(self) -> str | None:
+        """The conformal guarantee in words, or None when the image threshold carries none."""
+        if self.alpha is None or self.n_calibration is None:
+            return None
+        return conformal_guarantee(self.alpha, self.n_calibration)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able dict."""
@@ -65,7 +78,108 @@ class Thresholds:
         min_area = data.get("min_area", 1)  # bundles written before the region rule have none
         if not isinstance(min_area, int) or isinstance(min_area, bool) or min_area < 1:
             raise ConfigError(f"thresholds: min_area must be an integer >= 1, got {min_area!r}")
-        return cls(image, pixel, str(data["source"]), min_area)
+        alpha, n_cal = data.get("alpha"), data.get("n_calibration")  # absent before conformal thresholds
+        if alpha is not None and not (isinstance(n_cal, int) and n_cal >= 1 and 0.0 < float(alpha) < 1.0):
+            raise ConfigError(f"thresholds: alpha must be in (0, 1) with n_calibration >= 1, got alpha={alpha!r}, "
+                              f"n_calibration={n_cal!r}")
+        return cls(image, pixel, str(data["source"]), min_area, None if alpha is None else float(alpha),
+                   None if alpha is None else n_cal)
+
+    def to_metadata(self) -> dict[str, Any]:
+        """:meth:`to_dict` plus the guarantee in words (what model.ckpt, the ONNX metadata and the report state)."""
+        return {**self.to_dict(), "guarantee": self.guarantee}
+
+
+def check_alpha(alpha: float) -> float:
+    """`alpha` as a float in (0, 1), else ConfigError."""
+    a = float(alpha)
+    if not 0.0 < a < 1.0:
+        raise ConfigError(f"alpha (the false-alarm rate) must be in (0, 1), got {alpha!r}")
+    return a
+
+
+def conformal_rank(n: int, alpha: float) -> int:
+    """k = ceil((n+1)(1-alpha)): the rank (1-based, ascending) of the conformal threshold among n scores.
+
+    k > n when n < 1/alpha - 1: then no order statistic bounds the false-alarm rate by alpha.
+    """
+    if n < 1:
+        raise ValueError("a conformal threshold needs at least one calibration score")
+    return math.ceil((n + 1) * (1.0 - check_alpha(alpha)) - 1e-9)  # 1e-9: (n+1)(1-alpha) is often an integer
+
+
+def images_needed(alpha: float) -> int:
+    """The fewest calibration images for which the conformal rank is at most n (n >= 1/alpha - 1)."""
+    return max(1, math.ceil(1.0 / check_alpha(alpha) - 1.0 - 1e-9))
+
+
+def conformal_guarantee(alpha: float, n: int) -> str:
+    """The split-conformal guarantee for a threshold at rank min(k, n) of n normal scores, in words."""
+    k = conformal_rank(n, alpha)
+    bound = alpha if k <= n else 1.0 / (n + 1)
+    text = (f"P(false alarm) <= {bound:.4g} for a new normal image exchangeable with the {n} calibration images "
+            f"(split-conformal, threshold = score of rank {min(k, n)} of {n})")
+    if k > n:
+        text += f"; alpha={alpha:g} needs at least {images_needed(alpha)} calibration images"
+    return text
+
+
+@dataclass(frozen=True)
+class Conformal:
+    """A split-conformal image threshold: ``threshold`` is the ``rank``-th smallest of ``n`` normal scores.
+
+    ``enough``: n >= 1/alpha - 1, so the false-alarm bound is alpha; otherwise the threshold is the highest
+    score (rank n) and the bound only 1/(n+1), and ``warning`` says how many images are needed.
+    """
+
+    threshold: float
+    alpha: float
+    n: int
+    rank: int
+    enough: bool
+
+    @property
+    def warning(self) -> str | None:
+        """A sentence for the user when n is too small for alpha, else None."""
+        if self.enough:
+            return None
+        return (f"{self.n} calibration images are too few for a false-alarm rate alpha={self.alpha:g}: at least "
+                f"{images_needed(self.alpha)} are needed (n >= 1/alpha - 1); the threshold is their highest score "
+                f"and only bounds the false-alarm rate by 1/(n+1) = {1 / (self.n + 1):.3g}")
+
+
+def conformal_threshold(scores: ArrayLike, alpha: float = 0.01) -> Conformal:
+    """Split-conformal threshold of normal scores (N,): the ceil((N+1)(1-alpha))-th smallest score.
+
+    For a new normal image whose score is exchangeable with these, P(score >= threshold) <= alpha
+    (exactly, for any N and any score distribution, assuming no ties). When N < 1/alpha - 1 the rank
+    exceeds N: the highest score is returned with ``enough=False`` (see :class:`Conformal`).
+    """
+    s = np.sort(as_scores(scores, "scores").reshape(-1).astype(np.float64))
+    k = conformal_rank(len(s), alpha)
+    # anomalous iff score >= threshold, so the threshold sits just above the k-th score: a normal image
+    # ties with it (same score) only with probability zero for continuous scores
+    thr = float(np.nextafter(s[min(k, len(s)) - 1], np.inf))
+    return Conformal(thr, float(alpha), len(s), min(k, len(s)), k <= len(s))
+
+
+def clopper_pearson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Exact (Clopper-Pearson) two-sided binomial confidence interval for a rate of k events in n trials."""
+    from scipy.stats import beta
+
+    if n < 1 or not 0 <= k <= n:
+        raise ValueError(f"need 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    tail = (1.0 - level) / 2
+    lo = 0.0 if k == 0 else float(beta.ppf(tail, k, n - k + 1))
+    hi = 1.0 if k == n else float(beta.ppf(1 - tail, k + 1, n - k))
+    return lo, hi
+
+
+def calibration_record(scores: ArrayLike, source: str) -> dict[str, Any]:
+    """The bundle's ``calibration`` entry: the calibration normals' image scores, sorted, and where they came from
+    (the service compares recent scores with these to measure drift)."""
+    s = np.sort(as_scores(scores, "scores").reshape(-1).astype(np.float64))
+    return {"scores": [float(v) for v in s], "n": int(s.size), "source": source}
 
 
 def _check_quantile(quantile: float) -> float:

@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_tempo
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
 from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training
+from kdad.thresholds import calibration_record
 from kdad.tiling import TileSpec, training_tiles
 
 
@@ -177,6 +180,7 @@ RESUMABLE_KEYS = frozenset({
     "train.epochs", "train.max_iters", "train.max_seconds", "train.device", "train.amp", "train.cpu_bf16",
     "train.channels_last", "train.fused_optimizer", "train.compile", "train.heap_allocator", "train.cuda_graph",
     "train.val_every", "train.ckpt_every", "train.threshold_quantile", "train.pixel_threshold_quantile",
+    "train.image_threshold_rule", "train.alpha", "train.gate", "train.gate_alpha", "train.gate_margin",
     "train.eval_batch_size", "train.progress", "data.num_workers",
 })
 """Config keys `--resume` lets change: the budget, the device and speed levers, bookkeeping. Everything else
@@ -246,6 +250,23 @@ def _load_resume(run_dir: Path, cfg: RunConfig) -> dict[str, Any] | None:
         raise KdadError(f"{path} has no training state to resume from")
     check_resume_config(ck["config"], cfg, path)
     return ck
+
+
+def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: Dataset | None,
+             device: torch.device) -> Any:
+    """The invalid-input gate (kdad.gate.Gate) on the training normals `fit_ds`, thresholded on `calib_ds`
+    (the training normals when None); None when train.gate is off, the model has no teacher, or the run is tiled
+    (the gate looks at whole images at the model's size, a tile is not one)."""
+    from kdad.gate import fit_gate
+    from kdad.methods.base import teacher_of
+
+    tc = cfg.train
+    if not tc.gate or teacher_of(model) is None or TileSpec.from_data(cfg.data) is not None:
+        return None
+    source = "held-out normals" if calib_ds is not None else "training normals (optimistic)"
+    gate = fit_gate(model, fit_ds, calib_ds if calib_ds is not None else fit_ds, device, tc.gate_alpha,
+                    tc.gate_margin, tc.eval_batch_size)
+    return dataclasses.replace(gate, source=f"{gate.source}; threshold from {source}")
 
 
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
@@ -401,15 +422,30 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
                        device)
         model.eval()
     if main:
-        thr, display = thresholds_from_normals(model, calib, device, tc, tiles=tiles)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            thr, display, calib_scores = thresholds_from_normals(model, calib, device, tc, tiles=tiles)
+        notes = [str(w.message) for w in caught]
+        if val_ds is None and thr.alpha is not None:  # scores of images it was trained on: no guarantee
+            notes.append("the image threshold comes from the training normals (train.val_fraction=0): the "
+                         "conformal false-alarm guarantee needs held-out normals")
+            thr = dataclasses.replace(thr, alpha=None, n_calibration=None, source=thr.source + " (training normals)")
+        for note in notes:
+            warnings.warn(note, UserWarning, stacklevel=2)
         info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
                 "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
                 "device": str(device), "world_size": world_size, **levers}
+        if notes:
+            info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
             info["tiling"] = tiles.to_dict()
-        atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_dict(), display=display,
-                                                 train_info=info), run_dir / "model.ckpt")
+        gate = gate_for(model, cfg, train_ds, val_ds, device)
+        extra = {} if gate is None else {"gate": gate.to_bundle()}
+        atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_metadata(), display=display, train_info=info,
+                                      calibration=calibration_record(calib_scores, info["threshold_source"]),
+                                      **extra),
+                          run_dir / "model.ckpt")
         atomic_write_text(run_dir / "train_info.json", json.dumps(info, indent=2))
     if distributed:
         torch.distributed.barrier()

@@ -44,7 +44,8 @@ def test_result_dict_decides_at_the_threshold_inclusive_and_labels_it() -> None:
     runner = _runner()
     on = result_dict(runner, "a.png", 0.7, _blob_map(), image, 0.7, mask=False)
     assert set(on) == {"filename", "score", "threshold", "decision", "label", "image_threshold",
-                       "heatmap_png_base64"}
+                       "heatmap_png_base64", "reason", "gate_score", "gate_threshold"}
+    assert (on["reason"], on["gate_score"]) == (None, None)  # no gate stored: never "invalid"
     assert (on["filename"], on["score"], on["threshold"], on["decision"], on["label"]) == \
         ("a.png", 0.7, 0.7, 1, "anomalous")
     assert on["image_threshold"] == 0.7
@@ -237,15 +238,17 @@ def test_thresholds_from_normals_region_and_quantile_rules() -> None:
     items, model, cpu = _normal_items(), _ChannelModel(), torch.device("cpu")
     pred = predict(model, items, cpu)
     tc = dataclasses.replace(TrainConfig(), threshold_quantile=0.9, pixel_region_rate=0.25, pixel_min_area=9,
-                             pixel_threshold_quantile=0.95, eval_batch_size=5)
-    thr, display = thresholds_from_normals(model, items, cpu, tc)
+                             pixel_threshold_quantile=0.95, eval_batch_size=5, image_threshold_rule="quantile")
+    thr, display, calib = thresholds_from_normals(model, items, cpu, tc)
+    assert np.array_equal(calib, np.sort(pred.scores.astype(np.float64)))
     assert thr.image == image_threshold_from_validation(pred.scores, None, 0.9)
     assert thr.pixel == pixel_threshold_for_region_rate(pred.maps, 0.25, 9)
     assert thr.min_area == 9
     assert thr.source == ("image: 0.9 quantile of 12 normal scores; pixel: at most 0.25 of those images with a "
                           "region of >= 9 px flagged (measured 0.250)")
     assert display == display_range(thr.pixel, pred.maps)
-    thr, display = thresholds_from_normals(model, items, cpu, dataclasses.replace(tc, pixel_threshold_rule="quantile"))
+    thr, display, _ = thresholds_from_normals(model, items, cpu,
+                                              dataclasses.replace(tc, pixel_threshold_rule="quantile"))
     assert thr.pixel == pixel_threshold_from_validation(pred.maps, None, 0.95)
     assert (thr.image, thr.min_area) == (image_threshold_from_validation(pred.scores, None, 0.9), 1)
     assert thr.source == "normal-image quantiles (0.9, 0.95) over 12 images"

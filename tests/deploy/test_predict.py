@@ -38,7 +38,7 @@ def image_folder(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def _read(out: Path) -> dict[str, dict[str, Any]]:
     rows = json.loads((out / "predictions.json").read_text())
-    assert (out / "predictions.csv").read_text().splitlines()[0] == "path,score,decision,error"
+    assert (out / "predictions.csv").read_text().splitlines()[0] == "path,score,decision,error,label,reason,gate_score"
     return {
         Path(r["path"]).name if "corrupt" in r["path"] else "/".join(Path(r["path"]).parts[-2:]): r
         for r in rows

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from kdad.data.transforms import is_image_file
-from kdad.deploy.postprocess import post_of
+from kdad.deploy.postprocess import PostProcess, gate_scores_of, post_of
 from kdad.errors import KdadError
 from kdad.fileio import atomic_write_bytes
 from kdad.tiling import image_loader, images_per_call
@@ -62,8 +62,11 @@ class Row:
 
     path: str
     score: float
-    decision: int | None
+    decision: int | None  # 1 anomalous, 0 normal; None: invalid, unreadable or no threshold
     error: str = ""
+    label: str | None = None  # "normal" | "anomalous" | "invalid" (PostProcess.verdict); None: undecided
+    reason: str | None = None  # why an image is invalid
+    gate_score: float | None = None  # the invalid-input gate's score (None without a gate)
 
 
 def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: int = 16, workers: int = 0,
@@ -78,13 +81,22 @@ def stream_predictions(runner: Any, paths: list[Path], size: int, batch_size: in
     post = post_of(runner)
     for batch in tqdm(loader, desc="predict", disable=not progress):
         maps, scores = runner(batch["image"])
+        gates = gate_scores_of(runner, batch["image"])
         for i, p in enumerate(batch["path"]):
             err = batch["error"][i]
             if err:
                 yield Row(p, float("nan"), None, err), None, None
                 continue
-            s = float(scores[i])
-            yield Row(p, s, post.decision(s)), maps[i], batch["image"][i].permute(1, 2, 0).numpy()
+            yield (row_of(post, p, float(scores[i]), None if gates is None else float(gates[i]),
+                          batch["image"][i].permute(1, 2, 0).numpy()),
+                   maps[i], batch["image"][i].permute(1, 2, 0).numpy())
+
+
+def row_of(post: PostProcess, path: str, score: float, gate_score: float | None, image01: np.ndarray) -> Row:
+    """One image's row: its verdict (invalid first, then the anomaly rule) with the reason."""
+    label, reason = post.verdict(score, gate_score, image01)
+    decision = None if label in (None, "invalid") else int(label == "anomalous")
+    return Row(path, score, decision, label=label, reason=reason, gate_score=gate_score)
 
 
 def common_base(paths: Sequence[Path]) -> Path | None:
@@ -141,13 +153,15 @@ def write_table(rows: list[Row], out_dir: Path) -> None:
 
     buf = io.StringIO()
     w = csv.writer(buf)
-    w.writerow(["path", "score", "decision", "error"])
+    w.writerow(["path", "score", "decision", "error", "label", "reason", "gate_score"])
     for r in rows:
-        w.writerow([r.path, f"{r.score:.6g}", "" if r.decision is None else r.decision, r.error])
+        w.writerow([r.path, f"{r.score:.6g}", "" if r.decision is None else r.decision, r.error, r.label or "",
+                    r.reason or "", "" if r.gate_score is None else f"{r.gate_score:.6g}"])
     # file names that are not valid UTF-8 arrive as surrogate escapes: write their original bytes back
     atomic_write_bytes(out_dir / "predictions.csv", buf.getvalue().encode("utf-8", "surrogateescape"))
     data = [{"path": r.path, "score": None if np.isnan(r.score) else r.score, "decision": r.decision,
-             "error": r.error or None} for r in rows]
+             "error": r.error or None, "label": r.label, "reason": r.reason, "gate_score": r.gate_score}
+            for r in rows]
     atomic_write_bytes(out_dir / "predictions.json", json.dumps(data, indent=1).encode())
 
 

@@ -1,5 +1,10 @@
 """Post-processing written once: the decision rule, the pixel defect mask and the overlay display range.
 
+The decision has three outcomes (`verdict`): ``invalid`` when the invalid-input gate (kdad.gate) says the image
+is not a plausible picture of the trained product (checked first, with its reason), else ``anomalous`` iff
+``score >= image_threshold`` (the conformal threshold sits just above a calibration score, so this is
+"score > that score"), else ``normal``.
+
 A `PostProcess` is built from the stored `Thresholds` (and the stored display range). Every user of a decision
 (evaluation's scores.csv, the report, `kdad predict`, the web service) asks it; nothing else compares a score
 with a threshold.
@@ -17,6 +22,7 @@ import numpy as np
 from kdad.thresholds import Thresholds, defect_mask, finite_threshold
 from kdad.visualize import overlay
 
+LABELS = ("normal", "anomalous")  # by decision(); a third label, "invalid", comes from the gate
 DisplayRange = tuple[float, float, str]  # (vmin, vmax, how it was chosen)
 
 
@@ -60,6 +66,11 @@ class PostProcess:
     min_area: int = 1
     vmin: float = 0.0
     vmax: float = 2.0
+    # the invalid-input gate: invalid iff gate score > gate_threshold, or the frame is flat (pixel std below
+    # flat_std) or overexposed (share of saturated pixels above max_saturated); None: no gate (old bundles)
+    gate_threshold: float | None = None
+    flat_std: float = 0.01
+    max_saturated: float = 1.0
 
     def __post_init__(self) -> None:
         finite_threshold(self.image_threshold, "image_threshold")  # NaN would call every image normal
@@ -67,19 +78,52 @@ class PostProcess:
     @classmethod
     def from_thresholds(cls, thresholds: Thresholds | Mapping[str, Any] | None,
                         display: Mapping[str, Any] | None = None, image_threshold: float | None = None,
-                        maps: np.ndarray | None = None) -> PostProcess:
+                        maps: np.ndarray | None = None, gate: Mapping[str, Any] | None = None) -> PostProcess:
         """From stored thresholds (a Thresholds or its dict, keys may be missing or None) and display range;
-        `image_threshold` overrides the stored one (e.g. `--threshold`); `maps` feed the display fallback."""
+        `image_threshold` overrides the stored one (e.g. `--threshold`); `maps` feed the display fallback;
+        `gate`: the stored gate (kdad.gate.Gate.metadata() or the bundle entry), None for no gate."""
         thr = thresholds.to_dict() if isinstance(thresholds, Thresholds) else dict(thresholds or {})
         finite_threshold(image_threshold, "image_threshold")
         image = image_threshold if image_threshold is not None else thr.get("image")
         pixel = None if thr.get("pixel") is None else float(thr["pixel"])
         vmin, vmax, _ = display_range(display, pixel, maps)
-        return cls(None if image is None else float(image), pixel, int(thr.get("min_area") or 1), vmin, vmax)
+        g = dict(gate or {})
+        return cls(None if image is None else float(image), pixel, int(thr.get("min_area") or 1), vmin, vmax,
+                   None if g.get("threshold") is None else float(g["threshold"]), float(g.get("flat_std", 0.01)),
+                   float(g.get("max_saturated", 1.0)))
 
     def decision(self, score: float) -> int | None:
         """1 (anomalous) if ``score >= image_threshold``, 0 if below, None without a threshold."""
         return None if self.image_threshold is None else int(score >= self.image_threshold)
+
+    def invalid_reason(self, gate_score: float | None = None, image01: np.ndarray | None = None) -> str | None:
+        """Why the image is not a plausible picture of the trained product, or None: a flat or overexposed
+        frame (from `image01`, (H, W, 3) or (3, H, W) in [0, 1]), or a gate score above the gate threshold."""
+        if self.gate_threshold is None:
+            return None
+        if image01 is not None:
+            from kdad.gate import pixel_stats
+
+            x = np.asarray(image01)
+            std, sat = pixel_stats(x if x.shape[-1] == 3 else x.transpose(1, 2, 0))
+            if std[0] < self.flat_std:
+                return f"flat frame (black, white or blank): pixel std {std[0]:.4f} < {self.flat_std:g}"
+            if sat[0] > self.max_saturated:
+                return f"overexposed: {sat[0]:.0%} of pixels saturated > {self.max_saturated:.0%}"
+        if gate_score is not None and not gate_score <= self.gate_threshold:  # NaN is invalid too
+            return (f"unlike the training images: out-of-distribution score {gate_score:.4g} > "
+                    f"{self.gate_threshold:.4g}")
+        return None
+
+    def verdict(self, score: float, gate_score: float | None = None,
+                image01: np.ndarray | None = None) -> tuple[str | None, str | None]:
+        """(label, reason): ("invalid", why) first, else ("anomalous" | "normal", None) by :meth:`decision`,
+        (None, None) without an image threshold."""
+        reason = self.invalid_reason(gate_score, image01)
+        if reason is not None:
+            return "invalid", reason
+        d = self.decision(score)
+        return (None if d is None else LABELS[d]), None
 
     def flagged(self, scores: np.ndarray) -> np.ndarray:
         """Boolean per score: ``score >= image_threshold`` (all False without a threshold)."""
@@ -102,3 +146,10 @@ def post_of(runner: Any) -> PostProcess:
         return post
     return PostProcess(runner.image_threshold, runner.pixel_threshold, int(getattr(runner, "pixel_min_area", 1)),
                        float(runner.vmin), float(runner.vmax))
+
+
+def gate_scores_of(runner: Any, images01: Any) -> np.ndarray | None:
+    """The runner's invalid-input gate scores (B,) for these images, or None when it has no gate (old bundles,
+    tiled models, runners without one)."""
+    fn = getattr(runner, "gate_scores", None)
+    return None if fn is None else fn(images01)

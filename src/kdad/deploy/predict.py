@@ -93,6 +93,8 @@ def run_predict(run: str | Path, inputs: Sequence[str], out: str | Path, backend
     write_table(rows, out)
     n_bad = sum(1 for r in rows if r.error)
     n_anom = sum(1 for r in rows if r.decision == 1)
-    print(f"{len(rows)} images, {n_anom} anomalous at threshold {post.image_threshold}, {n_bad} unreadable; "
+    n_invalid = sum(1 for r in rows if r.label == "invalid")
+    print(f"{len(rows)} images, {n_anom} anomalous at threshold {post.image_threshold}, {n_invalid} invalid "
+          f"(not a picture of the trained product), {n_bad} unreadable; "
           f"wrote {out / 'predictions.csv'}")
     return rows

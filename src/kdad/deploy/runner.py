@@ -94,9 +94,22 @@ class TorchRunner(_Thresholded):
                                                   cuda_graph=cuda_graph)
         elif compile or cuda_graph:
             raise ConfigError("compile and cuda_graph need precision 'fp32' or 'bf16', not 'exact'")
+        gate = self.bundle.get("gate")
         self.post = PostProcess.from_thresholds(self.bundle.get("thresholds"), self.bundle.get("display"),
-                                                image_threshold)
+                                                image_threshold, gate=gate)
         self.image_size = int(self.cfg.data.image_size)
+        self.gate: Any = None
+        if gate is not None:
+            from kdad.gate import Gate
+
+            self.gate = Gate.from_bundle(gate).module(self.model).to(self.device).eval()
+
+    @torch.inference_mode()
+    def gate_scores(self, images01: torch.Tensor) -> np.ndarray | None:
+        """The invalid-input gate's scores (B,) (kdad.gate), None without a stored gate."""
+        if self.gate is None:
+            return None
+        return self.gate(images01.to(self.device).float()).float().cpu().numpy()
 
     @torch.inference_mode()
     def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -133,8 +146,25 @@ class OnnxRunner(_Thresholded):
         self.session = _session(str(self.path), str(self.path), providers)
         self.image_size = int(self.meta["image_size"])
         self._check_graph_io()
+        gate = self.meta.get("gate")
         self.post = PostProcess.from_thresholds(self.meta.get("thresholds"), self.meta.get("display"),
-                                                image_threshold)
+                                                image_threshold, gate=gate)
+        self.gate_session: Any = None
+        if gate is not None:
+            gpath = self.path.with_name(str(gate["graph"]))
+            if not gpath.is_file():
+                raise KdadError(f"{self.path}: its metadata names the gate graph {gpath}, which is missing; "
+                                "re-run `kdad export`")
+            if verify and gate.get("graph_sha256") and sha256_file(gpath) != gate["graph_sha256"]:
+                raise KdadError(f"{gpath} does not match the metadata's gate graph_sha256; re-run `kdad export`")
+            self.gate_session = _session(str(gpath), str(gpath), providers)
+
+    def gate_scores(self, images01: torch.Tensor | np.ndarray) -> np.ndarray | None:
+        """The invalid-input gate's scores (B,) from the gate graph, None without one."""
+        if self.gate_session is None:
+            return None
+        x = images01.detach().cpu().numpy() if isinstance(images01, torch.Tensor) else np.asarray(images01)
+        return self.gate_session.run(["gate_score"], {INPUT_NAME: np.ascontiguousarray(x, dtype=np.float32)})[0]
 
     def _check_graph_io(self) -> None:
         inputs = self.session.get_inputs()

@@ -6,7 +6,7 @@ from typing import Any
 
 from kdad.errors import require_extra
 
-require_extra("serve", ("fastapi", "uvicorn"), "kdad serve")  # before app.py imports fastapi
+require_extra("serve", ("fastapi", "uvicorn", "prometheus_client"), "kdad serve")  # before app.py imports fastapi
 
 from kdad.deploy.serve.app import Limits, create_app  # noqa: E402
 

@@ -12,6 +12,7 @@ import base64
 import dataclasses
 import io
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,7 +21,7 @@ from typing import Annotated, Any
 import numpy as np
 import torch
 from fastapi import FastAPI, File, HTTPException, Query, UploadFile
-from fastapi.responses import FileResponse, JSONResponse
+from fastapi.responses import FileResponse, JSONResponse, Response
 from fastapi.staticfiles import StaticFiles
 from PIL import Image, UnidentifiedImageError
 from starlette.concurrency import run_in_threadpool
@@ -35,7 +36,8 @@ from kdad.data.transforms import (
     pixel_cap,
     read_error_text,
 )
-from kdad.deploy.postprocess import post_of
+from kdad.deploy.postprocess import gate_scores_of, post_of
+from kdad.deploy.serve.monitor import DriftConfig, Monitor, calibration_scores
 from kdad.tiling import image_loader, images_per_call, tiled_runner
 from kdad.visualize import png_bytes
 
@@ -148,16 +150,24 @@ def result_dict(
     image01: np.ndarray,
     threshold: float | None,
     mask: bool,
+    gate_score: float | None = None,
 ) -> dict[str, Any]:
-    """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64."""
+    """JSON result for one image: raw score, decision at `threshold`, overlay PNG (and mask PNG) in base64.
+
+    label: "invalid" (with `reason`) when the invalid-input gate refuses the image, then decision is None;
+    else "anomalous" / "normal" by the decision rule."""
     post = dataclasses.replace(post_of(runner), image_threshold=threshold)
-    decision = post.decision(score)
+    label, reason = post.verdict(score, gate_score, image01)
+    decision = None if label in (None, "invalid") else int(label == "anomalous")
     out: dict[str, Any] = {
         "filename": name,
         "score": score,
         "threshold": threshold,
         "decision": decision,
-        "label": None if decision is None else ("anomalous" if decision else "normal"),
+        "label": label,
+        "reason": reason,
+        "gate_score": gate_score,
+        "gate_threshold": post.gate_threshold,
         "image_threshold": runner.image_threshold,
         "heatmap_png_base64": _b64png(post.overlay(image01, amap)),
     }
@@ -181,6 +191,9 @@ def model_info(runner: Any, limits: Limits) -> dict[str, Any]:
             "accepted_formats": list(ACCEPTED_FORMATS),
             "kdad_version": __version__,
             "score": "raw image score = max of the anomaly map; decision = score >= threshold",
+            "gate": "label 'invalid' (decision null, with a reason) when the image is not a plausible picture of "
+                    "the trained product: gate_score > gate_threshold, or a flat or overexposed frame",
+            "gate_threshold": post_of(runner).gate_threshold,
         }
     )
     return info
@@ -192,19 +205,23 @@ def create_app(
     max_megapixels: float | None = None,
     max_batch_files: int = 32,
     chunk: int = 8,
+    drift: DriftConfig | None = None,
 ) -> FastAPI:
     """The web app for one runner. Model calls run in the thread pool, one at a time (a lock), so
     concurrent requests never run two forwards at once; decoding runs in parallel outside the lock.
-    max_megapixels None means the shared cap (kdad.data.transforms.pixel_cap)."""
+    max_megapixels None means the shared cap (kdad.data.transforms.pixel_cap). drift: the window and alarm
+    level of the drift statistic on /metrics and /monitor (kdad.deploy.serve.monitor)."""
     limits = Limits(max_upload_mb, pixel_cap(max_megapixels), max_batch_files)
     lock = threading.Lock()
     runner = tiled_runner(runner)  # a tiled model scores whole images: stitched maps, one image per call
     load = image_loader(runner, int(runner.image_size), limits.max_megapixels)
     chunk = images_per_call(runner, chunk)
+    monitor = Monitor(calibration_scores(runner), runner.image_threshold, drift)
 
-    def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    def locked_call(images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         with lock, torch.inference_mode():
-            return runner(images01)
+            maps, scores = runner(images01)
+            return maps, scores, gate_scores_of(runner, images01)
 
     async def decode(upload: UploadFile) -> torch.Tensor:
         name = upload.filename or "upload"
@@ -217,14 +234,16 @@ def create_app(
         results: list[dict[str, Any]] = []
         for i in range(0, len(images), chunk):
             batch = torch.stack(images[i : i + chunk])
-            maps, scores = await run_in_threadpool(locked_call, batch)
+            maps, scores, gates = await run_in_threadpool(locked_call, batch)
             for j in range(len(batch)):
                 image01 = batch[j].permute(1, 2, 0).numpy()
+                gate = None if gates is None else float(gates[j])
                 results.append(
                     await run_in_threadpool(
-                        result_dict, runner, names[i + j], float(scores[j]), maps[j], image01, threshold, mask
+                        result_dict, runner, names[i + j], float(scores[j]), maps[j], image01, threshold, mask, gate
                     )
                 )
+                monitor.observe(float(scores[j]), results[-1]["decision"], results[-1]["label"] == "invalid")
         return results
 
     app = FastAPI(
@@ -260,8 +279,11 @@ def create_app(
         ] = None,
         mask: Annotated[bool, Query(description="also return a mask at the pixel threshold")] = False,
     ) -> dict[str, Any]:
+        start = time.perf_counter()
         image = await decode(file)
-        return (await score([image], [file.filename or "upload"], pick_threshold(threshold), mask))[0]
+        out = (await score([image], [file.filename or "upload"], pick_threshold(threshold), mask))[0]
+        monitor.latency.labels("/predict").observe(time.perf_counter() - start)
+        return out
 
     @app.post("/predict/batch", summary="score several images (bad files become error items)")
     async def predict_batch(
@@ -271,6 +293,7 @@ def create_app(
         ] = None,
         mask: Annotated[bool, Query(description="also return binary masks")] = False,
     ) -> list[dict[str, Any]]:
+        start = time.perf_counter()
         if len(files) > limits.max_batch_files:
             raise HTTPException(413, f"{len(files)} files exceed the batch limit of {limits.max_batch_files}")
         items: list[dict[str, Any] | None] = [None] * len(files)
@@ -288,7 +311,18 @@ def create_app(
         )
         for (i, _), res in zip(good, scored, strict=True):
             items[i] = res
+        monitor.latency.labels("/predict/batch").observe(time.perf_counter() - start)
         return [it for it in items if it is not None]
+
+    @app.get("/metrics", summary="Prometheus metrics: decisions, score and latency histograms, drift")
+    async def metrics() -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST
+
+        return Response(await run_in_threadpool(monitor.prometheus_text), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/monitor", summary="recent score histogram vs calibration scores and threshold, drift (JSON)")
+    async def monitor_data() -> dict[str, Any]:
+        return await run_in_threadpool(monitor.page_data)
 
     @app.get("/", include_in_schema=False)
     async def index() -> FileResponse:

@@ -53,6 +53,12 @@ function decide(card) {
   const bar = el.querySelector(".bar-threshold");
   bar.style.display = state.threshold === null ? "none" : "block";
   bar.style.left = `${Math.min(100, (100 * (state.threshold || 0)) / max)}%`;
+  if (card.invalid) {  // the invalid-input gate: not a picture of the trained product, whatever the threshold
+    dec.textContent = `INVALID: ${card.reason}`;
+    dec.className = "decision invalid";
+    el.dataset.decision = "invalid";
+    return;
+  }
   if (state.threshold === null) {
     dec.textContent = "no threshold (set one with the slider)";
     dec.className = "decision";
@@ -92,7 +98,7 @@ function addCard(name, label, result) {
   scoreEl.textContent = fmt(result.score);
   scoreEl.dataset.score = String(result.score);
   el.dataset.score = String(result.score);
-  const card = { score: result.score, element: el };
+  const card = { score: result.score, element: el, invalid: result.label === "invalid", reason: result.reason };
   state.cards.push(card);
   $("results").prepend(el);
   syncSlider();
@@ -126,6 +132,49 @@ async function upload(files) {
     }
   }
   setStatus(statusText(scored, failed), failed > 0);
+  loadMonitor();
+}
+
+function driftText(drift) {
+  if (drift.ks_statistic === null) return `drift: ${drift.reason} (window ${drift.window_images}/${drift.window})`;
+  const verdict = drift.alarm ? "DRIFT ALARM: recent scores differ from the calibration normals; recalibrate or " +
+    "check the camera (kdad calibrate)" : "no drift alarm";
+  return `drift over the last ${drift.window_images} images: KS ${drift.ks_statistic.toFixed(3)}, ` +
+    `p = ${drift.ks_pvalue.toPrecision(2)} (alarm below ${drift.alarm_p}) · ${verdict}`;
+}
+
+async function loadMonitor() {
+  try {
+    const data = await (await fetch("/monitor")).json();
+    const box = $("score-histogram");
+    box.textContent = "";
+    const h = data.histogram;
+    const top = Math.max(1e-9, ...h.recent, ...h.calibration);
+    const span = h.edges.length ? h.edges[h.edges.length - 1] - h.edges[0] : 1;
+    for (let i = 0; i + 1 < h.edges.length; i++) {
+      for (const kind of ["calibration", "recent"]) {
+        const bar = document.createElement("div");
+        bar.className = `hbar ${kind}`;
+        bar.style.left = `${(100 * (h.edges[i] - h.edges[0])) / span}%`;
+        bar.style.width = `${100 / (h.edges.length - 1)}%`;
+        bar.style.height = `${(100 * ((h[kind][i] || 0) / top))}%`;
+        bar.title = `${kind} ${fmt(h.edges[i])}..${fmt(h.edges[i + 1])}: ${((h[kind][i] || 0) * 100).toFixed(1)}%`;
+        box.appendChild(bar);
+      }
+    }
+    if (data.threshold !== null && h.edges.length) {
+      const line = document.createElement("div");
+      line.className = "hthreshold";
+      line.style.left = `${(100 * (data.threshold - h.edges[0])) / span}%`;
+      line.title = `image threshold ${fmt(data.threshold)}`;
+      box.appendChild(line);
+    }
+    const drift = $("drift");
+    drift.textContent = driftText(data.drift);
+    drift.classList.toggle("error", Boolean(data.drift.alarm));
+  } catch (err) {
+    $("drift").textContent = `cannot load /monitor: ${err}`;
+  }
 }
 
 async function loadInfo() {
@@ -164,5 +213,6 @@ function wire() {
 if (typeof document !== "undefined") {
   wire();
   loadInfo();
+  loadMonitor();
 }
-if (typeof module !== "undefined") module.exports = { statusText, uploadLabel };  // for the tests (node)
+if (typeof module !== "undefined") module.exports = { statusText, uploadLabel, driftText };  // for the tests (node)

@@ -1,0 +1,112 @@
+"""The invalid-input gate (issue 21.3): the three-way verdict, and on real data (../shared) black, white and noise
+frames, another product and the demo model on real bottle photos are `invalid`, test normals and defects are not."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from kdad.cli import main
+from kdad.config import load_config
+from kdad.data.demo import make_demo_dataset
+from kdad.data.transforms import load_image
+from kdad.deploy.postprocess import PostProcess
+from kdad.deploy.runner import TorchRunner
+from kdad.train import fit
+
+FAST = ["train.progress=false", "train.max_iters=1"]  # the gate looks at the frozen teacher only
+
+
+def test_verdict_checks_the_gate_first_then_the_decision_rule() -> None:
+    post = PostProcess(image_threshold=1.0, gate_threshold=10.0, max_saturated=0.5)
+    photo = np.random.default_rng(0).random((32, 32, 3)).astype(np.float32) * 0.5
+    assert post.verdict(2.0, 3.0, photo) == ("anomalous", None)
+    assert post.verdict(0.5, 3.0, photo) == ("normal", None)
+    label, reason = post.verdict(0.5, 11.0, photo)
+    assert label == "invalid" and "11 > 10" in str(reason)
+    assert post.verdict(0.5, math.nan, photo)[0] == "invalid"
+    assert "flat frame" in str(post.verdict(0.5, 3.0, np.zeros((32, 32, 3)))[1])
+    burnt = photo.copy()
+    burnt[:20] = 1.0  # 20 of 32 rows saturated: 62 % > 50 %, not flat
+    assert "overexposed" in str(post.verdict(0.5, 3.0, burnt.transpose(2, 0, 1))[1])
+    # no stored gate (bundles before the gate): the two-way decision as before
+    assert PostProcess(image_threshold=1.0).verdict(0.5, 1e9, np.zeros((8, 8, 3))) == ("normal", None)
+
+
+@pytest.fixture(scope="module")
+def bottle_run(bottle_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return fit(load_config("rd_cpu", [], [f"data.root={bottle_dir}", *FAST]), tmp_path_factory.mktemp("gate") / "b")
+
+
+def _images(folder: Path, n: int, size: int) -> torch.Tensor:
+    paths = sorted(p for p in folder.rglob("*") if p.suffix in (".png", ".jpg") and "ground_truth" not in p.parts)
+    paths = [paths[i] for i in np.linspace(0, len(paths) - 1, min(n, len(paths))).astype(int)]
+    return torch.stack([load_image(p, size) for p in paths])
+
+
+def _invalid(runner: TorchRunner, x: torch.Tensor) -> np.ndarray:
+    gates = runner.gate_scores(x)
+    assert gates is not None
+    return np.array([runner.post.invalid_reason(float(g), im.permute(1, 2, 0).numpy()) is not None
+                     for g, im in zip(gates, x)])
+
+
+def test_gate_on_real_data(bottle_run: Path, bottle_dir: Path, shared_dir: Path, tmp_path: Path) -> None:
+    runner = TorchRunner(bottle_run, device="cpu")
+    s = runner.image_size
+    gate = runner.bundle["gate"]
+    assert gate["n_calibration"] >= 10 and gate["threshold"] > 0 and gate["dims"] == gate["mean"].numel()
+    good = _images(bottle_dir / "test" / "good", 20, s)
+    defects = torch.cat([_images(d, 7, s) for d in sorted((bottle_dir / "test").iterdir()) if d.name != "good"])
+    g = torch.Generator().manual_seed(0)
+    foreign = {"black": torch.zeros(4, 3, s, s), "white": torch.ones(4, 3, s, s),
+               "noise": torch.rand(4, 3, s, s, generator=g),
+               "magnetic tile": _images(shared_dir / "data" / "mtd" / "magnetic_tile", 8, s),
+               "dtd": _images(shared_dir / "data" / "dtd" / "images", 8, s)}
+    for name, x in foreign.items():
+        assert _invalid(runner, x).all(), name
+    # measured on the whole test set: 0 of 20 normals, 0 of 63 defects (benchmarks/results/gate_real.json)
+    assert _invalid(runner, good).mean() <= 0.05
+    assert _invalid(runner, defects).mean() <= 0.1
+
+    # predict writes the third decision with its reason
+    black = tmp_path / "black.png"
+    from PIL import Image
+
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(black)
+    good_path = bottle_dir / "test" / "good" / "000.png"
+    assert main(["predict", str(bottle_run), str(black), str(good_path), "--out", str(tmp_path / "p")]) == 0
+    rows = {Path(r["path"]).name: r for r in csv.DictReader((tmp_path / "p" / "predictions.csv").open())}
+    assert rows["black.png"]["label"] == "invalid" and rows["black.png"]["decision"] == ""
+    assert "flat frame" in rows["black.png"]["reason"]
+    assert rows["000.png"]["label"] in ("normal", "anomalous") and rows["000.png"]["reason"] == ""
+
+
+def test_gate_onnx_matches_torch(bottle_run: Path, tmp_path: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from kdad.deploy.runner import OnnxRunner
+    from kdad.export import export_onnx, gate_path
+
+    graph = export_onnx(bottle_run, out=tmp_path / "m.onnx")
+    assert gate_path(graph).is_file()
+    onnx, torch_runner = OnnxRunner(graph), TorchRunner(bottle_run, device="cpu")
+    x = torch.rand(2, 3, onnx.image_size, onnx.image_size, generator=torch.Generator().manual_seed(1))
+    x[1] = 0.0
+    a, b = onnx.gate_scores(x), torch_runner.gate_scores(x)
+    assert a is not None and b is not None
+    np.testing.assert_allclose(a, b, rtol=1e-3)
+    assert onnx.post.gate_threshold == pytest.approx(torch_runner.post.gate_threshold)
+    assert onnx.post.verdict(0.0, float(a[1]), x[1].numpy())[0] == "invalid"
+
+
+def test_demo_model_calls_real_bottle_photos_invalid(bottle_dir: Path, tmp_path: Path) -> None:
+    demo = make_demo_dataset(tmp_path / "d", n_train=24, n_test_good=2, n_test_bad=2, kind="object")
+    run = fit(load_config("rd_demo", [], [f"data.root={demo}", "train.val_fraction=0.25", *FAST]), tmp_path / "r")
+    runner = TorchRunner(run, device="cpu")
+    assert _invalid(runner, _images(bottle_dir / "test" / "good", 10, runner.image_size)).all()
+    assert not _invalid(runner, _images(demo / "test" / "good", 2, runner.image_size)).any()
