@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import sys
 import warnings
 
 import numpy as np
@@ -15,6 +16,14 @@ from sklearn.metrics import average_precision_score, precision_recall_curve, roc
 
 from kdad import metrics as M
 from kdad.errors import ConfigError, DatasetError
+
+
+# Where a metric's warning must point: this file. Under mutation testing (benchmarks/mutation.py) mutmut wraps
+# every mutated function in a trampoline from its own package, which then is the first frame outside
+# kdad/metrics; there only the messages are checked, and the caller by this suite's normal run.
+def points_here(filename: str) -> bool:
+    trampoline = sys.modules.get("mutmut.mutation.trampoline")
+    return filename in (__file__, getattr(trampoline, "__file__", __file__))
 
 # ---------------------------------------------------------------- fixtures of REFERENCE §5
 MAP_A = np.array(
@@ -418,10 +427,10 @@ def test_evaluate_maps_names_each_undefined_metric_and_points_at_the_caller() ->
     out, caught = _metric_warnings(M.evaluate_maps, maps, np.ones((2, 4, 4)), None, [1, 1])
     names = [str(w.message).split(" is undefined")[0] for w in caught]
     assert names == ["image_auroc", "pixel_auroc", "au_pro"] and np.isnan(out["au_pro"])
-    assert {w.filename for w in caught} == {__file__}
+    assert all(points_here(w.filename) for w in caught)
     out, caught = _metric_warnings(M.evaluate_maps, maps, np.zeros((2, 4, 4)), None, [0, 1])
     assert [str(w.message) for w in caught] == ["no mask has a defect pixel: pixel metrics skipped (nan)"]
-    assert caught[0].filename == __file__  # stacklevel: the warning points at the caller's line
+    assert points_here(caught[0].filename)  # stacklevel: the warning points at the caller's line
     assert all(np.isnan(out[k]) for k in ("pixel_auroc", "pixel_ap", "pixel_f1_max", "au_pro"))
 
 
@@ -458,7 +467,7 @@ def test_undefined_metrics_give_their_reason_and_point_at_the_caller() -> None:
             out = out[0]
         assert np.isnan(out), name
         assert [str(w.message) for w in caught] == [f"{name} is undefined: {reason}; returning nan"], name
-        assert caught[0].filename == __file__, name  # the public function's caller, not metrics internals
+        assert points_here(caught[0].filename), name  # the public function's caller, not metrics internals
 
 
 def test_legacy_pro_warns_per_skipped_image_at_the_caller() -> None:
@@ -469,16 +478,16 @@ def test_legacy_pro_warns_per_skipped_image_at_the_caller() -> None:
     out, caught = _metric_warnings(M.legacy_rd4ad_pro, maps, masks)
     assert np.isfinite(out)
     assert [str(w.message) for w in caught] == ["legacy_rd4ad_pro: image 1 gives no usable curve; skipped"]
-    assert caught[0].filename == __file__
+    assert points_here(caught[0].filename)
     assert out == pytest.approx(M.legacy_rd4ad_pro(maps[2:], masks[2:]))  # image 1 is left out of the mean
     out, caught = _metric_warnings(M.legacy_rd4ad_pro, maps[1:2], masks[1:2])
     assert np.isnan(out)
     assert [str(w.message) for w in caught] == [
         "legacy_rd4ad_pro: image 0 gives no usable curve; skipped",
         "legacy_rd4ad_pro is undefined: no anomalous image with a usable curve; returning nan"]
-    assert {w.filename for w in caught} == {__file__}
+    assert all(points_here(w.filename) for w in caught)
     _, caught = _metric_warnings(M.au_spro, [MAP_A], [[]])
-    assert caught and {w.filename for w in caught} == {__file__}
+    assert caught and all(points_here(w.filename) for w in caught)
 
 
 def _legacy_reference(amap: np.ndarray, mask: np.ndarray, steps: int = 200, max_fpr: float = 0.3) -> float:
