@@ -129,17 +129,21 @@ GROUPS: dict[str, Group] = {
                  "test_intra_affinity_hand_value_and_shape_bound",
                  "test_intra_affinity_invariant_to_channel_rotation_and_position_scale",
                  "test_inter_affinity_hand_value_and_invariances",
-                 "test_cram_compactness_hand_values_and_identity_start")
+                 "test_cram_compactness_hand_values_and_identity_start",
+                 "test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size")
         + _tests("tests/methods/test_dskd.py", "test_identical_student_and_teacher_give_zero_loss",
                  "test_position_swapped_student_is_penalised", "test_hand_checked_two_positions",
                  "test_hand_checked_asymmetric_case_fixes_the_kl_direction",
-                 "test_chunked_equals_unchunked_values_and_grads", "test_matches_direct_kl_of_eqs_3_to_6")
+                 "test_chunked_equals_unchunked_values_and_grads", "test_matches_direct_kl_of_eqs_3_to_6",
+                 "test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape")
         + _tests("tests/methods/test_bkd.py", "test_feature_loss_hand_values",
                  "test_bkd_loss_sums_layers_and_averages_shots")
         + _tests("tests/methods/test_cfrg.py", "test_discrepancy_loss_one_pixel",
                  "test_discrepancy_loss_upsamples_and_averages_layers", "test_segmentation_loss_is_bce_with_logits",
-                 "test_recovery_loss_sums_layers_of_global_cosine", "test_recovery_loss_is_flattened_not_per_position")
-        + _tests("tests/methods/test_patchst.py", "test_hard_mse_keeps_only_the_largest_errors"),
+                 "test_recovery_loss_sums_layers_of_global_cosine", "test_recovery_loss_is_flattened_not_per_position",
+                 "test_losses_resize_non_square_inputs_bilinearly_without_align_corners")
+        + _tests("tests/methods/test_patchst.py", "test_hard_mse_keeps_only_the_largest_errors",
+                 "test_hard_mse_is_the_error_of_the_difference_and_keeps_at_least_one"),
         functions=_fn("kdad.methods.rd", "rd_loss")
         + _fn("kdad.methods.rdpp", "contrast_loss", "_ot_eps", "sinkhorn_divergence", "ssot_loss")
         + _fn("kdad.methods.urd", "layer_masks", "teacher_loss", "student_loss")
