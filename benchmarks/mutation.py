@@ -122,7 +122,8 @@ GROUPS: dict[str, Group] = {
                  "test_ssot_loss_nonnegative_with_gradient_and_official_is_zero")
         + _tests("tests/methods/test_urd.py", "test_teacher_loss_one_pixel_mask_0_and_1",
                  "test_teacher_loss_sums_layers_and_averages_pixels", "test_layer_masks_resample_from_full_mask",
-                 "test_student_loss_eqs_4_to_6", "test_student_loss_is_flattened_not_per_position")
+                 "test_student_loss_eqs_4_to_6", "test_student_loss_is_flattened_not_per_position",
+                 "test_layer_masks_align_corners_and_strict_threshold")
         + _tests("tests/methods/test_snl.py", "test_cosine_distance_identical_orthogonal_opposite_and_zero",
                  "test_spatial_and_channel_losses_on_hand_values",
                  "test_spatial_ignores_per_position_scale_channel_ignores_per_channel_scale",
