@@ -689,6 +689,7 @@ def test_legacy_pro_on_a_grid_of_ties_and_with_nothing_kept() -> None:
     mask[8:11, 6:9] = True
     amap[mask] += 2.0
     amap[0, 9] = amap.max() + 3.0  # a normal pixel above every region pixel: PRO reaches 0 on the grid
+    amap[0, 8] = amap[mask].max() - 0.5  # and one just below the top region pixel: that last step has a width
     steps = int(amap.max() - amap.min())  # integer thresholds: every one ties with map values
     normal = amap[~mask]
     at_a_threshold = float((normal > 4.0).sum() / normal.size)  # a limit that one threshold's FPR equals
