@@ -138,7 +138,8 @@ GROUPS: dict[str, Group] = {
                  "test_chunked_equals_unchunked_values_and_grads", "test_matches_direct_kl_of_eqs_3_to_6",
                  "test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape")
         + _tests("tests/methods/test_bkd.py", "test_feature_loss_hand_values",
-                 "test_bkd_loss_sums_layers_and_averages_shots")
+                 "test_bkd_loss_sums_layers_and_averages_shots",
+                 "test_bkd_loss_forward_is_the_mean_over_shots_on_full_shapes")
         + _tests("tests/methods/test_cfrg.py", "test_discrepancy_loss_one_pixel",
                  "test_discrepancy_loss_upsamples_and_averages_layers", "test_segmentation_loss_is_bce_with_logits",
                  "test_recovery_loss_sums_layers_of_global_cosine", "test_recovery_loss_is_flattened_not_per_position",
