@@ -119,7 +119,9 @@ GROUPS: dict[str, Group] = {
         + _tests("tests/methods/test_rdpp.py", "test_recon_is_per_pixel_cosine",
                  "test_contrast_is_hinge_on_cosine_minus_margin",
                  "test_sinkhorn_divergence_zero_for_identical_and_positive_otherwise",
-                 "test_ssot_loss_nonnegative_with_gradient_and_official_is_zero")
+                 "test_ssot_loss_nonnegative_with_gradient_and_official_is_zero",
+                 "test_sinkhorn_divergence_matches_a_float64_reference",
+                 "test_ssot_loss_compares_each_image_with_a_rolled_partner")
         + _tests("tests/methods/test_urd.py", "test_teacher_loss_one_pixel_mask_0_and_1",
                  "test_teacher_loss_sums_layers_and_averages_pixels", "test_layer_masks_resample_from_full_mask",
                  "test_student_loss_eqs_4_to_6", "test_student_loss_is_flattened_not_per_position",
