@@ -58,6 +58,10 @@ def _fn(module: str, *names: str) -> tuple[str, ...]:
     return tuple(f"{module}.x_{n}__mutmut_*" for n in names)
 
 
+def _tests(path: str, *names: str) -> tuple[str, ...]:
+    return tuple(f"{path}::{n}" for n in names)
+
+
 # The decision rule (score >= threshold, the defect mask, the display range) lives in kdad/deploy/postprocess.py;
 # its callers keep a few decision functions (batch streaming, evaluate's helpers, the service's result).
 GROUPS: dict[str, Group] = {
@@ -110,9 +114,40 @@ GROUPS: dict[str, Group] = {
         files=("src/kdad/methods/rd.py", "src/kdad/methods/rdpp.py", "src/kdad/methods/urd.py",
                "src/kdad/methods/snl.py", "src/kdad/methods/dskd.py", "src/kdad/methods/bkd.py",
                "src/kdad/methods/cfrg.py", "src/kdad/methods/patchst.py"),
-        tests=("tests/methods/test_rd.py", "tests/methods/test_rdpp.py", "tests/methods/test_urd.py",
-               "tests/methods/test_snl.py", "tests/methods/test_dskd.py", "tests/methods/test_bkd.py",
-               "tests/methods/test_cfrg.py", "tests/methods/test_patchst.py"),
+        tests=("tests/blocks/test_losses.py",)
+        + _tests("tests/methods/test_rd.py", "test_default_loss_is_the_official_flattened_cosine")
+        + _tests("tests/methods/test_rdpp.py", "test_recon_is_per_pixel_cosine",
+                 "test_contrast_is_hinge_on_cosine_minus_margin",
+                 "test_sinkhorn_divergence_zero_for_identical_and_positive_otherwise",
+                 "test_ssot_loss_nonnegative_with_gradient_and_official_is_zero",
+                 "test_sinkhorn_divergence_matches_a_float64_reference",
+                 "test_ssot_loss_compares_each_image_with_a_rolled_partner")
+        + _tests("tests/methods/test_urd.py", "test_teacher_loss_one_pixel_mask_0_and_1",
+                 "test_teacher_loss_sums_layers_and_averages_pixels", "test_layer_masks_resample_from_full_mask",
+                 "test_student_loss_eqs_4_to_6", "test_student_loss_is_flattened_not_per_position",
+                 "test_layer_masks_align_corners_and_strict_threshold")
+        + _tests("tests/methods/test_snl.py", "test_cosine_distance_identical_orthogonal_opposite_and_zero",
+                 "test_spatial_and_channel_losses_on_hand_values",
+                 "test_spatial_ignores_per_position_scale_channel_ignores_per_channel_scale",
+                 "test_intra_affinity_hand_value_and_shape_bound",
+                 "test_intra_affinity_invariant_to_channel_rotation_and_position_scale",
+                 "test_inter_affinity_hand_value_and_invariances",
+                 "test_cram_compactness_hand_values_and_identity_start",
+                 "test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size")
+        + _tests("tests/methods/test_dskd.py", "test_identical_student_and_teacher_give_zero_loss",
+                 "test_position_swapped_student_is_penalised", "test_hand_checked_two_positions",
+                 "test_hand_checked_asymmetric_case_fixes_the_kl_direction",
+                 "test_chunked_equals_unchunked_values_and_grads", "test_matches_direct_kl_of_eqs_3_to_6",
+                 "test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape")
+        + _tests("tests/methods/test_bkd.py", "test_feature_loss_hand_values",
+                 "test_bkd_loss_sums_layers_and_averages_shots",
+                 "test_bkd_loss_forward_is_the_mean_over_shots_on_full_shapes")
+        + _tests("tests/methods/test_cfrg.py", "test_discrepancy_loss_one_pixel",
+                 "test_discrepancy_loss_upsamples_and_averages_layers", "test_segmentation_loss_is_bce_with_logits",
+                 "test_recovery_loss_sums_layers_of_global_cosine", "test_recovery_loss_is_flattened_not_per_position",
+                 "test_losses_resize_non_square_inputs_bilinearly_without_align_corners")
+        + _tests("tests/methods/test_patchst.py", "test_hard_mse_keeps_only_the_largest_errors",
+                 "test_hard_mse_is_the_error_of_the_difference_and_keeps_at_least_one"),
         functions=_fn("kdad.methods.rd", "rd_loss")
         + _fn("kdad.methods.rdpp", "contrast_loss", "_ot_eps", "sinkhorn_divergence", "ssot_loss")
         + _fn("kdad.methods.urd", "layer_masks", "teacher_loss", "student_loss")
@@ -124,7 +159,10 @@ GROUPS: dict[str, Group] = {
         + _fn("kdad.methods.bkd", "feature_loss", "bkd_loss")
         + _fn("kdad.methods.cfrg", "discrepancy_loss", "segmentation_loss", "recovery_loss")
         + _fn("kdad.methods.patchst", "hard_mse"),
-        note="the loss functions only; STFPM's loss is normalized_l2_loss in blocks/losses.py (group maps_losses)",
+        note="the loss functions only, against the loss unit tests only (hand values and references; the tests "
+             "that build or train a model cost seconds per mutant), so snl.snl_losses and dskd.student_loss, which "
+             "take the model, count as 'no tests'; STFPM's loss is normalized_l2_loss in blocks/losses.py (group "
+             "maps_losses)",
     ),
 }
 

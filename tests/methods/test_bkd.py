@@ -238,3 +238,13 @@ def test_onnx_export_matches_torch() -> None:
     bkd.train_step(model.train(), {"image": torch.rand(2, 3, 64, 64)}, opts, model.cfg, torch.Generator())
     graph, _ = export_model_bytes(model.eval(), 64)
     assert check_parity(model, graph, 64)["max_abs_map_diff"] <= 1e-4
+
+
+def test_bkd_loss_forward_is_the_mean_over_shots_on_full_shapes() -> None:
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 4, 2, 3, generator=g)  # B=2, C=4, H=2, W=3 with k=3 shots: no two sizes alike
+    aligned = torch.randn(2, 3, 4, 2, 3, generator=g)
+    cfg = bkd.Config()
+    _, _, forward = bkd.bkd_loss(bkd.Pairs(query=[q], decoded=[q], aligned=[aligned]), cfg)
+    want = sum(bkd.feature_loss(q, aligned[:, j], cfg) for j in range(3)) / 3
+    assert forward.item() == pytest.approx(float(want), rel=1e-5)

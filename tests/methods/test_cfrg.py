@@ -218,3 +218,17 @@ def test_per_category_fit_runs_every_category(tmp_path: Path) -> None:
         log = [json.loads(x) for x in (out / category / "train_log.jsonl").read_text().splitlines()]
         assert [r["lr"] for r in log] == pytest.approx([5e-4, 1e-4]), category
         assert (out / category / "metrics.json").is_file()
+
+
+def test_losses_resize_non_square_inputs_bilinearly_without_align_corners() -> None:
+    g = torch.Generator().manual_seed(0)
+    t, s = torch.randn(2, 4, 2, 3, generator=g), torch.randn(2, 4, 2, 3, generator=g)
+    masks = (torch.rand(2, 1, 4, 8, generator=g) > 0.5).float()
+    d = torch.nn.functional.interpolate(1 - torch.cosine_similarity(t, s, dim=1).unsqueeze(1), size=(4, 8),
+                                        mode="bilinear", align_corners=False)
+    want = (masks * (1 - d) + (1 - masks) * d).mean()
+    assert float(cfrg.discrepancy_loss([t], [s], masks)) == pytest.approx(float(want), rel=1e-5)
+    logits = torch.randn(2, 1, 2, 3, generator=g)
+    up = torch.nn.functional.interpolate(logits, size=(4, 8), mode="bilinear", align_corners=False)
+    assert float(cfrg.segmentation_loss(logits, masks)) == pytest.approx(
+        float(torch.nn.functional.binary_cross_entropy_with_logits(up, masks)), rel=1e-5)

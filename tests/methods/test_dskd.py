@@ -196,3 +196,13 @@ def test_matches_direct_kl_of_eqs_3_to_6() -> None:
         kl = temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1)  # eq. 6
         got = dskd.contextual_affinity_map(t, s, temperature, chunk=5).flatten(1).double()
         assert torch.allclose(got, kl, atol=1e-4 * max(1.0, temperature**2), rtol=1e-4)
+
+
+def test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape() -> None:
+    g = torch.Generator().manual_seed(3)
+    t, s = torch.randn(2, 8, 3, 5, generator=g), torch.randn(2, 8, 3, 5, generator=g)
+    want = dskd.contextual_affinity_map(t, s, 0.5)
+    assert want.shape == (2, 1, 3, 5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = dskd.contextual_affinity_map(t, s, 0.5)
+    assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)

@@ -89,3 +89,11 @@ def test_a_first_layer_off_stride_8_is_refused() -> None:
         _model(layers=[1, 2])
     with pytest.raises(ConfigError, match="hard_quantile"):
         _model(hard_quantile=1.0)
+
+
+def test_hard_mse_is_the_error_of_the_difference_and_keeps_at_least_one() -> None:
+    t = torch.ones(1, 1, 10, 10)
+    s = t.clone()
+    s.view(-1)[:2] = torch.tensor([11.0, 10.0])  # errors 10 and 9 on a nonzero target
+    assert float(patchst.hard_mse(t, s, 0.0)) == pytest.approx((100 + 81) / 100)
+    assert float(patchst.hard_mse(t, s, 0.99)) == pytest.approx(100.0)  # 1 % of 100 errors: the largest alone

@@ -1,5 +1,7 @@
 """RD++: losses on hand-checkable tensors, SSOT properties, gradient accumulation, projection layers."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -105,3 +107,37 @@ def test_config_validation_and_presets() -> None:
     paper, cpu = load_config("rdpp_paper"), load_config("rdpp_cpu")
     assert paper.model["backbone"] == "wide_resnet50_2" and paper.train.batch_size == 16
     assert cpu.model["backbone"] == "efficientnet_lite0"
+
+
+def _ot_reference(x: torch.Tensor, y: torch.Tensor, eps: float, iters: int = 400) -> torch.Tensor:
+    """Entropic OT between uniform clouds, cost |x-y|^2/2: plain alternating log-domain Sinkhorn in float64."""
+    x, y = x.double(), y.double()
+    c = 0.5 * torch.cdist(x, y) ** 2
+    log_a, log_b = -math.log(x.shape[1]), -math.log(y.shape[1])
+    f, g = torch.zeros(x.shape[:2], dtype=torch.float64), torch.zeros(y.shape[:2], dtype=torch.float64)
+    for _ in range(iters):
+        f = -eps * torch.logsumexp(log_b + (g.unsqueeze(1) - c) / eps, dim=2)
+        g = -eps * torch.logsumexp(log_a + (f.unsqueeze(2) - c) / eps, dim=1)
+    return f.mean(1) + g.mean(1)
+
+
+@pytest.mark.parametrize("same_size", [True, False])
+def test_sinkhorn_divergence_matches_a_float64_reference(same_size: bool) -> None:
+    g = torch.Generator().manual_seed(1)
+    x = nn.functional.normalize(torch.randn(2, 5, 3, generator=g), dim=2)
+    y = nn.functional.normalize(torch.randn(2, 5 if same_size else 7, 3, generator=g) + 0.5, dim=2)
+    eps = 0.1
+    want = _ot_reference(x, y, eps) - 0.5 * _ot_reference(x, x, eps) - 0.5 * _ot_reference(y, y, eps)
+    got = rdpp.sinkhorn_divergence(x, y, eps=eps, iters=50, scaling=0.7)
+    assert got.shape == (2,) and torch.allclose(got.double(), want, atol=2e-5), (got, want)
+
+
+def test_ssot_loss_compares_each_image_with_a_rolled_partner() -> None:
+    cfg = rdpp.Config(**TINY)
+    p = torch.randn(3, 4, 2, 3, generator=torch.Generator().manual_seed(3))  # (B, C, H, W) all different, grid-sized
+    shift = int(torch.randint(1, 3, (1,), generator=torch.Generator().manual_seed(5)))
+    cloud = nn.functional.normalize(p.flatten(2).transpose(1, 2), dim=2)
+    want = rdpp.sinkhorn_divergence(cloud, torch.roll(cloud, shift, 0), cfg.ssot_eps, cfg.ssot_iters, cfg.ssot_scaling)
+    got = rdpp.ssot_loss([p], cfg, torch.Generator().manual_seed(5))
+    assert got.item() == pytest.approx(want.mean().item(), rel=1e-5)
+    assert rdpp.ssot_loss([p[:2]], cfg, torch.Generator()).item() > 0  # two images are enough

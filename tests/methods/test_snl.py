@@ -184,3 +184,11 @@ def test_every_method_trains_one_model_over_two_categories(name: str, two_catego
     assert set(res["per_category"]) == {"washer", "fabric"}
     assert all(r["n_images"] == 4 for r in res["per_category"].values())
     assert res["multi_class"] and math.isfinite(res["metrics"]["pixel_auroc"])
+
+
+def test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size() -> None:
+    feats = torch.randn(1, 3, 4, 2, generator=torch.Generator().manual_seed(0))
+    pooled = torch.nn.functional.adaptive_avg_pool2d(feats, (3, 2))
+    unit = torch.nn.functional.normalize(pooled.flatten(2), dim=1)
+    assert torch.allclose(snl.intra_affinity(feats, 3), unit.transpose(1, 2) @ unit, atol=1e-6)
+    assert snl.intra_affinity(feats, 4).shape == (1, 8, 8)  # no side above the size: no pooling

@@ -204,3 +204,12 @@ def test_presets() -> None:
     assert official.model["injection"] == "wogii" and official.model["teacher_loss"] == "official"
     assert tuple(official.model["synthesis"]["beta_range"]) == BETA_RANGE_CODE
     assert cpu.model["backbone"] == "efficientnet_lite0" and cpu.data.texture_dir == ""
+
+
+def test_layer_masks_align_corners_and_strict_threshold() -> None:
+    m = torch.zeros(1, 1, 3, 3)
+    m[0, 0, :, 1] = 1.0  # a middle column: 3 -> 5 with align_corners puts exactly 0.5 beside it (0.4 without)
+    middle = torch.tensor([0.0, 0.0, 1.0, 0.0, 0.0]).expand(5, 5)
+    assert torch.equal(urd.layer_masks(m, [(5, 5)])[0][0, 0], middle)  # 0.5 is not above 0.5
+    wide = torch.tensor([0.0, 1.0, 1.0, 1.0, 0.0]).expand(5, 5)
+    assert torch.equal(urd.layer_masks(m, [(5, 5)], 0.45)[0][0, 0], wide)

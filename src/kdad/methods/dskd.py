@@ -94,7 +94,7 @@ def contextual_affinity_map(teacher: Tensor, student: Tensor, temperature: float
     transient working set is ~4 x chunk x h*w floats whatever the batch and h*w are (docs/methods/dskd.md).
     """
     b, _, h, w = teacher.shape
-    amp = (torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled()
+    amp = (torch.autocast(teacher.device.type, enabled=False) if torch.is_autocast_enabled(teacher.device.type)
            else contextlib.nullcontext())
     with amp:
         t_all = F.normalize(teacher.detach().float().flatten(2), dim=1)  # (B, C, N)

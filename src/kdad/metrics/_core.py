@@ -8,6 +8,8 @@ the maps and no int64 sort index over all pixels is ever built.
 from __future__ import annotations
 
 import math
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -22,13 +24,24 @@ class MetricWarning(UserWarning):
     """A metric is undefined for the given data (e.g. only one class); it returned ``nan``."""
 
 
-def undefined(metric: str, reason: str, stacklevel: int = 4) -> float:
-    """Warn that ``metric`` is undefined and return ``nan`` (never a silent NaN).
+_PACKAGE = os.path.dirname(os.path.abspath(__file__))
 
-    ``stacklevel`` as in warnings.warn, so the warning points at the line that called the public metric:
-    4 when that metric reaches here through one helper (image_auroc -> auroc_ranked -> undefined), 3 when
-    it calls this directly."""
-    warnings.warn(f"{metric} is undefined: {reason}; returning nan", MetricWarning, stacklevel=stacklevel)
+
+def warn(message: str) -> None:
+    """``warnings.warn(message, MetricWarning)`` pointing at the first caller outside ``kdad/metrics``.
+
+    The stack level is counted, not written down, so it stays right whatever helpers (or comprehension frames
+    before Python 3.12) lie between the public metric and here."""
+    frame, level = sys._getframe(1), 2  # level 1 = this function, 2 = its caller
+    while frame.f_back is not None and os.path.dirname(os.path.abspath(frame.f_code.co_filename)) == _PACKAGE:
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, MetricWarning, stacklevel=level)
+
+
+def undefined(metric: str, reason: str) -> float:
+    """Warn that ``metric`` is undefined and return ``nan`` (never a silent NaN); the warning points at the line
+    that called the public metric."""
+    warn(f"{metric} is undefined: {reason}; returning nan")
     return float("nan")
 
 

@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 from numpy.typing import ArrayLike
 
 from kdad.metrics._core import (
-    MetricWarning,
     Ranked,
     ap_ranked,
     as_maps_and_masks,
@@ -17,6 +14,7 @@ from kdad.metrics._core import (
     check_limit,
     f1_max_ranked,
     rank,
+    warn,
 )
 from kdad.metrics.pro import au_pro_prepared, region_pixels
 
@@ -51,7 +49,7 @@ def evaluate_maps(
         "image_f1_max": f1_max_ranked(images, "image_f1_max")[0],
     }
     if not g.any():
-        warnings.warn("no mask has a defect pixel: pixel metrics skipped (nan)", MetricWarning, stacklevel=2)
+        warn("no mask has a defect pixel: pixel metrics skipped (nan)")
         return out | {key: float("nan") for key in PIXEL_KEYS}
     regions = region_pixels(m, g)
     pixels = Ranked(np.sort(m, axis=None), regions.values)  # region pixels = all positive pixels

@@ -9,7 +9,6 @@ trapezoid up to the limit with linear interpolation at the limit, divided by the
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,7 +16,6 @@ from numpy.typing import ArrayLike
 from scipy import ndimage
 
 from kdad.metrics._core import (
-    MetricWarning,
     Ranked,
     area_to_limit,
     as_maps_and_masks,
@@ -25,6 +23,7 @@ from kdad.metrics._core import (
     overlap_curve,
     top_sorted,
     undefined,
+    warn,
 )
 
 _EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
@@ -147,10 +146,9 @@ def legacy_rd4ad_pro(maps: ArrayLike, masks: ArrayLike, steps: int = 200, max_fp
         else:
             value = _legacy_one_image(m[i], g[i], steps, max_fpr)
         if math.isnan(value):
-            warnings.warn(f"legacy_rd4ad_pro: image {i} gives no usable curve; skipped", MetricWarning,
-                          stacklevel=2)
+            warn(f"legacy_rd4ad_pro: image {i} gives no usable curve; skipped")
         else:
             values.append(value)
     if not values:
-        return undefined("legacy_rd4ad_pro", "no anomalous image with a usable curve", stacklevel=3)
+        return undefined("legacy_rd4ad_pro", "no anomalous image with a usable curve")
     return float(np.mean(values))

@@ -126,8 +126,8 @@ def au_spro(
     if n_channels == 0 or n_union == n_pixels:
         reason = "no GT channel" if n_channels == 0 else "no negative pixel"
         out = {}
-        for v in checked:  # a loop, not a comprehension: its frame would shift stacklevel before Python 3.12
-            out[v] = undefined(f"au_spro@{v}", reason, stacklevel=3)
+        for v in checked:
+            out[v] = undefined(f"au_spro@{v}", reason)
         return out
     fpr, pro = spro_curve(maps, channels)
     return {v: area_to_limit(fpr, pro, v) for v in checked}
