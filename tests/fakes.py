@@ -175,3 +175,12 @@ def make_threecad(root: Path) -> Path:
     solid_image(cs / "test" / "iron_core_airflow" / "0000.png", (1024, 1024), 30)
     box_mask(cs / "ground_truth" / "iron_core_airflow" / "0000.png", (1024, 1024), [(0, 0, 512, 512)])
     return root
+
+
+def blob_map(size: int, hot: int) -> np.ndarray:
+    """A (size, size) anomaly map with a 4-px region at [2:4, 2:4] and a single hot pixel at (hot, hot): what a
+    defect mask with a minimum area of 4 keeps and drops."""
+    amap = np.zeros((size, size), np.float32)
+    amap[2:4, 2:4] = 1.0
+    amap[hot, hot] = 1.0
+    return amap

@@ -21,6 +21,7 @@ from kdad.deploy.batch import stream_predictions
 from kdad.deploy.serve.app import result_dict
 from kdad.evaluate import Predictions, _mean_metrics, compute_metrics, display_range, write_scores_csv
 from kdad.metrics import evaluate_maps, image_ap, image_auroc, image_f1_max
+from tests.fakes import blob_map
 
 
 def _png(b64: str) -> np.ndarray:
@@ -32,17 +33,10 @@ def _runner(**kw: object) -> SimpleNamespace:
     return SimpleNamespace(**{**base, **kw})
 
 
-def _blob_map() -> np.ndarray:
-    amap = np.zeros((16, 16), np.float32)
-    amap[2:4, 2:4] = 1.0  # a 4-px region
-    amap[10, 10] = 1.0  # a hot pixel
-    return amap
-
-
 def test_result_dict_decides_at_the_threshold_inclusive_and_labels_it() -> None:
     image = np.zeros((16, 16, 3), np.float32)
     runner = _runner()
-    on = result_dict(runner, "a.png", 0.7, _blob_map(), image, 0.7, mask=False)
+    on = result_dict(runner, "a.png", 0.7, blob_map(16, 10), image, 0.7, mask=False)
     assert set(on) == {"filename", "score", "threshold", "decision", "label", "image_threshold",
                        "heatmap_png_base64", "reason", "gate_score", "gate_threshold"}
     assert (on["reason"], on["gate_score"]) == (None, None)  # no gate stored: never "invalid"
@@ -50,22 +44,22 @@ def test_result_dict_decides_at_the_threshold_inclusive_and_labels_it() -> None:
         ("a.png", 0.7, 0.7, 1, "anomalous")
     assert on["image_threshold"] == 0.7
     assert _png(on["heatmap_png_base64"]).shape == (16, 16, 3)
-    below = result_dict(runner, "b.png", 0.69, _blob_map(), image, 0.7, mask=False)
+    below = result_dict(runner, "b.png", 0.69, blob_map(16, 10), image, 0.7, mask=False)
     assert (below["decision"], below["label"]) == (0, "normal")
-    none = result_dict(runner, "c.png", 0.9, _blob_map(), image, None, mask=False)
+    none = result_dict(runner, "c.png", 0.9, blob_map(16, 10), image, None, mask=False)
     assert (none["decision"], none["label"]) == (None, None)
 
 
 def test_result_dict_mask_keeps_regions_of_the_stored_min_area() -> None:
     image = np.zeros((16, 16, 3), np.float32)
-    out = result_dict(_runner(), "a.png", 0.9, _blob_map(), image, 0.7, mask=True)
+    out = result_dict(_runner(), "a.png", 0.9, blob_map(16, 10), image, 0.7, mask=True)
     keep = _png(out["mask_png_base64"]) > 0
     assert keep.sum() == 4 and not keep[10, 10]
     old = SimpleNamespace(**{k: v for k, v in vars(_runner()).items() if k != "pixel_min_area"})
-    assert (_png(result_dict(old, "a.png", 0.9, _blob_map(), image, 0.7, True)["mask_png_base64"]) > 0).sum() == 5
-    assert "mask_png_base64" not in result_dict(_runner(pixel_threshold=None), "a.png", 0.9, _blob_map(), image,
+    assert (_png(result_dict(old, "a.png", 0.9, blob_map(16, 10), image, 0.7, True)["mask_png_base64"]) > 0).sum() == 5
+    assert "mask_png_base64" not in result_dict(_runner(pixel_threshold=None), "a.png", 0.9, blob_map(16, 10), image,
                                                 0.7, True)
-    assert "mask_png_base64" not in result_dict(_runner(), "a.png", 0.9, _blob_map(), image, 0.7, False)
+    assert "mask_png_base64" not in result_dict(_runner(), "a.png", 0.9, blob_map(16, 10), image, 0.7, False)
 
 
 def _preds(has_mask: np.ndarray | None) -> Predictions:

@@ -14,13 +14,7 @@ from kdad.deploy.postprocess import PostProcess, display_range, post_of
 from kdad.errors import ConfigError
 from kdad.thresholds import Thresholds, defect_mask
 from kdad.visualize import overlay
-
-
-def _blob_map() -> np.ndarray:
-    amap = np.zeros((12, 12), np.float32)
-    amap[2:4, 2:4] = 1.0  # a 4-px region
-    amap[9, 9] = 1.0  # a hot pixel
-    return amap
+from tests.fakes import blob_map
 
 
 def test_display_range_prefers_the_stored_range() -> None:
@@ -102,7 +96,7 @@ def test_decision_and_flagged_are_inclusive() -> None:
 
 
 def test_mask_keeps_regions_of_min_area_at_the_threshold() -> None:
-    amap = _blob_map()
+    amap = blob_map(12, 9)
     assert PostProcess(pixel_threshold=None).mask(amap) is None
     keep = PostProcess(pixel_threshold=1.0, min_area=4).mask(amap)
     assert keep is not None and keep.sum() == 4 and not keep[9, 9]
@@ -113,7 +107,7 @@ def test_mask_keeps_regions_of_min_area_at_the_threshold() -> None:
 
 def test_overlay_uses_the_fixed_range() -> None:
     image = np.full((12, 12, 3), 0.5, np.float32)
-    amap = _blob_map()
+    amap = blob_map(12, 9)
     post = PostProcess(vmin=0.2, vmax=0.8)
     assert np.array_equal(post.overlay(image, amap), overlay(image, amap, 0.2, 0.8))
     assert not np.array_equal(post.overlay(image, amap), overlay(image, amap, 0.0, 2.0))
