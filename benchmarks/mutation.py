@@ -67,7 +67,7 @@ def _tests(path: str, *names: str) -> tuple[str, ...]:
 GROUPS: dict[str, Group] = {
     "metrics": Group(
         files=("src/kdad/metrics/__init__.py", "src/kdad/metrics/_core.py", "src/kdad/metrics/classification.py",
-               "src/kdad/metrics/evaluate.py", "src/kdad/metrics/pro.py", "src/kdad/metrics/spro.py"),
+               "src/kdad/metrics/summary.py", "src/kdad/metrics/pro.py", "src/kdad/metrics/spro.py"),
         tests=("tests/test_metrics.py", "tests/test_thresholds.py", "tests/data/test_loco.py"),
     ),
     "maps_losses": Group(

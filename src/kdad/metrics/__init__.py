@@ -16,7 +16,6 @@ from kdad.metrics.classification import (
     pixel_auroc,
     pixel_f1_max,
 )
-from kdad.metrics.evaluate import evaluate_maps
 from kdad.metrics.pro import au_pro, legacy_rd4ad_pro, pro_curve
 from kdad.metrics.spro import (
     LOCO_LIMITS,
@@ -28,6 +27,7 @@ from kdad.metrics.spro import (
     spro_channel,
     spro_curve,
 )
+from kdad.metrics.summary import evaluate_maps
 
 __all__ = [
     "LOCO_LIMITS",
