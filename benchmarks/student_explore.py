@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.maps import GaussianBlur
+from kdad.blocks.patchnet import PatchNet
 from kdad.blocks.teachers import build_encoder
 from kdad.config import DataConfig
 from kdad.data.factory import build_dataset
@@ -46,21 +47,6 @@ class Target(nn.Module):
                 f = F.avg_pool2d(f, self.pool, 1, self.pool // 2, count_include_pad=False)
             out.append(F.interpolate(f, size=size, mode="bilinear", align_corners=False) if f.shape[-2:] != size else f)
         return torch.cat(out, 1)
-
-
-def pdn(out_ch: int, width: int, extra: int = 0) -> nn.Module:
-    """A small patch network with output stride 8 (EfficientAD's PDN idea, padded)."""
-    w = width
-    more = []
-    for _ in range(extra):  # dilated 3x3 convs widen the receptive field at stride 8
-        more += [nn.Conv2d(2 * w, 2 * w, 3, 1, 2, dilation=2), nn.ReLU(inplace=True)]
-    return nn.Sequential(
-        nn.Conv2d(3, w, 4, 1, 2), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2),
-        nn.Conv2d(w, 2 * w, 4, 1, 2), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2),
-        nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.ReLU(inplace=True), nn.AvgPool2d(2, 2),
-        nn.Conv2d(2 * w, 2 * w, 3, 1, 1), nn.ReLU(inplace=True), *more,
-        nn.Conv2d(2 * w, out_ch, 3, 1, 1),
-    )
 
 
 class LiteStudent(nn.Module):
@@ -197,7 +183,7 @@ def main() -> None:
                                                             dtype=np.float32) / 255.0).permute(2, 0, 1)
                                 for p in tex_files])
     c = tt.shape[1]
-    student = pdn(c, args.width, args.extra) if args.student == "pdn" else LiteStudent(args.backbone, layers, args.pool, c)
+    student = PatchNet(c, args.width, args.extra) if args.student == "pdn" else LiteStudent(args.backbone, layers, args.pool, c)
     student = student.to(memory_format=torch.channels_last)
     opt = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=1e-5)
     sched = (torch.optim.lr_scheduler.OneCycleLR(opt, args.lr, total_steps=args.steps, pct_start=0.05)

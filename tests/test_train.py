@@ -322,3 +322,13 @@ def test_resume_is_bit_identical_for_a_method_that_synthesises_anomalies(method:
     assert a.keys() == b.keys()
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_fit_runs_the_prepare_hook_before_training_and_calibrates(demo_root: Path, tmp_path: Path) -> None:
+    # PatchST standardises its target with statistics from MethodSpec.prepare; without the hook they stay 0 / 1
+    cfg = load_config("patchst_cpu", [], [f"data.root={demo_root}", "train.epochs=1", "train.cpu_bf16=false", *TINY])
+    run = fit(cfg, tmp_path / "run")
+    model, _ = model_from_bundle(load_bundle(run))
+    assert float(model.feat_mean.abs().sum()) > 0
+    assert not torch.allclose(model.feat_std, torch.ones_like(model.feat_std))
+    assert model.map_mean.shape == (1, 1, 8, 8)  # calibrated on the held-out normals at 64 px (stride 8)
