@@ -4,10 +4,17 @@ and the process's peak RSS.
 
 Run: for t in old new; do PYTHONPATH=<tree>/src python benchmarks/fastpath_ab.py $t; done
 """
-import time, json, resource, torch, sys
-from kdad.config import read_preset, from_dict
+import json
+import resource
+import sys
+import time
+
+import torch
+
+from kdad.config import from_dict, read_preset
 from kdad.methods import get_method
 from kdad.speed import optimize_for_inference
+
 torch.set_num_threads(2)
 spec=get_method("rd"); cfg=from_dict(spec.Config, read_preset("rd_cpu")["model"])
 torch.manual_seed(0); m=spec.Model(cfg).eval()
