@@ -97,3 +97,48 @@ def test_hard_mse_is_the_error_of_the_difference_and_keeps_at_least_one() -> Non
     s.view(-1)[:2] = torch.tensor([11.0, 10.0])  # errors 10 and 9 on a nonzero target
     assert float(patchst.hard_mse(t, s, 0.0)) == pytest.approx((100 + 81) / 100)
     assert float(patchst.hard_mse(t, s, 0.99)) == pytest.approx(100.0)  # 1 % of 100 errors: the largest alone
+
+
+def test_nearest_sq_equals_brute_force_distance_in_chunks() -> None:
+    g = torch.Generator().manual_seed(3)
+    t, bank = torch.randn(2, 5, 3, 4, generator=g), torch.randn(11, 5, generator=g)
+    brute = torch.cdist(t.permute(0, 2, 3, 1).reshape(-1, 5), bank).min(1).values ** 2 / 5
+    for rows in (1, 7, 4096):  # chunk boundaries must not change the result
+        got = patchst.nearest_sq(t, bank, rows=rows)
+        assert got.shape == (2, 1, 3, 4)
+        assert torch.allclose(got.flatten(), brute, atol=1e-5)
+
+
+def test_memory_branch_samples_standardised_training_positions_and_adds_its_map() -> None:
+    model = _model(memory=50)
+    loader = _loader(4)
+    patchst.prepare(model, loader, torch.device("cpu"))
+    assert model.bank.shape == (50, model.feat_mean.shape[1])
+    (t,), _ = model.pairs(torch.cat([b["image"] for b in loader]))
+    rows = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    # every bank row is one of the standardised training positions, and no position is taken twice
+    assert torch.cdist(model.bank, rows, compute_mode="donot_use_mm_for_euclid_dist").min(1).values.max() < 1e-4
+    assert len({tuple(r.round(decimals=4).tolist()) for r in model.bank}) == 50
+    # the second channel of the grid is the branch error
+    x = torch.cat([b["image"] for b in loader])[:1]
+    model.eval()
+    with torch.inference_mode():
+        grid = model.error_grid(x)
+    assert grid.shape == (1, 2, 8, 8)
+    normals = _loader(5, seed=1)
+    patchst.calibrate(model, normals, torch.device("cpu"))
+    assert model.map_mean.shape == (1, 2, 8, 8)
+    xt = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        out = model(xt)
+        z = (model.error_grid(xt) / model.map_mean).sum(1, keepdim=True)
+    expected = model.blur(F.interpolate(z, size=(64, 64), mode="bilinear", align_corners=False))
+    assert torch.allclose(out.anomaly_map, expected, atol=1e-5)
+    fresh = _model(memory=50)
+    assert fresh.bank.numel() == 0
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    with torch.inference_mode():
+        assert torch.allclose(fresh(xt).anomaly_map, out.anomaly_map, atol=1e-6)
+    with pytest.raises(ConfigError, match="model.memory"):
+        _model(memory=-1)

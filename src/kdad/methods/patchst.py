@@ -53,6 +53,9 @@ class Config:
     map_norm: Literal["none", "position"] = "position"
     sigma: float = 4.0
     std_floor: float = 1e-6  # lower bound of the target std and of the per-position mean error
+    # training patches kept for the nearest-neighbour branch (0 = off): the map adds, per position, the mean
+    # squared difference to the nearest stored normal patch of the same standardised target (docs/methods/patchst.md)
+    memory: int = 0
 
 
 def hard_mse(target: Tensor, pred: Tensor, quantile: float) -> Tensor:
@@ -71,11 +74,14 @@ class Model(nn.Module):
     feat_mean: Tensor
     feat_std: Tensor
     map_mean: Tensor
+    bank: Tensor
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
         if not 0.0 <= cfg.hard_quantile < 1.0:
             raise ConfigError(f"model.hard_quantile must be in [0, 1), got {cfg.hard_quantile}")
+        if cfg.memory < 0:
+            raise ConfigError(f"model.memory must be >= 0 (0 = no nearest-neighbour branch), got {cfg.memory}")
         if cfg.map_norm not in ("none", "position"):
             raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
         self.cfg = cfg
@@ -89,12 +95,15 @@ class Model(nn.Module):
         self.register_buffer("feat_std", torch.ones(1, channels, 1, 1))
         # per-position mean error of held-out normals on the stride-8 grid; empty until calibrate()
         self.register_buffer("map_mean", torch.zeros(0))
+        # standardised training patches of the nearest-neighbour branch; filled by prepare() when memory > 0
+        self.register_buffer("bank", torch.zeros(0, channels))
         self.blur = GaussianBlur(cfg.sigma)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the map statistics take the grid of the image size they were calibrated at: size the buffers first
-        if prefix + "map_mean" in state_dict:
-            self.map_mean = torch.empty_like(state_dict[prefix + "map_mean"], device=self.map_mean.device)
+        for name in ("map_mean", "bank"):
+            if prefix + name in state_dict:
+                setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.map_mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def raw_target(self, images: Tensor) -> Tensor:
@@ -112,9 +121,13 @@ class Model(nn.Module):
         return [target], [self.student(self.encoder.normalize(images))]
 
     def error_grid(self, images: Tensor) -> Tensor:
-        """(B, 1, h, w) mean squared error per position, before map statistics."""
+        """(B, 1, h, w) mean squared error per position, before map statistics; (B, 2, h, w) with the
+        nearest-neighbour branch's error as the second channel when a memory bank is held."""
         (t,), (s,) = self.pairs(images)
-        return ((t - s.float()) ** 2).mean(1, keepdim=True)
+        d = ((t - s.float()) ** 2).mean(1, keepdim=True)
+        if self.bank.numel() == 0:
+            return d
+        return torch.cat([d, nearest_sq(t, self.bank)], 1)
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         d = self.error_grid(images)
@@ -123,8 +136,27 @@ class Model(nn.Module):
             if mean.shape[-2:] != d.shape[-2:]:  # another input size than calibrated: resize the statistics
                 mean = F.interpolate(mean, size=d.shape[-2:], mode="bilinear", align_corners=False)
             d = d / mean
+        d = d.sum(1, keepdim=True)  # the branches, each relative to its held-out normals' mean, add up
         amap = self.blur(F.interpolate(d, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+
+def nearest_sq(t: Tensor, bank: Tensor, rows: int = 4096) -> Tensor:
+    """(B, C, h, w) features, (M, C) bank -> (B, 1, h, w) mean over channels of the squared difference to the
+    nearest bank row. Rows are taken in chunks so the distance matrix stays small, except while exporting,
+    where a loop fixed at trace time would pin the batch size."""
+    b, c, h, w = t.shape
+    q = t.permute(0, 2, 3, 1).reshape(-1, c)
+    bb = (bank * bank).sum(1)
+
+    def one(qc: Tensor) -> Tensor:  # |q - m|^2 = |q|^2 - 2 q.m + |m|^2, the matmul form cdist would use
+        return ((qc * qc).sum(1, keepdim=True) - 2.0 * qc @ bank.t() + bb).amin(1)
+
+    if torch.onnx.is_in_onnx_export() or torch.jit.is_tracing():
+        d = one(q)
+    else:
+        d = torch.cat([one(q[i:i + rows]) for i in range(0, q.shape[0], rows)])
+    return (d.clamp_min(0.0) / c).view(b, h, w).unsqueeze(1)
 
 
 def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
@@ -156,6 +188,24 @@ def prepare(model: Model, normal_loader: Any, device: torch.device) -> None:
     std = torch.sqrt(torch.clamp(ss / n - mean * mean, min=0.0))
     model.feat_mean.copy_(mean.float().view_as(model.feat_mean))
     model.feat_std.copy_(torch.clamp(std.float(), min=model.cfg.std_floor).view_as(model.feat_std))
+    if model.cfg.memory > 0:
+        model.bank = sample_bank(model, normal_loader, device, n, model.cfg.memory)
+
+
+@torch.no_grad()
+def sample_bank(model: Model, normal_loader: Any, device: torch.device, n: int, size: int) -> Tensor:
+    """``size`` standardised target positions drawn uniformly without replacement from the ``n`` positions of
+    the training normals (all of them when there are fewer); seeded from torch's global seed (train.seed)."""
+    g = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
+    keep = torch.randperm(n, generator=g)[:size].sort().values
+    rows, start = [], 0
+    for batch in normal_loader:
+        t = (model.raw_target(batch["image"].to(device)) - model.feat_mean) / model.feat_std
+        flat = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+        lo, hi = torch.searchsorted(keep, torch.tensor([start, start + flat.shape[0]]))
+        rows.append(flat[(keep[lo:hi] - start).to(flat.device)])
+        start += flat.shape[0]
+    return torch.cat(rows).float().contiguous()
 
 
 @torch.no_grad()
