@@ -135,3 +135,18 @@ def test_split_and_repeats() -> None:
     assert split_feedback(6, 0.0, 0) == (list(range(6)), [])
     assert repeats_for(188, 5, 0.2) == 9  # 45 of 233 images per epoch: about a fifth
     assert repeats_for(10, 50, 0.2) == 1  # at least once each
+
+
+def test_fit_from_a_start_state_begins_at_those_weights(run: Path, tmp_path: Path) -> None:
+    """fit(start=...) fine-tunes the given weights: with a zero learning rate they come back unchanged (batch
+    norm statistics aside), where a fresh model would not."""
+    import torch
+
+    from kdad.config import build_config
+
+    old = load_bundle(run)
+    cfg = build_config({**old["config"], "model": {**old["config"]["model"], "lr": 0.0},
+                        "train": {**old["config"]["train"], "epochs": 1}})
+    new = load_bundle(fit(cfg, tmp_path / "ft", start=old["model"]))
+    weights = [k for k in old["model"] if "running_" not in k and "num_batches" not in k]
+    assert weights and all(torch.equal(new["model"][k], old["model"][k]) for k in weights)

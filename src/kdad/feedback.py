@@ -107,7 +107,9 @@ def _rate(model: torch.nn.Module, thresholds: dict[str, Any], ds: Dataset | None
         return None
     scores = predict(model, ds, device, batch_size, keep_maps=False, tiles=tiles).scores
     k = int(PostProcess.from_thresholds(thresholds).flagged(scores).sum())
-    return {"flagged": k, "n": int(len(scores)), "rate": k / len(scores), "scores": [float(s) for s in scores]}
+    ratio = np.asarray(scores, np.float64) / float(thresholds["image"])
+    return {"flagged": k, "n": int(len(scores)), "rate": k / len(scores), "scores": [float(s) for s in scores],
+            "median_score_over_threshold": float(np.median(ratio))}
 
 
 def _test_metrics(model: torch.nn.Module, thresholds: dict[str, Any], cfg: Any, device: torch.device,
@@ -258,6 +260,10 @@ def _rate_cell(r: dict[str, Any] | None) -> str:
     return "-" if r is None else f"{r['flagged']}/{r['n']} = {r['rate']:.1%}"
 
 
+def _ratio_cell(r: dict[str, Any] | None) -> str:
+    return "-" if r is None else f"{r['median_score_over_threshold']:.3f}"
+
+
 def _num(x: Any) -> str:
     return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{float(x):.4f}"
 
@@ -272,6 +278,8 @@ def describe(summary: dict[str, Any]) -> str:
              _rate_cell(a["feedback_held_out"])),
             ("false alarms, calibration normals", _rate_cell(b["calibration_normals"]),
              _rate_cell(a["calibration_normals"]))]
+    rows += [(f"median score / threshold, {what}", _ratio_cell(b[key]), _ratio_cell(a[key]))
+             for key, what in (("feedback_trained", "trained on"), ("feedback_held_out", "held out"))]
     if b["test"] is not None and a["test"] is not None:
         fa_b, fa_a = b["test"]["false_alarms"], a["test"]["false_alarms"]
         rows += [("test image AUROC", _num(b["test"]["image_auroc"]), _num(a["test"]["image_auroc"])),
