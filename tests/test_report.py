@@ -279,3 +279,29 @@ def test_report_operating_point_shows_observed_false_alarms_beside_alpha(tmp_pat
     result = {**_result(pred), "thresholds": old, "false_alarms": false_alarms(pred, old)}
     write_report(tmp_path / "old.html", result, pred)
     assert "none: a quantile threshold" in (tmp_path / "old.html").read_text()
+
+
+def test_kdad_test_reports_the_gates_invalid_share_of_test_normals_and_defects(tmp_path: Path) -> None:
+    """A black frame among the good test images is refused by the gate (flat frame): metrics.json and the
+    report's Operating point section count it, per label, with the reason."""
+    from kdad.config import load_config
+    from kdad.data.demo import make_demo_dataset
+    from kdad.evaluate import evaluate_run
+    from kdad.train import fit
+
+    demo = make_demo_dataset(tmp_path / "d", n_train=10, n_test_good=3, n_test_bad=2, size=64, kind="object")
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(demo / "test" / "good" / "black.png")
+    run = fit(load_config("rd_cpu", [], [
+        f"data.root={demo}", "model.backbone=resnet18", "model.weights=random", "data.image_size=64",
+        "train.batch_size=4", "train.progress=false", "train.epochs=1", "train.val_fraction=0.3",
+        "train.alpha=0.3"]), tmp_path / "run")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = evaluate_run(run, device="cpu")
+    invalid = json.loads((run / "metrics.json").read_text())["invalid"]
+    assert invalid == res["invalid"]
+    assert invalid["normals"] == {"invalid": 1, "n": 4, "rate": 0.25}
+    assert invalid["defects"]["n"] == 2 and invalid["reasons"].get("flat frame (black, white or blank)") == 1
+    html = (run / "report.html").read_text()
+    assert "called invalid by the gate: good test images</td><td>1 of 4 = 25.0%" in html
+    assert "called invalid by the gate: defective test images" in html

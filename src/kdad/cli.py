@@ -1,4 +1,5 @@
-"""Command-line interface: kdad fit | test | predict | calibrate | export | serve | demo | list (`kdad CMD --help`)."""
+"""Command-line interface: kdad fit | test | predict | calibrate | feedback | export | serve | demo | list
+(`kdad CMD --help`)."""
 
 from __future__ import annotations
 
@@ -206,6 +207,18 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_feedback(args: argparse.Namespace) -> int:
+    check_run(args.run)
+    if not Path(args.good).is_dir():
+        raise KdadError(f"--good {args.good}: folder not found")
+    from kdad.feedback import describe, feedback_run
+
+    summary = feedback_run(args.run, args.good, out=args.out, epochs=args.epochs, device=args.device,
+                           holdout=args.holdout, share=args.share)
+    print(describe(summary))
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     check_run(args.run)
     from kdad.deploy.runner import make_runner
@@ -361,6 +374,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda")
     p.add_argument("--batch-size", type=int, default=16, help="images per forward pass (default 16)")
     p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("feedback", help="fine-tune a run on good images marked as false alarms, recalibrate, "
+                       "and compare before/after; writes a new run (docs/operating_point.md)")
+    p.add_argument("run", help="run folder (with model.ckpt); it is left unchanged")
+    p.add_argument("--good", required=True, metavar="DIR",
+                   help="folder of good images the run flagged (false alarms), the files directly inside it")
+    p.add_argument("--out", help="new run folder (default RUN-feedback-<time>); must not exist")
+    p.add_argument("--epochs", type=int, default=3, help="fine-tuning epochs (default 3)")
+    p.add_argument("--device", default=None, help="auto, cpu, cuda (default: the run's train.device)")
+    p.add_argument("--holdout", type=_finite_float, default=0.5,
+                   help="share of the good images kept out of the fine-tune to measure the after-rate honestly "
+                        "(default 0.5; 0 trains on all; fewer than 4 images: all are trained on)")
+    p.add_argument("--share", type=_finite_float, default=0.2,
+                   help="share of each fine-tuning epoch made of the good images, by repetition (default 0.2)")
+    p.set_defaults(func=cmd_feedback)
 
     p = sub.add_parser("serve", help="HTTP API + web page for a run (FastAPI/uvicorn)")
     p.add_argument("run", help="run folder (with model.ckpt), a .ckpt file, or an exported .onnx")

@@ -152,6 +152,48 @@ def false_alarms(pred: Predictions, thr: dict[str, Any]) -> dict[str, Any] | Non
             "alpha": thr.get("alpha"), "n_calibration": thr.get("n_calibration")}
 
 
+def invalid_decisions(post: postprocess.PostProcess, gate_scores: Any, ds: Dataset,
+                      batch_size: int = 16) -> dict[str, Any]:
+    """The invalid-input gate's verdict (``post.invalid_reason``) on every image of a test set: how many test
+    normals and test defects it calls ``invalid`` (count, n, rate each) and how often each reason comes up.
+
+    gate_scores: images01 (B, 3, H, W) -> gate scores (B,) (a Gate module or a runner's ``gate_scores``)."""
+    from torch.utils.data import DataLoader
+
+    counts = {0: [0, 0], 1: [0, 0]}  # label -> [invalid, n]
+    reasons: dict[str, int] = {}
+    with torch.inference_mode():
+        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+            images = batch["image"]
+            g = np.asarray(torch.as_tensor(gate_scores(images)).float().cpu(), dtype=np.float64).reshape(-1)
+            for j, label in enumerate(np.asarray(batch["label"]).astype(int)):
+                reason = post.invalid_reason(float(g[j]), images[j].numpy())
+                counts[int(label > 0)][1] += 1
+                if reason is not None:
+                    counts[int(label > 0)][0] += 1
+                    kind = reason.split(":")[0]  # "flat frame ...", "overexposed", "unlike the training images"
+                    reasons[kind] = reasons.get(kind, 0) + 1
+
+    def share(k: int, n: int) -> dict[str, Any]:
+        return {"invalid": k, "n": n, "rate": k / n if n else None}
+
+    return {"normals": share(*counts[0]), "defects": share(*counts[1]), "reasons": reasons,
+            "gate_threshold": post.gate_threshold}
+
+
+def _gate_scorer(bundle: dict[str, Any], model: nn.Module, forward: Any, device: torch.device) -> Any:
+    """What scores the gate for evaluate_run: the ONNX runner's gate graph, or the bundle's Gate on the model;
+    None when the run has no gate."""
+    if hasattr(forward, "gate_scores"):  # an ONNX runner: its gate graph (None when exported without one)
+        return forward.gate_scores if getattr(forward, "gate_session", None) is not None else None
+    if bundle.get("gate") is None:
+        return None
+    from kdad.gate import Gate
+
+    module = Gate.from_bundle(bundle["gate"]).module(model).to(device).eval()
+    return lambda images01: module(images01.to(device).float())
+
+
 def _mean_metrics(per_category: dict[str, dict[str, Any]]) -> dict[str, float]:
     """Mean of each metric over categories (NaN-aware: a category without the metric is left out)."""
     keys = sorted({k for r in per_category.values() for k in r["metrics"]})
@@ -238,11 +280,15 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
     per_category: dict[str, dict[str, Any]] = {}
     preds: dict[str, Predictions] = {}
     parts = dataset_parts(data, "test")
+    gate_scorer = None if tiles is not None else _gate_scorer(bundle, model, forward, dev)
+    post = forward.post if backend == "onnx" else postprocess.PostProcess.from_thresholds(thr, gate=bundle.get("gate"))
     for name, ds in parts:
         pred = predict(forward, ds, dev, batch_size, keep_maps=True, progress=cfg.train.progress, tiles=tiles)
         per_category[name] = {"n_images": int(len(pred.scores)), "metrics": compute_metrics(pred)}
         per_category[name]["good_images_flagged"] = good_images_flagged(pred, thr)
         per_category[name]["false_alarms"] = false_alarms(pred, thr)
+        if gate_scorer is not None:  # the gate's third decision: test images it would refuse as `invalid`
+            per_category[name]["invalid"] = invalid_decisions(post, gate_scorer, ds, batch_size)
         if tiles is not None:  # what the pixel metrics were computed at
             per_category[name]["tiling"] = pred.extra["tiling"]
         inner = getattr(ds, "ds", ds)  # dataset_parts tags items; LOCO channels live on the inner dataset

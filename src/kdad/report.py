@@ -483,8 +483,9 @@ def _operating_point(result: dict[str, Any]) -> list[str]:
     """The false-alarm rate observed on the good test images, with its 95 % interval, beside the guaranteed
     alpha (conformal thresholds) or the quantile aimed at (older bundles)."""
     fa = result.get("false_alarms")
+    invalid = _invalid_rows(result.get("invalid"))
     if not fa:
-        return []
+        return ["<h2>Operating point</h2>", _table(["", "value"], invalid)] if invalid else []
     thr = result.get("thresholds") or {}
     lo, hi = fa["ci95"]
     rows = [["false alarms on good test images", f"{fa['flagged']} of {fa['n_good']} = {fa['rate']:.1%} "
@@ -500,7 +501,22 @@ def _operating_point(result: dict[str, Any]) -> list[str]:
     else:
         rows.append(["guarantee", "none: a quantile threshold (written before conformal thresholds or with "
                                   "train.image_threshold_rule=quantile)"])
-    return ["<h2>Operating point</h2>", _table(["", "value"], rows)]
+    return ["<h2>Operating point</h2>", _table(["", "value"], rows + invalid)]
+
+
+def _invalid_rows(invalid: dict[str, Any] | None) -> list[list[str]]:
+    """Rows for the gate's `invalid` decisions on the test normals and defects (none without a gate)."""
+    if not invalid:
+        return []
+    rows = []
+    for key, what in (("normals", "good test images"), ("defects", "defective test images")):
+        part = invalid.get(key) or {}
+        if part.get("n"):
+            rows.append([f"called invalid by the gate: {what}",
+                         f"{part['invalid']} of {part['n']} = {float(part['rate']):.1%}"])
+    if invalid.get("reasons"):
+        rows.append(["invalid reasons", _esc(", ".join(f"{k}: {v}" for k, v in sorted(invalid["reasons"].items())))])
+    return rows
 
 
 def write_report(path: Path, result: dict[str, Any], pred: Predictions, max_gallery: int = 8) -> None:

@@ -269,8 +269,15 @@ def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: 
     return dataclasses.replace(gate, source=f"{gate.source}; threshold from {source}")
 
 
-def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
-    """Train `cfg.method` on `cfg.data`; write config.yaml, last.ckpt, model.ckpt, train_log.jsonl in run_dir."""
+def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
+        start: dict[str, torch.Tensor] | None = None, extra_normals: Dataset | None = None) -> Path:
+    """Train `cfg.method` on `cfg.data`; write config.yaml, last.ckpt, model.ckpt, train_log.jsonl in run_dir.
+
+    start: a model state to fine-tune from (`kdad feedback`) instead of a fresh model; the statistics of the
+    method's `prepare` hook are then the ones in that state, and the optimizers start fresh.
+    extra_normals: more normal images added to the training set only (not to the held-out calibration normals;
+    items as the training set's, e.g. tagged with the category).
+    """
     run_dir = Path(run_dir)
     spec = get_method(cfg.method)
     mcfg = method_config(cfg)
@@ -295,10 +302,16 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     # Everything that can refuse the run does so before anything is written, so a failed start leaves no run
     # folder or config.yaml behind: the resume contract (a changed config is refused), then the data (every
     # image and mask header of the splits used).
+    if resume and start is not None:
+        raise ConfigError("fit: resume and a starting state (fine-tuning) exclude each other")
     ck = _load_resume(run_dir, cfg) if resume else None
     check_splits(cfg.data, ["train", *([cfg.data.val_split] if cfg.data.val_split else [])])
     tiles = TileSpec.from_data(cfg.data)
     train_ds, val_ds, weights = train_val_datasets(cfg)
+    if extra_normals is not None:
+        if weights is not None:
+            raise ConfigError("fit: extra normal images cannot join a balanced multi-class training set")
+        train_ds = ConcatDataset([train_ds, training_tiles(extra_normals, tiles)])
     if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
         raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
                           f"make none of train.batch_size={tc.batch_size}")
@@ -318,7 +331,13 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     loader = DataLoader(train_ds, batch_size=tc.batch_size, shuffle=sampler is None, sampler=sampler,
                         num_workers=cfg.data.num_workers, generator=loader_gen, drop_last=tc.cuda_graph,
                         pin_memory=device.type == "cuda", persistent_workers=cfg.data.num_workers > 0)
-    model = spec.Model(mcfg).to(device)
+    if start is not None and hasattr(mcfg, "weights"):  # the state holds the teacher (as model_from_bundle)
+        model = spec.Model(dataclasses.replace(mcfg, weights="random"))
+    else:
+        model = spec.Model(mcfg)
+    if start is not None:
+        model.load_state_dict(start, strict=True)
+    model = model.to(device)
     if tc.sync_batchnorm:
         if not distributed:
             raise ConfigError("train.sync_batchnorm=true needs several processes (launch with torchrun)")
@@ -328,7 +347,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False) -> Path:
     # DDP: rank 0's weights broadcast now; methods' backward (batch["backward"]) all-reduces gradient buckets
     ddp_backward = dist_utils.ddp_backward(dist_utils.wrap(model, device)) if distributed else None
 
-    if spec.prepare is not None and ck is None:
+    if spec.prepare is not None and ck is None and start is None:
         # every rank sees the whole training set here, so every rank computes the same statistics
         spec.prepare(model, DataLoader(train_ds, batch_size=tc.eval_batch_size, shuffle=False), device)
     textures = _texture_bank(cfg, spec)
