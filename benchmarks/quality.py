@@ -23,8 +23,11 @@ import torch
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.factory import build_dataset
-from kdad.evaluate import Predictions, compute_metrics, good_images_flagged, predict
+from kdad.deploy.postprocess import PostProcess
+from kdad.evaluate import Predictions, compute_metrics, false_alarms, good_images_flagged, invalid_decisions, predict
+from kdad.gate import Gate
 from kdad.speed import cpu_has_fast_bf16
+from kdad.thresholds import clopper_pearson, conformal_threshold
 from kdad.train import fit
 
 KEYS = ("image_auroc", "pixel_auroc", "au_pro")
@@ -74,7 +77,34 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
         m = compute_metrics(subset(pred, idx))
         row[half] = {k: m[k] for k in KEYS}
     row["good_images_flagged"] = good_images_flagged(subset(pred, rep), bundle.get("thresholds") or {})
+    row["operating_point"] = operating_point(bundle, model, pred, test)
     return row
+
+
+ALPHAS = (0.01, 0.05, 0.10)
+
+
+def operating_point(bundle: dict[str, Any], model: torch.nn.Module, pred: Predictions, test: Any) -> dict[str, Any]:
+    """Issue 21.6, on ALL test images (no choice is made on them): for each alpha the conformal threshold from the
+    run's calibration scores, the false-alarm rate seen on the test normals (exact 95 % interval) and the share
+    of test defects caught; the stored threshold's own false alarms; the gate's invalid shares."""
+    cal = (bundle.get("calibration") or {}).get("scores") or []
+    good, bad = pred.scores[pred.labels == 0], pred.scores[pred.labels == 1]
+    sweep = []
+    for alpha in ALPHAS:
+        c = conformal_threshold(cal, alpha)
+        k = int((good >= c.threshold).sum())
+        sweep.append({"alpha": alpha, "n_calibration": c.n, "rank": c.rank, "enough": c.enough,
+                      "false_alarms": k, "n_good": int(len(good)), "rate": k / len(good),
+                      "ci95": list(clopper_pearson(k, len(good))),
+                      "detected": float((bad >= c.threshold).mean()) if len(bad) else None})
+    thr = bundle.get("thresholds") or {}
+    out: dict[str, Any] = {"sweep": sweep, "stored": false_alarms(pred, thr)}
+    if bundle.get("gate") is not None:
+        gate = Gate.from_bundle(bundle["gate"]).module(model).eval()
+        out["invalid"] = invalid_decisions(PostProcess.from_thresholds(thr, gate=bundle["gate"]),
+                                           lambda x: gate(x.float()), test)
+    return out
 
 
 def main() -> None:

@@ -331,4 +331,6 @@ def test_fit_runs_the_prepare_hook_before_training_and_calibrates(demo_root: Pat
     model, _ = model_from_bundle(load_bundle(run))
     assert float(model.feat_mean.abs().sum()) > 0
     assert not torch.allclose(model.feat_std, torch.ones_like(model.feat_std))
-    assert model.map_mean.shape == (1, 1, 8, 8)  # calibrated on the held-out normals at 64 px (stride 8)
+    # calibrated on the held-out normals at 64 px (stride 8), one plane per branch (student, memory)
+    assert model.map_mean.shape == (1, 2, 8, 8)
+    assert model.bank.shape[0] > 0 and model.bank.shape[1] == model.feat_mean.shape[1]

@@ -41,6 +41,25 @@ def test_onnx_parity_on_random_images(name: str) -> None:
     assert parity["max_abs_map_diff"] <= PARITY_TOLERANCE and parity["max_abs_score_diff"] <= PARITY_TOLERANCE
 
 
+def test_onnx_parity_of_patchst_with_its_memory_branch() -> None:
+    """PatchST's nearest-neighbour branch (a bank buffer, chunked in eager mode) exports as one matmul and matches."""
+    from torch.utils.data import DataLoader
+
+    from kdad.export import PARITY_TOLERANCE, check_parity, export_model_bytes
+    from kdad.methods import patchst
+
+    spec = get_method("patchst")
+    torch.manual_seed(0)
+    model = spec.Model(from_dict(spec.Config, {**TINY, "memory": 40}))
+    normals = DataLoader([{"image": x} for x in torch.rand(4, 3, SIZE, SIZE)], batch_size=2)
+    patchst.prepare(model, normals, torch.device("cpu"))
+    patchst.calibrate(model, normals, torch.device("cpu"))
+    assert model.bank.shape[0] == 40 and model.map_mean.shape[1] == 2
+    graph, _ = export_model_bytes(model.eval(), SIZE)
+    parity = check_parity(model, graph, SIZE)
+    assert parity["max_abs_map_diff"] <= PARITY_TOLERANCE and parity["max_abs_score_diff"] <= PARITY_TOLERANCE
+
+
 def test_kdad_test_backend_onnx_gives_the_torch_metrics(tmp_path: Path) -> None:
     """`kdad test RUN --backend onnx` evaluates RUN/model.onnx with the same data, metrics and thresholds."""
     from kdad.checkpoint import make_bundle
