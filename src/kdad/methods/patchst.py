@@ -16,8 +16,8 @@ Millisecond-Level Latencies", WACV 2024), written from the paper:
 - optional memory branch (``memory`` > 0, on in ``patchst_cpu``): the mean squared difference to the nearest of
   ``memory`` standardised training patches (PatchCore's nearest-neighbour score, Roth et al., CVPR 2022, on a
   random sample instead of a coreset), normalised per position like the student's error and added to it.
-Differences from EfficientAD: the memory branch instead of the autoencoder branch (logical anomalies), a Lite0 teacher instead of a
-WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change the ranking), and
+Differences from EfficientAD: the memory branch instead of the autoencoder branch (logical anomalies), a Lite0
+teacher instead of a WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change the ranking), and
 no ImageNet penalty: its DTD stand-in did not help on the selection half (docs/methods/patchst.md).
 """
 
