@@ -17,8 +17,9 @@ Millisecond-Level Latencies", WACV 2024), written from the paper:
   ``memory`` standardised training patches (PatchCore's nearest-neighbour score, Roth et al., CVPR 2022, on a
   random sample instead of a coreset), normalised per position like the student's error and added to it.
 Differences from EfficientAD: the memory branch instead of the autoencoder branch (logical anomalies), a Lite0
-teacher instead of a WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change the ranking), and
-no ImageNet penalty: its DTD stand-in did not help on the selection half (docs/methods/patchst.md).
+teacher instead of a WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change
+the ranking), and no ImageNet penalty: its DTD stand-in did not help on the selection half
+(docs/methods/patchst.md).
 """
 
 from __future__ import annotations
