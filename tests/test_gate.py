@@ -34,6 +34,14 @@ def test_verdict_checks_the_gate_first_then_the_decision_rule() -> None:
     burnt = photo.copy()
     burnt[:20] = 1.0  # 20 of 32 rows saturated: 62 % > 50 %, not flat
     assert "overexposed" in str(post.verdict(0.5, 3.0, burnt.transpose(2, 0, 1))[1])
+    # the colour check: a grayscale frame of a coloured product, and too colourful a frame, are another camera
+    coloured = PostProcess(image_threshold=1.0, gate_threshold=10.0, chroma_range=(0.05, 0.5))
+    assert coloured.verdict(0.5, 3.0, photo)[0] == "normal"  # chroma of uniform noise in [0, .5]: about 0.25
+    gray = np.repeat(photo[..., :1], 3, axis=2)
+    label, reason = coloured.verdict(0.5, 3.0, gray)
+    assert label == "invalid" and "chroma 0.0000 outside [0.0500, 0.5000]" in str(reason)
+    assert PostProcess(image_threshold=1.0, gate_threshold=10.0, chroma_range=(0.0, 0.02)).verdict(
+        0.5, 3.0, photo.transpose(2, 0, 1))[0] == "invalid"
     # no stored gate (bundles before the gate): the two-way decision as before
     assert PostProcess(image_threshold=1.0).verdict(0.5, 1e9, np.zeros((8, 8, 3))) == ("normal", None)
 
@@ -67,7 +75,9 @@ def test_gate_on_real_data(bottle_run: Path, bottle_dir: Path, shared_dir: Path,
     foreign = {"black": torch.zeros(4, 3, s, s), "white": torch.ones(4, 3, s, s),
                "noise": torch.rand(4, 3, s, s, generator=g),
                "magnetic tile": _images(shared_dir / "data" / "mtd" / "magnetic_tile", 8, s),
-               "dtd": _images(shared_dir / "data" / "dtd" / "images", 8, s)}
+               "dtd": _images(shared_dir / "data" / "dtd" / "images", 8, s),
+               # another camera: the bottle in grayscale (its pooled features alone score just under the gate)
+               "grayscale bottle": _images(bottle_dir / "test" / "good", 4, s).mean(1, keepdim=True).repeat(1, 3, 1, 1)}
     for name, x in foreign.items():
         assert _invalid(runner, x).all(), name
     # measured on the whole test set: 0 of 20 normals, 0 of 63 defects (benchmarks/results/gate_real.json)
@@ -85,6 +95,16 @@ def test_gate_on_real_data(bottle_run: Path, bottle_dir: Path, shared_dir: Path,
     assert rows["black.png"]["label"] == "invalid" and rows["black.png"]["decision"] == ""
     assert "flat frame" in rows["black.png"]["reason"]
     assert rows["000.png"]["label"] in ("normal", "anomalous") and rows["000.png"]["reason"] == ""
+
+
+def test_chroma_range_from_training_normals() -> None:
+    from kdad.gate import chroma, chroma_range
+
+    x = np.zeros((2, 3, 4, 4), np.float32)
+    x[0, 0] = 0.2  # red channel 0.2 above the others everywhere: chroma 0.2; image 1 is gray: chroma 0
+    assert np.allclose(chroma(x), [0.2, 0.0]) and np.isclose(chroma(x[0].transpose(1, 2, 0))[0], 0.2)
+    assert chroma_range(np.array([0.03, 0.04])) == pytest.approx((0.0075, 0.16))  # coloured product
+    assert chroma_range(np.array([0.0, 0.001])) == pytest.approx((0.0, 0.021))  # grayscale: 0 is fine
 
 
 def test_gate_onnx_matches_torch(bottle_run: Path, tmp_path: Path) -> None:

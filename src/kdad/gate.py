@@ -7,7 +7,9 @@ vector per image, every layer the method uses), from the training normals' mean,
 covariance (the images are far fewer than the feature dimensions). Its threshold is split-conformal on the
 held-out normals at ``train.gate_alpha``, widened by ``train.gate_margin`` (a factor: the gate should reject
 the wrong product, not the rare good part, and a defect is still the right product). Two pixel checks name
-the obvious cases: a flat frame (black, white, one colour) and an overexposed one.
+the obvious cases: a flat frame (black, white, one colour) and an overexposed one. A third, the colour range,
+catches a swapped camera: a grayscale frame of a coloured product, or a colour frame of a grayscale one, which
+the pooled features alone let through (a grayscale bottle scored just under the threshold).
 
 The decision rule itself lives in :class:`kdad.deploy.postprocess.PostProcess` (``invalid_reason``).
 """
@@ -29,6 +31,7 @@ from kdad.thresholds import conformal_threshold
 
 FLAT_STD = 0.01  # a frame whose pixel standard deviation (in [0, 1]) is below this is flat: black, white, blank
 SATURATED = 0.98  # a pixel at or above this in every channel is saturated
+COLOURED = 0.01  # training normals whose least chroma is at least this are a coloured product
 
 
 def pooled_features(teacher: nn.Module, images01: Tensor) -> Tensor:
@@ -65,6 +68,22 @@ def pixel_stats(images01: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return std, sat
 
 
+def chroma(images01: np.ndarray) -> np.ndarray:
+    """Per image (B, 3, H, W) or one (H, W, 3) in [0, 1]: the mean over pixels of max - min over the channels
+    (0 for a grayscale frame)."""
+    x = np.asarray(images01, dtype=np.float32)
+    if x.ndim == 3:
+        x = x.transpose(2, 0, 1)[None]
+    return (x.max(axis=1) - x.min(axis=1)).reshape(len(x), -1).mean(axis=1)
+
+
+def chroma_range(values: np.ndarray) -> tuple[float, float]:
+    """The accepted chroma range from the training normals' chroma: below a quarter of the least (only for a
+    coloured product; a grayscale one accepts 0) or above max(4 x, + 0.02) the most is another camera."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    return (lo / 4 if lo >= COLOURED else 0.0), max(4 * hi, hi + 0.02)
+
+
 @dataclass(frozen=True)
 class Gate:
     """A fitted gate: the training normals' pooled-feature mean and shrunk precision matrix, and the thresholds.
@@ -84,6 +103,7 @@ class Gate:
     max_saturated: float
     source: str
     scores: tuple[float, ...] = ()  # the held-out normals' gate scores, sorted
+    chroma_range: tuple[float, float] | None = None  # accepted chroma (see chroma_range); None: no colour check
 
     def module(self, model: nn.Module) -> GateScore:
         """The scoring module on `model`'s teacher (shared, not copied)."""
@@ -100,25 +120,29 @@ class Gate:
         """Everything but the matrices, as plain JSON (the ONNX metadata's ``gate``)."""
         return {"threshold": self.threshold, "alpha": self.alpha, "margin": self.margin, "n_fit": self.n_fit,
                 "n_calibration": self.n_calibration, "max_saturated": self.max_saturated, "flat_std": FLAT_STD,
-                "source": self.source, "scores": list(self.scores), "dims": int(self.mean.numel())}
+                "source": self.source, "scores": list(self.scores), "dims": int(self.mean.numel()),
+                "chroma_range": None if self.chroma_range is None else list(self.chroma_range)}
 
     @classmethod
     def from_bundle(cls, data: Mapping[str, Any]) -> Gate:
         """Inverse of :meth:`to_bundle`."""
         return cls(data["mean"], data["precision"], float(data["threshold"]), float(data["alpha"]),
                    float(data["margin"]), int(data["n_fit"]), int(data["n_calibration"]),
-                   float(data["max_saturated"]), str(data["source"]), tuple(data.get("scores", ())))
+                   float(data["max_saturated"]), str(data["source"]), tuple(data.get("scores", ())),
+                   None if data.get("chroma_range") is None else (float(data["chroma_range"][0]),
+                                                                 float(data["chroma_range"][1])))
 
 
 @torch.no_grad()
 def _pooled_and_stats(teacher: nn.Module, ds: Dataset, device: torch.device,
-                      batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-    feats, sats = [], []
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    feats, sats, chromas = [], [], []
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = batch["image"].to(device)
         feats.append(pooled_features(teacher, x).double().cpu().numpy())
         sats.append(pixel_stats(batch["image"].numpy())[1])
-    return np.concatenate(feats), np.concatenate(sats)
+        chromas.append(chroma(batch["image"].numpy()))
+    return np.concatenate(feats), np.concatenate(sats), np.concatenate(chromas)
 
 
 def fit_gate(model: nn.Module, fit_ds: Dataset, calib_ds: Dataset, device: torch.device, alpha: float = 0.005,
@@ -133,12 +157,12 @@ def fit_gate(model: nn.Module, fit_ds: Dataset, calib_ds: Dataset, device: torch
     if teacher is None:
         raise ConfigError("the invalid-input gate needs a model with a teacher network")
     teacher.eval()
-    f_fit, sat_fit = _pooled_and_stats(teacher, fit_ds, device, batch_size)
+    f_fit, sat_fit, chroma_fit = _pooled_and_stats(teacher, fit_ds, device, batch_size)
     lw = LedoitWolf().fit(f_fit)
     mean = torch.from_numpy(lw.location_).float()
     precision = torch.from_numpy(lw.precision_).float()
-    f_cal, sat_cal = (f_fit, sat_fit) if calib_ds is fit_ds else _pooled_and_stats(teacher, calib_ds, device,
-                                                                                    batch_size)
+    f_cal, sat_cal, chroma_cal = ((f_fit, sat_fit, chroma_fit) if calib_ds is fit_ds else
+                                  _pooled_and_stats(teacher, calib_ds, device, batch_size))
     d = f_cal - lw.location_
     scores = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, lw.precision_, d), 0.0))
     conf = conformal_threshold(scores, alpha)
@@ -146,4 +170,4 @@ def fit_gate(model: nn.Module, fit_ds: Dataset, calib_ds: Dataset, device: torch
     return Gate(mean, precision, conf.threshold * margin, float(alpha), float(margin), len(f_fit), len(f_cal),
                 max_sat, source or f"Mahalanobis (Ledoit-Wolf) of pooled teacher features: conformal alpha={alpha:g} "
                 f"rank {conf.rank} of {conf.n} normal scores x margin {margin:g}",
-                tuple(float(s) for s in np.sort(scores)))
+                tuple(float(s) for s in np.sort(scores)), chroma_range(np.concatenate([chroma_fit, chroma_cal])))

@@ -71,6 +71,7 @@ class PostProcess:
     gate_threshold: float | None = None
     flat_std: float = 0.01
     max_saturated: float = 1.0
+    chroma_range: tuple[float, float] | None = None  # accepted mean chroma (kdad.gate.chroma); None: unchecked
 
     def __post_init__(self) -> None:
         finite_threshold(self.image_threshold, "image_threshold")  # NaN would call every image normal
@@ -88,9 +89,11 @@ class PostProcess:
         pixel = None if thr.get("pixel") is None else float(thr["pixel"])
         vmin, vmax, _ = display_range(display, pixel, maps)
         g = dict(gate or {})
+        chroma = g.get("chroma_range")  # absent from gates fitted before the colour check
         return cls(None if image is None else float(image), pixel, int(thr.get("min_area") or 1), vmin, vmax,
                    None if g.get("threshold") is None else float(g["threshold"]), float(g.get("flat_std", 0.01)),
-                   float(g.get("max_saturated", 1.0)))
+                   float(g.get("max_saturated", 1.0)),
+                   None if chroma is None else (float(chroma[0]), float(chroma[1])))
 
     def decision(self, score: float) -> int | None:
         """1 (anomalous) if ``score >= image_threshold``, 0 if below, None without a threshold."""
@@ -110,6 +113,13 @@ class PostProcess:
                 return f"flat frame (black, white or blank): pixel std {std[0]:.4f} < {self.flat_std:g}"
             if sat[0] > self.max_saturated:
                 return f"overexposed: {sat[0]:.0%} of pixels saturated > {self.max_saturated:.0%}"
+            if self.chroma_range is not None:
+                from kdad.gate import chroma
+
+                c, (lo, hi) = float(chroma(x if x.shape[-1] == 3 else x.transpose(1, 2, 0))[0]), self.chroma_range
+                if not lo <= c <= hi:
+                    return (f"colour unlike the training images (another camera?): chroma {c:.4f} outside "
+                            f"[{lo:.4f}, {hi:.4f}]")
         if gate_score is not None and not gate_score <= self.gate_threshold:  # NaN is invalid too
             return (f"unlike the training images: out-of-distribution score {gate_score:.4g} > "
                     f"{self.gate_threshold:.4g}")
