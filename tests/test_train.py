@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -334,3 +335,47 @@ def test_fit_runs_the_prepare_hook_before_training_and_calibrates(demo_root: Pat
     # calibrated on the held-out normals at 64 px (stride 8), one plane per branch (student, memory)
     assert model.map_mean.shape == (1, 2, 8, 8)
     assert model.bank.shape[0] > 0 and model.bank.shape[1] == model.feat_mean.shape[1]
+
+
+def test_crossfit_scores_never_score_an_image_with_statistics_that_saw_it() -> None:
+    # a model whose score is 1 exactly for the images its last calibration saw: cross-fitted scores are all 0,
+    # while scoring after a calibration on every image (what fit did before) gives all 1
+    from kdad.blocks.maps import AnomalyOutput
+    from kdad.train import crossfit_scores
+
+    class Seen(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.seen: set[int] = set()
+
+        def forward(self, images: torch.Tensor) -> AnomalyOutput:
+            ids = images[:, 0, 0, 0].round().long().tolist()
+            score = torch.tensor([float(i in self.seen) for i in ids])
+            return AnomalyOutput(score[:, None, None, None].expand(-1, 1, 4, 4).clone(), score)
+
+    def calibrate(model: Seen, loader: Any, device: torch.device) -> None:
+        model.seen = {int(i) for b in loader for i in b["image"][:, 0, 0, 0].round().long()}
+
+    items = [{"image": torch.full((3, 4, 4), float(i)), "label": 0, "path": f"{i}.png", "defect_type": "good",
+              "mask": torch.zeros(1, 4, 4)} for i in range(7)]
+    model = Seen()
+    scores = crossfit_scores(calibrate, model, items, torch.device("cpu"), batch_size=3, seed=0)
+    assert scores.shape == (7,) and (scores == 0).all()
+    calibrate(model, [{"image": torch.stack([it["image"] for it in items])}], torch.device("cpu"))
+    assert model(torch.stack([it["image"] for it in items])).score.eq(1).all()
+
+
+def test_fit_takes_the_image_threshold_from_crossfitted_scores(demo_root: Path, tmp_path: Path) -> None:
+    from kdad.thresholds import conformal_threshold
+
+    over = [f"data.root={demo_root}", "train.epochs=1", "train.cpu_bf16=false", "model.memory=64",
+            "train.val_fraction=0.5", *TINY]
+    bundle = load_bundle(fit(load_config("patchst_cpu", [], over), tmp_path / "a"))
+    thr, cal = bundle["thresholds"], bundle["calibration"]
+    assert "cross-fitted" in thr["source"]
+    assert thr["image"] == conformal_threshold(cal["scores"], thr["alpha"]).threshold
+    off = load_bundle(fit(load_config("patchst_cpu", [], over + ["train.crossfit_calibration=false"]), tmp_path / "b"))
+    assert "cross-fitted" not in off["thresholds"]["source"]
+    # the same training (same seed): only the calibration scores differ, and none of them is lower cross-fitted
+    # on average than scored against statistics that included it
+    assert np.mean(cal["scores"]) >= np.mean(off["calibration"]["scores"])

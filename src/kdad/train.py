@@ -23,7 +23,7 @@ from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
-from kdad.evaluate import predict, thresholds_from_normals
+from kdad.evaluate import image_threshold_rule, predict, thresholds_from_normals
 from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
@@ -269,6 +269,23 @@ def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: 
     return dataclasses.replace(gate, source=f"{gate.source}; threshold from {source}")
 
 
+
+def crossfit_scores(calibrate: Any, model: torch.nn.Module, normals: Dataset, device: torch.device,
+                    batch_size: int, seed: int) -> np.ndarray:
+    """Image scores (N,) of the held-out normals, each half scored after ``calibrate`` saw only the other half
+    (a seeded split). Methods that set map statistics on the held-out normals would otherwise score each of them
+    against statistics that include it, a little low, and the conformal threshold with it. The caller
+    calibrates on all of them afterwards: a new image is scored with statistics from all N."""
+    n = len(normals)  # type: ignore[arg-type]
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    halves = (perm[: n // 2], perm[n // 2:])
+    scores = np.empty(n, dtype=np.float64)
+    for stats, scored in (halves, halves[::-1]):
+        calibrate(model, DataLoader(Subset(normals, stats), batch_size=batch_size, shuffle=False), device)
+        model.eval()
+        scores[scored] = predict(model, Subset(normals, scored), device, batch_size, keep_maps=False).scores
+    return scores
+
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         start: dict[str, torch.Tensor] | None = None, extra_normals: Dataset | None = None) -> Path:
     """Train `cfg.method` on `cfg.data`; write config.yaml, last.ckpt, model.ckpt, train_log.jsonl in run_dir.
@@ -436,7 +453,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         model.load_state_dict(best_state)
     model.eval()
     calib = val_ds if val_ds is not None else train_ds
+    crossfit = None
     if spec.calibrate is not None:  # map statistics live in model buffers, so they travel with every export
+        if val_ds is not None and tc.crossfit_calibration and tiles is None and len(val_ds) >= 4:  # type: ignore[arg-type]
+            crossfit = crossfit_scores(spec.calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed)
         spec.calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
                        device)
         model.eval()
@@ -444,7 +464,14 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             thr, display, calib_scores = thresholds_from_normals(model, calib, device, tc, tiles=tiles)
-        notes = [str(w.message) for w in caught]
+            if crossfit is not None:  # the image threshold from scores whose statistics did not see the image
+                img, img_src, _ = image_threshold_rule(crossfit, tc)
+                pixel_part = thr.source.partition("; pixel:")[2]
+                thr = dataclasses.replace(thr, image=float(img), source=(
+                    f"image: {img_src}, cross-fitted (each half of the held-out normals scored with map statistics "
+                    f"from the other half)" + (f"; pixel:{pixel_part}" if pixel_part else "")))
+                calib_scores = np.sort(crossfit)
+        notes = list(dict.fromkeys(str(w.message) for w in caught))  # the rule may warn twice
         if val_ds is None and thr.alpha is not None:  # scores of images it was trained on: no guarantee
             notes.append("the image threshold comes from the training normals (train.val_fraction=0): the "
                          "conformal false-alarm guarantee needs held-out normals")
