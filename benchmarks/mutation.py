@@ -166,9 +166,9 @@ GROUPS: dict[str, Group] = {
         + _fn("kdad.methods.cfrg", "discrepancy_loss", "segmentation_loss", "recovery_loss")
         + _fn("kdad.methods.patchst", "hard_mse"),
         note="the loss functions only, against the loss unit tests only (hand values and references; the tests "
-             "that build or train a model cost seconds per mutant), so snl.snl_losses and dskd.student_loss, which "
-             "take the model, count as 'no tests'; STFPM's loss is normalized_l2_loss in blocks/losses.py (group "
-             "maps_losses)",
+             "that build or train a model cost seconds per mutant); snl.snl_losses and dskd.student_loss, which "
+             "take the model, are tested on stand-in models without a backbone; STFPM's loss is "
+             "normalized_l2_loss in blocks/losses.py (group maps_losses)",
     ),
 }
 

@@ -195,6 +195,9 @@ def test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size() 
 
 
 # ----------------------------------------------------------------------------- snl_losses on a stand-in model
+IMAGES = torch.tensor([0.3])  # the stand-in's teacher adds their mean to fixed maps
+
+
 class StandIn(torch.nn.Module):
     """The four parts snl_losses reads, with fixed random weights and no backbone (a test of the wiring).
 
@@ -217,7 +220,7 @@ class StandIn(torch.nn.Module):
                 self.cram.project.weight.copy_(torch.randn(4, 4, 1, 1, generator=g))  # CRAM changes the code
 
     def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
-        return [t.clone() for t in self.teacher]
+        return [t + images.mean() for t in self.teacher]  # the images do matter
 
     def bottleneck(self, teacher: list[torch.Tensor]) -> torch.Tensor:
         return self.squeeze(teacher[1])
@@ -231,7 +234,7 @@ def reference_terms(model: StandIn, cfg: snl.Config) -> dict[str, float]:
     """Every SNL term written out in float64 from its definition (module docstring, docs/methods/snl.md)."""
     cos = torch.nn.functional.cosine_similarity
     with torch.no_grad():
-        teacher = model.teacher_features(torch.zeros(1))
+        teacher = model.teacher_features(IMAGES)
         code = model.bottleneck(teacher)
         out: dict[str, float] = {}
         if model.cram is not None:
@@ -276,7 +279,7 @@ def test_snl_losses_weights_each_term_on_the_code_after_cram(cram: bool) -> None
     cfg = snl.Config(**TINY, **WEIGHTS, cram=cram)
     model = StandIn(cram)
     want = reference_terms(model, cfg)
-    got = snl.snl_losses(model, torch.zeros(1), cfg)  # type: ignore[arg-type]
+    got = snl.snl_losses(model, IMAGES, cfg)  # type: ignore[arg-type]
     assert sorted(got) == sorted(want)
     assert {k: float(v.detach()) for k, v in got.items()} == pytest.approx(want, rel=1e-5)
     assert len({round(v, 4) for v in want.values()}) == len(want)  # distinct terms: a swapped key shows
@@ -286,7 +289,7 @@ def test_snl_losses_weights_each_term_on_the_code_after_cram(cram: bool) -> None
 def test_snl_losses_leaves_out_a_switched_off_term(off: str) -> None:
     cfg = snl.Config(**TINY, **WEIGHTS, **{off: False})
     model = StandIn(cram=True)
-    got = snl.snl_losses(model, torch.zeros(1), cfg)  # type: ignore[arg-type]
+    got = snl.snl_losses(model, IMAGES, cfg)  # type: ignore[arg-type]
     key = off.removesuffix("_loss")
     want = reference_terms(model, snl.Config(**TINY, **WEIGHTS))
     del want[key]
