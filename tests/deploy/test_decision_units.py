@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -268,3 +269,18 @@ def test_model_info_reports_the_stored_decision_rule() -> None:
     assert info["score"] == "raw image score = max of the anomaly map; decision = score >= threshold"
     runner.info = lambda: {"input_contract": "own"}
     assert model_info(runner, limits)["input_contract"] == "own"
+
+
+def test_stream_predictions_defaults_batch_16_and_a_labelled_progress_bar(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    paths = []
+    for i in range(17):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(paths[-1])
+    runner = _MaxRunner()
+    assert len(list(stream_predictions(runner, paths, 8))) == 17
+    assert runner.calls == [16, 1]  # the default batch size
+    err = capsys.readouterr().err
+    assert re.search(r"(^|\r)predict: ", err)  # a progress bar by default, labelled "predict"
+    list(stream_predictions(runner, paths[:2], 8, progress=False))
+    assert capsys.readouterr().err == ""
