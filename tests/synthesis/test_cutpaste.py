@@ -77,6 +77,14 @@ def test_color_jitter_matches_a_per_image_reference() -> None:
         assert (got - patch).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # every image changed
     bright = color_jitter(torch.full((1, 3, 2, 2), 0.95), torch.ones(1, 1, 2, 2), 0.45, torch.Generator())
     assert bright.max() <= 1.0 and bright.min() >= 0.0
+    # strong jitter on bright, saturated patches: every intermediate clamp matters; one-pixel masks
+    strong = 0.5 + 0.5 * torch.rand(8, 3, 4, 4, generator=g)
+    strong[:, 2] *= 0.2
+    one = torch.zeros(8, 1, 4, 4)
+    one[:, :, 1, 2] = 1.0
+    for seed in range(4):
+        got = color_jitter(strong, one, 0.9, torch.Generator().manual_seed(seed))
+        assert torch.allclose(got.double(), jitter_reference(strong, one, 0.9, seed), atol=1e-5)
 
 
 def normal_reference(images: torch.Tensor, seed: int, area: tuple[float, float], aspect: float) -> tuple:
@@ -108,6 +116,13 @@ def test_cutpaste_normal_matches_a_per_image_reference() -> None:
     got, mask = cutpaste_normal(images, torch.Generator().manual_seed(4))  # defaults, jitter 0.1
     _, want_mask = normal_reference(images, 4, (0.02, 0.15), 0.3)
     assert torch.equal(mask, want_mask) and not torch.equal(got, normal_reference(images, 4, (0.02, 0.15), 0.3)[0])
+    assert torch.equal(got, cutpaste_normal(images, torch.Generator().manual_seed(4), jitter=0.1)[0])
+    thin = torch.rand(12, 3, 40, 6, generator=torch.Generator().manual_seed(3))  # boxes clamped to [1, side]
+    for area, aspect in (((0.0002, 0.002), 0.3), ((0.5, 0.9), 0.1)):
+        for seed in range(3):
+            got, mask = cutpaste_normal(thin, torch.Generator().manual_seed(seed), area, aspect, jitter=0.0)
+            want, want_mask = normal_reference(thin, seed, area, aspect)
+            assert torch.equal(mask, want_mask) and torch.equal(got, want)
 
 
 def scar_reference(images: torch.Tensor, seed: int, widths: tuple[int, int], lengths: tuple[int, int],
@@ -152,3 +167,8 @@ def test_cutpaste_scar_matches_a_per_pixel_reference() -> None:
     got, mask = cutpaste_scar(images, torch.Generator().manual_seed(1))  # defaults, jitter 0.1
     want, want_mask = scar_reference(images, 1, (2, 16), (10, 25), 45.0)
     assert (mask != want_mask).sum() <= 2 and not torch.equal(got, want)
+    assert torch.equal(got, cutpaste_scar(images, torch.Generator().manual_seed(1), jitter=0.1)[0])
+    narrow = images[:, :, :, :14]  # a scar wider than the image once rotated: its centre stays at the middle
+    got, mask = cutpaste_scar(narrow, torch.Generator().manual_seed(2), (8, 12), (20, 30), 80.0, jitter=0.0)
+    want, want_mask = scar_reference(narrow, 2, (8, 12), (20, 30), 80.0)
+    assert (mask != want_mask).sum() <= 2

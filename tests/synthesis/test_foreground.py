@@ -90,11 +90,11 @@ def test_gray_uint8_uses_opencv_weights_and_clamps() -> None:
     from kdad.synthesis.foreground import _gray_uint8
 
     px = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0], [0.3, 0.3, 0.3], [1.7, 1.2, 3.0],
-                       [-0.5, -1.0, 0.0], [0.0, 0.0, 0.0]]).t().reshape(1, 3, 1, 7)
+                       [-0.5, -1.0, 0.0], [0.0, 0.0, 0.0], [2.0, 0.0, 0.0], [-1.0, 1.0, 1.0]]).t().reshape(1, 3, 1, 9)
     gray = _gray_uint8(px)
     # round(255 * w) for pure R, G, B; 0.3 -> 76.5 -> 76 (half to even) -> 76; above 1 and below 0 clamp
-    assert gray.dtype == np.uint8 and gray.shape == (1, 1, 7)
-    assert gray[0, 0].tolist() == [76, 150, 29, 76, 255, 0, 0]
+    assert gray.dtype == np.uint8 and gray.shape == (1, 1, 9)
+    assert gray[0, 0].tolist() == [76, 150, 29, 76, 255, 0, 0, 76, 179]  # each channel clamped before mixing
     assert _gray_uint8(torch.full((1, 3, 1, 1), 0.8)).item() == 204  # 0.8 * 255
 
 

@@ -117,7 +117,7 @@ def test_fractal_octaves_halve_the_divisor_and_scale_by_persistence() -> None:
 
 
 def patches_reference(images: torch.Tensor, seed: int, size_range: tuple[int, int], amplitude: float,
-                      field_seed: int) -> tuple:
+                      field_seed: int, frequency: float = 32.0, fresh: bool = False) -> tuple:
     """RD++'s box per image with the same draws, the field's top-left h x w crop added inside the box."""
     g = torch.Generator().manual_seed(seed)
     b, c, height, width = images.shape
@@ -126,14 +126,21 @@ def patches_reference(images: torch.Tensor, seed: int, size_range: tuple[int, in
     hs, ws = torch.randint(lo, hi, (b,), generator=g), torch.randint(lo, hi, (b,), generator=g)
     tops = torch.rand(b, generator=g)
     lefts = torch.rand(b, generator=g)
-    field = fractal_simplex_3d((c, int(hs.max()), int(ws.max())), make_permutation(
-        torch.Generator().manual_seed(field_seed)), 6, 0.6, 32.0)
+    shape = (c, int(hs.max()), int(ws.max()))
+    if fresh:  # a new table from the generator, and each image's field offset by U[0, 256 * frequency) pixels
+        perm = make_permutation(g)
+        offsets = torch.rand(b, 3, generator=g) * 256 * frequency
+        fields = [fractal_simplex_3d(shape, perm, 6, 0.6, frequency, offsets[i:i + 1])[0] for i in range(b)]
+    else:
+        field = fractal_simplex_3d(shape, make_permutation(torch.Generator().manual_seed(field_seed)), 6, 0.6,
+                                   frequency)
+        fields = [field] * b
     out, masks = images.clone(), torch.zeros(b, 1, height, width)
     for i in range(b):
         h, w = int(hs[i]), int(ws[i])
         top = int(1 + float(tops[i]) * max(height - h - 1, 1))
         left = int(1 + float(lefts[i]) * max(width - w - 1, 1))
-        out[i, :, top:top + h, left:left + w] += amplitude * field[:, :h, :w]
+        out[i, :, top:top + h, left:left + w] += amplitude * fields[i][:, :h, :w]
         masks[i, :, top:top + h, left:left + w] = 1
     return out, masks
 
@@ -149,3 +156,14 @@ def test_simplex_patches_match_a_per_image_reference() -> None:
     assert torch.allclose(got, patches_reference(images, 1, (10, 32), 0.2, 0)[0], atol=1e-6)
     fresh, fresh_mask = simplex_patches(images, torch.Generator().manual_seed(1), field="fresh")
     assert torch.equal(fresh_mask, mask) and not torch.allclose(fresh, got)
+    want, _ = patches_reference(images, 1, (10, 32), 0.2, 0, fresh=True)
+    assert torch.allclose(fresh, want, atol=1e-5)
+    got, _ = simplex_patches(images, torch.Generator().manual_seed(1), frequency=8.0)
+    assert torch.allclose(got, patches_reference(images, 1, (10, 32), 0.2, 0, frequency=8.0)[0], atol=1e-6)
+    # small and non-square images: box sides bounded by the shorter side, corners from 1 up
+    for shape in ((3, 3, 9, 30), (3, 3, 30, 9), (4, 3, 6, 6), (4, 3, 5, 14)):
+        small = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
+        for seed in range(4):
+            got, mask = simplex_patches(small, torch.Generator().manual_seed(seed), (10, 32))
+            want, want_mask = patches_reference(small, seed, (10, 32), 0.2, 0)
+            assert torch.equal(mask, want_mask) and torch.allclose(got, want, atol=1e-6), (shape, seed)

@@ -147,14 +147,19 @@ def test_texture_bank_messages(tmp_path: Path) -> None:
     (empty / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"\0" * 40)
     with pytest.raises(DatasetError, match="broken.png"):
         TextureBank(empty, 16)
+    (empty / "broken.png").unlink()
+    Image.effect_noise((64, 64), 50).save(empty / "cut.png")
+    (empty / "cut.png").write_bytes((empty / "cut.png").read_bytes()[:600])  # the header reads, the pixels do not
+    with pytest.raises(DatasetError, match=rf"cannot read texture image {re.escape(repr(str(empty / 'cut.png')))}: "):
+        TextureBank(empty, 16)
 
 
 def test_texture_bank_from_tensor_and_sample() -> None:
     floats = torch.tensor([-0.2, 1.3, 0.5, 0.2]).view(1, 1, 2, 2).expand(3, 3, 2, 2)
-    floats = torch.cat([floats, floats.flip(-1)], dim=-1)  # (3, 3, 2, 4): non-square
+    floats = torch.cat([floats, floats.flip(-1)], dim=-1)[:2]  # (2, 3, 2, 4): non-square, N != C
     bank = TextureBank.from_tensor(floats)
     assert bank.images.dtype == torch.uint8 and bank.images[0, 0].tolist() == [[0, 255, 255, 0], [128, 51, 51, 128]]
-    assert bank.size == (2, 4) and bank.folder is None and len(bank.paths) == len(bank) == 3
+    assert bank.size == (2, 4) and bank.folder is None and len(bank.paths) == len(bank) == 2
     same = bank.sample(2, torch.Generator().manual_seed(0))
     assert torch.equal(same, bank.images[:2].float() / 255)  # every texture is the same here
     assert torch.equal(bank.sample(2, torch.Generator().manual_seed(0), (2, 4)), same)  # no resize at the bank size
