@@ -86,7 +86,9 @@ GROUPS: dict[str, Group] = {
                "src/kdad/deploy/serve/app.py"),
         tests=("tests/deploy/test_postprocess.py", "tests/deploy/test_decision_units.py", "tests/deploy/test_serve.py",
                "tests/deploy/test_decision.py",
-               "tests/test_report.py"),
+               "tests/test_report.py")
+        + _tests("tests/test_gate.py", "test_verdict_checks_the_gate_first_then_the_decision_rule",
+                 "test_chroma_range_from_training_normals"),
         functions=("kdad.deploy.postprocess.*",)
         + _fn("kdad.deploy.batch", "stream_predictions")
         + _fn("kdad.evaluate", "display_range", "write_scores_csv", "compute_metrics", "good_images_flagged",
