@@ -92,7 +92,7 @@ def test_save_gallery_rejects_bad_batches_and_a_missing_texture_dir(tmp_path: Pa
 def test_save_gallery_textures_sized_like_a_non_square_image(tmp_path: Path) -> None:
     tex = tmp_path / "tex" / "cat"
     tex.mkdir(parents=True)
-    Image.linear_gradient("L").resize((40, 30)).convert("RGB").save(tex / "t.png")
+    Image.linear_gradient("L").rotate(45).resize((40, 30)).convert("RGB").save(tex / "t.png")  # varies along x and y
     cfg = SynthesisConfig(texture_dir=str(tmp_path / "tex"), perlin_threshold=-2.0, beta_range=(1.0, 1.0),
                           foreground="none")
     out = save_gallery(torch.zeros(2, 3, 16, 24), cfg, tmp_path / "g.png")

@@ -161,9 +161,11 @@ def test_simplex_patches_match_a_per_image_reference() -> None:
     got, _ = simplex_patches(images, torch.Generator().manual_seed(1), frequency=8.0)
     assert torch.allclose(got, patches_reference(images, 1, (10, 32), 0.2, 0, frequency=8.0)[0], atol=1e-6)
     # small and non-square images: box sides bounded by the shorter side, corners from 1 up
-    for shape in ((3, 3, 9, 30), (3, 3, 30, 9), (4, 3, 6, 6), (4, 3, 5, 14)):
+    for shape, sizes in (((3, 3, 9, 30), (10, 32)), ((3, 3, 30, 9), (10, 32)), ((4, 3, 6, 6), (10, 32)),
+                         ((4, 3, 5, 14), (10, 32)), ((4, 3, 12, 30), (4, 32)), ((4, 3, 30, 12), (4, 32)),
+                         ((2, 3, 20, 20), (5, 5))):
         small = torch.rand(*shape, generator=torch.Generator().manual_seed(0))
         for seed in range(4):
-            got, mask = simplex_patches(small, torch.Generator().manual_seed(seed), (10, 32))
-            want, want_mask = patches_reference(small, seed, (10, 32), 0.2, 0)
+            got, mask = simplex_patches(small, torch.Generator().manual_seed(seed), sizes)
+            want, want_mask = patches_reference(small, seed, sizes, 0.2, 0)
             assert torch.equal(mask, want_mask) and torch.allclose(got, want, atol=1e-6), (shape, seed)

@@ -128,8 +128,8 @@ def test_cutpaste_variants_pass_every_option() -> None:
 def test_simplex_passes_every_option_and_scales_the_box_with_the_height() -> None:
     from kdad.synthesis import _scaled_range, simplex_patches
 
-    assert [_scaled_range((10, 32), h) for h in (256, 128, 64, 512, 100, 1000)] == [
-        (10, 32), (10, 16), (10, 11), (10, 64), (10, 12), (10, 125)]
+    assert [_scaled_range((10, 32), h) for h in (256, 128, 64, 512, 100, 2570)] == [
+        (10, 32), (10, 16), (10, 11), (10, 64), (10, 12), (10, 321)]
     images = torch.rand(4, 3, 128, 40, generator=torch.Generator().manual_seed(1)) * 0.5
     cfg = SynthesisConfig(kind="simplex", simplex_size_range=(6, 40), simplex_amplitude=0.6, simplex_octaves=3,
                           simplex_persistence=0.8, simplex_frequency=8.0, simplex_field="fresh", simplex_seed=4)
