@@ -86,7 +86,9 @@ GROUPS: dict[str, Group] = {
                "src/kdad/deploy/serve/app.py"),
         tests=("tests/deploy/test_postprocess.py", "tests/deploy/test_decision_units.py", "tests/deploy/test_serve.py",
                "tests/deploy/test_decision.py",
-               "tests/test_report.py"),
+               "tests/test_report.py")
+        + _tests("tests/test_gate.py", "test_verdict_checks_the_gate_first_then_the_decision_rule",
+                 "test_chroma_range_from_training_normals"),
         functions=("kdad.deploy.postprocess.*",)
         + _fn("kdad.deploy.batch", "stream_predictions")
         + _fn("kdad.evaluate", "display_range", "write_scores_csv", "compute_metrics", "good_images_flagged",
@@ -121,7 +123,9 @@ GROUPS: dict[str, Group] = {
                  "test_sinkhorn_divergence_zero_for_identical_and_positive_otherwise",
                  "test_ssot_loss_nonnegative_with_gradient_and_official_is_zero",
                  "test_sinkhorn_divergence_matches_a_float64_reference",
-                 "test_ssot_loss_compares_each_image_with_a_rolled_partner")
+                 "test_ssot_loss_compares_each_image_with_a_rolled_partner",
+                 "test_contrast_loss_batch_differs_from_channels", "test_ssot_shift_comes_from_the_given_generator_only",
+                 "test_ssot_pools_height_and_width_to_the_grid_whatever_the_channels")
         + _tests("tests/methods/test_urd.py", "test_teacher_loss_one_pixel_mask_0_and_1",
                  "test_teacher_loss_sums_layers_and_averages_pixels", "test_layer_masks_resample_from_full_mask",
                  "test_student_loss_eqs_4_to_6", "test_student_loss_is_flattened_not_per_position",
@@ -133,12 +137,16 @@ GROUPS: dict[str, Group] = {
                  "test_intra_affinity_invariant_to_channel_rotation_and_position_scale",
                  "test_inter_affinity_hand_value_and_invariances",
                  "test_cram_compactness_hand_values_and_identity_start",
-                 "test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size")
+                 "test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size",
+                 "test_snl_losses_weights_each_term_on_the_code_after_cram",
+                 "test_snl_losses_leaves_out_a_switched_off_term",
+                 "test_cram_compactness_is_the_mean_over_images_and_positions")
         + _tests("tests/methods/test_dskd.py", "test_identical_student_and_teacher_give_zero_loss",
                  "test_position_swapped_student_is_penalised", "test_hand_checked_two_positions",
                  "test_hand_checked_asymmetric_case_fixes_the_kl_direction",
                  "test_chunked_equals_unchunked_values_and_grads", "test_matches_direct_kl_of_eqs_3_to_6",
-                 "test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape")
+                 "test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape",
+                 "test_student_loss_follows_each_students_loss_kind")
         + _tests("tests/methods/test_bkd.py", "test_feature_loss_hand_values",
                  "test_bkd_loss_sums_layers_and_averages_shots",
                  "test_bkd_loss_forward_is_the_mean_over_shots_on_full_shapes")
@@ -160,9 +168,9 @@ GROUPS: dict[str, Group] = {
         + _fn("kdad.methods.cfrg", "discrepancy_loss", "segmentation_loss", "recovery_loss")
         + _fn("kdad.methods.patchst", "hard_mse"),
         note="the loss functions only, against the loss unit tests only (hand values and references; the tests "
-             "that build or train a model cost seconds per mutant), so snl.snl_losses and dskd.student_loss, which "
-             "take the model, count as 'no tests'; STFPM's loss is normalized_l2_loss in blocks/losses.py (group "
-             "maps_losses)",
+             "that build or train a model cost seconds per mutant); snl.snl_losses and dskd.student_loss, which "
+             "take the model, are tested on stand-in models without a backbone; STFPM's loss is "
+             "normalized_l2_loss in blocks/losses.py (group maps_losses)",
     ),
 }
 

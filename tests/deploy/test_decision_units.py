@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import csv
 import io
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -266,5 +267,97 @@ def test_model_info_reports_the_stored_decision_rule() -> None:
     assert info["limits"] == {"max_upload_mb": 1.0, "max_megapixels": 2.0, "max_batch_files": 3}
     assert info["accepted_formats"] == list(ACCEPTED_FORMATS) and info["kdad_version"] == __version__
     assert info["score"] == "raw image score = max of the anomaly map; decision = score >= threshold"
+    assert info["gate"] == ("label 'invalid' (decision null, with a reason) when the image is not a plausible picture "
+                            "of the trained product: gate_score > gate_threshold, or a flat or overexposed frame")
+    assert info["gate_threshold"] is None  # no stored gate
     runner.info = lambda: {"input_contract": "own"}
     assert model_info(runner, limits)["input_contract"] == "own"
+
+
+def test_stream_predictions_defaults_batch_16_and_a_labelled_progress_bar(tmp_path: Path,
+                                                                          capsys: pytest.CaptureFixture) -> None:
+    paths = []
+    for i in range(17):
+        paths.append(tmp_path / f"{i}.png")
+        Image.fromarray(np.full((8, 8, 3), 10 * i, np.uint8)).save(paths[-1])
+    runner = _MaxRunner()
+    assert len(list(stream_predictions(runner, paths, 8))) == 17
+    assert runner.calls == [16, 1]  # the default batch size
+    err = capsys.readouterr().err
+    assert re.search(r"(^|\r)predict: ", err)  # a progress bar by default, labelled "predict"
+    list(stream_predictions(runner, paths[:2], 8, progress=False))
+    assert capsys.readouterr().err == ""
+
+
+def _photo(h: int = 6, w: int = 10, seed: int = 0) -> np.ndarray:
+    return (0.1 + 0.5 * np.random.default_rng(seed).random((h, w, 3))).astype(np.float32)
+
+
+def test_invalid_reason_reads_either_layout_of_a_non_square_image() -> None:
+    from kdad.deploy.postprocess import PostProcess
+
+    post = PostProcess(image_threshold=0.5, gate_threshold=10.0, max_saturated=0.25, chroma_range=(0.05, 0.2))
+    burnt = _photo()
+    burnt.reshape(-1, 3)[:16] = 1.0  # 16 of 60 pixels saturated in every channel: 27 % > 25 %
+    want = "overexposed: 27% of pixels saturated > 25%"
+    assert post.verdict(0.1, 3.0, burnt) == ("invalid", want)
+    assert post.verdict(0.1, 3.0, burnt.transpose(2, 0, 1)) == ("invalid", want)
+    burnt.reshape(-1, 3)[15] = 0.3  # exactly 25 %: not above the limit, so the colour check speaks
+    label, reason = post.verdict(0.1, 3.0, burnt)
+    assert label == "invalid" and str(reason).startswith("colour unlike the training images")
+    photo = _photo()
+    c = float((photo.max(axis=2) - photo.min(axis=2)).mean())
+    want = f"colour unlike the training images (another camera?): chroma {c:.4f} outside [0.0500, 0.2000]"
+    assert post.verdict(0.1, 3.0, photo) == ("invalid", want)
+    assert post.verdict(0.1, 3.0, photo.transpose(2, 0, 1)) == ("invalid", want)
+    wide = PostProcess(image_threshold=0.5, gate_threshold=10.0, chroma_range=(0.05, 0.9))
+    assert wide.verdict(0.7, 3.0, photo) == ("anomalous", None)
+    assert wide.verdict(0.7, 11.0, photo)[0] == "invalid"
+
+
+def test_result_dict_and_stream_pass_the_gate_score_and_the_image() -> None:
+    from kdad.deploy.postprocess import PostProcess
+
+    post = PostProcess(image_threshold=0.5, gate_threshold=10.0, chroma_range=(0.05, 0.9))
+    runner = _runner(post=post)
+    photo = _photo(16, 16)
+    ok = result_dict(runner, "a.png", 0.7, blob_map(16, 10), photo, 0.5, mask=False, gate_score=3.0)
+    assert (ok["label"], ok["decision"], ok["gate_score"], ok["reason"]) == ("anomalous", 1, 3.0, None)
+    far = result_dict(runner, "a.png", 0.7, blob_map(16, 10), photo, 0.5, mask=False, gate_score=11.0)
+    assert (far["label"], far["decision"], far["gate_score"]) == ("invalid", None, 11.0)
+    flat = result_dict(runner, "a.png", 0.7, blob_map(16, 10), np.zeros((16, 16, 3), np.float32), 0.5, mask=False,
+                       gate_score=3.0)
+    assert (flat["label"], flat["decision"]) == ("invalid", None) and "flat frame" in flat["reason"]
+
+
+class _GatedRunner(_MaxRunner):
+    """_MaxRunner with a gate: gate score = 100 x the image's mean."""
+
+    def __init__(self) -> None:
+        from kdad.deploy.postprocess import PostProcess
+
+        super().__init__()
+        self.post = PostProcess(image_threshold=0.5, gate_threshold=30.0)
+        self.gate_calls: list[torch.Tensor] = []
+
+    def gate_scores(self, images01: torch.Tensor) -> np.ndarray:
+        self.gate_calls.append(images01)
+        return 100 * images01.mean(dim=(1, 2, 3)).numpy()
+
+
+def test_stream_predictions_gives_each_image_its_gate_score(tmp_path: Path) -> None:
+    paths = []
+    for i, level in enumerate((0.1, 0.2, 0.6)):
+        paths.append(tmp_path / f"{i}.png")
+        noise = np.random.default_rng(i).random((8, 8, 3)) * 0.2 + level
+        Image.fromarray((noise * 255).round().astype(np.uint8)).save(paths[-1])
+    runner = _GatedRunner()
+    rows = [r for r, _, _ in stream_predictions(runner, paths, 8, batch_size=3, progress=False)]
+    assert len(runner.gate_calls) == 1 and tuple(runner.gate_calls[0].shape) == (3, 3, 8, 8)
+    gates = [r.gate_score for r in rows]
+    assert gates[0] == pytest.approx(20, abs=2) and gates[1] == pytest.approx(30, abs=2) and gates[2] > 60
+    assert [r.label for r in rows][2] == "invalid" and rows[2].decision is None and "out-of-distribution" in \
+        str(rows[2].reason)
+    assert rows[0].label == "anomalous" or rows[0].label == "normal"
+    assert [r.gate_score for r in stream_predictions(_MaxRunner(), paths, 8, progress=False) for r in [r[0]]] == \
+        [None] * 3

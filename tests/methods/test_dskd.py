@@ -206,3 +206,33 @@ def test_affinity_map_is_float32_under_autocast_and_keeps_the_map_shape() -> Non
     with torch.autocast("cpu", dtype=torch.bfloat16):
         got = dskd.contextual_affinity_map(t, s, 0.5)
     assert got.dtype == torch.float32 and torch.allclose(got, want, atol=1e-6)
+
+
+def direct_kl_loss(teacher: list[torch.Tensor], student: list[torch.Tensor], temperature: float) -> float:
+    """Eq. 7 written out: sum over layers of the mean over (B, i) of T^2 KL(P_T,i || P_S,i), float64."""
+    total = 0.0
+    for t, s in zip(teacher, student):
+        tn = torch.nn.functional.normalize(t.flatten(2).double(), dim=1)
+        sn = torch.nn.functional.normalize(s.flatten(2).double(), dim=1)
+        log_pt = torch.log_softmax(tn.transpose(1, 2) @ tn / temperature, -1)
+        log_ps = torch.log_softmax(sn.transpose(1, 2) @ tn / temperature, -1)
+        total += float(temperature**2 * (log_pt.exp() * (log_pt - log_ps)).sum(-1).mean())
+    return total
+
+
+@pytest.mark.parametrize(("loc", "glo"), [("pi", "ca"), ("ca", "pi"), ("ca", "ca")])
+def test_student_loss_follows_each_students_loss_kind(loc: str, glo: str) -> None:
+    # no backbone: student_loss only reads the model's config (loss kinds, temperature, chunk)
+    cfg = dskd.Config(loc_loss=loc, glo_loss=glo, temperature=0.4, affinity_chunk=3)
+    model = type("StandIn", (), {"cfg": cfg, "loss_kind": dskd.Model.loss_kind})()
+    g = torch.Generator().manual_seed(9)
+    teacher = [torch.randn(2, 6, 3, 4, generator=g), torch.randn(2, 4, 2, 2, generator=g)]
+    student = [t + 0.8 * torch.randn(t.shape, generator=g) for t in teacher]
+    pixel = sum(float((1 - torch.nn.functional.cosine_similarity(t.double(), s.double(), dim=1)).mean())
+                for t, s in zip(teacher, student))
+    want = {"pi": pixel, "ca": direct_kl_loss(teacher, student, 0.4)}
+    assert abs(want["ca"] - direct_kl_loss(student, teacher, 0.4)) > 1e-2  # the KL direction shows
+    assert abs(want["ca"] - direct_kl_loss(teacher, student, 1.0)) > 1e-2  # and the temperature
+    for name, kind in (("local", loc), ("global", glo)):
+        got = dskd.student_loss(model, name, teacher, student)  # type: ignore[arg-type]
+        assert float(got) == pytest.approx(want[kind], rel=1e-5)

@@ -141,3 +141,33 @@ def test_ssot_loss_compares_each_image_with_a_rolled_partner() -> None:
     got = rdpp.ssot_loss([p], cfg, torch.Generator().manual_seed(5))
     assert got.item() == pytest.approx(want.mean().item(), rel=1e-5)
     assert rdpp.ssot_loss([p[:2]], cfg, torch.Generator()).item() > 0  # two images are enough
+
+
+def test_contrast_loss_batch_differs_from_channels() -> None:
+    # B = 3 images of C = 2 channels (a target sized from the channel axis would not match the batch)
+    a = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]]).view(3, 2, 1, 1)
+    b = torch.tensor([[0.8, 0.6], [0.6, 0.8], [0.0, 1.0]]).view(3, 2, 1, 1)  # cos 0.8, 0.6, 1.0
+    assert rdpp.contrast_loss([a], [b]).item() == pytest.approx((0.3 + 0.1 + 0.5) / 3, abs=1e-6)
+
+
+def test_ssot_shift_comes_from_the_given_generator_only() -> None:
+    cfg = rdpp.Config(**TINY)
+    p = torch.randn(4, 4, 2, 3, generator=torch.Generator().manual_seed(3))
+    want = rdpp.ssot_loss([p], cfg, torch.Generator().manual_seed(5)).item()
+    shifted = {rdpp.ssot_loss([p], cfg, torch.Generator().manual_seed(s)).item() for s in range(8)}
+    assert len(shifted) == 2  # shift 2 pairs other images than shifts 1 and 3 (the same pairs, reversed)
+    for seed in range(6):  # the global RNG does not matter
+        torch.manual_seed(seed)
+        assert rdpp.ssot_loss([p], cfg, torch.Generator().manual_seed(5)).item() == want
+    gen, twin = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    rdpp.ssot_loss([p], cfg, gen)
+    torch.randint(1, 4, (1,), generator=twin)
+    assert torch.equal(gen.get_state(), twin.get_state())  # one draw from the generator
+
+
+def test_ssot_pools_height_and_width_to_the_grid_whatever_the_channels() -> None:
+    cfg = rdpp.Config(**TINY, ssot_grid=4)
+    p = torch.randn(2, 3, 8, 6, generator=torch.Generator().manual_seed(4))  # C = 3 < grid < H, W
+    cloud = nn.functional.normalize(nn.functional.adaptive_avg_pool2d(p, (4, 4)).flatten(2).transpose(1, 2), dim=2)
+    want = rdpp.sinkhorn_divergence(cloud, torch.roll(cloud, 1, 0), cfg.ssot_eps, cfg.ssot_iters, cfg.ssot_scaling)
+    assert rdpp.ssot_loss([p], cfg, torch.Generator()).item() == pytest.approx(want.mean().item(), rel=1e-5)

@@ -192,3 +192,113 @@ def test_intra_affinity_pools_a_non_square_map_when_one_side_exceeds_the_size() 
     unit = torch.nn.functional.normalize(pooled.flatten(2), dim=1)
     assert torch.allclose(snl.intra_affinity(feats, 3), unit.transpose(1, 2) @ unit, atol=1e-6)
     assert snl.intra_affinity(feats, 4).shape == (1, 8, 8)  # no side above the size: no pooling
+
+
+# ----------------------------------------------------------------------------- snl_losses on a stand-in model
+IMAGES = torch.tensor([0.3])  # the stand-in's teacher adds their mean to fixed maps
+
+
+class StandIn(torch.nn.Module):
+    """The four parts snl_losses reads, with fixed random weights and no backbone (a test of the wiring).
+
+    Teacher: two fixed maps (B, 6, 6, 6) and (B, 5, 3, 3); bottleneck: 1x1 conv of the second map to a (B, 4, 3, 3)
+    code; decoder: 1x1 convs of the code to both map shapes (the first upsampled to 6 x 6, past affinity_size 4).
+    """
+
+    def __init__(self, cram: bool) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(11)
+        self.teacher = [torch.randn(3, 6, 6, 6, generator=g), torch.randn(3, 5, 3, 3, generator=g) + 0.5]
+        self.squeeze = torch.nn.Conv2d(5, 4, 1)
+        self.heads = torch.nn.ModuleList([torch.nn.Conv2d(4, 6, 1), torch.nn.Conv2d(4, 5, 1)])
+        for p in self.parameters():
+            p.data = torch.randn(p.shape, generator=g)
+        self.cram = snl.CRAM(4, centres=3, temperature=0.7) if cram else None
+        if self.cram is not None:
+            with torch.no_grad():
+                self.cram.centres.copy_(torch.randn(3, 4, generator=g))
+                self.cram.project.weight.copy_(torch.randn(4, 4, 1, 1, generator=g))  # CRAM changes the code
+
+    def teacher_features(self, images: torch.Tensor) -> list[torch.Tensor]:
+        return [t + images.mean() for t in self.teacher]  # the images do matter
+
+    def bottleneck(self, teacher: list[torch.Tensor]) -> torch.Tensor:
+        return self.squeeze(teacher[1])
+
+    def decoder(self, code: torch.Tensor) -> list[torch.Tensor]:
+        up = torch.nn.functional.interpolate(code, size=(6, 6), mode="nearest")
+        return [self.heads[0](up), self.heads[1](code)]
+
+
+def reference_terms(model: StandIn, cfg: snl.Config) -> dict[str, float]:
+    """Every SNL term written out in float64 from its definition (module docstring, docs/methods/snl.md)."""
+    cos = torch.nn.functional.cosine_similarity
+    with torch.no_grad():
+        teacher = model.teacher_features(IMAGES)
+        code = model.bottleneck(teacher)
+        out: dict[str, float] = {}
+        if model.cram is not None:
+            z = torch.nn.functional.normalize(code.flatten(2).transpose(1, 2).double(), dim=2)  # (B, P, D)
+            c = torch.nn.functional.normalize(model.cram.centres.double(), dim=1)
+            a = torch.softmax(z @ c.t() / model.cram.temperature, dim=2)
+            sq = torch.cdist(z, c.unsqueeze(0).expand(z.shape[0], -1, -1)) ** 2
+            out["compact"] = cfg.compact_weight * float((a * sq).sum(2).mean())
+            code = model.cram(code)
+        student = [s.double() for s in model.decoder(code)]
+        teacher = [t.double() for t in teacher]
+        pairs = list(zip(teacher, student))
+
+        def gram(x: torch.Tensor) -> torch.Tensor:
+            u = torch.nn.functional.normalize(x.flatten(2), dim=1)
+            return u.transpose(1, 2) @ u
+
+        def pooled(x: torch.Tensor) -> torch.Tensor:
+            size = (min(x.shape[2], cfg.affinity_size), min(x.shape[3], cfg.affinity_size))
+            return torch.nn.functional.adaptive_avg_pool2d(x, size)
+
+        def image_gram(x: torch.Tensor) -> torch.Tensor:
+            u = torch.nn.functional.normalize(x.mean(dim=(2, 3)), dim=1)
+            return u @ u.t()
+
+        out["global"] = sum(float((1 - cos(t.flatten(1), s.flatten(1), dim=1)).mean()) for t, s in pairs)
+        out["spatial"] = cfg.spatial_weight * sum(float((1 - cos(t, s, dim=1)).mean()) for t, s in pairs)
+        out["channel"] = cfg.channel_weight * sum(float((1 - cos(t.flatten(2), s.flatten(2), dim=2)).mean())
+                                                  for t, s in pairs)
+        out["intra"] = cfg.intra_weight * sum(float(((gram(pooled(s)) - gram(pooled(t))) ** 2).mean())
+                                              for t, s in pairs)
+        out["inter"] = cfg.inter_weight * sum(float(((image_gram(s) - image_gram(t)) ** 2).mean()) for t, s in pairs)
+    return out
+
+
+WEIGHTS = {"spatial_weight": 0.3, "channel_weight": 0.7, "intra_weight": 1.9, "inter_weight": 2.3,
+           "compact_weight": 0.45, "affinity_size": 4}
+
+
+@pytest.mark.parametrize("cram", [True, False])
+def test_snl_losses_weights_each_term_on_the_code_after_cram(cram: bool) -> None:
+    cfg = snl.Config(**TINY, **WEIGHTS, cram=cram)
+    model = StandIn(cram)
+    want = reference_terms(model, cfg)
+    got = snl.snl_losses(model, IMAGES, cfg)  # type: ignore[arg-type]
+    assert sorted(got) == sorted(want)
+    assert {k: float(v.detach()) for k, v in got.items()} == pytest.approx(want, rel=1e-5)
+    assert len({round(v, 4) for v in want.values()}) == len(want)  # distinct terms: a swapped key shows
+
+
+@pytest.mark.parametrize("off", SWITCHES[:-1])
+def test_snl_losses_leaves_out_a_switched_off_term(off: str) -> None:
+    cfg = snl.Config(**TINY, **WEIGHTS, **{off: False})
+    model = StandIn(cram=True)
+    got = snl.snl_losses(model, IMAGES, cfg)  # type: ignore[arg-type]
+    key = off.removesuffix("_loss")
+    want = reference_terms(model, snl.Config(**TINY, **WEIGHTS))
+    del want[key]
+    assert {k: float(v.detach()) for k, v in got.items()} == pytest.approx(want, rel=1e-5)
+
+
+def test_cram_compactness_is_the_mean_over_images_and_positions() -> None:
+    cram = snl.CRAM(dim=3, centres=2, temperature=0.1)
+    with torch.no_grad():
+        cram.centres.copy_(torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]))
+        code = torch.tensor([0.0, 0.0, 5.0]).view(1, 3, 1, 1).expand(2, 3, 2, 3)  # 12 vectors, each scatter 2
+        assert float(cram.compactness(code)) == pytest.approx(2.0)
