@@ -103,8 +103,13 @@ def test_sharded_predict_equals_single_process_row_for_row(demo: Path, single_ru
     rows = [list(csv.reader((tmp_path / name / "predictions.csv").open())) for name in ("one", "two")]
     assert len(rows[0]) == 1 + 7
     assert rows[0] == rows[1]
-    assert json.loads((tmp_path / "one" / "predictions.json").read_text()) == \
-        json.loads((tmp_path / "two" / "predictions.json").read_text())
+    one, two = (json.loads((tmp_path / name / "predictions.json").read_text()) for name in ("one", "two"))
+    assert [r.keys() for r in one] == [r.keys() for r in two]
+    for a, b in zip(one, two, strict=True):
+        # same paths, decisions, labels and reasons; floats to 1e-5: a rank's batches hold other images, and the
+        # gate's teacher pass may round differently with another batch (seen: gate_score 21.2626991 vs 21.2627010)
+        for key, value in a.items():
+            assert b[key] == (pytest.approx(value, rel=1e-5) if isinstance(value, float) else value), key
 
 
 def test_sharded_weighted_sampler_deals_one_draw_out() -> None:
