@@ -184,3 +184,20 @@ def blob_map(size: int, hot: int) -> np.ndarray:
     amap[2:4, 2:4] = 1.0
     amap[hot, hot] = 1.0
     return amap
+
+
+# a tiny, fast run on generated parts (64 px, random-weight resnet18): for the calibrate and feedback tests
+TINY_RUN = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
+            "train.progress=false", "train.eval_batch_size=8", "train.amp=false"]
+
+
+def tiny_run(root: Path, preset: str, n_train: int, n_test: int, overrides: list[str]) -> Path:
+    """Fit `preset` on a generated object dataset of `n_train` good and `n_test` good + `n_test` defective
+    test images at 64 px, with TINY_RUN plus `overrides`; returns the run folder root/run."""
+    from kdad.config import load_config
+    from kdad.data.demo import make_demo_dataset
+    from kdad.train import fit
+
+    demo = make_demo_dataset(root / "d", n_train=n_train, n_test_good=n_test, n_test_bad=n_test, size=64,
+                             kind="object")
+    return fit(load_config(preset, [], [f"data.root={demo}", *TINY_RUN, *overrides]), root / "run")

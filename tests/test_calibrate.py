@@ -13,22 +13,15 @@ from PIL import Image
 
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.cli import main
-from kdad.config import load_config
-from kdad.data.demo import make_demo_dataset
 from kdad.data.folder import FolderDataset
 from kdad.evaluate import predict
-from kdad.train import fit
-
-TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
-        "train.progress=false", "train.eval_batch_size=8", "train.epochs=1", "train.amp=false",
-        "train.val_fraction=0.5", "train.alpha=0.3"]
+from tests.fakes import tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("cal")
-    demo = make_demo_dataset(root / "d", n_train=12, n_test_good=2, n_test_bad=2, size=64, kind="object")
-    return fit(load_config("rd_cpu", [], [f"data.root={demo}", *TINY]), root / "run")
+    return tiny_run(tmp_path_factory.mktemp("cal"), "rd_cpu", 12, 2,
+                    ["train.epochs=1", "train.val_fraction=0.5", "train.alpha=0.3"])
 
 
 def _new_lighting(src: Path, dst: Path, n: int) -> Path:

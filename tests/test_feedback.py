@@ -13,21 +13,15 @@ from PIL import Image
 
 from kdad.checkpoint import load_bundle
 from kdad.cli import main
-from kdad.config import load_config
-from kdad.data.demo import make_demo_dataset
 from kdad.feedback import MIN_IMAGES, feedback_run, repeats_for, split_feedback
 from kdad.train import fit
-
-TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
-        "train.progress=false", "train.eval_batch_size=8", "train.epochs=6", "train.amp=false",
-        "train.val_fraction=0.3", "train.alpha=0.2"]
+from tests.fakes import tiny_run
 
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("fb")
-    demo = make_demo_dataset(root / "d", n_train=16, n_test_good=3, n_test_bad=3, size=64, kind="object")
-    return fit(load_config("stfpm_cpu", [], [f"data.root={demo}", *TINY]), root / "run")
+    return tiny_run(tmp_path_factory.mktemp("fb"), "stfpm_cpu", 16, 3,
+                    ["train.epochs=6", "train.val_fraction=0.3", "train.alpha=0.2"])
 
 
 def _striped(run: Path, dst: Path, n: int) -> Path:
