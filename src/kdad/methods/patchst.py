@@ -145,7 +145,7 @@ class Model(nn.Module):
         return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
 
 
-def nearest_sq(t: Tensor, bank: Tensor, rows: int = 4096) -> Tensor:
+def nearest_sq(t: Tensor, bank: Tensor, rows: int = 1024) -> Tensor:
     """(B, C, h, w) features, (M, C) bank -> (B, 1, h, w) mean over channels of the squared difference to the
     nearest bank row. Rows are taken in chunks so the distance matrix stays small, except while exporting,
     where a loop fixed at trace time would pin the batch size."""
