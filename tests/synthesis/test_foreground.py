@@ -175,3 +175,14 @@ def test_grabcut_is_urds_call_per_image() -> None:
         cv2.grabCut(bgr, labels, (1, 1, 47, 39), np.zeros((1, 65)), np.zeros((1, 65)), 11, cv2.GC_INIT_WITH_RECT)
         want = torch.from_numpy((labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)).float()
         assert torch.equal(got[i, 0], want)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("cv2") is None, reason="OpenCV not installed")
+def test_grabcut_clamps_values_outside_0_1_before_the_uint8_cast() -> None:
+    # Out-of-range pixels (e.g. after a colour jitter) must act as 0 and 1, not wrap around in the uint8 cast.
+    g = torch.Generator().manual_seed(3)
+    images = torch.full((1, 3, 48, 48), 0.9) + 0.3 * torch.rand(1, 3, 48, 48, generator=g)  # up to 1.2
+    images[:, :, 12:36, 12:36] = -0.4 + 0.3 * torch.rand(1, 3, 24, 24, generator=g)  # down to -0.4
+    fg = grabcut_foreground(images)
+    assert torch.equal(fg, grabcut_foreground(images.clamp(0, 1)))
+    assert fg[0, 0, 18:30, 18:30].mean() > 0.9 and fg[0, 0, :3].mean() < 0.1

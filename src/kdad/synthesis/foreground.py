@@ -69,8 +69,8 @@ URD_FOREGROUND: Mapping[str, str] = MappingProxyType({**URD_FOREGROUND_MVTEC, **
 def _gray_uint8(images: Tensor) -> np.ndarray:
     """(B, 3, H, W) in [0, 1] -> (B, H, W) uint8 grayscale with OpenCV's BGR2GRAY weights."""
     rgb = (images.detach().to(torch.float32).clamp(0, 1) * 255.0).round()
-    gray = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]
-    return gray.round().clamp(0, 255).to(torch.uint8).cpu().numpy()
+    gray = 0.299 * rgb[:, 0] + 0.587 * rgb[:, 1] + 0.114 * rgb[:, 2]  # weights sum to 1: stays in [0, 255]
+    return gray.round().to(torch.uint8).cpu().numpy()
 
 
 def otsu_foreground(images: Tensor, polarity: str = "dark") -> Tensor:
@@ -137,13 +137,14 @@ def grabcut_foreground(images: Tensor, iterations: int = 11) -> Tensor:
         bgr = np.ascontiguousarray(img[..., ::-1])
         h, w = bgr.shape[:2]
         labels = np.zeros((h, w), np.uint8)
-        bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
+        bgd, fgd = np.zeros((1, 65)), np.zeros((1, 65))  # float64 GMM models, as OpenCV wants
         cv2.setRNGSeed(0)  # OpenCV's RNG is per thread, so seeding here keeps threads deterministic
         cv2.grabCut(bgr, labels, (1, 1, w - 1, h - 1), bgd, fgd, iterations, cv2.GC_INIT_WITH_RECT)
         return (labels == cv2.GC_FGD) | (labels == cv2.GC_PR_FGD)
 
     # grabCut releases the GIL: one image per core (it is the one-off cost of URD's first epoch)
-    with ThreadPoolExecutor(max(1, min(len(frames), os.cpu_count() or 1))) as pool:
+    # (the pool starts threads only as work arrives, so a small batch does not start one per core)
+    with ThreadPoolExecutor(os.cpu_count()) as pool:
         masks = list(pool.map(one, frames))
     return torch.from_numpy(np.stack(masks)).unsqueeze(1).to(torch.float32).to(images.device)
 

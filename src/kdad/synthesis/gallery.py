@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
+import io
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from kdad.errors import ConfigError
+from kdad.fileio import atomic_write_bytes
 from kdad.synthesis import SynthesisConfig, TextureBank, synthesize
 
 _ROW_LABELS = ("original", "synthetic", "mask")
@@ -35,12 +35,12 @@ def render_gallery(originals: Tensor, synthetic: Tensor, masks: Tensor) -> Image
     """
     n, _, height, width = originals.shape
     canvas = Image.new(
-        "RGB", (_LABEL_WIDTH + n * (width + _PAD) + _PAD, 3 * (height + _PAD) + _PAD), (255, 255, 255)
+        "RGB", (_LABEL_WIDTH + n * (width + _PAD) + _PAD, 3 * (height + _PAD) + _PAD), "white"
     )
     draw = ImageDraw.Draw(canvas)
     for row, (label, batch) in enumerate(zip(_ROW_LABELS, (originals, synthetic, masks), strict=True)):
         top = _PAD + row * (height + _PAD)
-        draw.text((4, top + height // 2 - 5), label, fill=(0, 0, 0))
+        draw.text((4, top + height // 2 - 5), label, fill="black")
         for col in range(n):
             canvas.paste(_to_pil(batch[col]), (_LABEL_WIDTH + _PAD + col * (width + _PAD), top))
     return canvas
@@ -84,13 +84,7 @@ def save_gallery(
     grid = render_gallery(originals, synthetic, masks)
 
     out = Path(out_path_png)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            grid.save(fh, format="PNG")
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    png = io.BytesIO()
+    grid.save(png, format="PNG")
+    atomic_write_bytes(out, png.getvalue())
     return out
