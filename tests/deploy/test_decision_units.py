@@ -361,3 +361,50 @@ def test_stream_predictions_gives_each_image_its_gate_score(tmp_path: Path) -> N
     assert rows[0].label == "anomalous" or rows[0].label == "normal"
     assert [r.gate_score for r in stream_predictions(_MaxRunner(), paths, 8, progress=False) for r in [r[0]]] == \
         [None] * 3
+
+
+def test_stream_predictions_checks_each_image_itself_not_only_its_gate_score(tmp_path: Path) -> None:
+    # A blank frame with an in-range gate score is still invalid: predict hands the image to the pixel checks.
+    paths = [tmp_path / "blank.png", tmp_path / "noise.png"]
+    Image.fromarray(np.full((8, 8, 3), 40, np.uint8)).save(paths[0])  # gate score 100 * 40/255 ~ 16 < 30
+    Image.fromarray((np.random.default_rng(0).random((8, 8, 3)) * 80).astype(np.uint8)).save(paths[1])
+    rows = [r for r, _, _ in stream_predictions(_GatedRunner(), paths, 8, batch_size=2, progress=False)]
+    assert rows[0].label == "invalid" and "flat frame" in str(rows[0].reason) and rows[0].gate_score < 30
+    assert rows[1].label in ("normal", "anomalous") and rows[1].reason is None
+
+
+def test_from_thresholds_reads_every_stored_gate_field() -> None:
+    from kdad.deploy.postprocess import PostProcess
+
+    gate = {"threshold": 7.5, "flat_std": 0.03, "max_saturated": 0.4, "chroma_range": [0.01, 0.2]}
+    post = PostProcess.from_thresholds({"image": 0.5}, gate=gate)
+    assert (post.gate_threshold, post.flat_std, post.max_saturated, post.chroma_range) == (7.5, 0.03, 0.4,
+                                                                                          (0.01, 0.2))
+    old = PostProcess.from_thresholds({"image": 0.5}, gate={"threshold": 7.5})  # a gate fitted before the checks
+    assert (old.flat_std, old.max_saturated, old.chroma_range) == (0.01, 1.0, None)
+    assert PostProcess.from_thresholds({"image": 0.5}).gate_threshold is None
+
+
+def test_gate_limits_are_inclusive_chroma_on_either_end_and_the_gate_score() -> None:
+    from kdad.deploy.postprocess import PostProcess
+    from kdad.gate import chroma
+
+    photo = _photo()
+    c = float(chroma(photo)[0])
+    for lo, hi in ((c, c + 0.1), (c - 0.1, c), (c, c)):
+        post = PostProcess(image_threshold=0.5, gate_threshold=3.0, chroma_range=(lo, hi))
+        assert post.verdict(0.7, 3.0, photo) == ("anomalous", None), (lo, hi)  # on the limits: valid
+    post = PostProcess(image_threshold=0.5, gate_threshold=3.0, chroma_range=(c + 1e-6, 1.0))
+    assert post.verdict(0.7, 3.0, photo)[0] == "invalid"
+
+
+def test_thresholds_from_normals_returns_float64_calibration_scores() -> None:
+    # the bundle stores these for the service's drift statistic: float64, whatever the model's dtype
+    import dataclasses
+
+    from kdad.config import TrainConfig
+    from kdad.evaluate import thresholds_from_normals
+
+    tc = dataclasses.replace(TrainConfig(), eval_batch_size=5)
+    _, _, calib = thresholds_from_normals(_ChannelModel(), _normal_items(), torch.device("cpu"), tc)
+    assert calib.dtype == np.float64 and np.all(np.diff(calib) >= 0)
