@@ -99,7 +99,7 @@ GROUPS: dict[str, Group] = {
     ),
     "checkpoint_resume": Group(
         files=("src/kdad/checkpoint.py", "src/kdad/train.py"),
-        tests=("tests/test_train.py",),
+        tests=("tests/test_train.py", "tests/test_checkpoint.py"),
         functions=("kdad.checkpoint.*",)
         + _fn("kdad.train", "_state", "check_resume_config", "_flat", "trim_log", "_load_resume"),
         note="checkpoint.py whole; in train.py the resume functions (fit() itself is not mutated: one mutant "
