@@ -1,0 +1,102 @@
+"""The papers' relative claims (issue 18.4), checked on the quality study's runs: URD > RD++ > RD.
+
+Reads benchmarks/results/quality.json (the rows `benchmarks/quality.py` wrote for the cells rd_cpu, rdpp_cpu and
+urd_cpu) and, per category and metric on the report half, compares the two cells of each claim over their seeds:
+
+    diff = mean(A) - mean(B),  se = sqrt(var(A)/n_A + var(B)/n_B)   (sample variances)
+    holds     if diff >  2 se  (and both cells have >= 3 seeds)
+    reversed  if diff < -2 se
+    unresolved otherwise (the seeds cannot tell the two apart)
+
+Two standard errors is a rough 95 % bar for 3 seeds a side, not a formal test; the JSON keeps every seed's
+value so a reader can apply another rule. Nothing is reported as holding on fewer than 3 seeds.
+
+Run: python benchmarks/claims.py [--out benchmarks/results/claims.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from _common import RESULTS
+
+# (better, worse, source): the relative claims of the papers in ../shared/papers/ on one-class MVTec-style data
+CLAIMS = (
+    ("urd_cpu", "rdpp_cpu", "URD (paper 001, Tables 1-2: above RD++ on every dataset)"),
+    ("urd_cpu", "rd_cpu", "URD (paper 001: above RD)"),
+    ("rdpp_cpu", "rd_cpu", "RD++ (Tien et al. 2023; paper 001's retrained RD/RD++ columns)"),
+)
+METRICS = ("image_auroc", "pixel_auroc", "au_pro")
+MIN_SEEDS = 3
+
+
+def _stats(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1) if len(values) > 1 else float("nan")
+    return mean, var
+
+
+def verdict(a: list[float], b: list[float]) -> dict[str, Any]:
+    """The claim 'a > b' on per-seed values: means, difference, its standard error and the verdict."""
+    (ma, va), (mb, vb) = _stats(a), _stats(b)
+    diff = ma - mb
+    out: dict[str, Any] = {"better": a, "worse": b, "mean_better": round(ma, 4), "mean_worse": round(mb, 4),
+                           "diff": round(diff, 4)}
+    if min(len(a), len(b)) < MIN_SEEDS:
+        return {**out, "se": None, "verdict": f"not tested (fewer than {MIN_SEEDS} seeds)"}
+    se = math.sqrt(va / len(a) + vb / len(b))
+    word = "holds" if diff > 2 * se else "reversed" if diff < -2 * se else "unresolved"
+    return {**out, "se": round(se, 4), "verdict": word}
+
+
+def check(runs: list[dict[str, Any]], half: str = "report") -> list[dict[str, Any]]:
+    """One row per (claim, category, metric) for the categories where both cells have runs."""
+    values: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in sorted(runs, key=lambda r: r["seed"]):
+        for m in METRICS:
+            v = r[half].get(m)
+            if v is not None:
+                values[(r["cell"], r["category"])][m].append(float(v))
+    rows = []
+    for better, worse, source in CLAIMS:
+        for category in sorted({c for _, c in values}):
+            a, b = values.get((better, category)), values.get((worse, category))
+            if not a or not b:
+                continue
+            for m in METRICS:
+                rows.append({"claim": f"{better} > {worse}", "source": source, "category": category, "metric": m,
+                             **verdict(a[m], b[m])})
+    return rows
+
+
+def markdown(rows: list[dict[str, Any]]) -> str:
+    lines = ["| claim | category | metric | better (mean) | worse (mean) | diff ± se | verdict |",
+             "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        se = "" if r["se"] is None else f" ± {r['se']:.3f}"
+        lines.append(f"| {r['claim']} | {r['category']} | {r['metric']} | {r['mean_better']:.3f} | "
+                     f"{r['mean_worse']:.3f} | {r['diff']:+.3f}{se} | {r['verdict']} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--file", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--half", default="report", choices=["selection", "report", "all"])
+    ap.add_argument("--out", default=str(RESULTS / "claims.json"))
+    args = ap.parse_args()
+    rows = check(json.loads(Path(args.file).read_text())["runs"], args.half)
+    Path(args.out).write_text(json.dumps({
+        "command": "python benchmarks/claims.py", "question": "do the papers' relative claims hold here?",
+        "source": Path(args.file).name, "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
+        f"else unresolved; at least {MIN_SEEDS} seeds a side", "rows": rows}, indent=1) + "\n")
+    print(markdown(rows))
+
+
+if __name__ == "__main__":
+    main()
