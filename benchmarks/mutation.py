@@ -370,6 +370,8 @@ def main() -> None:
                          "equivalent file)")
     ap.add_argument("--note", help="a note kept in the report (e.g. why a group was cut short)")
     ap.add_argument("--list", action="store_true", help="print the groups and exit")
+    ap.add_argument("--prune", action="store_true",
+                    help="drop explanations that no survivor of a finished group uses any more (code changed)")
     args = ap.parse_args()
     if args.list:
         for name, g in GROUPS.items():
@@ -396,6 +398,31 @@ def main() -> None:
         if args.note:
             report["note"] = args.note
         write_report(report, equivalent, args.out, torch.__version__)
+    if args.prune and report["stale_explanations"]:
+        prune_explanations(set(report["stale_explanations"]))
+
+
+def stale_explanations(report: dict, equivalent: dict[str, str]) -> list[str]:
+    """Keys of the equivalent file that belong to a module of a finished group and match none of its survivors:
+    the code they explained has changed or gone."""
+    owner = {m: r for r in report["groups"].values() for m in r["modules"]}
+    used = {s["key"] for r in report["groups"].values() for s in r["survivors"]}
+    stale = []
+    for key in equivalent:
+        where = key.split(": ", 1)[0]
+        mods = [m for m in owner if where.startswith(m + ".")]
+        if mods and key not in used and owner[max(mods, key=len)].get("finished"):  # longest: perlin, not package
+            stale.append(key)
+    return sorted(stale)
+
+
+def prune_explanations(stale: set[str]) -> None:
+    """Rewrite the equivalent file without ``stale``, keeping its two header comment lines."""
+    lines = EQUIVALENT.read_text().splitlines()
+    header = "".join(line + "\n" for line in lines[:2] if line.startswith("#"))
+    kept = {k: v for k, v in (yaml.safe_load("\n".join(lines)) or {}).items() if k not in stale}
+    EQUIVALENT.write_text(header + "\n" + yaml.safe_dump(kept, allow_unicode=True, width=1000, sort_keys=False))
+    print(f"pruned {len(stale)} stale explanations from {EQUIVALENT.name}")
 
 
 def write_report(report: dict, equivalent: dict[str, str], out: Path, torch_version: str) -> None:
@@ -419,6 +446,7 @@ def write_report(report: dict, equivalent: dict[str, str], out: Path, torch_vers
                    "(null = not yet explained).",
     }
     report["unexplained_survivors"] = len(unexplained)
+    report["stale_explanations"] = stale_explanations(report, equivalent)
     report["not_run"] = sorted(set(GROUPS) - set(report["groups"]))
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=1, ensure_ascii=False) + "\n")
