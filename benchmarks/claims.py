@@ -8,6 +8,10 @@ urd_cpu) and, per category and metric on the report half, compares the two cells
     reversed  if diff < -2 se
     unresolved otherwise (the seeds cannot tell the two apart)
 
+DSKD's claim (paper 004: the global student catches the logical anomalies a local student misses, and the two
+together beat either) is checked the same way on the per-seed JSON files of `benchmarks/dskd_logical.py --parts
+logical --seed S` given with --dskd (a generated MVTec-LOCO-style category; each file one seed).
+
 Two standard errors is a rough 95 % bar for 3 seeds a side, not a formal test; the JSON keeps every seed's
 value so a reader can apply another rule. Nothing is reported as holding on fewer than 3 seeds.
 
@@ -74,6 +78,24 @@ def check(runs: list[dict[str, Any]], half: str = "report") -> list[dict[str, An
     return rows
 
 
+DSKD_CLAIMS = (("global", "local"), ("combined", "local"), ("combined", "global"))
+DSKD_METRICS = ("image_auroc_logical", "au_spro_logical@0.05", "image_auroc_structural")
+
+
+def check_dskd(files: list[Path]) -> list[dict[str, Any]]:
+    """One row per (DSKD claim, metric) over the seeds in `files` (each a dskd_logical.py result)."""
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for f in files:
+        for run in json.loads(f.read_text())["runs"]:
+            if run.get("part") == "logical":
+                for student, metrics in run["per_student"].items():
+                    for m in DSKD_METRICS:
+                        per[student][m].append(float(metrics[m]))
+    return [{"claim": f"dskd {better} > {worse}", "source": "DSKD (paper 004)", "category": "generated logical",
+             "metric": m, **verdict(per[better][m], per[worse][m])}
+            for better, worse in DSKD_CLAIMS if per[better] and per[worse] for m in DSKD_METRICS]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| claim | category | metric | better (mean) | worse (mean) | diff ± se | verdict |",
              "|---|---|---|---|---|---|---|"]
@@ -89,11 +111,12 @@ def main() -> None:
     ap.add_argument("--file", default=str(RESULTS / "quality.json"))
     ap.add_argument("--half", default="report", choices=["selection", "report", "all"])
     ap.add_argument("--out", default=str(RESULTS / "claims.json"))
+    ap.add_argument("--dskd", nargs="*", type=Path, default=[], help="dskd_logical.py results, one per seed")
     args = ap.parse_args()
-    rows = check(json.loads(Path(args.file).read_text())["runs"], args.half)
+    rows = check(json.loads(Path(args.file).read_text())["runs"], args.half) + check_dskd(args.dskd)
     Path(args.out).write_text(json.dumps({
         "command": "python benchmarks/claims.py", "question": "do the papers' relative claims hold here?",
-        "source": Path(args.file).name, "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
+        "source": [Path(args.file).name, *(f.name for f in args.dskd)], "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
         f"else unresolved; at least {MIN_SEEDS} seeds a side", "rows": rows}, indent=1) + "\n")
     print(markdown(rows))
 
