@@ -12,6 +12,10 @@ DSKD's claim (paper 004: the global student catches the logical anomalies a loca
 together beat either) is checked the same way on the per-seed JSON files of `benchmarks/dskd_logical.py --parts
 logical --seed S` given with --dskd (a generated MVTec-LOCO-style category; each file one seed).
 
+SNL's claim (paper 003's abstract: in multi-class training SNL does better than multi-class RD, narrowing the gap
+to one RD per category) is checked on the per-seed files of `benchmarks/multiclass.py --seed S --runs rd_multi
+rd_one_<each category> snl_multi` given with --multiclass: the mean over categories of each run, per seed.
+
 Two standard errors is a rough 95 % bar for 3 seeds a side, not a formal test; the JSON keeps every seed's
 value so a reader can apply another rule. Nothing is reported as holding on fewer than 3 seeds.
 
@@ -96,6 +100,24 @@ def check_dskd(files: list[Path]) -> list[dict[str, Any]]:
             for better, worse in DSKD_CLAIMS if per[better] and per[worse] for m in DSKD_METRICS]
 
 
+MULTICLASS_CLAIMS = (("snl_multi", "rd_multi", "SNL (paper 003, abstract): multi-class SNL above multi-class RD"),
+                     ("rd_one", "rd_multi", "the premise: one RD per category above one multi-class RD"))
+
+
+def check_multiclass(files: list[Path]) -> list[dict[str, Any]]:
+    """One row per (multi-class claim, metric) over the seeds in `files` (each a multiclass.py result)."""
+    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for f in files:
+        table = json.loads(f.read_text())["table"]
+        for run in ("snl_multi", "rd_multi", "rd_one"):
+            if run in table and table[run].get("complete", True):
+                for m in METRICS:
+                    per[run][m].append(float(table[run]["mean"][m]))
+    return [{"claim": f"{better} > {worse}", "source": source, "category": "mean of 4 (multi-class)", "metric": m,
+             **verdict(per[better][m], per[worse][m])}
+            for better, worse, source in MULTICLASS_CLAIMS if per[better] and per[worse] for m in METRICS]
+
+
 def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| claim | category | metric | better (mean) | worse (mean) | diff ± se | verdict |",
              "|---|---|---|---|---|---|---|"]
@@ -112,11 +134,13 @@ def main() -> None:
     ap.add_argument("--half", default="report", choices=["selection", "report", "all"])
     ap.add_argument("--out", default=str(RESULTS / "claims.json"))
     ap.add_argument("--dskd", nargs="*", type=Path, default=[], help="dskd_logical.py results, one per seed")
+    ap.add_argument("--multiclass", nargs="*", type=Path, default=[], help="multiclass.py results, one per seed")
     args = ap.parse_args()
-    rows = check(json.loads(Path(args.file).read_text())["runs"], args.half) + check_dskd(args.dskd)
+    rows = (check(json.loads(Path(args.file).read_text())["runs"], args.half) + check_dskd(args.dskd)
+            + check_multiclass(args.multiclass))
     Path(args.out).write_text(json.dumps({
         "command": "python benchmarks/claims.py", "question": "do the papers' relative claims hold here?",
-        "source": [Path(args.file).name, *(f.name for f in args.dskd)], "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
+        "source": [Path(args.file).name, *(f.name for f in args.dskd + args.multiclass)], "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
         f"else unresolved; at least {MIN_SEEDS} seeds a side", "rows": rows}, indent=1) + "\n")
     print(markdown(rows))
 
