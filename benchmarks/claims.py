@@ -87,17 +87,20 @@ DSKD_METRICS = ("image_auroc_logical", "au_spro_logical@0.05", "image_auroc_stru
 
 
 def check_dskd(files: list[Path]) -> list[dict[str, Any]]:
-    """One row per (DSKD claim, metric) over the seeds in `files` (each a dskd_logical.py result)."""
-    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """One row per (training budget, DSKD claim, metric) over the seeds in `files` (each a dskd_logical.py
+    result; files with different logical_iters are different budgets)."""
+    per: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for f in files:
-        for run in json.loads(f.read_text())["runs"]:
+        doc = json.loads(f.read_text())
+        for run in doc["runs"]:
             if run.get("part") == "logical":
                 for student, metrics in run["per_student"].items():
                     for m in DSKD_METRICS:
-                        per[student][m].append(float(metrics[m]))
-    return [{"claim": f"dskd {better} > {worse}", "source": "DSKD (paper 004)", "category": "generated logical",
-             "metric": m, **verdict(per[better][m], per[worse][m])}
-            for better, worse in DSKD_CLAIMS if per[better] and per[worse] for m in DSKD_METRICS]
+                        per[int(run["iters"])][student][m].append(float(metrics[m]))
+    return [{"claim": f"dskd {better} > {worse}", "source": "DSKD (paper 004)",
+             "category": f"generated logical, {iters} steps", "metric": m, **verdict(st[better][m], st[worse][m])}
+            for iters, st in sorted(per.items()) for better, worse in DSKD_CLAIMS if st[better] and st[worse]
+            for m in DSKD_METRICS]
 
 
 MULTICLASS_CLAIMS = (("snl_multi", "rd_multi", "SNL (paper 003, abstract): multi-class SNL above multi-class RD"),
@@ -105,17 +108,20 @@ MULTICLASS_CLAIMS = (("snl_multi", "rd_multi", "SNL (paper 003, abstract): multi
 
 
 def check_multiclass(files: list[Path]) -> list[dict[str, Any]]:
-    """One row per (multi-class claim, metric) over the seeds in `files` (each a multiclass.py result)."""
-    per: dict[str, dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    """One row per (budget, multi-class claim, metric) over the seeds in `files` (each a multiclass.py result;
+    files with different multi_class_iters are different budgets)."""
+    per: dict[int, dict[str, dict[str, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for f in files:
-        table = json.loads(f.read_text())["table"]
+        doc = json.loads(f.read_text())
+        iters = int(doc["budget"]["multi_class_iters"])
         for run in ("snl_multi", "rd_multi", "rd_one"):
-            if run in table and table[run].get("complete", True):
+            if run in doc["table"] and doc["table"][run].get("complete", True):
                 for m in METRICS:
-                    per[run][m].append(float(table[run]["mean"][m]))
-    return [{"claim": f"{better} > {worse}", "source": source, "category": "mean of 4 (multi-class)", "metric": m,
-             **verdict(per[better][m], per[worse][m])}
-            for better, worse, source in MULTICLASS_CLAIMS if per[better] and per[worse] for m in METRICS]
+                    per[iters][run][m].append(float(doc["table"][run]["mean"][m]))
+    return [{"claim": f"{better} > {worse}", "source": source, "category": f"mean of 4 categories, {iters} steps",
+             "metric": m, **verdict(st[better][m], st[worse][m])}
+            for iters, st in sorted(per.items()) for better, worse, source in MULTICLASS_CLAIMS
+            if st[better] and st[worse] for m in METRICS]
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:

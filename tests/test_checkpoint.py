@@ -129,3 +129,21 @@ def test_training_state_keeps_the_grad_scaler_only_when_there_is_one() -> None:
     assert with_scaler["grad_scaler"] == {"scale": 1024.0}
     assert (with_scaler["epoch"], with_scaler["iters"], with_scaler["best"]) == (2, 7, {"x": 1})
     assert "grad_scaler" not in _state({}, 2, 7, {}, gen)
+
+
+def test_trim_log_keeps_epochs_up_to_the_checkpoint_and_skips_only_broken_lines(tmp_path: Path) -> None:
+    import json
+
+    from kdad.train import trim_log
+
+    log = tmp_path / "train_log.jsonl"
+    trim_log(log, 3)  # no log yet: nothing happens
+    assert not log.exists()
+    lines = [json.dumps({"epoch": 1}), '{"epoch": 2, "lo', json.dumps({"note": "no epoch"}), json.dumps({"epoch": 2}),
+             json.dumps({"epoch": 3}), json.dumps({"epoch": 4})]
+    log.write_text("\n".join(lines) + "\n")
+    trim_log(log, 3)
+    assert log.read_text() == "".join(line + "\n" for line in (lines[0], lines[3], lines[4]))
+    before = log.stat().st_mtime_ns
+    trim_log(log, 3)  # already trimmed: not rewritten
+    assert log.stat().st_mtime_ns == before and log.read_text().count("\n") == 3
