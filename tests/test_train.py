@@ -379,3 +379,4 @@ def test_fit_takes_the_image_threshold_from_crossfitted_scores(demo_root: Path, 
     # the same training (same seed): only the calibration scores differ, and none of them is lower cross-fitted
     # on average than scored against statistics that included it
     assert np.mean(cal["scores"]) >= np.mean(off["calibration"]["scores"])
+    assert not np.allclose(cal["scores"], off["calibration"]["scores"])  # the threshold's scores are cross-fitted

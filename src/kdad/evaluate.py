@@ -25,16 +25,22 @@ from kdad.tiling import TileSpec
 
 
 def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig,
-                            tiles: TileSpec | None = None) -> tuple[Any, dict[str, float], np.ndarray]:
+                            tiles: TileSpec | None = None, image_scores: np.ndarray | None = None
+                            ) -> tuple[Any, dict[str, float], np.ndarray]:
     """Image and pixel thresholds from normal images only, the overlay colour range and the normal images'
     scores (N,), sorted (the calibration scores the service's drift statistic compares with). The image threshold
     follows tc.image_threshold_rule (conformal at tc.alpha, or a quantile), see :func:`thresholds_from_predictions`.
     tiles: the images are tiled and stitched (the pixel threshold is then taken over the metric-size maps, see
-    docs/tiling.md)."""
+    docs/tiling.md).
+    image_scores: the same images' scores from elsewhere (cross-fitted, see kdad.train.crossfit_scores): the image
+    threshold and the returned scores come from them, the pixel threshold from this model's maps."""
     pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
     assert pred.maps is not None
-    thr, display = thresholds_from_predictions(pred.scores, pred.maps, tc)
-    return thr, display, np.sort(np.asarray(pred.scores, dtype=np.float64))
+    scores = pred.scores if image_scores is None else image_scores
+    note = "" if image_scores is None else (", cross-fitted (each half of the held-out normals scored with map "
+                                            "statistics from the other half)")
+    thr, display = thresholds_from_predictions(scores, pred.maps, tc, note)
+    return thr, display, np.sort(np.asarray(scores, dtype=np.float64))
 
 
 def image_threshold_rule(scores: np.ndarray, tc: TrainConfig) -> tuple[float, str, float | None]:
@@ -56,8 +62,10 @@ def image_threshold_rule(scores: np.ndarray, tc: TrainConfig) -> tuple[float, st
     return conf.threshold, f"conformal alpha={conf.alpha:g}: score of rank {conf.rank} of {n} normal scores", conf.alpha
 
 
-def thresholds_from_predictions(scores: np.ndarray, maps: np.ndarray, tc: TrainConfig) -> tuple[Any, dict[str, float]]:
-    """Thresholds (a kdad.thresholds.Thresholds) and display range from normal scores (N,) and maps (N, H, W)."""
+def thresholds_from_predictions(scores: np.ndarray, maps: np.ndarray, tc: TrainConfig,
+                                image_note: str = "") -> tuple[Any, dict[str, float]]:
+    """Thresholds (a kdad.thresholds.Thresholds) and display range from normal scores (N,) and maps (N, H, W);
+    `image_note` is appended to the image rule's description in the source text."""
     from kdad.thresholds import (
         Thresholds,
         flagged_region_rate,
@@ -66,6 +74,7 @@ def thresholds_from_predictions(scores: np.ndarray, maps: np.ndarray, tc: TrainC
     )
 
     img, img_src, alpha = image_threshold_rule(scores, tc)
+    img_src += image_note
     n = len(scores)
     n_cal = n if alpha is not None else None
     if tc.pixel_threshold_rule == "region":

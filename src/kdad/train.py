@@ -23,7 +23,7 @@ from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
-from kdad.evaluate import image_threshold_rule, predict, thresholds_from_normals
+from kdad.evaluate import predict, thresholds_from_normals
 from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.methods import get_method
 from kdad.seed import resolve_device, seed_everything
@@ -269,7 +269,6 @@ def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: 
     return dataclasses.replace(gate, source=f"{gate.source}; threshold from {source}")
 
 
-
 def crossfit_scores(calibrate: Any, model: torch.nn.Module, normals: Dataset, device: torch.device,
                     batch_size: int, seed: int) -> np.ndarray:
     """Image scores (N,) of the held-out normals, each half scored after ``calibrate`` saw only the other half
@@ -285,6 +284,7 @@ def crossfit_scores(calibrate: Any, model: torch.nn.Module, normals: Dataset, de
         model.eval()
         scores[scored] = predict(model, Subset(normals, scored), device, batch_size, keep_maps=False).scores
     return scores
+
 
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         start: dict[str, torch.Tensor] | None = None, extra_normals: Dataset | None = None) -> Path:
@@ -463,15 +463,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     if main:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            thr, display, calib_scores = thresholds_from_normals(model, calib, device, tc, tiles=tiles)
-            if crossfit is not None:  # the image threshold from scores whose statistics did not see the image
-                img, img_src, _ = image_threshold_rule(crossfit, tc)
-                pixel_part = thr.source.partition("; pixel:")[2]
-                thr = dataclasses.replace(thr, image=float(img), source=(
-                    f"image: {img_src}, cross-fitted (each half of the held-out normals scored with map statistics "
-                    f"from the other half)" + (f"; pixel:{pixel_part}" if pixel_part else "")))
-                calib_scores = np.sort(crossfit)
-        notes = list(dict.fromkeys(str(w.message) for w in caught))  # the rule may warn twice
+            # with cross-fitted scores the image threshold comes from scores whose statistics did not see the image
+            thr, display, calib_scores = thresholds_from_normals(model, calib, device, tc, tiles=tiles,
+                                                                 image_scores=crossfit)
+        notes = [str(w.message) for w in caught]
         if val_ds is None and thr.alpha is not None:  # scores of images it was trained on: no guarantee
             notes.append("the image threshold comes from the training normals (train.val_fraction=0): the "
                          "conformal false-alarm guarantee needs held-out normals")
