@@ -28,12 +28,12 @@ from kdad.evaluate import Predictions, compute_metrics
 
 
 @torch.inference_mode()
-def embed(enc: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    """(B, 3, H, W) in [0, 1] -> (B, C, H/8, W/8) pooled, concatenated layer-2/3 features."""
-    f2, f3 = enc.features(images)
-    f2 = F.avg_pool2d(f2, 3, 1, 1)
-    f3 = F.interpolate(F.avg_pool2d(f3, 3, 1, 1), size=f2.shape[-2:], mode="bilinear", align_corners=False)
-    return torch.cat([f2, f3], 1)
+def embed(enc: torch.nn.Module, images: torch.Tensor, pool: int = 3) -> torch.Tensor:
+    """(B, 3, H, W) in [0, 1] -> the encoder's layers, each pool x pool averaged (stride 1), upsampled to the first
+    layer's grid and concatenated (layers 2-3: (B, C, H/8, W/8))."""
+    fs = [F.avg_pool2d(f, pool, 1, pool // 2) if pool > 1 else f for f in enc.features(images)]
+    return torch.cat([fs[0]] + [F.interpolate(f, size=fs[0].shape[-2:], mode="bilinear", align_corners=False)
+                                for f in fs[1:]], 1)
 
 
 def run(category: str, seed: int, n_memory: int = 40000, size: int = 256) -> dict[str, object]:

@@ -4,7 +4,8 @@ and pooling. SELECTION half only (it chooses nothing for a preset; it explains a
 Frozen EfficientNet-Lite0 features of the given layers, each average-pooled (k x k, stride 1), upsampled to the
 first layer's grid and concatenated; a memory of random training patches; a patch's score is its distance to the
 nearest memory patch; maps upsampled to 256 px and blurred (sigma 4), image score = max. As benchmarks/probe_knn.py,
-with the layers and pooling as arguments and AU-PRO split by defect type (each type with all good images).
+reusing its feature embedding, with the layers and pooling as arguments and AU-PRO split by defect type (each
+type with all good images).
 
 Run: python benchmarks/probe_layers.py --layers 2 3 --pool 3 [--memory 40000] [--out results/probe_layers.json]
 Appends one row per call to --out.
@@ -21,6 +22,7 @@ import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
+from probe_knn import embed
 
 from kdad.blocks.maps import GaussianBlur
 from kdad.blocks.teachers import build_encoder
@@ -46,17 +48,10 @@ def main() -> None:
     train, test = build_dataset(data, "train"), build_dataset(data, "test")
     sel, _ = _common.halves(test, seed=_common.SPLIT_SEED)
 
-    @torch.inference_mode()
-    def embed(x: torch.Tensor) -> torch.Tensor:
-        fs = [F.avg_pool2d(f, args.pool, 1, args.pool // 2) if args.pool > 1 else f for f in enc.features(x)]
-        size = fs[0].shape[-2:]
-        return torch.cat([fs[0]] + [F.interpolate(f, size=size, mode="bilinear", align_corners=False)
-                                    for f in fs[1:]], 1)
-
     t0 = time.perf_counter()
     feats = []
     for i in range(0, len(train), 16):
-        e = embed(torch.stack([train[j]["image"] for j in range(i, min(i + 16, len(train)))]))
+        e = embed(enc, torch.stack([train[j]["image"] for j in range(i, min(i + 16, len(train)))]), args.pool)
         feats.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
     bank = torch.cat(feats)
     bank = bank[torch.randperm(len(bank))[:args.memory]]
@@ -65,7 +60,7 @@ def main() -> None:
     grid = 0
     for i in range(0, len(sel), 8):
         items = [test[j] for j in sel[i:i + 8]]
-        e = embed(torch.stack([it["image"] for it in items]))
+        e = embed(enc, torch.stack([it["image"] for it in items]), args.pool)
         b, c, grid, w = e.shape
         q = e.permute(0, 2, 3, 1).reshape(-1, c)
         d = torch.cat([torch.cdist(q[k:k + 2048], bank).min(1).values for k in range(0, len(q), 2048)])
