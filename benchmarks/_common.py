@@ -30,6 +30,9 @@ CATEGORIES = {
 }
 # the hard generated category (benchmarks/make_hard_category.py --out <this> --seed 0); never committed
 CATEGORIES["brushed"] = Path(os.environ.get("KDAD_HARD", "/tmp/kdad_hard/brushed"))
+# the same surface at 512 px, defects keeping their px sizes (make_hard_category.py --size 512 --test-good 40
+# --per-defect 30 --out <this>): a 256-px resize halves them; the tiling study (issue 18, point 3) reads it
+CATEGORIES["brushed512"] = Path(os.environ.get("KDAD_HARD_512", "/tmp/kdad_hard/brushed512"))
 TEXTURES = SHARED / "data" / "dtd" / "images"
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu", "cfrg": "cfrg_cpu"}  # the RD family's CPU presets

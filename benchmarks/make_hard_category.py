@@ -2,7 +2,9 @@
 low-contrast defects (scratches 1-2 px wide, pin-holes of 2-4 px, faint stains). Nothing here is tuned to
 bottle or magnetic_tile, so a recipe chosen on this data and MTD's selection half is checked on the rest.
 
-Run: python benchmarks/make_hard_category.py --out /tmp/kdad_hard/brushed [--seed 0]
+Run: python benchmarks/make_hard_category.py --out /tmp/kdad_hard/brushed [--seed 0] [--size 256]
+--size makes a larger camera image of the same surface: texture and defects keep their sizes in pixels, so at
+--size 512 a 256-px resize halves every defect (the tiling study of issue 18, point 3).
 The images are written outside the repository (never commit them); the same seed gives the same files.
 """
 
@@ -19,23 +21,24 @@ SIZE = 256
 DEFECTS = ("scratch", "pinhole", "stain")
 
 
-def surface(rng: np.random.Generator) -> np.ndarray:
+def surface(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     """Grey brushed metal: streaks along a jittered direction, slow illumination, fine grain; (H, W) in [0, 1]."""
-    streaks = gaussian_filter(rng.normal(0, 1, (SIZE, SIZE)), sigma=(0.6, 18.0))
+    streaks = gaussian_filter(rng.normal(0, 1, (size, size)), sigma=(0.6, 18.0))
     streaks = streaks / (streaks.std() + 1e-8)
     if rng.random() < 0.5:
         streaks = streaks.T
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE] / SIZE
+    yy, xx = np.mgrid[0:size, 0:size] / size
     a, b = rng.uniform(-0.15, 0.15, 2)
     light = 0.5 + a * (xx - 0.5) + b * (yy - 0.5) + 0.05 * np.sin(2 * np.pi * (xx * rng.uniform(0.5, 1.5)))
-    grain = gaussian_filter(rng.normal(0, 1, (SIZE, SIZE)), 0.7)
+    grain = gaussian_filter(rng.normal(0, 1, (size, size)), 0.7)
     return np.clip(light + 0.05 * streaks + 0.02 * grain, 0, 1)
 
 
 def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """The image with one defect and its mask (bool)."""
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float64)
-    cy, cx = rng.uniform(24, SIZE - 24, 2)
+    """The image with one defect and its mask (bool); defect sizes are in pixels whatever the image size."""
+    size = img.shape[0]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    cy, cx = rng.uniform(24, size - 24, 2)
     sign = rng.choice([-1.0, 1.0])
     if kind == "scratch":  # a thin straight line, 1-2 px wide, 20-60 px long, contrast 0.04-0.08
         angle = rng.uniform(0, np.pi)
@@ -71,16 +74,19 @@ def main() -> None:
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test-good", type=int, default=60)
     ap.add_argument("--per-defect", type=int, default=40)
+    ap.add_argument("--size", type=int, default=SIZE, help="image side in px (texture and defects keep their px sizes)")
     args = ap.parse_args()
+    if args.size < 64:
+        ap.error(f"--size must be at least 64, got {args.size}")
     root = Path(args.out)
     rng = np.random.default_rng(args.seed)
     for i in range(args.train):
-        save(surface(rng), root / "train" / "good" / f"{i:03d}.png")
+        save(surface(rng, args.size), root / "train" / "good" / f"{i:03d}.png")
     for i in range(args.test_good):
-        save(surface(rng), root / "test" / "good" / f"{i:03d}.png")
+        save(surface(rng, args.size), root / "test" / "good" / f"{i:03d}.png")
     for kind in DEFECTS:
         for i in range(args.per_defect):
-            img, mask = add_defect(surface(rng), kind, rng)
+            img, mask = add_defect(surface(rng, args.size), kind, rng)
             save(img, root / "test" / kind / f"{i:03d}.png")
             gt = root / "ground_truth" / kind / f"{i:03d}_mask.png"
             gt.parent.mkdir(parents=True, exist_ok=True)
