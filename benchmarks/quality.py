@@ -28,7 +28,7 @@ from kdad.evaluate import Predictions, compute_metrics, false_alarms, good_image
 from kdad.gate import Gate
 from kdad.speed import cpu_has_fast_bf16
 from kdad.thresholds import clopper_pearson, conformal_threshold
-from kdad.tiling import TileSpec
+from kdad.tiling import TileSpec, tiled_dataset
 from kdad.train import fit
 
 KEYS = ("image_auroc", "pixel_auroc", "au_pro")
@@ -66,7 +66,7 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
     run = fit(cfg, work / f"{name}_{category}_{seed}")
     bundle = load_bundle(run / "model.ckpt")
     model, cfg = model_from_bundle(bundle)
-    test = build_dataset(cfg.data, "test")
+    test = tiled_dataset(build_dataset(cfg.data, "test"), cfg.data)  # full-size images when data.tiling is on
     pred = predict(model, test, torch.device("cpu"), cfg.train.eval_batch_size, tiles=TileSpec.from_data(cfg.data))
     sel, rep = quality_split.halves(test)
     info = bundle.get("train_info", {})
