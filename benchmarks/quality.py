@@ -11,6 +11,7 @@ on this machine; the JSON records the thread count, the CPU flags that matter an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import tempfile
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import _common as quality_split  # the split logic and data paths live in _common
+import numpy as np
 import torch
 
 from kdad.checkpoint import load_bundle, model_from_bundle
@@ -77,9 +79,35 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
     for half, idx in (("selection", sel), ("report", rep), ("all", list(range(len(test))))):
         m = compute_metrics(subset(pred, idx))
         row[half] = {k: m[k] for k in KEYS}
+    native = native_view(pred, cfg)
+    if native is not None:  # pixel metrics at the images' own size, comparable between resized and tiled runs
+        row["native"] = {half: {k: compute_metrics(subset(native, idx))[k] for k in KEYS}
+                         for half, idx in (("selection", sel), ("report", rep), ("all", list(range(len(test)))))}
     row["good_images_flagged"] = good_images_flagged(subset(pred, rep), bundle.get("thresholds") or {})
     row["operating_point"] = operating_point(bundle, model, pred, test)
     return row
+
+
+def native_view(pred: Predictions, cfg: Any) -> Predictions | None:
+    """The predictions against masks at the images' native size, or None when the maps already have it.
+
+    A resized run's masks are downsampled with the images, and thin defects drop out of them; a tiled run is
+    scored at native size. Upsampling the resized run's maps (bilinear) to the native masks puts both on one
+    footing. The image scores are unchanged."""
+    assert pred.maps is not None
+    full = dataclasses.replace(cfg.data, tiling=True, tile_overlap=0.0, tile_resolution=0, tile_metric_size=0)
+    ds = tiled_dataset(build_dataset(full, "test"), full)
+    items = [ds[i] for i in range(len(pred.paths))]
+    if [str(it["path"]) for it in items] != [str(p) for p in pred.paths]:
+        raise RuntimeError("native_view: the native test set is not in the order of the predictions")
+    masks = [it["mask"][0].numpy() > 0.5 for it in items]
+    if all(m.shape == pred.maps.shape[1:] for m in masks):
+        return None
+    if len({m.shape for m in masks}) != 1:
+        raise RuntimeError("native_view: the test images differ in size")
+    maps = torch.nn.functional.interpolate(torch.from_numpy(pred.maps)[:, None], size=masks[0].shape,
+                                           mode="bilinear", align_corners=False)[:, 0].numpy()
+    return dataclasses.replace(pred, maps=maps, masks=np.stack(masks))
 
 
 ALPHAS = (0.01, 0.05, 0.10)
