@@ -183,7 +183,10 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
 
 
 def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
-    """Markdown table of quality.json runs: mean ± sample std over seeds, per cell and category."""
+    """Markdown table of quality.json runs: mean ± sample std over seeds, per cell and category.
+
+    Pixel metrics are at the images' native size where the run recorded them (`native`: a resized run on
+    large images, maps upsampled); a tiled run's own maps are native already."""
     groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in runs:
         groups.setdefault((r["cell"], r["category"]), []).append(r)
@@ -195,7 +198,8 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
     lines = ["| cell | category | seeds | train min (1 core) | image AUROC | pixel AUROC | AU-PRO | good images flagged |",
              "|---|---|---|---|---|---|---|---|"]
     for (cell, cat), rows in sorted(groups.items()):
-        cols = [fmt([r[half][k] for r in rows]) for k in ("image_auroc", "pixel_auroc", "au_pro")]
+        cols = [fmt([r[half]["image_auroc"] for r in rows])]
+        cols += [fmt([r.get("native", r)[half][k] for r in rows]) for k in ("pixel_auroc", "au_pro")]
         flagged = fmt([r["good_images_flagged"]["rate"] for r in rows if r.get("good_images_flagged")])
         lines.append(f"| {cell} | {cat} | {len(rows)} | {fmt([r['train_minutes'] for r in rows])} | "
                      + " | ".join(cols) + f" | {flagged} |")
