@@ -89,7 +89,8 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
 
 
 def native_view(pred: Predictions, cfg: Any) -> Predictions | None:
-    """The predictions against masks at the images' native size, or None when the maps already have it.
+    """The predictions against masks at the images' native size; None when the maps already have it or the
+    test images differ in size.
 
     A resized run's masks are downsampled with the images, and thin defects drop out of them; a tiled run is
     scored at native size. Upsampling the resized run's maps (bilinear) to the native masks puts both on one
@@ -101,10 +102,8 @@ def native_view(pred: Predictions, cfg: Any) -> Predictions | None:
     if [str(it["path"]) for it in items] != [str(p) for p in pred.paths]:
         raise RuntimeError("native_view: the native test set is not in the order of the predictions")
     masks = [it["mask"][0].numpy() > 0.5 for it in items]
-    if all(m.shape == pred.maps.shape[1:] for m in masks):
-        return None
-    if len({m.shape for m in masks}) != 1:
-        raise RuntimeError("native_view: the test images differ in size")
+    if all(m.shape == pred.maps.shape[1:] for m in masks) or len({m.shape for m in masks}) != 1:
+        return None  # already native, or images of several sizes (MTD): no one native grid to compare on
     maps = torch.nn.functional.interpolate(torch.from_numpy(pred.maps)[:, None], size=masks[0].shape,
                                            mode="bilinear", align_corners=False)[:, 0].numpy()
     return dataclasses.replace(pred, maps=maps, masks=np.stack(masks))
