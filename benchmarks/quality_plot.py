@@ -30,7 +30,7 @@ def main() -> None:
         for i, cell in enumerate(cells):
             rows = [r for r in runs if r["cell"] == cell]
             ax.scatter([r["train_minutes"] for r in rows], [r["report"][key] for r in rows], label=cell,
-                       color=f"C{i}", s=22)
+                       color=f"C{i % 10}", marker="os^D"[i // 10 % 4], s=22)  # 10 colours, then a new marker
         if probe:
             ax.axhline(float(np.mean([r["report"][key] for r in probe])), color="k", ls="--", lw=1, label="kNN probe")
         ax.set_xlabel("training minutes (one pinned core, loaded machine)")
