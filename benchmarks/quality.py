@@ -76,13 +76,13 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
                            "seed": seed, "train_minutes": info.get("train_seconds", float("nan")) / 60,
                            "train_img_per_s": info.get("train_images_per_s"),
                            "load_avg_1min": os.getloadavg()[0]}
-    for half, idx in (("selection", sel), ("report", rep), ("all", list(range(len(test))))):
+    parts = (("selection", sel), ("report", rep), ("all", list(range(len(test)))))
+    for half, idx in parts:
         m = compute_metrics(subset(pred, idx))
         row[half] = {k: m[k] for k in KEYS}
     native = native_view(pred, cfg)
     if native is not None:  # pixel metrics at the images' own size, comparable between resized and tiled runs
-        row["native"] = {half: {k: compute_metrics(subset(native, idx))[k] for k in KEYS}
-                         for half, idx in (("selection", sel), ("report", rep), ("all", list(range(len(test)))))}
+        row["native"] = {half: {k: compute_metrics(subset(native, idx))[k] for k in KEYS} for half, idx in parts}
     row["good_images_flagged"] = good_images_flagged(subset(pred, rep), bundle.get("thresholds") or {})
     row["operating_point"] = operating_point(bundle, model, pred, test)
     return row
@@ -98,12 +98,13 @@ def native_view(pred: Predictions, cfg: Any) -> Predictions | None:
     assert pred.maps is not None
     full = dataclasses.replace(cfg.data, tiling=True, tile_overlap=0.0, tile_resolution=0, tile_metric_size=0)
     ds = tiled_dataset(build_dataset(full, "test"), full)
+    sizes = {ds.hw(i) for i in range(len(pred.paths))}  # from the file headers: nothing decoded yet
+    if len(sizes) != 1 or sizes == {tuple(pred.maps.shape[1:])}:
+        return None  # images of several sizes (MTD): no one native grid; or the maps are native already
     items = [ds[i] for i in range(len(pred.paths))]
     if [str(it["path"]) for it in items] != [str(p) for p in pred.paths]:
         raise RuntimeError("native_view: the native test set is not in the order of the predictions")
     masks = [it["mask"][0].numpy() > 0.5 for it in items]
-    if all(m.shape == pred.maps.shape[1:] for m in masks) or len({m.shape for m in masks}) != 1:
-        return None  # already native, or images of several sizes (MTD): no one native grid to compare on
     maps = torch.nn.functional.interpolate(torch.from_numpy(pred.maps)[:, None], size=masks[0].shape,
                                            mode="bilinear", align_corners=False)[:, 0].numpy()
     return dataclasses.replace(pred, maps=maps, masks=np.stack(masks))
