@@ -26,6 +26,7 @@ from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.methods import get_method
+from kdad.methods.base import uses_textures
 from kdad.seed import resolve_device, seed_everything
 from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training
 from kdad.thresholds import calibration_record
@@ -164,9 +165,9 @@ def _state(opts: dict[str, Any], epoch: int, it: int, best: dict[str, Any], gen:
     return st
 
 
-def _texture_bank(cfg: RunConfig, spec: Any) -> Any:
+def _texture_bank(cfg: RunConfig, spec: Any, mcfg: Any) -> Any:
     """The texture source of methods that synthesise anomalies (None for the others)."""
-    if not spec.needs_textures:
+    if not uses_textures(spec, mcfg):
         return None
     if not cfg.data.texture_dir:
         raise ConfigError(f"data.texture_dir is empty: method {cfg.method!r} synthesises anomalies from a folder "
@@ -367,7 +368,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     if spec.prepare is not None and ck is None and start is None:
         # every rank sees the whole training set here, so every rank computes the same statistics
         spec.prepare(model, DataLoader(train_ds, batch_size=tc.eval_batch_size, shuffle=False), device)
-    textures = _texture_bank(cfg, spec)
+    textures = _texture_bank(cfg, spec, mcfg)
     scaler = _grad_scaler(device, tc)
     start_epoch, it, best = 0, 0, {"value": math.inf, "epoch": -1}
     best_state: dict[str, torch.Tensor] | None = None

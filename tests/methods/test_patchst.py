@@ -142,3 +142,26 @@ def test_memory_branch_samples_standardised_training_positions_and_adds_its_map(
         assert torch.allclose(fresh(xt).anomaly_map, out.anomaly_map, atol=1e-6)
     with pytest.raises(ConfigError, match="model.memory"):
         _model(memory=-1)
+
+
+def test_denoising_images_get_a_synthetic_anomaly_and_the_clean_images_target() -> None:
+    model = _model(denoise=0.5, hard_quantile=0.9)
+    patchst.prepare(model, _loader(4), torch.device("cpu"))
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    textures = patchst.TextureBank.from_tensor(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
+    gen = torch.Generator().manual_seed(5)
+    noisy, masks = patchst.synthesize(images[:2], patchst.DENOISE_SYNTHESIS, torch.Generator().manual_seed(5),
+                                      textures)
+    assert masks.sum() > 0 and not torch.equal(noisy, images[:2])
+    with torch.no_grad():
+        t = model.target(images)
+        s = model.student(model.encoder.normalize(torch.cat([noisy, images[2:]])))
+        expected = ((t[:2] - s[:2]) ** 2).mean() + patchst.hard_mse(t[2:], s[2:], 0.9)
+    opts = {"student": torch.optim.SGD(model.student.parameters(), lr=0.0)}
+    logs = patchst.train_step(model, {"image": images, "textures": textures}, opts, model.cfg, gen)
+    # the loss of the noisy half is against the CLEAN images' features: the student learns to remove anomalies
+    assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
+    assert patchst.SPEC.needs_textures is not True
+    assert patchst.needs_textures(model.cfg) and not patchst.needs_textures(_model().cfg)
+    with pytest.raises(ConfigError, match="model.denoise"):
+        _model(denoise=1.0)

@@ -175,7 +175,7 @@ def test_every_method_trains_one_model_over_two_categories(name: str, two_catego
     overrides = [f"method={name}", f"data.root={two_categories}", "data.categories=[washer, fabric]",
                  "data.image_size=64", "train.batch_size=4", "train.max_iters=1", "train.epochs=1",
                  "train.progress=false", "train.device=cpu", "model.backbone=resnet18", "model.weights=random"]
-    if get_method(name).needs_textures:
+    if get_method(name).needs_textures is True:
         if not TEXTURES.is_dir():
             pytest.skip(f"{name} synthesises anomalies from textures; shared data not found at {TEXTURES}")
         overrides.append(f"data.texture_dir={TEXTURES}")

@@ -38,6 +38,11 @@ class Model(Protocol):
     def pairs(self, images: Tensor) -> Any: ...
 
 
+def uses_textures(spec: MethodSpec, mcfg: Any) -> bool:
+    """Whether a run of ``spec`` with method config ``mcfg`` needs data.texture_dir."""
+    return bool(spec.needs_textures(mcfg) if callable(spec.needs_textures) else spec.needs_textures)
+
+
 def teacher_of(model: nn.Module) -> nn.Module | None:
     """The teacher network of a method's Model: ``model.teacher`` (URD, CFRG) or ``model.encoder`` (the others).
 
@@ -60,7 +65,9 @@ class MethodSpec:
     optimizers: BuildOptimizers
     train_step: TrainStep
     paper: str
-    needs_textures: bool = False
+    # the method synthesises anomalies from data.texture_dir; a function of the method's Config when only some
+    # settings do (PatchST's denoise)
+    needs_textures: bool | Callable[[Any], bool] = False
     calibrate: Calibrate | None = None  # e.g. DSKD's per-student map mean/std (stored as model buffers)
     # prepare(model, training_loader, device): statistics the loss needs before the first step (e.g. PatchST's
     # target standardisation); run by fit on a new run only, since a resumed run restores them from its buffers
@@ -103,4 +110,4 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any =
 
 
 __all__ = ["AnomalyOutput", "BuildOptimizers", "MethodSpec", "Model", "TrainStep", "backward", "optimizer_step",
-           "teacher_of"]
+           "teacher_of", "uses_textures"]

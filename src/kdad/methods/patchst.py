@@ -16,6 +16,10 @@ Millisecond-Level Latencies", WACV 2024), written from the paper:
 - optional memory branch (``memory`` > 0, on in ``patchst_cpu``): the mean squared difference to the nearest of
   ``memory`` standardised training patches (PatchCore's nearest-neighbour score, Roth et al., CVPR 2022, on a
   random sample instead of a coreset), normalised per position like the student's error and added to it.
+- optional denoising (``denoise`` > 0, after DeSTSeg's denoising student, Zhang et al., CVPR 2023): that share
+  of each batch gets a synthetic anomaly (DRAEM Perlin mask + a texture, as CFRG's synthesis) while its target
+  stays the teacher's features of the clean image, so the student learns not to reproduce what is not normal;
+  those images add a plain mean squared error to the clean images' hard-feature loss.
 Differences from EfficientAD: the memory branch instead of the autoencoder branch (logical anomalies), a Lite0
 teacher instead of a WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change
 the ranking), and no ImageNet penalty: its DTD stand-in did not help on the selection half
@@ -36,6 +40,11 @@ from kdad.blocks.patchnet import PatchNet
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
+from kdad.synthesis import BETA_RANGE_CODE, SynthesisConfig, TextureBank, synthesize
+
+DENOISE_SYNTHESIS = SynthesisConfig(kind="perlin_texture", beta_range=BETA_RANGE_CODE, foreground="none",
+                                    clean_prob=0.0)
+"""What ``denoise`` pastes: CFRG's synthesis (Perlin mask, texture opacity (0.2, 1], every chosen image)."""
 
 PAPER = ("kdad's patch student (after the student-teacher branch of Batzner et al., EfficientAD, WACV 2024); "
          "not a method of the papers")
@@ -60,6 +69,9 @@ class Config:
     # training patches kept for the nearest-neighbour branch (0 = off): the map adds, per position, the mean
     # squared difference to the nearest stored normal patch of the same standardised target (docs/methods/patchst.md)
     memory: int = 0
+    # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; needs
+    # data.texture_dir, else the batch's own images serve as textures)
+    denoise: float = 0.0
 
 
 def hard_mse(target: Tensor, pred: Tensor, quantile: float) -> Tensor:
@@ -86,6 +98,8 @@ class Model(nn.Module):
             raise ConfigError(f"model.hard_quantile must be in [0, 1), got {cfg.hard_quantile}")
         if cfg.memory < 0:
             raise ConfigError(f"model.memory must be >= 0 (0 = no nearest-neighbour branch), got {cfg.memory}")
+        if not 0.0 <= cfg.denoise < 1.0:
+            raise ConfigError(f"model.denoise must be in [0, 1) (a share of each batch), got {cfg.denoise}")
         if cfg.map_norm not in ("none", "position"):
             raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
         self.cfg = cfg
@@ -119,10 +133,13 @@ class Model(nn.Module):
                               F.interpolate(f, size=size, mode="bilinear", align_corners=False)
                               for f in feats], 1).float()
 
+    def target(self, images: Tensor) -> Tensor:
+        """The standardised target on the stride-8 grid."""
+        return (self.raw_target(images) - self.feat_mean) / self.feat_std
+
     def pairs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """([standardised target], [student output]) on the stride-8 grid."""
-        target = (self.raw_target(images) - self.feat_mean) / self.feat_std
-        return [target], [self.student(self.encoder.normalize(images))]
+        return [self.target(images)], [self.student(self.encoder.normalize(images))]
 
     def error_grid(self, images: Tensor) -> Tensor:
         """(B, 1, h, w) mean squared error per position, before map statistics; (B, 2, h, w) with the
@@ -171,9 +188,22 @@ def optimizers(model: Model, cfg: Config) -> dict[str, torch.optim.Optimizer]:
 def train_step(
     model: Model, batch: dict[str, Any], opts: dict[str, torch.optim.Optimizer], cfg: Config, gen: torch.Generator
 ) -> dict[str, Tensor]:
-    """One Adam step on the hard-feature loss."""
-    (t,), (s,) = model.pairs(batch["image"])
-    loss = hard_mse(t, s, cfg.hard_quantile)
+    """One Adam step on the hard-feature loss (plus the denoising images' squared error when ``denoise`` > 0)."""
+    images = batch["image"]
+    k = round(cfg.denoise * images.shape[0])
+    if k == 0:
+        (t,), (s,) = model.pairs(images)
+        loss = hard_mse(t, s, cfg.hard_quantile)
+    else:
+        textures = batch.get("textures")
+        if textures is None:  # no texture folder: other normals of the batch, shuffled
+            textures = TextureBank.from_tensor(images.detach().cpu()[torch.randperm(images.shape[0], generator=gen)])
+        noisy, _ = synthesize(images[:k], DENOISE_SYNTHESIS, gen, textures)
+        t = model.target(images)  # the clean images' features are the target of all of them
+        s = model.student(model.encoder.normalize(torch.cat([noisy.to(images.dtype), images[k:]])))
+        loss = ((t[:k] - s[:k].float()) ** 2).mean()
+        if k < images.shape[0]:
+            loss = loss + hard_mse(t[k:], s[k:], cfg.hard_quantile)
     return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
@@ -222,5 +252,10 @@ def calibrate(model: Model, normal_loader: Any, device: torch.device) -> None:
     model.map_mean = torch.clamp(g.mean(0, keepdim=True).float(), min=model.cfg.std_floor).to(device)
 
 
+def needs_textures(cfg: Config) -> bool:
+    """A texture folder is used only by denoising."""
+    return cfg.denoise > 0
+
+
 SPEC = MethodSpec("patchst", Config, Model, optimizers, train_step, PAPER, prepare=prepare, calibrate=calibrate,
-                  grad_scaler=True)
+                  grad_scaler=True, needs_textures=needs_textures)
