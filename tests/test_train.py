@@ -380,3 +380,19 @@ def test_fit_takes_the_image_threshold_from_crossfitted_scores(demo_root: Path, 
     # on average than scored against statistics that included it
     assert np.mean(cal["scores"]) >= np.mean(off["calibration"]["scores"])
     assert not np.allclose(cal["scores"], off["calibration"]["scores"])  # the threshold's scores are cross-fitted
+
+
+def test_patchst_denoising_asks_for_a_texture_folder_and_trains_with_one(demo_root: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    over = ["method=patchst", f"data.root={demo_root}", "train.epochs=1", "train.cpu_bf16=false", *TINY,
+            "model.denoise=0.5"]
+    with pytest.raises(ConfigError, match="data.texture_dir is empty"):
+        fit(load_config(None, [], over), tmp_path / "none")
+    assert not (tmp_path / "none" / "model.ckpt").exists()
+    tex = tmp_path / "textures" / "kind"
+    tex.mkdir(parents=True)
+    for i in range(2):
+        Image.fromarray(np.random.default_rng(i).integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tex / f"{i}.png")
+    run = fit(load_config(None, [], over + [f"data.texture_dir={tex.parent}"]), tmp_path / "run")
+    assert load_bundle(run)["method"] == "patchst"

@@ -69,8 +69,8 @@ class Config:
     # training patches kept for the nearest-neighbour branch (0 = off): the map adds, per position, the mean
     # squared difference to the nearest stored normal patch of the same standardised target (docs/methods/patchst.md)
     memory: int = 0
-    # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; needs
-    # data.texture_dir, else the batch's own images serve as textures)
+    # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; fit
+    # then needs data.texture_dir, a folder of texture images such as DTD)
     denoise: float = 0.0
 
 
