@@ -24,7 +24,7 @@ def main() -> None:
     args = ap.parse_args()
     runs = [r for r in json.loads((RESULTS / "quality.json").read_text())["runs"] if r["category"] == args.category]
     probe = [r for r in json.loads((RESULTS / "probe_knn.json").read_text())["runs"] if r["category"] == args.category]
-    fig, axes = plt.subplots(1, 2, figsize=(9, 3.6), dpi=100)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
     cells = sorted({r["cell"] for r in runs})
     for ax, key, label in ((axes[0], "image_auroc", "image AUROC"), (axes[1], "au_pro", "AU-PRO")):
         for i, cell in enumerate(cells):
@@ -36,7 +36,8 @@ def main() -> None:
         ax.set_xlabel("training minutes (one pinned core, loaded machine)")
         ax.set_ylabel(f"{label}, report half")
         ax.grid(alpha=0.3)
-    axes[1].legend(fontsize=7, loc="lower right")
+    # beside the plots, not over them: the study has more cells than a corner holds
+    axes[1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=1 + len(cells) // 14)
     fig.suptitle(f"{args.category}: quality against training time, one point per seed", fontsize=10)
     fig.tight_layout()
     fig.savefig(args.out)
