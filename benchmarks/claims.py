@@ -1,7 +1,8 @@
 """The papers' relative claims (issue 18.4), checked on the quality study's runs: URD > RD++ > RD.
 
-Reads benchmarks/results/quality.json (the rows `benchmarks/quality.py` wrote for the cells rd_cpu, rdpp_cpu and
-urd_cpu) and, per category and metric on the report half, compares the two cells of each claim over their seeds:
+Reads benchmarks/results/quality.json (the rows `benchmarks/quality.py` wrote for the cells rd_cpu_l123, rdpp_cpu and
+urd_cpu; rd_cpu_l123 is `rd_cpu` at the papers' teacher layers 1-3, those of the other two, so the claims compare
+the methods and not their layers) and, per category and metric on the report half, compares the two cells of each claim over their seeds:
 
     diff = mean(A) - mean(B),  se = sqrt(var(A)/n_A + var(B)/n_B)   (sample variances)
     holds     if diff >  2 se  (and both cells have >= 3 seeds)
@@ -36,8 +37,8 @@ from _common import RESULTS
 # (better, worse, source): the relative claims of the papers in ../shared/papers/ on one-class MVTec-style data
 CLAIMS = (
     ("urd_cpu", "rdpp_cpu", "URD (paper 001, Tables 1-2: above RD++ on every dataset)"),
-    ("urd_cpu", "rd_cpu", "URD (paper 001: above RD)"),
-    ("rdpp_cpu", "rd_cpu", "RD++ (Tien et al. 2023; paper 001's retrained RD/RD++ columns)"),
+    ("urd_cpu", "rd_cpu_l123", "URD (paper 001: above RD)"),
+    ("rdpp_cpu", "rd_cpu_l123", "RD++ (Tien et al. 2023; paper 001's retrained RD/RD++ columns)"),
 )
 METRICS = ("image_auroc", "pixel_auroc", "au_pro")
 MIN_SEEDS = 3

@@ -28,6 +28,11 @@ commit, the machine (CPU model and flags such as `amx_bf16` / `avx512_bf16`), th
 at start and end, and the torch and kdad versions. Files made before that say `command: unknown`, or give the
 command rebuilt from the `argv` they stored.
 
+**`rd_cpu` changed on 2026-12-03**: its teacher layers went from 1-3 to 2-4 (issue 18's study, `docs/quality.md`,
+"Teacher layers"). Every file made before that date which names `rd_cpu` (speed, memory, multi-class, gate, BKD
+comparison) measured the layers 1-3 recipe, which `--set model.layers=[1,2,3]` still gives. In
+`quality.json` those runs are the cell `rd_cpu_l123`.
+
 ## Reading the CPU numbers
 
 `vs_anomalib_cpu_quiet*.json` and `methods_speed_cpu.json` were measured on the 2-core machine with nothing else

@@ -78,7 +78,7 @@ def test_set_overrides_reach_the_resolved_config_and_the_model() -> None:
     spec = get_method("rd")
     mcfg = method_config(cfg)
     model = spec.Model(mcfg)
-    assert model.head.blur.sigma == 2.5 and model.encoder.channels == [64, 128, 256]
+    assert model.head.blur.sigma == 2.5 and model.encoder.channels == [128, 256, 512]  # rd_cpu: layers 2-4
     group = spec.optimizers(model, mcfg)["student"].param_groups[0]
     assert group["lr"] == 0.002 and tuple(group["betas"]) == (0.9, 0.99)
 

@@ -14,8 +14,9 @@ from kdad.data.demo import make_demo_dataset
 from kdad.evaluate import evaluate_run
 from kdad.train import fit, train_val_datasets
 
+# layers 1-3: rd_cpu's layers 2-4 leave a 1x1 bottleneck at 64 px, where BatchNorm refuses a last batch of one
 TINY = ["model.backbone=resnet18", "model.weights=random", "data.image_size=64", "train.batch_size=4",
-        "train.progress=false", "train.epochs=1"]
+        "train.progress=false", "train.epochs=1", "model.layers=[1,2,3]"]
 
 
 @pytest.fixture(scope="module")
