@@ -38,11 +38,6 @@ class Model(Protocol):
     def pairs(self, images: Tensor) -> Any: ...
 
 
-def uses_textures(spec: MethodSpec, mcfg: Any) -> bool:
-    """Whether a run of ``spec`` with method config ``mcfg`` needs data.texture_dir."""
-    return bool(spec.needs_textures(mcfg) if callable(spec.needs_textures) else spec.needs_textures)
-
-
 def teacher_of(model: nn.Module) -> nn.Module | None:
     """The teacher network of a method's Model: ``model.teacher`` (URD, CFRG) or ``model.encoder`` (the others).
 
@@ -77,6 +72,11 @@ class MethodSpec:
     graph_safe: bool = False
     # train_step takes batch["grad_scaler"] (fp16 autocast, train.amp_dtype=fp16): scaled backward, scaler step
     grad_scaler: bool = False
+
+
+def uses_textures(spec: MethodSpec, mcfg: Any) -> bool:
+    """Whether a run of ``spec`` with method config ``mcfg`` needs data.texture_dir."""
+    return bool(spec.needs_textures(mcfg) if callable(spec.needs_textures) else spec.needs_textures)
 
 
 def backward(batch: dict[str, Any], loss: torch.Tensor) -> None:
