@@ -10,6 +10,7 @@ from kdad.blocks.patchnet import PatchNet
 from kdad.config import from_dict
 from kdad.errors import ConfigError
 from kdad.methods import patchst
+from kdad.synthesis import PERLIN_TEXTURE_EVERY_IMAGE, TextureBank, synthesize
 
 TINY = {"backbone": "resnet18", "weights": "random"}
 
@@ -148,17 +149,20 @@ def test_denoising_images_get_a_synthetic_anomaly_and_the_clean_images_target() 
     model = _model(denoise=0.5, hard_quantile=0.9)
     patchst.prepare(model, _loader(4), torch.device("cpu"))
     images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(3))
-    textures = patchst.TextureBank.from_tensor(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
+    textures = TextureBank.from_tensor(torch.rand(3, 3, 64, 64, generator=torch.Generator().manual_seed(4)))
     gen = torch.Generator().manual_seed(5)
-    noisy, masks = patchst.synthesize(images[:2], patchst.DENOISE_SYNTHESIS, torch.Generator().manual_seed(5),
-                                      textures)
+    noisy, masks = synthesize(images[:2], PERLIN_TEXTURE_EVERY_IMAGE, torch.Generator().manual_seed(5), textures)
     assert masks.sum() > 0 and not torch.equal(noisy, images[:2])
     with torch.no_grad():
         t = model.target(images)
         s = model.student(model.encoder.normalize(torch.cat([noisy, images[2:]])))
         expected = ((t[:2] - s[:2]) ** 2).mean() + patchst.hard_mse(t[2:], s[2:], 0.9)
     opts = {"student": torch.optim.SGD(model.student.parameters(), lr=0.0)}
+    seen: list[torch.Tensor] = []  # the student's input: its random-init output is too small to show in the loss
+    hook = model.student.register_forward_hook(lambda _m, args, _out: seen.append(args[0].detach()))
     logs = patchst.train_step(model, {"image": images, "textures": textures}, opts, model.cfg, gen)
+    hook.remove()
+    assert torch.allclose(seen[0], model.encoder.normalize(torch.cat([noisy, images[2:]])))
     # the loss of the noisy half is against the CLEAN images' features: the student learns to remove anomalies
     assert float(logs["loss"]) == pytest.approx(float(expected), rel=1e-5)
     assert patchst.SPEC.needs_textures is not True

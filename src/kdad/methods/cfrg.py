@@ -43,13 +43,13 @@ from kdad.blocks.unet import UNetHead
 from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
-from kdad.synthesis import BETA_RANGE_CODE, SynthesisConfig, TextureBank, synthesize
+from kdad.synthesis import PERLIN_TEXTURE_EVERY_IMAGE, SynthesisConfig, TextureBank, synthesize
 
 PAPER = ("Yang, Xing et al., 3CAD: A Large-Scale Real-World 3C Product Dataset for Unsupervised Anomaly "
          "Detection, AAAI 2025")
 LR_UNITS = ("epoch", "step")
 
-SYNTHESIS = SynthesisConfig(kind="perlin_texture", beta_range=BETA_RANGE_CODE, foreground="none", clean_prob=0.0)
+SYNTHESIS = PERLIN_TEXTURE_EVERY_IMAGE
 """CFRG's synthesis (official data_utils.py): DRAEM Perlin + DTD, opacity (0.2, 1], every image, no foreground."""
 
 

@@ -40,11 +40,7 @@ from kdad.blocks.patchnet import PatchNet
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
-from kdad.synthesis import BETA_RANGE_CODE, SynthesisConfig, TextureBank, synthesize
-
-DENOISE_SYNTHESIS = SynthesisConfig(kind="perlin_texture", beta_range=BETA_RANGE_CODE, foreground="none",
-                                    clean_prob=0.0)
-"""What ``denoise`` pastes: CFRG's synthesis (Perlin mask, texture opacity (0.2, 1], every chosen image)."""
+from kdad.synthesis import PERLIN_TEXTURE_EVERY_IMAGE, synthesize
 
 PAPER = ("kdad's patch student (after the student-teacher branch of Batzner et al., EfficientAD, WACV 2024); "
          "not a method of the papers")
@@ -195,10 +191,8 @@ def train_step(
         (t,), (s,) = model.pairs(images)
         loss = hard_mse(t, s, cfg.hard_quantile)
     else:
-        textures = batch.get("textures")
-        if textures is None:  # no texture folder: other normals of the batch, shuffled
-            textures = TextureBank.from_tensor(images.detach().cpu()[torch.randperm(images.shape[0], generator=gen)])
-        noisy, _ = synthesize(images[:k], DENOISE_SYNTHESIS, gen, textures)
+        # fit gives batch["textures"] from data.texture_dir (needs_textures); synthesize names a missing one
+        noisy, _ = synthesize(images[:k], PERLIN_TEXTURE_EVERY_IMAGE, gen, batch.get("textures"))
         t = model.target(images)  # the clean images' features are the target of all of them
         s = model.student(model.encoder.normalize(torch.cat([noisy.to(images.dtype), images[k:]])))
         loss = ((t[:k] - s[:k].float()) ** 2).mean()

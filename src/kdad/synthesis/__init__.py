@@ -43,6 +43,7 @@ __all__ = [
     "BETA_RANGE_CODE",
     "BETA_RANGE_PAPER",
     "KINDS",
+    "PERLIN_TEXTURE_EVERY_IMAGE",
     "URD_FOREGROUND",
     "URD_FOREGROUND_MVTEC",
     "URD_FOREGROUND_VISA",
@@ -186,6 +187,12 @@ def _foreground(images: Tensor, cfg: SynthesisConfig, category: str | Sequence[s
         assert part is not None
         fg[rows] = part.to(fg.dtype)
     return fg
+
+
+PERLIN_TEXTURE_EVERY_IMAGE = SynthesisConfig(kind="perlin_texture", beta_range=BETA_RANGE_CODE, foreground="none",
+                                             clean_prob=0.0)
+"""DRAEM Perlin mask filled with a texture, opacity (0.2, 1], on every image, no foreground: CFRG's official
+synthesis (3CAD data_utils.py), also what PatchST's denoising pastes."""
 
 
 def _check_images(images: Tensor) -> None:
