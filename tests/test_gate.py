@@ -130,3 +130,26 @@ def test_demo_model_calls_real_bottle_photos_invalid(bottle_dir: Path, tmp_path:
     runner = TorchRunner(run, device="cpu")
     assert _invalid(runner, _images(bottle_dir / "test" / "good", 10, runner.image_size)).all()
     assert not _invalid(runner, _images(demo / "test" / "good", 2, runner.image_size)).any()
+
+
+def test_block_precision_weighs_each_layer_by_its_width() -> None:
+    """The gate's statistic is the mean over layers of the squared per-layer Mahalanobis distance per dimension:
+    a wide layer may not swamp a narrow one (with the concatenated form, the 320-channel layer did)."""
+    from sklearn.covariance import LedoitWolf
+
+    from kdad.gate import block_precision
+
+    rng = np.random.default_rng(0)
+    feats = rng.normal(size=(30, 52)) * np.r_[np.full(2, 3.0), np.ones(50)]
+    mean, precision = block_precision(feats, [2, 50])
+    assert not precision[:2, 2:].any() and not precision[2:, :2].any()  # no cross-layer terms
+    x = rng.normal(size=52)
+    per_layer = []
+    for block in (slice(0, 2), slice(2, 52)):
+        lw = LedoitWolf().fit(feats[:, block])
+        d = x[block] - lw.location_
+        per_layer.append(d @ lw.precision_ @ d / (block.stop - block.start))
+    d = x - mean
+    assert d @ precision @ d == pytest.approx(np.mean(per_layer))
+    with pytest.raises(ValueError, match="do not add up"):
+        block_precision(feats, [2, 49])

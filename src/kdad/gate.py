@@ -2,9 +2,15 @@
 
 An anomaly detector scores how far an image is from the training normals *in the ways it learned to look*; a
 black frame, a photo of another product or another camera's view can still score low and be called normal.
-The gate scores each image by the Mahalanobis distance of its teacher features, averaged over space (one
-vector per image, every layer the method uses), from the training normals' mean, with a Ledoit-Wolf shrunk
-covariance (the images are far fewer than the feature dimensions). Its threshold is split-conformal on the
+The gate scores each image by how far its teacher features, averaged over space (one vector per layer the
+method uses), lie from the training normals': per layer, the squared Mahalanobis distance under a Ledoit-Wolf
+shrunk covariance (the images are far fewer than the feature dimensions), divided by that layer's width; the
+score is the root of their mean. Dividing by the width matters with few normals: a held-out normal's squared
+distance grows with the dimension, so over one concatenated vector a wide deep layer (Lite0's stride-32 layer
+has 320 channels) swamps the shallow ones, which separate another product best. With 18 fit images and
+layers 2-4, the concatenated form left real bottle photos 7.7x the held-out normals' highest score, under
+the margin of 8; the per-layer form leaves them 15x (docs/operating_point.md). It is still one quadratic form
+(a block-diagonal precision), so the exported graph is unchanged. Its threshold is split-conformal on the
 held-out normals at ``train.gate_alpha``, widened by ``train.gate_margin`` (a factor: the gate should reject
 the wrong product, not the rare good part, and a defect is still the right product). Two pixel checks name
 the obvious cases: a flat frame (black, white, one colour) and an overexposed one. A third, the colour range,
@@ -36,8 +42,31 @@ COLOURED = 0.01  # training normals whose least chroma is at least this are a co
 
 def pooled_features(teacher: nn.Module, images01: Tensor) -> Tensor:
     """Teacher features of images in [0, 1] (B, 3, H, W), each layer averaged over space, concatenated: (B, D)."""
-    feats = teacher.features(images01)  # type: ignore[operator]
+    return pool_layers(teacher.features(images01))  # type: ignore[operator]
+
+
+def pool_layers(feats: list[Tensor]) -> Tensor:
+    """Feature maps [(B, C_i, h_i, w_i)] -> each averaged over space, concatenated: (B, sum C_i), float32."""
     return torch.cat([f.float().mean(dim=(2, 3)) for f in feats], dim=1)
+
+
+def block_precision(features: np.ndarray, widths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Mean (D,) and block-diagonal precision (D, D) of `features` (N, D), one Ledoit-Wolf block per layer of
+    `widths`, each divided by its width and the layer count: ``d @ P @ d`` is the mean over layers of the
+    squared per-layer Mahalanobis distance per dimension."""
+    from sklearn.covariance import LedoitWolf
+
+    if sum(widths) != features.shape[1]:
+        raise ValueError(f"layer widths {widths} do not add up to the feature dimension {features.shape[1]}")
+    mean, precision = np.zeros(features.shape[1]), np.zeros((features.shape[1],) * 2)
+    start = 0
+    for width in widths:
+        block = slice(start, start + width)
+        lw = LedoitWolf().fit(features[:, block])
+        mean[block] = lw.location_
+        precision[block, block] = lw.precision_ / (width * len(widths))
+        start += width
+    return mean, precision
 
 
 class GateScore(nn.Module):
@@ -135,39 +164,40 @@ class Gate:
 
 @torch.no_grad()
 def _pooled_and_stats(teacher: nn.Module, ds: Dataset, device: torch.device,
-                      batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    feats, sats, chromas = [], [], []
+                      batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[int]]:
+    """Pooled features (N, D), saturated shares (N,), chroma (N,) of `ds`, and each layer's width in D."""
+    feats, sats, chromas, widths = [], [], [], []
     for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
         x = batch["image"].to(device)
-        feats.append(pooled_features(teacher, x).double().cpu().numpy())
+        layers = teacher.features(x)  # type: ignore[operator]
+        widths = [int(f.shape[1]) for f in layers]
+        feats.append(pool_layers(layers).double().cpu().numpy())
         sats.append(pixel_stats(batch["image"].numpy())[1])
         chromas.append(chroma(batch["image"].numpy()))
-    return np.concatenate(feats), np.concatenate(sats), np.concatenate(chromas)
+    return np.concatenate(feats), np.concatenate(sats), np.concatenate(chromas), widths
 
 
 def fit_gate(model: nn.Module, fit_ds: Dataset, calib_ds: Dataset, device: torch.device, alpha: float = 0.005,
              margin: float = 8.0, batch_size: int = 16, source: str = "") -> Gate:
-    """Fit the gate: mean and Ledoit-Wolf covariance of `fit_ds`'s pooled teacher features (the training
-    normals), threshold from `calib_ds`'s scores (held-out normals, or the training ones when there are none)."""
-    from sklearn.covariance import LedoitWolf
-
+    """Fit the gate: mean and per-layer Ledoit-Wolf precision (``block_precision``) of `fit_ds`'s pooled teacher
+    features (the training normals), threshold from `calib_ds`'s scores (held-out normals, or the training ones
+    when there are none)."""
     if margin < 1.0:
         raise ConfigError(f"train.gate_margin must be >= 1 (a factor on the conformal threshold), got {margin}")
     teacher = teacher_of(model)
     if teacher is None:
         raise ConfigError("the invalid-input gate needs a model with a teacher network")
     teacher.eval()
-    f_fit, sat_fit, chroma_fit = _pooled_and_stats(teacher, fit_ds, device, batch_size)
-    lw = LedoitWolf().fit(f_fit)
-    mean = torch.from_numpy(lw.location_).float()
-    precision = torch.from_numpy(lw.precision_).float()
+    f_fit, sat_fit, chroma_fit, widths = _pooled_and_stats(teacher, fit_ds, device, batch_size)
+    loc, prec = block_precision(f_fit, widths)
+    mean, precision = torch.from_numpy(loc).float(), torch.from_numpy(prec).float()
     f_cal, sat_cal, chroma_cal = ((f_fit, sat_fit, chroma_fit) if calib_ds is fit_ds else
-                                  _pooled_and_stats(teacher, calib_ds, device, batch_size))
-    d = f_cal - lw.location_
-    scores = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, lw.precision_, d), 0.0))
+                                  _pooled_and_stats(teacher, calib_ds, device, batch_size)[:3])
+    d = f_cal - loc
+    scores = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", d, prec, d), 0.0))
     conf = conformal_threshold(scores, alpha)
     max_sat = max(0.5, float(max(sat_fit.max(), sat_cal.max())) + 0.25)
     return Gate(mean, precision, conf.threshold * margin, float(alpha), float(margin), len(f_fit), len(f_cal),
-                max_sat, source or f"Mahalanobis (Ledoit-Wolf) of pooled teacher features: conformal alpha={alpha:g} "
-                f"rank {conf.rank} of {conf.n} normal scores x margin {margin:g}",
+                max_sat, source or f"per-layer Mahalanobis (Ledoit-Wolf) of pooled teacher features: conformal "
+                f"alpha={alpha:g} rank {conf.rank} of {conf.n} normal scores x margin {margin:g}",
                 tuple(float(s) for s in np.sort(scores)), chroma_range(np.concatenate([chroma_fit, chroma_cal])))
