@@ -26,7 +26,16 @@ from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.factory import build_dataset
 from kdad.deploy.postprocess import PostProcess
-from kdad.evaluate import Predictions, compute_metrics, false_alarms, good_images_flagged, invalid_decisions, predict
+from kdad.evaluate import (
+    Predictions,
+    compute_metrics,
+    false_alarms,
+    good_images_flagged,
+    invalid_decisions,
+    metrics_by_defect_type,
+    predict,
+    select,
+)
 from kdad.gate import Gate
 from kdad.speed import cpu_has_fast_bf16
 from kdad.thresholds import clopper_pearson, conformal_threshold
@@ -54,13 +63,6 @@ def parse_cell(text: str) -> tuple[str, str, list[str]]:
     return name, preset, overrides
 
 
-def subset(pred: Predictions, idx: list[int]) -> Predictions:
-    assert pred.maps is not None and pred.masks is not None and pred.has_mask is not None
-    return Predictions(scores=pred.scores[idx], labels=pred.labels[idx], paths=[pred.paths[i] for i in idx],
-                       defect_types=[pred.defect_types[i] for i in idx], map_means=pred.map_means[idx],
-                       maps=pred.maps[idx], masks=pred.masks[idx], has_mask=pred.has_mask[idx])
-
-
 def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: int, work: Path) -> dict[str, Any]:
     root = quality_split.CATEGORIES[category]
     cfg = load_config(preset, [], [f"data.root={root}", f"train.seed={seed}", "train.progress=false",
@@ -78,12 +80,13 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
                            "load_avg_1min": os.getloadavg()[0]}
     parts = (("selection", sel), ("report", rep), ("all", list(range(len(test)))))
     for half, idx in parts:
-        m = compute_metrics(subset(pred, idx))
+        m = compute_metrics(select(pred, idx))
         row[half] = {k: m[k] for k in KEYS}
     native = native_view(pred, cfg)
     if native is not None:  # pixel metrics at the images' own size, comparable between resized and tiled runs
-        row["native"] = {half: {k: compute_metrics(subset(native, idx))[k] for k in KEYS} for half, idx in parts}
-    row["good_images_flagged"] = good_images_flagged(subset(pred, rep), bundle.get("thresholds") or {})
+        row["native"] = {half: {k: compute_metrics(select(native, idx))[k] for k in KEYS} for half, idx in parts}
+    row["report_by_type"] = metrics_by_defect_type(select(pred, rep))  # which defects it finds, which it misses
+    row["good_images_flagged"] = good_images_flagged(select(pred, rep), bundle.get("thresholds") or {})
     row["operating_point"] = operating_point(bundle, model, pred, test)
     return row
 

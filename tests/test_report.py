@@ -305,3 +305,31 @@ def test_kdad_test_reports_the_gates_invalid_share_of_test_normals_and_defects(t
     html = (run / "report.html").read_text()
     assert "called invalid by the gate: good test images</td><td>1 of 4 = 25.0%" in html
     assert "called invalid by the gate: defective test images" in html
+
+
+def test_metrics_by_defect_type_tells_a_found_defect_from_a_flagged_one() -> None:
+    """Both types score above every good image (image AUROC 1), but only one is localised: its AU-PRO is high,
+    the other's (its map lights up beside the mask) is low. The overall AU-PRO would average the two away."""
+    from kdad.evaluate import metrics_by_defect_type
+
+    rng = np.random.default_rng(0)
+    n = 10  # 4 good, 3 "found", 3 "flagged"
+    maps = rng.random((n, SIZE, SIZE)).astype(np.float32) * 0.5
+    masks = np.zeros((n, SIZE, SIZE), bool)
+    types = ["good"] * 4 + ["found"] * 3 + ["flagged"] * 3
+    for i in range(4, n):
+        masks[i, 4:12, 4:12] = True
+        if types[i] == "found":
+            maps[i, 4:12, 4:12] += 1.0
+        else:
+            maps[i, 20:28, 20:28] += 1.0
+    pred = Predictions(scores=maps.reshape(n, -1).max(axis=1), labels=np.array([t != "good" for t in types], np.int64),
+                       paths=[f"{i}.png" for i in range(n)], defect_types=types, map_means=maps.mean(axis=(1, 2)),
+                       maps=maps, masks=masks, has_mask=np.ones(n, bool))
+    by_type = metrics_by_defect_type(pred)
+    assert set(by_type) == {"found", "flagged"} and by_type["found"]["n"] == 3
+    assert by_type["found"]["image_auroc"] == by_type["flagged"]["image_auroc"] == 1.0
+    assert by_type["found"]["au_pro"] > 0.9 > 0.2 > by_type["flagged"]["au_pro"]  # chance is 0.15 at limit 0.3
+    no_maps = metrics_by_defect_type(Predictions(scores=pred.scores, labels=pred.labels, paths=pred.paths,
+                                                 defect_types=types, map_means=pred.map_means))
+    assert set(no_maps["found"]) == {"image_auroc", "n"}

@@ -406,27 +406,27 @@ def _metrics_table(result: dict[str, Any], pred: Predictions) -> str:
 
 
 def _defect_table(pred: Predictions, image_threshold: float | None) -> str:
-    """Per defect type: count, mean / std score, image AUROC against the good images, share flagged."""
-    from kdad.metrics import MetricWarning, image_auroc
+    """Per defect type: count, mean / std score, image AUROC and AU-PRO against the good images (AU-PRO where
+    maps and masks are kept), share flagged."""
+    from kdad.evaluate import metrics_by_defect_type
 
     types = np.asarray(pred.defect_types, dtype=object)
-    good = pred.labels == 0
+    by_type = metrics_by_defect_type(pred)
+    pixel = pred.maps is not None and pred.masks is not None
     order = sorted(set(pred.defect_types), key=lambda t: (t != "good", t))
     rows = []
     for t in order:
         sel = types == t
         s = pred.scores[sel].astype(np.float64)
-        auroc = "—"
-        if t != "good":
-            with warnings.catch_warnings():  # no good images: nan, shown as n/a
-                warnings.simplefilter("ignore", MetricWarning)
-                both = sel | good
-                auroc = _fmt(image_auroc(pred.scores[both], (~good)[both].astype(np.int64)))
+        m = by_type.get(t, {})
         flagged = None if image_threshold is None else float(PostProcess(image_threshold).flagged(s).mean())
-        rows.append([_esc(t), _fmt(int(sel.sum())), _fmt(float(s.mean())), _fmt(float(s.std())),
-                     auroc, _fmt(flagged, 3)])
+        cells = [_esc(t), _fmt(int(sel.sum())), _fmt(float(s.mean())), _fmt(float(s.std())),
+                 _fmt(m["image_auroc"]) if "image_auroc" in m else "—"]
+        if pixel:
+            cells.append(_fmt(m["au_pro"]) if "au_pro" in m else "—")
+        rows.append([*cells, _fmt(flagged, 3)])
     header = ["defect type", "images", "mean score", "std score", "image AUROC vs good",
-              "share flagged at image threshold"]
+              *(["AU-PRO vs good"] if pixel else []), "share flagged at image threshold"]
     return _table(header, rows)
 
 
