@@ -126,7 +126,10 @@ def test_gate_onnx_matches_torch(bottle_run: Path, tmp_path: Path) -> None:
 
 def test_demo_model_calls_real_bottle_photos_invalid(bottle_dir: Path, tmp_path: Path) -> None:
     demo = make_demo_dataset(tmp_path / "d", n_train=24, n_test_good=2, n_test_bad=2, kind="object")
-    run = fit(load_config("rd_demo", [], [f"data.root={demo}", "train.val_fraction=0.25", *FAST]), tmp_path / "r")
+    # layers 2-4 (rd_cpu's): 472 pooled dimensions from 18 fit images, where a single Mahalanobis distance over the
+    # concatenated layers let every photo through; the per-layer statistic catches them (docs/operating_point.md)
+    over = [f"data.root={demo}", "train.val_fraction=0.25", "model.layers=[2,3,4]", *FAST]
+    run = fit(load_config("rd_demo", [], over), tmp_path / "r")
     runner = TorchRunner(run, device="cpu")
     assert _invalid(runner, _images(bottle_dir / "test" / "good", 10, runner.image_size)).all()
     assert not _invalid(runner, _images(demo / "test" / "good", 2, runner.image_size)).any()
