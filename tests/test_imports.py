@@ -23,8 +23,9 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("bundle", ("kdad.checkpoint", "kdad.export")),
     ("deploy", ("kdad.deploy",)),
     # applications, and the old homes of moved names (kdad.runner, kdad.infer, kdad.predict re-export kdad.deploy)
-    ("apps", ("kdad.evaluate", "kdad.calibrate", "kdad.feedback", "kdad.report", "kdad.speed", "kdad.train",
-              "kdad.demo", "kdad.cli", "kdad.serve", "kdad.runner", "kdad.infer", "kdad.predict")),
+    ("apps", ("kdad.evaluate", "kdad.prediction_metrics", "kdad.calibrate", "kdad.feedback", "kdad.report",
+              "kdad.speed", "kdad.train", "kdad.demo", "kdad.cli", "kdad.serve", "kdad.runner", "kdad.infer",
+              "kdad.predict")),
 ]
 
 

@@ -408,7 +408,7 @@ def _metrics_table(result: dict[str, Any], pred: Predictions) -> str:
 def _defect_table(pred: Predictions, image_threshold: float | None) -> str:
     """Per defect type: count, mean / std score, image AUROC and AU-PRO against the good images (AU-PRO where
     maps and masks are kept), share flagged."""
-    from kdad.evaluate import metrics_by_defect_type
+    from kdad.prediction_metrics import metrics_by_defect_type
 
     types = np.asarray(pred.defect_types, dtype=object)
     by_type = metrics_by_defect_type(pred)
