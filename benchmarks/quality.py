@@ -32,11 +32,10 @@ from kdad.evaluate import (
     false_alarms,
     good_images_flagged,
     invalid_decisions,
-    metrics_by_defect_type,
     predict,
-    select,
 )
 from kdad.gate import Gate
+from kdad.prediction_metrics import metrics_by_defect_type, select
 from kdad.speed import cpu_has_fast_bf16
 from kdad.thresholds import clopper_pearson, conformal_threshold
 from kdad.tiling import TileSpec, tiled_dataset

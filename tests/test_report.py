@@ -310,7 +310,7 @@ def test_kdad_test_reports_the_gates_invalid_share_of_test_normals_and_defects(t
 def test_metrics_by_defect_type_tells_a_found_defect_from_a_flagged_one() -> None:
     """Both types score above every good image (image AUROC 1), but only one is localised: its AU-PRO is high,
     the other's (its map lights up beside the mask) is low. The overall AU-PRO would average the two away."""
-    from kdad.evaluate import metrics_by_defect_type
+    from kdad.prediction_metrics import metrics_by_defect_type
 
     rng = np.random.default_rng(0)
     n = 10  # 4 good, 3 "found", 3 "flagged"
@@ -330,6 +330,13 @@ def test_metrics_by_defect_type_tells_a_found_defect_from_a_flagged_one() -> Non
     assert set(by_type) == {"found", "flagged"} and by_type["found"]["n"] == 3
     assert by_type["found"]["image_auroc"] == by_type["flagged"]["image_auroc"] == 1.0
     assert by_type["found"]["au_pro"] > 0.9 > 0.2 > by_type["flagged"]["au_pro"]  # chance is 0.15 at limit 0.3
+    # the report's defect table shows each type's AU-PRO: high for the found type, low for the flagged one
+    from kdad.report import _defect_table
+
+    rows = {r.split("</td>")[0].split(">")[-1]: r for r in _defect_table(pred, None).split("<tr>")[2:]}
+    assert "AU-PRO vs good" in _defect_table(pred, None)
+    assert f"{by_type['found']['au_pro']:.4f}" in rows["found"]
+    assert f"{by_type['flagged']['au_pro']:.4f}" in rows["flagged"]
     no_maps = metrics_by_defect_type(Predictions(scores=pred.scores, labels=pred.labels, paths=pred.paths,
                                                  defect_types=types, map_means=pred.map_means))
     assert set(no_maps["found"]) == {"image_auroc", "n"}

@@ -20,7 +20,7 @@ from kdad.deploy import postprocess
 from kdad.deploy.dataset import Predictions, predict
 from kdad.errors import ConfigError
 from kdad.fileio import atomic_write_text
-from kdad.prediction_metrics import BY_TYPE_KEYS, compute_metrics, metrics_by_defect_type, select  # noqa: F401
+from kdad.prediction_metrics import compute_metrics  # also its old import path (kdad.feedback, benchmarks)
 from kdad.seed import resolve_device
 from kdad.tiling import TileSpec
 

@@ -8,8 +8,8 @@ shrunk covariance (the images are far fewer than the feature dimensions), divide
 score is the root of their mean. Dividing by the width matters with few normals: a held-out normal's squared
 distance grows with the dimension, so over one concatenated vector a wide deep layer (Lite0's stride-32 layer
 has 320 channels) swamps the shallow ones, which separate another product best. With 18 fit images and
-layers 2-4, the concatenated form left real bottle photos 7.7x the held-out normals' highest score, under
-the margin of 8; the per-layer form leaves them 15x (docs/operating_point.md). It is still one quadratic form
+layers 2-4, the concatenated form left real bottle photos 7.6x the held-out normals' highest score, under
+the margin of 8; the per-layer form leaves them 14.9x (benchmarks/gate_layers.py). It is still one quadratic form
 (a block-diagonal precision), so the exported graph is unchanged. Its threshold is split-conformal on the
 held-out normals at ``train.gate_alpha``, widened by ``train.gate_margin`` (a factor: the gate should reject
 the wrong product, not the rare good part, and a defect is still the right product). Two pixel checks name

@@ -43,7 +43,7 @@ def select(pred: Predictions, idx: Sequence[int] | np.ndarray) -> Predictions:
                        maps=pick(pred.maps), masks=pick(pred.masks), has_mask=pick(pred.has_mask))
 
 
-BY_TYPE_KEYS = ("image_auroc", "pixel_auroc", "au_pro")
+_BY_TYPE_KEYS = ("image_auroc", "pixel_auroc", "au_pro")
 
 
 def metrics_by_defect_type(pred: Predictions, pro_limit: float = 0.3) -> dict[str, dict[str, float | int]]:
@@ -64,5 +64,5 @@ def metrics_by_defect_type(pred: Predictions, pro_limit: float = 0.3) -> dict[st
                 m: dict[str, float] = {"image_auroc": float(image_auroc(sub.scores, sub.labels))}
             else:
                 m = compute_metrics(sub, pro_limit)
-        out[str(t)] = {**{k: m[k] for k in BY_TYPE_KEYS if k in m}, "n": int(len(idx) - len(good))}
+        out[str(t)] = {**{k: m[k] for k in _BY_TYPE_KEYS if k in m}, "n": int(len(idx) - len(good))}
     return out
