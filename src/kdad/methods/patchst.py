@@ -3,8 +3,8 @@
 Not a method of our papers: kdad's answer to the quality gap of issue 18, built from the student–teacher
 branch of EfficientAD (Batzner, Heckler & König, "EfficientAD: Accurate Visual Anomaly Detection at
 Millisecond-Level Latencies", WACV 2024), written from the paper:
-- target: the frozen teacher's layers (default EfficientNet-Lite0 layers 2-3, strides 8 and 16), each
-  3x3-mean-pooled (the kNN probe's features, benchmarks/probe_knn.py), resized to the finest layer's grid,
+- target: the frozen teacher's layers (default EfficientNet-Lite0, ``patchst_cpu``: Lite2; layers 2-3, strides 8
+  and 16), each 3x3-mean-pooled (the kNN probe's features, benchmarks/probe_knn.py), resized to the finest layer's grid,
   concatenated and standardised per channel with the training normals' mean and std (``prepare``);
 - student: a small patch network (blocks/patchnet.py) trained from scratch with Adam on the squared error;
 - hard-feature loss (EfficientAD eq. 1): only the largest (1 - ``hard_quantile``) share of the batch's
@@ -20,7 +20,7 @@ Millisecond-Level Latencies", WACV 2024), written from the paper:
   of each batch gets a synthetic anomaly (DRAEM Perlin mask + a texture, as CFRG's synthesis) while its target
   stays the teacher's features of the clean image, so the student learns not to reproduce what is not normal;
   those images add a plain mean squared error to the clean images' hard-feature loss.
-Differences from EfficientAD: the memory branch instead of the autoencoder branch (logical anomalies), a Lite0
+Differences from EfficientAD: the memory branch instead of the autoencoder branch (logical anomalies), a Lite0/Lite2
 teacher instead of a WRN50-2 distilled into a PDN, no quantile map normalisation (one map, so it would not change
 the ranking), and no ImageNet penalty: its DTD stand-in did not help on the selection half
 (docs/methods/patchst.md).
