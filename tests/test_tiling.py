@@ -16,6 +16,7 @@ from kdad.errors import ConfigError
 from kdad.tiling import (
     TiledRunner,
     TileSpec,
+    image_score,
     metric_hw,
     metric_view,
     model_forward,
@@ -89,10 +90,36 @@ def test_metric_size_pools_large_maps_and_keeps_tiny_defects_in_the_mask() -> No
 
 
 @pytest.mark.parametrize(("key", "value"), [("tile_overlap", 1.0), ("tile_overlap", -0.1), ("tile_resolution", -5),
-                                            ("tile_metric_size", -1)])
+                                            ("tile_metric_size", -1), ("tile_score_top", 1.0),
+                                            ("tile_score_top", -0.01)])
 def test_bad_tiling_values_name_their_key(key: str, value: float) -> None:
     with pytest.raises(ConfigError, match=f"data.{key}"):
         load_config(None, None, ["data.tiling=true", f"data.{key}={value}"])
+
+
+def test_image_score_is_the_max_or_the_mean_of_the_top_share() -> None:
+    amap = np.arange(100, dtype=np.float32).reshape(10, 10)[::-1]
+    assert image_score(amap, TileSpec(64)) == 99.0
+    assert image_score(amap, TileSpec(64, score_top=0.05)) == pytest.approx(97.0)  # mean of 95..99
+    assert image_score(amap, TileSpec(64, score_top=0.001)) == 99.0  # at least one pixel
+    spec = TileSpec(64, score_top=0.01)
+    assert TileSpec.from_dict(spec.to_dict()) == spec and "top 0.01" in spec.to_dict()["score"]
+    old = {k: v for k, v in TileSpec(64).to_dict().items() if k != "score_top"}  # an export from before the key
+    assert TileSpec.from_dict(old).score_top == 0.0
+
+
+def test_top_share_score_does_not_rise_with_the_map_size() -> None:
+    # Normal images: the same noise on a 4x larger stitched map. Its max rises (more positions, a higher
+    # extreme), so a tiled run's good images score higher than a resized run's; a share of pixels does not.
+    rng = np.random.default_rng(0)
+    small, large = rng.normal(size=(20, 128, 128)), rng.normal(size=(20, 256, 256))  # 20 good images each
+
+    def mean_score(maps: np.ndarray, spec: TileSpec) -> float:
+        return float(np.mean([image_score(m, spec) for m in maps]))
+
+    top = TileSpec(64, score_top=0.01)
+    assert mean_score(large, TileSpec(64)) - mean_score(small, TileSpec(64)) > 0.2  # expected about 0.35
+    assert abs(mean_score(large, top) - mean_score(small, top)) < 0.02
 
 
 def test_tiling_refuses_loco() -> None:
@@ -176,5 +203,9 @@ def test_tiled_runner_stitches_any_runner() -> None:
     maps, scores = tiled(images)
     assert maps.shape == (2, 300, 200) and np.allclose(scores, maps.reshape(2, -1).max(1))
     assert tiled.info()["tiling"]["tile"] == 128 and tiled.image_threshold == 0.5
+    top = TiledRunner(Runner(), TileSpec(128, 0.25, score_top=0.02), batch_size=3)
+    maps, scores = top(images)
+    assert np.allclose(scores, [np.sort(m.ravel())[-round(m.size * 0.02):].mean() for m in maps], atol=1e-6)
+    assert (scores < maps.reshape(2, -1).max(1)).all()
     with pytest.raises(ConfigError, match="model input"):
         TiledRunner(Runner(), TileSpec(256))

@@ -40,6 +40,7 @@ class DataConfig:
     tile_overlap: float = 0.25  # fraction of the tile shared with its neighbour; maps are averaged there
     tile_resolution: int = 0  # 0 = native size; else the long side the full image is resized to first
     tile_metric_size: int = 1024  # stitched maps with a longer side are area-pooled for pixel metrics; 0 = never
+    tile_score_top: float = 0.0  # image score = mean of this share of the stitched map's top pixels; 0 = its max
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
     mask_dir: str = ""  # folder format: masks matched by file stem

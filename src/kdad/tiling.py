@@ -3,7 +3,8 @@
 With ``data.tiling: true`` an image is not resized to ``data.image_size``. It is read at its native size (or
 with its long side resized to ``data.tile_resolution``) and cut into overlapping ``image_size`` tiles; the
 model sees one tile at a time (the ONNX graph stays per tile). The tiles' maps are stitched back by
-averaging where they overlap, and the image score is the max of the stitched map. See docs/tiling.md.
+averaging where they overlap, and the image score comes from the stitched map (:func:`image_score`: its max,
+or the mean of its top ``data.tile_score_top`` share of pixels). See docs/tiling.md.
 
 Fit trains on every grid tile of the training images; test, thresholds, predict, serve and the ONNX
 backend all stitch through :func:`stitched_map`.
@@ -36,20 +37,22 @@ TileForward = Callable[[torch.Tensor], tuple[np.ndarray, np.ndarray]]
 
 @dataclass(frozen=True)
 class TileSpec:
-    """How images are tiled: tile side (the model input), overlap fraction, full-image long side (0 = native)
-    and the long side above which stitched maps are area-pooled before pixel metrics (0 = never)."""
+    """How images are tiled: tile side (the model input), overlap fraction, full-image long side (0 = native),
+    the long side above which stitched maps are area-pooled before pixel metrics (0 = never), and the share of
+    the stitched map's pixels whose mean is the image score (0 = its max)."""
 
     tile: int
     overlap: float = 0.25
     resolution: int = 0
     metric_size: int = 1024
+    score_top: float = 0.0
 
     @classmethod
     def from_data(cls, data: DataConfig) -> TileSpec | None:
         """The spec of a DataConfig (None when data.tiling is off); bad values raise ConfigError naming the key
         (checked also when tiling is off, so a typo surfaces before someone turns it on)."""
         spec = cls(int(data.image_size), float(data.tile_overlap), int(data.tile_resolution),
-                   int(data.tile_metric_size))
+                   int(data.tile_metric_size), float(data.tile_score_top))
         spec.check(data.format, data.tiling)
         return spec if data.tiling else None
 
@@ -64,6 +67,9 @@ class TileSpec:
             raise ConfigError(f"data.tile_resolution={self.resolution}: must be 0 (native) or a long side in pixels")
         if self.metric_size < 0:
             raise ConfigError(f"data.tile_metric_size={self.metric_size}: must be 0 (never pool) or a long side")
+        if not 0.0 <= self.score_top < 1.0:
+            raise ConfigError(f"data.tile_score_top={self.score_top}: must be in [0, 1) (0 = the map's max; else "
+                              "the share of its pixels whose mean is the image score, e.g. 0.01)")
         if tiling and data_format == "loco":
             raise ConfigError("data.tiling is not supported for data.format=loco (its AU-sPRO channels are read "
                               "at image_size); use tiling with mvtec, folder, visa, btad, mvtec_ad2, 3cad or realiad")
@@ -76,13 +82,31 @@ class TileSpec:
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ONNX metadata and metrics.json (with how maps are stitched and scored)."""
         return {**asdict(self), "stride": self.stride, "stitch": "mean of overlapping tile maps",
-                "score": "max of the stitched map", "full_image": "native size" if not self.resolution
+                "score": score_rule(self.score_top), "full_image": "native size" if not self.resolution
                 else f"long side resized to {self.resolution} (aspect kept)"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> TileSpec:
         """Inverse of to_dict (extra descriptive keys are ignored)."""
-        return cls(int(d["tile"]), float(d["overlap"]), int(d["resolution"]), int(d.get("metric_size", 1024)))
+        return cls(int(d["tile"]), float(d["overlap"]), int(d["resolution"]), int(d.get("metric_size", 1024)),
+                   float(d.get("score_top", 0.0)))  # exports from before score_top scored by the max
+
+
+def score_rule(top: float) -> str:
+    """The image-score rule of a tiling, in words (metrics.json, ONNX metadata)."""
+    return "max of the stitched map" if not top else f"mean of the top {top:g} of the stitched map's pixels"
+
+
+def image_score(amap: np.ndarray, spec: TileSpec) -> float:
+    """The image score of a stitched map: its max, or the mean of its ``spec.score_top`` share of highest pixels.
+
+    The max of a larger map rises on normal images too (more positions, so a higher extreme); a share of the
+    pixels keeps the same meaning at every map size (docs/tiling.md, "Image score")."""
+    flat = np.asarray(amap, np.float32).ravel()
+    if not spec.score_top:
+        return float(flat.max())
+    k = max(1, int(round(flat.size * spec.score_top)))
+    return float(np.partition(flat, flat.size - k)[flat.size - k :].mean())
 
 
 def axis_starts(n: int, tile: int, stride: int) -> list[int]:
@@ -261,7 +285,7 @@ def training_tiles(ds: Dataset, spec: TileSpec | None) -> Dataset:
 
 class TiledRunner:
     """A runner (TorchRunner, OnnxRunner) behind tiling, with the runner interface: images01 (B, 3, H, W) of
-    any size >= the tile -> (stitched maps (B, H, W), scores (B,) = max of each map)."""
+    any size >= the tile -> (stitched maps (B, H, W), scores (B,) = image_score of each map)."""
 
     def __init__(self, runner: Any, spec: TileSpec, batch_size: int = 16) -> None:
         self.runner, self.spec, self.batch_size = runner, spec, batch_size
@@ -281,7 +305,7 @@ class TiledRunner:
     @torch.inference_mode()
     def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         maps = np.stack([stitched_map(self.runner, img, self.spec, self.batch_size) for img in images01])
-        return maps, maps.reshape(len(maps), -1).max(axis=1)
+        return maps, np.array([image_score(m, self.spec) for m in maps], np.float32)
 
     def info(self) -> dict[str, Any]:
         """The runner's facts plus the tiling (the input contract stays the per-tile one)."""

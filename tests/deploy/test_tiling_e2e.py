@@ -88,6 +88,7 @@ def test_predict_torch_and_onnx_stitch_alike_at_native_size(run: Path, folder: P
     assert main(["export", str(run), "--no-check"]) == 0  # parity here is the stitched scores below
     meta = json.loads((run / "model.json").read_text())
     assert meta["image_size"] == TILE and meta["tiling"]["tile"] == TILE and meta["tiling"]["overlap"] == 0.25
+    assert meta["tiling"]["score_top"] == 0.0 and meta["tiling"]["score"] == "max of the stitched map"
     assert main(["predict", str(run), str(folder / "bad"), "--out", str(out_o), "--backend", "onnx"]) == 0
     rows_t = json.loads((out_t / "predictions.json").read_text())
     rows_o = json.loads((out_o / "predictions.json").read_text())

@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from kdad.tiling import TileSpec, metric_hw, metric_view, model_forward, stitched_map
+from kdad.tiling import TileSpec, image_score, metric_hw, metric_view, model_forward, stitched_map
 
 
 @dataclass
@@ -95,7 +95,7 @@ def _predict_runner(runner: Any, ds: Dataset, batch_size: int, keep_maps: bool, 
 def _predict_tiled(model: nn.Module | Any, ds: Dataset, device: torch.device, spec: TileSpec, batch_size: int,
                    keep_maps: bool, progress: bool, num_workers: int) -> Predictions:
     """predict() over whole images cut into tiles: one image per step (sizes may differ), its tiles in
-    chunks of batch_size; score = max of the full-size stitched map, metric maps at one shared size."""
+    chunks of batch_size; score = image_score of the full-size stitched map, metric maps at one shared size."""
     is_model = isinstance(model, nn.Module)
     was_training = is_model and model.training
     forward = model_forward(model.eval(), device) if is_model else model
@@ -104,7 +104,7 @@ def _predict_tiled(model: nn.Module | Any, ds: Dataset, device: torch.device, sp
     size: tuple[int, int] | None = None
     for item in tqdm(loader, desc="predict (tiled)", leave=False, disable=not progress):
         amap = stitched_map(forward, item["image"], spec, batch_size)
-        scores.append(float(amap.max()))
+        scores.append(image_score(amap, spec))
         means.append(float(amap.mean()))
         labels.append(int(item["label"]))
         paths.append(item["path"])
