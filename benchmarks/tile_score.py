@@ -34,7 +34,7 @@ from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.factory import build_dataset
 from kdad.evaluate import predict
-from kdad.tiling import TileSpec, tiled_dataset
+from kdad.tiling import TileSpec, image_score, tiled_dataset
 from kdad.train import fit
 
 
@@ -46,11 +46,8 @@ def _pool_max(k: int) -> Callable[[np.ndarray], float]:
 
 
 def _top_mean(q: float) -> Callable[[np.ndarray], float]:
-    def score(amap: np.ndarray) -> float:
-        flat = amap.ravel()
-        n = max(1, int(round(flat.size * q / 100)))
-        return float(np.partition(flat, flat.size - n)[-n:].mean())
-    return score
+    spec = TileSpec(1, score_top=q / 100)  # the library's own rule (data.tile_score_top), q in percent
+    return lambda amap: image_score(amap, spec)
 
 
 RULES: dict[str, Callable[[np.ndarray], float]] = {
