@@ -382,6 +382,21 @@ def test_fit_takes_the_image_threshold_from_crossfitted_scores(demo_root: Path, 
     assert not np.allclose(cal["scores"], off["calibration"]["scores"])  # the threshold's scores are cross-fitted
 
 
+def test_rd_map_norm_is_calibrated_cross_fitted_and_saved(demo_root: Path, tmp_path: Path) -> None:
+    """model.map_norm=position: the head's mean map comes from the held-out normals and travels in model.ckpt;
+    the image threshold is cross-fitted. Without it, fit runs no calibration and nothing is cross-fitted."""
+    over = [f"data.root={demo_root}", "train.epochs=1", "train.val_fraction=0.5", *TINY]
+    bundle = load_bundle(fit(load_config("rd_cpu", [], over + ["model.map_norm=position"]), tmp_path / "a"))
+    assert "cross-fitted" in bundle["thresholds"]["source"]
+    mean = bundle["model"]["head.norm.mean"]
+    assert mean.shape == (1, 1, 64, 64) and bool((mean > 0).all())
+    model, _ = model_from_bundle(bundle)
+    torch.testing.assert_close(model.head.norm.mean, mean)
+    plain = load_bundle(fit(load_config("rd_cpu", [], over), tmp_path / "b"))
+    assert "cross-fitted" not in plain["thresholds"]["source"]
+    assert not any(k.endswith("norm.mean") for k in plain["model"])
+
+
 def test_patchst_denoising_asks_for_a_texture_folder_and_trains_with_one(demo_root: Path, tmp_path: Path) -> None:
     from PIL import Image
 

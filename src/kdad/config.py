@@ -84,9 +84,10 @@ class TrainConfig:
     # `alpha`; "quantile": the threshold_quantile of the held-out normal scores (kdad before 0.x)
     image_threshold_rule: ImageThresholdRule = "conformal"
     alpha: float = 0.01  # image_threshold_rule "conformal": the false-alarm rate to guarantee on normal images
-    # methods whose map statistics come from the held-out normals (MethodSpec.calibrate: PatchST, DSKD): score
-    # each half of them with statistics from the other half for the image threshold, so no calibration image is
-    # divided by statistics that include itself (docs/operating_point.md)
+    # methods whose map statistics come from the held-out normals (MethodSpec.calibrate: PatchST, DSKD, BKD, and
+    # model.map_norm=position of RD, RD++, STFPM): score each half of them with statistics from the other half for
+    # the image threshold, so no calibration image is divided by statistics that include itself
+    # (docs/operating_point.md)
     crossfit_calibration: bool = True
     # the invalid-input gate (kdad.gate, docs/operating_point.md): images unlike the training normals are
     # called `invalid`, not normal; gate_alpha: its conformal rate on held-out normals; gate_margin: the factor

@@ -26,7 +26,7 @@ from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
 from kdad.methods import get_method
-from kdad.methods.base import uses_textures
+from kdad.methods.base import runs_calibration, uses_textures
 from kdad.seed import resolve_device, seed_everything
 from kdad.speed import GraphedTrainStep, heap_allocator, prepare_training
 from kdad.thresholds import calibration_record
@@ -455,11 +455,12 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     model.eval()
     calib = val_ds if val_ds is not None else train_ds
     crossfit = None
-    if spec.calibrate is not None:  # map statistics live in model buffers, so they travel with every export
+    calibrate = spec.calibrate if runs_calibration(spec, mcfg) else None
+    if calibrate is not None:  # map statistics live in model buffers, so they travel with every export
         if val_ds is not None and tc.crossfit_calibration and tiles is None and len(val_ds) >= 4:  # type: ignore[arg-type]
-            crossfit = crossfit_scores(spec.calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed)
-        spec.calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
-                       device)
+            crossfit = crossfit_scores(calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed)
+        calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
+                  device)
         model.eval()
     if main:
         with warnings.catch_warnings(record=True) as caught:

@@ -6,6 +6,7 @@ from scipy.ndimage import gaussian_filter
 
 from kdad.blocks.maps import (
     AnomalyMapHead,
+    AnomalyOutput,
     GaussianBlur,
     cosine_distance,
     cosine_similarity,
@@ -318,3 +319,75 @@ def test_from_head_copies_every_option() -> None:
     fast = FastAnomalyMapHead.from_head(head)
     assert (fast.distance, fast.fuse, fast.blur.sigma, fast.align_corners, fast.fuse_level, fast.pool) == \
         ("l2norm", "mul", 2.0, False, 1, 3)
+
+
+class _MapModel(torch.nn.Module):
+    """A model whose raw map is a fixed per-pixel ramp times the image's mean, through a map_norm head."""
+
+    def __init__(self, map_norm: str = "position") -> None:
+        super().__init__()
+        from types import SimpleNamespace
+
+        self.cfg = SimpleNamespace(map_norm=map_norm)
+        self.head = AnomalyMapHead("cosine", "sum", 0.0, map_norm=map_norm)  # type: ignore[arg-type]
+
+    def forward(self, images: torch.Tensor):  # type: ignore[no-untyped-def]
+        h, w = images.shape[-2:]
+        ramp = torch.linspace(1.0, 5.0, w).expand(h, w)  # "the frame's edge" errs 5x more on every image
+        raw = ramp * images.mean(dim=(1, 2, 3)).view(-1, 1, 1, 1)
+        amap = self.head.normalize(raw)
+        return AnomalyOutput(amap, amap.flatten(1).amax(1))
+
+
+def test_position_norm_divides_by_the_mean_raw_map_of_the_normals() -> None:
+    from kdad.blocks.maps import calibrate_position_norm
+
+    model = _MapModel()
+    x = torch.full((4, 3, 8, 8), 0.5)
+    raw = model(x).anomaly_map
+    assert raw[..., -1].max() == pytest.approx(2.5)  # the identity until calibrated: the edge wins the max
+    calibrate_position_norm(model, [{"image": x[:2]}, {"image": x[2:]}], torch.device("cpu"))
+    torch.testing.assert_close(model.head.norm.mean, raw[:1].double().float())
+    # normals now score 1 everywhere; a defect in the centre of a normal image stands out, the edge does not
+    torch.testing.assert_close(model(x).anomaly_map, torch.ones(4, 1, 8, 8))
+    # a second calibration sees the raw maps again, not the ones already divided (as the engine's cross-fit needs)
+    calibrate_position_norm(model, [{"image": x * 2}], torch.device("cpu"))
+    torch.testing.assert_close(model.head.norm.mean, (raw[:1] * 2).float())
+    # another input size than calibrated: the statistics are resized, not refused
+    assert model(torch.full((1, 3, 16, 16), 1.0)).anomaly_map.shape == (1, 1, 16, 16)
+
+
+def test_position_norm_is_a_no_op_when_the_method_config_says_none() -> None:
+    from kdad.blocks.maps import calibrate_position_norm
+
+    model = _MapModel("none")
+    calibrate_position_norm(model, [{"image": torch.rand(2, 3, 8, 8)}], torch.device("cpu"))
+    assert not hasattr(model.head, "norm")
+    with pytest.raises(ValueError, match="map_norm must be one of"):
+        AnomalyMapHead(map_norm="z")  # type: ignore[arg-type]
+
+
+def test_position_norm_travels_in_the_state_dict_and_old_states_load_as_identity() -> None:
+    from kdad.blocks.maps import FastAnomalyMapHead, calibrate_position_norm
+
+    model = _MapModel()
+    calibrate_position_norm(model, [{"image": torch.rand(3, 3, 8, 8)}], torch.device("cpu"))
+    state = model.state_dict()
+    fresh = _MapModel()
+    fresh.load_state_dict(state)  # strict: the calibrated size is taken from the state
+    torch.testing.assert_close(fresh.head.norm.mean, model.head.norm.mean)
+    old = {k: v for k, v in state.items() if not k.endswith("norm.mean")}  # saved before map_norm existed
+    fresh2 = _MapModel()
+    fresh2.load_state_dict(old)
+    assert fresh2.head.norm.mean.numel() == 0
+    # the fast inference head shares the calibrated statistics and gives the same map
+    teacher = [torch.rand(2, 4, 8, 8)]
+    student = [torch.rand(2, 4, 8, 8)]
+    head = AnomalyMapHead("cosine", "sum", 1.0, map_norm="position")
+    head.norm.mean = torch.rand(1, 1, 16, 16) + 0.5
+    fast = FastAnomalyMapHead.from_head(head)
+    assert fast.map_norm == "position" and fast.norm is head.norm
+    torch.testing.assert_close(fast(teacher, student, (16, 16)).anomaly_map,
+                               head(teacher, student, (16, 16)).anomaly_map, rtol=1e-5, atol=1e-6)
+    raw = AnomalyMapHead("cosine", "sum", 1.0)(teacher, student, (16, 16)).anomaly_map
+    torch.testing.assert_close(head(teacher, student, (16, 16)).anomaly_map, raw / head.norm.mean)

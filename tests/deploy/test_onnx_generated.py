@@ -60,6 +60,21 @@ def test_onnx_parity_of_patchst_with_its_memory_branch() -> None:
     assert parity["max_abs_map_diff"] <= PARITY_TOLERANCE and parity["max_abs_score_diff"] <= PARITY_TOLERANCE
 
 
+def test_onnx_parity_of_rd_with_a_calibrated_map_norm() -> None:
+    """model.map_norm=position: the held-out mean map is a buffer of the graph, so export keeps the division."""
+    from kdad.blocks.maps import calibrate_position_norm
+    from kdad.export import PARITY_TOLERANCE, check_parity, export_model_bytes
+
+    spec = get_method("rd")
+    torch.manual_seed(0)
+    model = spec.Model(from_dict(spec.Config, {**TINY, "map_norm": "position"}))
+    calibrate_position_norm(model, [{"image": torch.rand(3, 3, SIZE, SIZE)}], torch.device("cpu"))
+    assert model.head.norm.mean.shape == (1, 1, SIZE, SIZE)
+    graph, _ = export_model_bytes(model.eval(), SIZE)
+    parity = check_parity(model, graph, SIZE)
+    assert parity["max_abs_map_diff"] <= PARITY_TOLERANCE and parity["max_abs_score_diff"] <= PARITY_TOLERANCE
+
+
 def test_kdad_test_backend_onnx_gives_the_torch_metrics(tmp_path: Path) -> None:
     """`kdad test RUN --backend onnx` evaluates RUN/model.onnx with the same data, metrics and thresholds."""
     from kdad.checkpoint import make_bundle

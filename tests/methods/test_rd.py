@@ -65,3 +65,25 @@ def test_rd_pool_reaches_loss_and_map() -> None:
                                                  rel=1e-5)
     assert float(logs["loss"]) != pytest.approx(float(rd_loss(t, s, "global")), rel=1e-3)
     assert model.head.pool == 3
+
+
+@pytest.mark.parametrize("name", ["rd", "rdpp", "stfpm", "snl"])
+def test_map_norm_is_validated_and_calibrates_only_when_set(name: str) -> None:
+    from kdad.methods import get_method
+    from kdad.methods.base import runs_calibration
+
+    spec = get_method(name)
+    with pytest.raises(ConfigError, match=r"map_norm: 'edge' is not one of \['none', 'position'\]"):
+        from_dict(spec.Config, {**TINY, "map_norm": "edge"})
+    with pytest.raises(ConfigError, match=rf"{name} model.map_norm='edge'"):
+        spec.Config(map_norm="edge")
+    assert not runs_calibration(spec, spec.Config())  # the papers' maps, unless asked
+    cfg = from_dict(spec.Config, {**TINY, "map_norm": "position"})
+    assert runs_calibration(spec, cfg)
+    torch.manual_seed(0)
+    model = spec.Model(cfg).eval()
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    raw = model(x).anomaly_map
+    assert spec.calibrate is not None
+    spec.calibrate(model, [{"image": x}], torch.device("cpu"))
+    torch.testing.assert_close(model(x).anomaly_map, raw / raw.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)

@@ -9,7 +9,7 @@ The blur here is separable with the same symmetric padding, so it matches scipy 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Literal, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -108,11 +108,67 @@ def pool_features(feats: Sequence[Tensor], k: int) -> list[Tensor]:
     return [F.avg_pool2d(f, k, 1, k // 2, count_include_pad=False) for f in feats]
 
 
+MapNorm = Literal["none", "position"]
+MAP_NORMS = ("none", "position")
+
+
+class PositionNorm(nn.Module):
+    """Divides a finished map (B, 1, H, W) by the held-out normals' mean map at each pixel (``map_norm:
+    position``): normal textures err most along the frame's edges, where a plain max then lands on good images
+    (docs/methods/rd.md, "Map normalisation"). The identity until :func:`calibrate_position_norm` fills ``mean``;
+    the buffer travels with checkpoints and the ONNX graph, and a checkpoint saved without it loads as identity."""
+
+    mean: Tensor
+
+    def __init__(self, floor: float = 1e-6) -> None:
+        super().__init__()
+        self.floor = floor
+        self.register_buffer("mean", torch.zeros(0))
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        if prefix + "mean" not in state_dict:  # saved before map_norm existed: stay the identity, nothing missing
+            return
+        self.mean = torch.empty_like(state_dict[prefix + "mean"], device=self.mean.device)  # the calibrated size
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def forward(self, amap: Tensor) -> Tensor:
+        if self.mean.numel() == 0:
+            return amap
+        mean = self.mean
+        if mean.shape[-2:] != amap.shape[-2:]:  # another input size than calibrated: resize the statistics
+            mean = F.interpolate(mean, size=amap.shape[-2:], mode="bilinear", align_corners=False)
+        return amap / mean.to(amap.dtype)
+
+
+@torch.no_grad()
+def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.device) -> None:
+    """A method's ``calibrate`` hook for ``model.map_norm: position``: every PositionNorm of `model` gets the
+    mean of the raw maps of `normal_loader`'s images (its earlier statistics are dropped first, so a second
+    call, as in the engine's cross-fitting, sees raw maps). A no-op for other settings."""
+    if getattr(getattr(model, "cfg", None), "map_norm", "none") != "position":
+        return
+    norms = [m for m in model.modules() if isinstance(m, PositionNorm)]
+    for norm in norms:
+        norm.mean = torch.zeros(0, device=norm.mean.device)
+    model.eval()
+    total: Tensor | None = None
+    count = 0
+    for batch in normal_loader:
+        amap = model(batch["image"].to(device)).anomaly_map.double()
+        total = amap.sum(0, keepdim=True) if total is None else total + amap.sum(0, keepdim=True)
+        count += int(amap.shape[0])
+    if total is None:
+        raise ValueError("map_norm: position needs at least one normal image to calibrate on")
+    for norm in norms:
+        norm.mean = (total / count).float().clamp_min(norm.floor).to(norm.mean.device)
+
+
 class AnomalyMapHead(nn.Module):
     """Per-layer distances -> resize to the input size -> fuse -> blur -> (map, max score).
 
     distance: "cosine" (RD family) or "l2norm" (STFPM). fuse: "sum" or "mul". `fuse_level`: fuse the
     layers at the resolution of that layer (STFPM fuses at layer 1, then resizes), None = at input size.
+    map_norm: "position" divides the blurred map by the held-out normals' mean map (PositionNorm).
     """
 
     def __init__(
@@ -123,8 +179,14 @@ class AnomalyMapHead(nn.Module):
         align_corners: bool = True,
         fuse_level: int | None = None,
         pool: int = 1,
+        map_norm: MapNorm = "none",
     ) -> None:
         super().__init__()
+        if map_norm not in MAP_NORMS:
+            raise ValueError(f"map_norm must be one of {MAP_NORMS}, got {map_norm!r}")
+        self.map_norm = map_norm
+        if map_norm == "position":
+            self.norm = PositionNorm()
         if pool < 1 or pool % 2 == 0:
             raise ValueError(f"pool must be an odd kernel size >= 1, got {pool}")
         self.pool = pool
@@ -158,8 +220,12 @@ class AnomalyMapHead(nn.Module):
         assert fused is not None, "at least one layer is required"
         if tuple(inter) != tuple(size):
             fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=self.align_corners)
-        amap = self.blur(fused)
+        amap = self.normalize(self.blur(fused))
         return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+    def normalize(self, amap: Tensor) -> Tensor:
+        """The finished map, divided by the held-out normals' mean map with map_norm "position"."""
+        return self.norm(amap) if self.map_norm == "position" else amap
 
 
 def resize_matrix(n_in: int, n_out: int, align_corners: bool) -> Tensor:
@@ -210,7 +276,10 @@ class FastAnomalyMapHead(AnomalyMapHead):
     @classmethod
     def from_head(cls, head: AnomalyMapHead) -> FastAnomalyMapHead:
         """A fast head with the same options (and so the same maps) as `head`."""
-        fast = cls(head.distance, head.fuse, head.blur.sigma, head.align_corners, head.fuse_level, head.pool)  # type: ignore[arg-type]
+        fast = cls(head.distance, head.fuse, head.blur.sigma, head.align_corners, head.fuse_level, head.pool,  # type: ignore[arg-type]
+                   head.map_norm)
+        if head.map_norm == "position":
+            fast.norm = head.norm  # the same calibrated statistics
         return fast.to(next(head.blur.buffers()).device)
 
     def _matrices(
@@ -254,7 +323,7 @@ class FastAnomalyMapHead(AnomalyMapHead):
                     fused = m if fused is None else (fused + m if self.fuse == "sum" else fused * m)
                 assert fused is not None, "at least one layer is required"
                 amap = fused if final is None else final[0] @ fused @ final[1].T
-            amap = amap.contiguous()
+            amap = self.normalize(amap.contiguous())
         return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
 
 
@@ -268,8 +337,12 @@ __all__ = [
     "AnomalyOutput",
     "FastAnomalyMapHead",
     "GaussianBlur",
+    "MAP_NORMS",
+    "MapNorm",
+    "PositionNorm",
     "blur_matrix",
     "blur_radius",
+    "calibrate_position_norm",
     "cosine_distance",
     "cosine_similarity",
     "gaussian_kernel1d",

@@ -64,6 +64,9 @@ class MethodSpec:
     # settings do (PatchST's denoise)
     needs_textures: bool | Callable[[Any], bool] = False
     calibrate: Calibrate | None = None  # e.g. DSKD's per-student map mean/std (stored as model buffers)
+    # whether `calibrate` has work for a run with method config mcfg (RD's map_norm "none" has none): fit then
+    # neither calls it nor cross-fits the image threshold
+    calibrates: bool | Callable[[Any], bool] = True
     # prepare(model, training_loader, device): statistics the loss needs before the first step (e.g. PatchST's
     # target standardisation); run by fit on a new run only, since a resumed run restores them from its buffers
     prepare: Calibrate | None = None
@@ -72,6 +75,18 @@ class MethodSpec:
     graph_safe: bool = False
     # train_step takes batch["grad_scaler"] (fp16 autocast, train.amp_dtype=fp16): scaled backward, scaler step
     grad_scaler: bool = False
+
+
+def runs_calibration(spec: MethodSpec, mcfg: Any) -> bool:
+    """Whether fit calls ``spec.calibrate`` for a run with method config ``mcfg``."""
+    if spec.calibrate is None:
+        return False
+    return bool(spec.calibrates(mcfg) if callable(spec.calibrates) else spec.calibrates)
+
+
+def uses_position_norm(mcfg: Any) -> bool:
+    """``calibrates`` of the methods whose head takes ``model.map_norm`` (kdad.blocks.maps.PositionNorm)."""
+    return getattr(mcfg, "map_norm", "none") == "position"
 
 
 def uses_textures(spec: MethodSpec, mcfg: Any) -> bool:
@@ -110,4 +125,4 @@ def optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, scaler: Any =
 
 
 __all__ = ["AnomalyOutput", "BuildOptimizers", "MethodSpec", "Model", "TrainStep", "backward", "optimizer_step",
-           "teacher_of", "uses_textures"]
+           "runs_calibration", "teacher_of", "uses_position_norm", "uses_textures"]

@@ -5,6 +5,8 @@ Recipe from the official code hq-deng/RD4AD (../shared/REFERENCE.md §3.1): glob
 summed over 3 layers (the paper's eq. 2 averages a per-position cosine instead: ``loss="per_position"``);
 Adam lr 0.005, betas (0.5, 0.999); batch 16; 200 epochs, last epoch kept;
 map = sum over layers of 1 - cos, bilinear (align_corners=True) to image size, Gaussian sigma 4; score = max.
+kdad's option ``map_norm: position`` (not in the paper or the official code) divides that map by the held-out
+normals' mean map (kdad.blocks.maps.PositionNorm; docs/methods/rd.md, "Map normalisation").
 """
 
 from __future__ import annotations
@@ -17,11 +19,19 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, pool_features
+from kdad.blocks.maps import (
+    MAP_NORMS,
+    AnomalyMapHead,
+    AnomalyOutput,
+    Fuse,
+    MapNorm,
+    calibrate_position_norm,
+    pool_features,
+)
 from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec, optimizer_step
+from kdad.methods.base import MethodSpec, optimizer_step, uses_position_norm
 
 PAPER = "Deng & Li, Anomaly Detection via Reverse Distillation from One-Class Embedding, CVPR 2022"
 
@@ -49,10 +59,13 @@ class Config:
     sigma: float = 4.0
     align_corners: bool = True
     loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
+    map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
+        if self.map_norm not in MAP_NORMS:
+            raise ConfigError(f"rd model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
 
 
 class Model(nn.Module):
@@ -67,7 +80,7 @@ class Model(nn.Module):
         blocks = tuple(cfg.decoder_blocks) or None
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks, cfg.decoder_width)
         self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners,  # type: ignore[arg-type]
-                                   pool=cfg.pool)
+                                   pool=cfg.pool, map_norm=cfg.map_norm)
 
     def teacher_features(self, images: Tensor) -> list[Tensor]:
         """Frozen teacher features of images in [0, 1]."""
@@ -105,4 +118,5 @@ def train_step(
     return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
-SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)
+SPEC = MethodSpec("rd", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True,
+                  calibrate=calibrate_position_norm, calibrates=uses_position_norm)

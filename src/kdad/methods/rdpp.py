@@ -33,12 +33,12 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import flatten_pair, global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse
+from kdad.blocks.maps import MAP_NORMS, AnomalyMapHead, AnomalyOutput, Fuse, MapNorm, calibrate_position_norm
 from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec, backward
+from kdad.methods.base import MethodSpec, backward, uses_position_norm
 from kdad.synthesis import SynthesisConfig, synthesize
 
 PAPER = "Tien et al., Revisiting Reverse Distillation for Anomaly Detection, CVPR 2023"
@@ -74,8 +74,11 @@ class Config:
     fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
+    map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
+        if self.map_norm not in MAP_NORMS:
+            raise ConfigError(f"rdpp model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
         if self.ssot not in SSOT_MODES:
             raise ConfigError(f"rdpp model.ssot={self.ssot!r} is not valid; choose one of {SSOT_MODES}")
         if self.accumulate < 1:
@@ -119,7 +122,8 @@ class Model(nn.Module):
         self.bottleneck = build_bottleneck(cfg.backbone, channels)
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels,
                                    tuple(cfg.decoder_blocks) or None)
-        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners)  # type: ignore[arg-type]
+        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners,  # type: ignore[arg-type]
+                                   map_norm=cfg.map_norm)
         self.register_buffer("accum_count", torch.zeros((), dtype=torch.long))  # batches seen by train_step
 
     def teacher_features(self, images: Tensor) -> list[Tensor]:
@@ -240,4 +244,5 @@ def train_step(
             "recon": float(l_recon.detach()), "contrast": float(l_contrast.detach())}
 
 
-SPEC = MethodSpec("rdpp", Config, Model, optimizers, train_step, PAPER)
+SPEC = MethodSpec("rdpp", Config, Model, optimizers, train_step, PAPER, calibrate=calibrate_position_norm,
+                  calibrates=uses_position_norm)

@@ -22,10 +22,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.losses import global_cosine_loss
-from kdad.blocks.maps import Fuse
+from kdad.blocks.maps import MAP_NORMS, Fuse, MapNorm, calibrate_position_norm
 from kdad.errors import ConfigError
 from kdad.methods import rd
-from kdad.methods.base import MethodSpec, backward
+from kdad.methods.base import MethodSpec, backward, uses_position_norm
 
 PAPER = ("Deng & Li, Structural Teacher-Student Normality Learning for Multi-Class Anomaly Detection and "
          "Localization; designed from the abstract (no code or full text public), not the paper's method")
@@ -47,6 +47,7 @@ class Config:
     fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
+    map_norm: MapNorm = "none"  # rd.Config's: "position" divides the map by the held-out normals' mean map
     global_loss: bool = True  # RD's flattened cosine loss (the base SNL is built on)
     spatial: bool = True  # (a) 1 - cos along C at every position
     channel: bool = True  # (a) 1 - cos along H*W for every channel
@@ -61,6 +62,10 @@ class Config:
     affinity_size: int = 16  # intra-affinity on at most this^2 positions (avg-pooled): memory B * size^4
     cram_centres: int = 16  # K
     cram_temperature: float = 0.1  # softmax temperature of the cosine soft assignment
+
+    def __post_init__(self) -> None:
+        if self.map_norm not in MAP_NORMS:
+            raise ConfigError(f"snl model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
 
 
 def cosine_distance_along(a: Tensor, b: Tensor, dim: int) -> Tensor:
@@ -203,4 +208,5 @@ def train_step(
     return {"loss": float(loss.detach()), **{f"loss_{k}": float(v.detach()) for k, v in terms.items()}}
 
 
-SPEC = MethodSpec("snl", Config, Model, optimizers, train_step, PAPER)
+SPEC = MethodSpec("snl", Config, Model, optimizers, train_step, PAPER, calibrate=calibrate_position_norm,
+                  calibrates=uses_position_norm)

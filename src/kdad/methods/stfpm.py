@@ -16,9 +16,18 @@ import torch
 from torch import Tensor, nn
 
 from kdad.blocks.losses import normalized_l2_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, pool_features
+from kdad.blocks.maps import (
+    MAP_NORMS,
+    AnomalyMapHead,
+    AnomalyOutput,
+    Fuse,
+    MapNorm,
+    calibrate_position_norm,
+    pool_features,
+)
 from kdad.blocks.teachers import build_encoder
-from kdad.methods.base import MethodSpec, optimizer_step
+from kdad.errors import ConfigError
+from kdad.methods.base import MethodSpec, optimizer_step, uses_position_norm
 
 PAPER = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
 
@@ -36,6 +45,11 @@ class Config:
     fuse: Fuse = "mul"
     sigma: float = 0.0
     pool: int = 1  # k x k mean of both feature maps before loss and map (1 = the official per-position form)
+    map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
+
+    def __post_init__(self) -> None:
+        if self.map_norm not in MAP_NORMS:
+            raise ConfigError(f"stfpm model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
 
 
 class Model(nn.Module):
@@ -47,7 +61,7 @@ class Model(nn.Module):
         self.encoder = build_encoder(cfg.backbone, tuple(cfg.layers), weights=cfg.weights, frozen=True)
         self.student = build_encoder(cfg.backbone, tuple(cfg.layers), weights="random", frozen=False)
         self.head = AnomalyMapHead("l2norm", cfg.fuse, cfg.sigma, align_corners=False, fuse_level=0,
-                                   pool=cfg.pool)  # type: ignore[arg-type]
+                                   pool=cfg.pool, map_norm=cfg.map_norm)  # type: ignore[arg-type]
 
     def pairs(self, images: Tensor) -> tuple[list[Tensor], list[Tensor]]:
         """(teacher_feats, student_feats); both see the teacher's normalisation."""
@@ -76,4 +90,5 @@ def train_step(
     return optimizer_step(opts["student"], loss, batch.get("grad_scaler"), batch.get("backward"))
 
 
-SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True)
+SPEC = MethodSpec("stfpm", Config, Model, optimizers, train_step, PAPER, graph_safe=True, grad_scaler=True,
+                  calibrate=calibrate_position_norm, calibrates=uses_position_norm)
