@@ -36,9 +36,10 @@ CATEGORIES["brushed512"] = Path(os.environ.get("KDAD_HARD_512", "/tmp/kdad_hard/
 TEXTURES = SHARED / "data" / "dtd" / "images"
 RESULTS = ROOT / "benchmarks" / "results"
 PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu", "cfrg": "cfrg_cpu"}  # the RD family's CPU presets
-# rd_cpu distils Lite0 layers 2-4 since 2026-12-03; comparisons with the other methods (and the results files made
-# before) use the papers' layers 1-3, those of rdpp_cpu, urd_cpu and cfrg_cpu
-RD_PAPER_LAYERS = "model.layers=[1,2,3]"
+# rd_cpu distils Lite0 layers 2-4 since 2026-12-03 and divides its map by the held-out normals' mean map since
+# 2026-12-04; comparisons with the other methods (and the results files made before) use the papers' layers 1-3 and
+# raw map, those of rdpp_cpu, urd_cpu and cfrg_cpu
+RD_PAPER_OVERRIDES = ("model.layers=[1,2,3]", "model.map_norm=none")
 
 # The quality study: presets are chosen on the selection half (and on generated data) and reported on the other
 # half, so no number in docs/benchmarks.md comes from the images it was tuned on. Halves are stratified by defect type.
@@ -95,7 +96,7 @@ def run_one(method: str, category: str, args: argparse.Namespace, work: Path,
     if method == "cfrg":
         overrides += [f"data.texture_dir={TEXTURES}"]
     if method == "rd":
-        overrides.append(RD_PAPER_LAYERS)
+        overrides += RD_PAPER_OVERRIDES
     cfg = load_config(PRESETS[method], [], [*overrides, *extra_overrides])
     run_dir = work / f"{method}_{category}"
     fit(cfg, run_dir)

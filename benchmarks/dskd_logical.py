@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from _common import RD_PAPER_LAYERS, write_json
+from _common import RD_PAPER_OVERRIDES, write_json
 
 import kdad
 from kdad.checkpoint import load_bundle, model_from_bundle
@@ -97,7 +97,7 @@ def run_logical(args: argparse.Namespace, work: Path) -> dict[str, Any]:
 def run_mvtec(method: str, category: str, args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """Train with the method's CPU preset under the shared budget, then evaluate on the test split."""
     overrides = [f"data.root={CATEGORIES[category]}", "data.image_size=256", "train.val_fraction=0.1",
-                 *_common(args, args.iters)] + ([RD_PAPER_LAYERS] if method == "rd" else [])
+                 *_common(args, args.iters)] + (list(RD_PAPER_OVERRIDES) if method == "rd" else [])
     cfg = load_config(PRESETS[method], [], overrides)
     t0 = time.perf_counter()
     run_dir = fit(cfg, work / f"{method}_{category}")

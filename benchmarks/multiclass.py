@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _common import RD_PAPER_LAYERS, write_json
+from _common import RD_PAPER_OVERRIDES, write_json
 
 import kdad
 from kdad.config import load_config
@@ -93,7 +93,7 @@ def run_one(name: str, preset: str, extra: dict[str, Any], data: dict[str, Path]
                  f"train.max_iters={iters}", f"train.batch_size={args.batch}", f"train.seed={args.seed}",
                  "train.val_fraction=0.1", "model.backbone=efficientnet_lite0"]
     if one:
-        overrides += [f"data.root={data[one]}", RD_PAPER_LAYERS]  # as rd_multiclass_cpu
+        overrides += [f"data.root={data[one]}", *RD_PAPER_OVERRIDES]  # as rd_multiclass_cpu
     else:
         overrides.append("data.categories=[" + ", ".join(str(p) for p in data.values()) + "]")
     if "off" in extra:

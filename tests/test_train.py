@@ -265,7 +265,8 @@ def test_thresholds_use_the_configured_quantiles_of_held_out_normals(demo_root: 
     """A non-default train.threshold_quantile is what model.ckpt's image threshold is the quantile of."""
     over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "model.sigma=0",
             "train.threshold_quantile=0.5", "train.pixel_threshold_quantile=0.75", "train.amp=false",
-            "train.pixel_threshold_rule=quantile", "train.image_threshold_rule=quantile"]
+            "train.pixel_threshold_rule=quantile", "train.image_threshold_rule=quantile",
+            "model.map_norm=none"]  # in-sample scores: no cross-fitted calibration (tested on its own)
     cfg = load_config("rd_cpu", [], over)
     run = fit(cfg, tmp_path / "run")
     bundle = load_bundle(run)
@@ -284,7 +285,7 @@ def test_default_image_threshold_is_conformal_on_held_out_normals(demo_root: Pat
     """model.ckpt states alpha, n and the guarantee; its image threshold is the ceil((n+1)(1-alpha))-th smallest
     held-out normal score; the calibration scores travel in the bundle; a too-small alpha warns."""
     over = [f"data.root={demo_root}", "train.epochs=1", *TINY, "train.val_fraction=0.5", "train.alpha=0.3",
-            "train.amp=false"]
+            "train.amp=false", "model.map_norm=none"]  # in-sample scores: no cross-fit (tested on its own)
     run = fit(load_config("rd_cpu", [], over), tmp_path / "run")
     bundle = load_bundle(run)
     model, cfg2 = model_from_bundle(bundle)
@@ -383,16 +384,16 @@ def test_fit_takes_the_image_threshold_from_crossfitted_scores(demo_root: Path, 
 
 
 def test_rd_map_norm_is_calibrated_cross_fitted_and_saved(demo_root: Path, tmp_path: Path) -> None:
-    """model.map_norm=position: the head's mean map comes from the held-out normals and travels in model.ckpt;
-    the image threshold is cross-fitted. Without it, fit runs no calibration and nothing is cross-fitted."""
+    """model.map_norm=position (rd_cpu's default): the head's mean map comes from the held-out normals and travels
+    in model.ckpt; the image threshold is cross-fitted. With none, fit runs no calibration, nothing is cross-fitted."""
     over = [f"data.root={demo_root}", "train.epochs=1", "train.val_fraction=0.5", *TINY]
-    bundle = load_bundle(fit(load_config("rd_cpu", [], over + ["model.map_norm=position"]), tmp_path / "a"))
+    bundle = load_bundle(fit(load_config("rd_cpu", [], over), tmp_path / "a"))
     assert "cross-fitted" in bundle["thresholds"]["source"]
     mean = bundle["model"]["head.norm.mean"]
     assert mean.shape == (1, 1, 64, 64) and bool((mean > 0).all())
     model, _ = model_from_bundle(bundle)
     torch.testing.assert_close(model.head.norm.mean, mean)
-    plain = load_bundle(fit(load_config("rd_cpu", [], over), tmp_path / "b"))
+    plain = load_bundle(fit(load_config("rd_cpu", [], over + ["model.map_norm=none"]), tmp_path / "b"))
     assert "cross-fitted" not in plain["thresholds"]["source"]
     assert not any(k.endswith("norm.mean") for k in plain["model"])
 

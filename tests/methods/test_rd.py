@@ -87,3 +87,9 @@ def test_map_norm_is_validated_and_calibrates_only_when_set(name: str) -> None:
     assert spec.calibrate is not None
     spec.calibrate(model, [{"image": x}], torch.device("cpu"))
     torch.testing.assert_close(model(x).anomaly_map, raw / raw.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
+
+
+def test_rd_cpu_divides_by_the_normals_mean_map_and_the_paper_presets_do_not() -> None:
+    assert load_config("rd_cpu").model["map_norm"] == "position"
+    for preset in ("rd_paper", "rdpp_cpu", "stfpm_cpu", "snl_cpu"):
+        assert load_config(preset).model.get("map_norm", "none") == "none", preset
