@@ -33,6 +33,11 @@ command rebuilt from the `argv` they stored.
 comparison) measured the layers 1-3 recipe, which `--set model.layers=[1,2,3]` still gives. In
 `quality.json` those runs are the cell `rd_cpu_l123`.
 
+**`rd_cpu` changed again in session 14 (2026-12-03)**: its map is divided by the held-out normals' mean map
+(`model.map_norm: position`, `docs/methods/rd.md`, "Map normalisation"). Every file made before which names
+`rd_cpu` measured the raw map, which `--set model.map_norm=none` still gives. In `quality.json` the earlier
+`rd_cpu` rows are the cell `rd_raw`, and every older cell built on `rd_cpu` carries `model.map_norm=none`.
+
 ## Reading the CPU numbers
 
 `vs_anomalib_cpu_quiet*.json` and `methods_speed_cpu.json` were measured on the 2-core machine with nothing else
