@@ -112,6 +112,14 @@ MapNorm = Literal["none", "position"]
 MAP_NORMS = ("none", "position")
 
 
+def check_map_norm(method: str, map_norm: str) -> None:
+    """A ConfigError naming `method`'s option unless ``model.map_norm`` is one of MAP_NORMS."""
+    from kdad.errors import ConfigError
+
+    if map_norm not in MAP_NORMS:
+        raise ConfigError(f"{method} model.map_norm={map_norm!r} is not valid; choose one of {MAP_NORMS}")
+
+
 class PositionNorm(nn.Module):
     """Divides a finished map (B, 1, H, W) by the held-out normals' mean map at each pixel (``map_norm:
     position``): normal textures err most along the frame's edges, where a plain max then lands on good images
@@ -343,6 +351,7 @@ __all__ = [
     "blur_matrix",
     "blur_radius",
     "calibrate_position_norm",
+    "check_map_norm",
     "cosine_distance",
     "cosine_similarity",
     "gaussian_kernel1d",

@@ -20,12 +20,12 @@ from torch import Tensor, nn
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
 from kdad.blocks.maps import (
-    MAP_NORMS,
     AnomalyMapHead,
     AnomalyOutput,
     Fuse,
     MapNorm,
     calibrate_position_norm,
+    check_map_norm,
     pool_features,
 )
 from kdad.blocks.ocbe import build_bottleneck
@@ -64,8 +64,7 @@ class Config:
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
-        if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"rd model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
+        check_map_norm("rd", self.map_norm)
 
 
 class Model(nn.Module):

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import flatten_pair, global_cosine_loss, pixel_cosine_loss
-from kdad.blocks.maps import MAP_NORMS, AnomalyMapHead, AnomalyOutput, Fuse, MapNorm, calibrate_position_norm
+from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, MapNorm, calibrate_position_norm, check_map_norm
 from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
 from kdad.dicts import deep_merge, from_dict, to_dict
@@ -77,8 +77,7 @@ class Config:
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
-        if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"rdpp model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
+        check_map_norm("rdpp", self.map_norm)
         if self.ssot not in SSOT_MODES:
             raise ConfigError(f"rdpp model.ssot={self.ssot!r} is not valid; choose one of {SSOT_MODES}")
         if self.accumulate < 1:

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.losses import global_cosine_loss
-from kdad.blocks.maps import MAP_NORMS, Fuse, MapNorm, calibrate_position_norm
+from kdad.blocks.maps import Fuse, MapNorm, calibrate_position_norm, check_map_norm
 from kdad.errors import ConfigError
 from kdad.methods import rd
 from kdad.methods.base import MethodSpec, backward, uses_position_norm
@@ -64,8 +64,7 @@ class Config:
     cram_temperature: float = 0.1  # softmax temperature of the cosine soft assignment
 
     def __post_init__(self) -> None:
-        if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"snl model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
+        check_map_norm("snl", self.map_norm)
 
 
 def cosine_distance_along(a: Tensor, b: Tensor, dim: int) -> Tensor:

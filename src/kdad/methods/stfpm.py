@@ -17,16 +17,15 @@ from torch import Tensor, nn
 
 from kdad.blocks.losses import normalized_l2_loss
 from kdad.blocks.maps import (
-    MAP_NORMS,
     AnomalyMapHead,
     AnomalyOutput,
     Fuse,
     MapNorm,
     calibrate_position_norm,
+    check_map_norm,
     pool_features,
 )
 from kdad.blocks.teachers import build_encoder
-from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step, uses_position_norm
 
 PAPER = "Wang et al., Student-Teacher Feature Pyramid Matching for Anomaly Detection, BMVC 2021"
@@ -48,8 +47,7 @@ class Config:
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
-        if self.map_norm not in MAP_NORMS:
-            raise ConfigError(f"stfpm model.map_norm={self.map_norm!r} is not valid; choose one of {MAP_NORMS}")
+        check_map_norm("stfpm", self.map_norm)
 
 
 class Model(nn.Module):
