@@ -120,6 +120,14 @@ def check_map_norm(method: str, map_norm: str) -> None:
         raise ConfigError(f"{method} model.map_norm={map_norm!r} is not valid; choose one of {MAP_NORMS}")
 
 
+def divide_by_mean(amap: Tensor, mean: Tensor) -> Tensor:
+    """`amap` (B, C, H, W) over a per-position mean map (1, C, h, w) of normal images, the mean resized bilinearly
+    when it was calibrated at another size (PatchST's error grid and PositionNorm share this)."""
+    if mean.shape[-2:] != amap.shape[-2:]:
+        mean = F.interpolate(mean, size=amap.shape[-2:], mode="bilinear", align_corners=False)
+    return amap / mean.to(amap.dtype)
+
+
 class PositionNorm(nn.Module):
     """Divides a finished map (B, 1, H, W) by the held-out normals' mean map at each pixel (``map_norm:
     position``): normal textures err most along the frame's edges, where a plain max then lands on good images
@@ -140,12 +148,7 @@ class PositionNorm(nn.Module):
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, amap: Tensor) -> Tensor:
-        if self.mean.numel() == 0:
-            return amap
-        mean = self.mean
-        if mean.shape[-2:] != amap.shape[-2:]:  # another input size than calibrated: resize the statistics
-            mean = F.interpolate(mean, size=amap.shape[-2:], mode="bilinear", align_corners=False)
-        return amap / mean.to(amap.dtype)
+        return amap if self.mean.numel() == 0 else divide_by_mean(amap, self.mean)
 
 
 @torch.no_grad()
@@ -354,6 +357,7 @@ __all__ = [
     "check_map_norm",
     "cosine_distance",
     "cosine_similarity",
+    "divide_by_mean",
     "gaussian_kernel1d",
     "normalized_sq_distance",
     "normalized_sq_distance_fast",

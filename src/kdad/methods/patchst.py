@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.blocks.maps import AnomalyOutput, GaussianBlur, pool_features
+from kdad.blocks.maps import AnomalyOutput, GaussianBlur, divide_by_mean, pool_features
 from kdad.blocks.patchnet import PatchNet
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
@@ -148,11 +148,8 @@ class Model(nn.Module):
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         d = self.error_grid(images)
-        if self.map_mean.numel() > 0:
-            mean = self.map_mean
-            if mean.shape[-2:] != d.shape[-2:]:  # another input size than calibrated: resize the statistics
-                mean = F.interpolate(mean, size=d.shape[-2:], mode="bilinear", align_corners=False)
-            d = d / mean
+        if self.map_mean.numel() > 0:  # resized when calibrated at another input size
+            d = divide_by_mean(d, self.map_mean)
         d = d.sum(1, keepdim=True)  # the branches, each relative to its held-out normals' mean, add up
         amap = self.blur(F.interpolate(d, size=images.shape[-2:], mode="bilinear", align_corners=False))
         return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
