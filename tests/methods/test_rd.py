@@ -67,7 +67,7 @@ def test_rd_pool_reaches_loss_and_map() -> None:
     assert model.head.pool == 3
 
 
-@pytest.mark.parametrize("name", ["rd", "rdpp", "stfpm", "snl"])
+@pytest.mark.parametrize("name", ["rd", "rdpp", "stfpm", "snl", "urd"])
 def test_map_norm_is_validated_and_calibrates_only_when_set(name: str) -> None:
     from kdad.methods import get_method
     from kdad.methods.base import runs_calibration
@@ -91,5 +91,5 @@ def test_map_norm_is_validated_and_calibrates_only_when_set(name: str) -> None:
 
 def test_rd_cpu_divides_by_the_normals_mean_map_and_the_paper_presets_do_not() -> None:
     assert load_config("rd_cpu").model["map_norm"] == "position"
-    for preset in ("rd_paper", "rdpp_cpu", "stfpm_cpu", "snl_cpu", "rd_demo", "rd_multiclass_cpu"):
+    for preset in ("rd_paper", "rdpp_cpu", "stfpm_cpu", "snl_cpu", "urd_cpu", "rd_demo", "rd_multiclass_cpu"):
         assert load_config(preset).model.get("map_norm", "none") == "none", preset

@@ -18,6 +18,9 @@ Where the paper and the code differ (defaults follow the paper; the code's choic
 - ``synthesis`` (overrides of ``SYNTHESIS``) ``beta_range``: paper (0.15, 1] (eq. 7); code (0.2, 1].
 - ``student_init``: "xavier" (official code: Xavier-normal on every student Conv2d; the paper is silent) | "rd".
 - Layer masks are resampled from the full-size mask (paper); the code chains them from the previous layer's.
+
+kdad's option ``map_norm: position`` (in neither) divides the map by the held-out normals' mean map, as for RD
+(docs/methods/rd.md, "Map normalisation").
 """
 
 from __future__ import annotations
@@ -31,12 +34,20 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.losses import global_cosine_loss
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, cosine_distance
+from kdad.blocks.maps import (
+    AnomalyMapHead,
+    AnomalyOutput,
+    Fuse,
+    MapNorm,
+    calibrate_position_norm,
+    check_map_norm,
+    cosine_distance,
+)
 from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import Encoder, build_encoder
 from kdad.dicts import deep_merge, from_dict, to_dict
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec, backward
+from kdad.methods.base import MethodSpec, backward, uses_position_norm
 from kdad.synthesis import BETA_RANGE_PAPER, SynthesisConfig, TextureBank, compute_foreground, synthesize
 
 PAPER = "Liu et al., Unlocking the Potential of Reverse Distillation for Anomaly Detection, AAAI 2025"
@@ -71,8 +82,10 @@ class Config:
     fuse: Fuse = "sum"
     sigma: float = 4.0
     align_corners: bool = True
+    map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
+        check_map_norm("urd", self.map_norm)
         for key, valid in (("injection", INJECTIONS), ("similarity", SIMILARITIES),
                            ("teacher_loss", TEACHER_LOSSES), ("student_init", STUDENT_INITS)):
             if getattr(self, key) not in valid:
@@ -156,7 +169,8 @@ class Model(nn.Module):
                 for conv in m.modules():
                     if isinstance(conv, nn.Conv2d):
                         nn.init.xavier_normal_(conv.weight)
-        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners)  # type: ignore[arg-type]
+        self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners,  # type: ignore[arg-type]
+                                   map_norm=cfg.map_norm)
         self._foreground: dict[str, Tensor] = {}  # per training image path; never saved
 
     def student_modules(self) -> list[nn.Module]:
@@ -289,4 +303,5 @@ def train_step(
     return logs
 
 
-SPEC = MethodSpec("urd", Config, Model, optimizers, train_step, PAPER, needs_textures=True)
+SPEC = MethodSpec("urd", Config, Model, optimizers, train_step, PAPER, needs_textures=True,
+                  calibrate=calibrate_position_norm, calibrates=uses_position_norm)
