@@ -1,7 +1,7 @@
 """Does dividing a trained recipe's map by the held-out normals' per-position mean lift its image AUROC?
 
 PatchST's largest single gain was that division (docs/methods/patchst.md, "map_norm"): normal magnetic_tile
-images err most along the frame's edges, so a plain max picks an edge. RD, RD++ and STFPM score the raw map.
+images err most along the frame's edges, so a plain max picks an edge. RD, RD++, STFPM, URD and CFRG score the raw map.
 This fits a cell once per seed and scores the same test maps several ways, with statistics from the run's own
 held-out normals (the training images fit left out; no test image is used to set them):
 
@@ -22,6 +22,7 @@ Table: python benchmarks/map_norm.py --summary --out F
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -40,6 +41,7 @@ from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.factory import build_dataset
 from kdad.deploy.dataset import predict
+from kdad.methods import get_method
 from kdad.metrics.pro import au_pro
 from kdad.train import fit, train_val_datasets
 
@@ -78,10 +80,13 @@ def scores_by_rule(maps: np.ndarray, normal_maps: np.ndarray) -> dict[str, np.nd
 
 def run(cell: str, category: str, seed: int, work: Path) -> dict[str, Any]:
     name, preset, overrides = parse_cell(cell)
-    # the rules divide the raw map themselves: a preset that divides already (rd_cpu) is run without it
-    cfg = load_config(preset, [], [f"data.root={quality_split.CATEGORIES[category]}", f"train.seed={seed}",
-                                   "train.progress=false", f"data.texture_dir={quality_split.TEXTURES}", *overrides,
-                                   "model.map_norm=none"])
+    sets = [f"data.root={quality_split.CATEGORIES[category]}", f"train.seed={seed}", "train.progress=false",
+            f"data.texture_dir={quality_split.TEXTURES}", *overrides]
+    cfg = load_config(preset, [], sets)
+    # the rules divide the raw map themselves: a preset that divides already (rd_cpu) is run without it; the
+    # methods without the option (CFRG, DSKD, BKD) always give their raw map
+    if any(f.name == "map_norm" for f in dataclasses.fields(get_method(cfg.method).Config)):
+        cfg = load_config(preset, [], [*sets, "model.map_norm=none"])
     bundle = load_bundle(fit(cfg, work / f"{name}_{seed}") / "model.ckpt")
     model, cfg = model_from_bundle(bundle)
     dev, bs = torch.device("cpu"), cfg.train.eval_batch_size
