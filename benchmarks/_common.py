@@ -17,6 +17,7 @@ import platform
 import shlex
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,38 @@ def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
     tmp.write_text(json.dumps(doc, indent=1) + "\n")
     tmp.replace(path)
     return path
+
+
+def seed_study(run: Callable[[str, str, int, Path], dict[str, Any]], summary: Callable[[list[dict[str, Any]]], str],
+               cell: str, category: str, out: Path) -> None:
+    """The command line of a study that fits a cell once per seed and scores the same maps several ways
+    (map_norm.py, tile_score.py): ``--summary`` prints the table of ``--out``; otherwise each seed's row,
+    ``run(cell, category, seed, workdir)``, replaces the row of the same (cell, category, seed) in ``--out``,
+    written after every seed so that a stopped study keeps the seeds it finished."""
+    import tempfile
+
+    import torch
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--summary", action="store_true", help="print the table of --out and stop")
+    ap.add_argument("--cell", default=cell, help="NAME=PRESET:key=value,... (benchmarks/quality.py's form)")
+    ap.add_argument("--category", default=category, choices=sorted(CATEGORIES))
+    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=out)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    rows: list[dict[str, Any]] = json.loads(args.out.read_text())["runs"] if args.out.exists() else []
+    if args.summary:
+        print(summary(rows))
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        for seed in args.seeds:
+            row = run(args.cell, args.category, seed, Path(tmp))
+            key = (row["cell"], row["category"], seed)
+            rows = [r for r in rows if (r["cell"], r["category"], r["seed"]) != key] + [row]
+            write_json(args.out, {"split_seed": SPLIT_SEED, "runs": rows})
+            print(json.dumps(row["image_auroc"]), flush=True)
 
 
 def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:

@@ -21,12 +21,8 @@ Table: python benchmarks/map_norm.py --summary --out F
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import os
-import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -132,28 +128,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--summary", action="store_true", help="print the table of --out and stop")
-    ap.add_argument("--cell", default="rd_cpu")
-    ap.add_argument("--category", default="magnetic_tile")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(quality_split.RESULTS / "map_norm.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    rows = json.loads(out.read_text())["runs"] if out.exists() else []
-    if args.summary:
-        print(summary(rows))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            row = run(args.cell, args.category, seed, Path(tmp))
-            key = (row["cell"], row["category"], seed)
-            rows = [r for r in rows if (r["cell"], r["category"], r["seed"]) != key] + [row]
-            out.write_text(json.dumps({"command": "python benchmarks/map_norm.py " + " ".join(sys.argv[1:]),
-                                       "split_seed": quality_split.SPLIT_SEED, "runs": rows}, indent=1))
-            print(json.dumps(row["image_auroc"]), flush=True)
+    quality_split.seed_study(run, summary, "rd_cpu", "magnetic_tile", quality_split.RESULTS / "map_norm.json")
 
 
 if __name__ == "__main__":

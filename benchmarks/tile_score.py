@@ -15,11 +15,7 @@ Table (mean ± sample std over seeds, per cell and rule): python benchmarks/tile
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -93,27 +89,7 @@ def summary(rows: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--summary", action="store_true", help="print the table of --out and stop")
-    ap.add_argument("--cell", default="student_tiled=patchst_cpu:model.memory=0,data.tiling=true,train.epochs=3")
-    ap.add_argument("--category", default="brushed512")
-    ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--out", default=str(quality_split.RESULTS / "tile_score.json"))
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    rows = json.loads(out.read_text())["runs"] if out.exists() else []
-    if args.summary:
-        print(summary(rows))
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        for seed in args.seeds:
-            row = run(args.cell, args.category, seed, Path(tmp))
-            rows = [r for r in rows if (r["cell"], r["seed"]) != (row["cell"], seed)] + [row]
-            out.write_text(json.dumps({"command": "python benchmarks/tile_score.py " + " ".join(sys.argv[1:]),
-                                       "split_seed": quality_split.SPLIT_SEED, "runs": rows}, indent=1))
-            print(json.dumps(row["image_auroc"]))
+    quality_split.seed_study(run, summary, "student_tiled=patchst_cpu:model.memory=0,data.tiling=true,train.epochs=3", "brushed512", quality_split.RESULTS / "tile_score.json")
 
 
 if __name__ == "__main__":
