@@ -9,7 +9,9 @@ held-out normals (the training images fit left out; no test image is used to set
 - `div_max`: the max of the map divided by the held-out normals' mean map (per pixel);
 - `sub_max`: the max of the map minus that mean map; `z_max`: minus the mean, over the per-pixel std;
 - `divsmooth_max`: divided by that mean map blurred again (Gaussian, sigma 16 px), so 40 images' noise averages out;
-- `divshrink_max`: divided by the mean map shrunk halfway to its global mean (a weaker correction).
+- `divshrink_max`: divided by the mean map shrunk halfway to its global mean (a weaker correction);
+- `divrel_max` (session 15): `div_max`'s map divided by its own mean over the image, so that a good image whose
+  map is high everywhere (an unusual shade of the part) does not outscore a local defect.
 
 AU-PRO (limit 0.3) is also computed from the maps of the rules that change the map (`max`: the raw map).
 
@@ -41,19 +43,21 @@ from kdad.methods import get_method
 from kdad.metrics.pro import au_pro
 from kdad.train import fit, train_val_datasets
 
-RULES = ("max", "top1_mean", "div_max", "sub_max", "z_max", "divsmooth_max", "divshrink_max")
-# the map each rule takes its max of, for AU-PRO: raw, and divided by the normals' mean map in three forms
-MAP_RULES = ("max", "div_max", "divsmooth_max", "divshrink_max")
+RULES = ("max", "top1_mean", "div_max", "sub_max", "z_max", "divsmooth_max", "divshrink_max", "divrel_max")
+# the map each rule takes its max of, for AU-PRO: raw, and divided by the normals' mean map in four forms
+MAP_RULES = ("max", "div_max", "divsmooth_max", "divshrink_max", "divrel_max")
 
 
 def normalised_maps(maps: np.ndarray, normal_maps: np.ndarray) -> dict[str, np.ndarray]:
-    """`maps` (N, H, W) raw and divided by the normals' mean map: as is, blurred (sigma 16), shrunk halfway."""
+    """`maps` (N, H, W) raw and divided by the normals' mean map: as is, blurred (sigma 16), shrunk halfway, and
+    divided again by the image's own mean of that ratio (so an image that errs everywhere is not an anomaly)."""
     mean = normal_maps.mean(0)
     eps = 1e-6 * float(mean.mean())
     smooth = GaussianBlur(16.0)(torch.from_numpy(mean)[None, None].float())[0, 0].numpy()
     shrunk = 0.5 * (mean + mean.mean())
-    return {"max": maps, "div_max": maps / (mean + eps), "divsmooth_max": maps / (smooth + eps),
-            "divshrink_max": maps / (shrunk + eps)}
+    div = maps / (mean + eps)
+    return {"max": maps, "div_max": div, "divsmooth_max": maps / (smooth + eps),
+            "divshrink_max": maps / (shrunk + eps), "divrel_max": div / div.mean((1, 2), keepdims=True)}
 
 
 def scores_by_rule(maps: np.ndarray, normal_maps: np.ndarray) -> dict[str, np.ndarray]:
@@ -70,7 +74,7 @@ def scores_by_rule(maps: np.ndarray, normal_maps: np.ndarray) -> dict[str, np.nd
         "sub_max": (maps - mean).reshape(len(maps), -1).max(1),
         "z_max": ((maps - mean) / (std + eps)).reshape(len(maps), -1).max(1),
         **{k: v.reshape(len(maps), -1).max(1) for k, v in normalised_maps(maps, normal_maps).items()
-           if k in ("divsmooth_max", "divshrink_max")},
+           if k in ("divsmooth_max", "divshrink_max", "divrel_max")},
     }
 
 
