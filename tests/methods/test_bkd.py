@@ -222,6 +222,28 @@ def test_calibrate_stores_a_seeded_support_set_that_survives_a_checkpoint() -> N
             fresh(torch.rand(1, 3, 96, 96))
 
 
+def test_map_norm_divides_by_the_normals_mean_map_against_the_stored_support() -> None:
+    with pytest.raises(ConfigError, match=r"bkd model.map_norm='edge'"):
+        bkd.Config(map_norm="edge")
+    assert bkd.Config().map_norm == "none"  # the paper's map unless asked
+    model = tiny_model(shots=2, map_norm="position").eval()
+    data = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+    loader = torch.utils.data.DataLoader(data, batch_size=2)  # type: ignore[arg-type]
+    bkd.calibrate(model, loader, torch.device("cpu"))
+    x = torch.stack([d["image"] for d in data])
+    with torch.inference_mode():
+        divided = model(x).anomaly_map
+        raw_model = tiny_model(shots=2, map_norm="none").eval()
+        raw_model.support.set(model.support.features())
+        raw = raw_model(x).anomaly_map
+    # the support set is stored before the mean map is taken, so the mean is of maps against that support
+    torch.testing.assert_close(divided, raw / raw.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
+    fresh = tiny_model(shots=2, map_norm="position")
+    fresh.load_state_dict(model.state_dict(), strict=True)  # the mean map travels with the support set
+    with torch.inference_mode():
+        torch.testing.assert_close(fresh.eval()(x).anomaly_map, divided)
+
+
 def test_config_errors_name_the_option() -> None:
     with pytest.raises(ConfigError, match="support_reduce"):
         tiny_model(support_reduce="max")

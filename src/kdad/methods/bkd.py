@@ -7,6 +7,7 @@ Reverse stage: per-level memory addressing with hard shrinkage (eqs. 6-10, kdad.
 mirror decoder. Loss (eqs. 11-12): per layer Loss(Q, D) + Loss(Q, S~), each = value + direction term.
 Map (eq. 13): product over layers of the upsampled per-layer maps d(Q, D) + min_j d(Q, S~_j); score = max.
 Inference compares each query with a fixed support set of training normals held in model buffers.
+kdad's option ``map_norm: position`` (not in the paper) divides the map by the held-out normals' mean map, as RD's.
 """
 
 from __future__ import annotations
@@ -22,7 +23,15 @@ from torch import Tensor, nn
 
 from kdad.blocks.decoders import decoder_for
 from kdad.blocks.deform_align import IMPLS, PyramidAlign
-from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, cosine_distance
+from kdad.blocks.maps import (
+    AnomalyMapHead,
+    AnomalyOutput,
+    Fuse,
+    MapNorm,
+    calibrate_position_norm,
+    check_map_norm,
+    cosine_distance,
+)
 from kdad.blocks.memory import MemoryModule
 from kdad.blocks.ocbe import build_bottleneck
 from kdad.blocks.teachers import build_encoder
@@ -80,6 +89,11 @@ class Config:
     sigma: float = 4.0
     align_corners: bool = True
     support_seed: int = 0  # which training normals form the inference support set
+    # "position": the map over the held-out normals' mean map (kdad's option, as RD's; not in the paper)
+    map_norm: MapNorm = "none"
+
+    def __post_init__(self) -> None:
+        check_map_norm("bkd", self.map_norm)
 
 
 class Pairs(NamedTuple):
@@ -157,8 +171,9 @@ class BidirectionalHead(AnomalyMapHead):
     `student[l]` is (B, 1 + k, C, h, w): the decoder output followed by the k aligned supports.
     """
 
-    def __init__(self, support_reduce: str, fuse: str, sigma: float, align_corners: bool) -> None:
-        super().__init__("cosine", fuse, sigma, align_corners)  # type: ignore[arg-type]
+    def __init__(self, support_reduce: str, fuse: str, sigma: float, align_corners: bool,
+                 map_norm: MapNorm = "none") -> None:
+        super().__init__("cosine", fuse, sigma, align_corners, map_norm=map_norm)  # type: ignore[arg-type]
         self.support_reduce = support_reduce
 
     def layer_maps(self, teacher: Sequence[Tensor], student: Sequence[Tensor]) -> list[Tensor]:
@@ -208,7 +223,7 @@ class Model(nn.Module):
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels,
                                    tuple(cfg.decoder_blocks) or None)
         self.support = SupportSet(channels)
-        self.head = BidirectionalHead(cfg.support_reduce, cfg.fuse, cfg.sigma, cfg.align_corners)
+        self.head = BidirectionalHead(cfg.support_reduce, cfg.fuse, cfg.sigma, cfg.align_corners, cfg.map_norm)
 
     def teacher_features(self, images: Tensor) -> list[Tensor]:
         """Frozen teacher features of images in [0, 1]."""
@@ -314,13 +329,15 @@ def train_step(
 
 
 def calibrate(model: Model, normal_loader: Any, device: torch.device) -> None:
-    """Store k training normals, drawn with `support_seed`, as the fixed inference support set."""
+    """Store k training normals, drawn with `support_seed`, as the fixed inference support set; with
+    ``map_norm: position`` then the normals' mean map against that support set (so the two stay consistent)."""
     ds = normal_loader.dataset
     n, k = len(ds), model.cfg.shots
     gen = torch.Generator().manual_seed(model.cfg.support_seed)
     idx = torch.randperm(n, generator=gen)[:k] if n >= k else torch.randint(0, n, (k,), generator=gen)
     images = torch.stack([ds[int(i)]["image"] for i in idx]).to(device)
     model.set_support(images)
+    calibrate_position_norm(model, normal_loader, device)
 
 
 SPEC = MethodSpec("bkd", Config, Model, optimizers, train_step, PAPER, calibrate=calibrate)
