@@ -39,9 +39,14 @@ comparison) measured the layers 1-3 recipe, which `--set model.layers=[1,2,3]` s
 `rd_cpu` rows are the cell `rd_raw`, and every older cell built on `rd_cpu` carries `model.map_norm=none`.
 
 **`snl_cpu` changed in session 16 (2026-12-04)**: its teacher layers went from 1-3 to 2-4 (`docs/quality.md`,
-"Sessions 15-16"). Every file made before which names `snl_cpu` (multi-class, speed) measured layers 1-3, which
+"Sessions 15-17"). Every file made before which names `snl_cpu` (multi-class, speed) measured layers 1-3, which
 `--set model.layers=[1,2,3]` still gives; `benchmarks/multiclass.py` pins them. In `quality.json` the earlier
 `snl_cpu` rows are the cell `snl_l123`, and the layers 2-4 rows first run as `snl_l234` are now `snl_cpu`.
+
+**`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
+(`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`
+measured the raw map, which `--set model.map_norm=none` still gives; in `quality.json` those rows are the cell
+`bkd_raw`. The `bkd_cpu` rows of `map_norm.json` fit the raw map and score the division afterwards.
 
 ## Reading the CPU numbers
 

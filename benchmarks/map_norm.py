@@ -1,7 +1,7 @@
 """Does dividing a trained recipe's map by the held-out normals' per-position mean lift its image AUROC?
 
 PatchST's largest single gain was that division (docs/methods/patchst.md, "map_norm"): normal magnetic_tile
-images err most along the frame's edges, so a plain max picks an edge. RD, RD++, STFPM, URD and CFRG score the raw map.
+images err most along the frame's edges, so a plain max picks an edge. RD++, STFPM, URD, CFRG and DSKD score the raw map.
 This fits a cell once per seed and scores the same test maps several ways, with statistics from the run's own
 held-out normals (the training images fit left out; no test image is used to set them):
 
@@ -83,8 +83,8 @@ def run(cell: str, category: str, seed: int, work: Path) -> dict[str, Any]:
     sets = [f"data.root={quality_split.CATEGORIES[category]}", f"train.seed={seed}", "train.progress=false",
             f"data.texture_dir={quality_split.TEXTURES}", *overrides]
     cfg = load_config(preset, [], sets)
-    # the rules divide the raw map themselves: a preset that divides already (rd_cpu) is run without it; the
-    # methods without the option (CFRG, DSKD, BKD) always give their raw map
+    # the rules divide the raw map themselves: a preset that divides already (rd_cpu, bkd_cpu) is run without it;
+    # the methods without the option (CFRG, DSKD) always give their raw map
     if any(f.name == "map_norm" for f in dataclasses.fields(get_method(cfg.method).Config)):
         cfg = load_config(preset, [], [*sets, "model.map_norm=none"])
     bundle = load_bundle(fit(cfg, work / f"{name}_{seed}") / "model.ckpt")

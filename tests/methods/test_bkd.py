@@ -12,7 +12,7 @@ from torchvision.ops import deform_conv2d
 
 from kdad.blocks.deform_align import PyramidAlign, deform_conv2d_grid
 from kdad.blocks.memory import MemoryModule, hard_shrink
-from kdad.config import from_dict
+from kdad.config import from_dict, load_config
 from kdad.errors import ConfigError, KdadError
 from kdad.methods import bkd
 
@@ -226,6 +226,8 @@ def test_map_norm_divides_by_the_normals_mean_map_against_the_stored_support() -
     with pytest.raises(ConfigError, match=r"bkd model.map_norm='edge'"):
         bkd.Config(map_norm="edge")
     assert bkd.Config().map_norm == "none"  # the paper's map unless asked
+    assert load_config("bkd_cpu").model["map_norm"] == "position"  # chosen in the quality study (session 17)
+    assert load_config("bkd_paper").model.get("map_norm", "none") == "none"
     model = tiny_model(shots=2, map_norm="position").eval()
     data = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i))} for i in range(4)]
     loader = torch.utils.data.DataLoader(data, batch_size=2)  # type: ignore[arg-type]
