@@ -253,13 +253,19 @@ def test_config_errors_name_the_option() -> None:
         tiny_model(shots=0)
 
 
-def test_onnx_export_matches_torch() -> None:
+@pytest.mark.parametrize("map_norm", ["none", "position"])  # bkd_cpu ships with "position"
+def test_onnx_export_matches_torch(map_norm: str) -> None:
     pytest.importorskip("onnxruntime")
     from kdad.export import check_parity, export_model_bytes
 
-    model = tiny_model()
+    model = tiny_model(map_norm=map_norm)
     opts = bkd.optimizers(model, model.cfg)
     bkd.train_step(model.train(), {"image": torch.rand(2, 3, 64, 64)}, opts, model.cfg, torch.Generator())
+    if map_norm == "position":
+        data = [{"image": torch.rand(3, 64, 64, generator=torch.Generator().manual_seed(i))} for i in range(4)]
+        bkd.calibrate(model, torch.utils.data.DataLoader(data, batch_size=2),  # type: ignore[arg-type]
+                      torch.device("cpu"))
+        assert float(model.head.norm.mean.std()) > 0  # a real per-position mean map is in the graph
     graph, _ = export_model_bytes(model.eval(), 64)
     assert check_parity(model, graph, 64)["max_abs_map_diff"] <= 1e-4
 
