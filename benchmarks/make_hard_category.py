@@ -1,8 +1,15 @@
-"""A hard generated category for the quality study, in MVTec layout: brushed-metal surfaces with small, thin,
-low-contrast defects (scratches 1-2 px wide, pin-holes of 2-4 px, faint stains). Nothing here is tuned to
-bottle or magnetic_tile, so a recipe chosen on this data and MTD's selection half is checked on the rest.
+"""Hard generated categories for the quality study, in MVTec layout. Nothing here is tuned to bottle or
+magnetic_tile, so a recipe chosen on this data and MTD's selection half is checked on the rest.
+
+- ``--kind brushed`` (the default): brushed-metal surfaces with small, thin, low-contrast defects (scratches
+  1-2 px wide, pin-holes of 2-4 px, faint stains). A texture; used to choose the CPU presets.
+- ``--kind screws``: an object category that no preset was chosen on (session 18): one thin threaded screw per
+  image at a random angle and place on a grainy backdrop, with small defects on the thin structure (a stretch
+  of flattened thread, a shortened tip, a fine scratch on the head, a small stain on the shaft). Like MVTec's
+  screw, a good part can lie at any angle, so a per-position normal map cannot say where the part should be.
 
 Run: python benchmarks/make_hard_category.py --out /tmp/kdad_hard/brushed [--seed 0] [--size 256]
+     python benchmarks/make_hard_category.py --kind screws --out /tmp/kdad_hard/screws
 --size makes a larger camera image of the same surface: texture and defects keep their sizes in pixels, so at
 --size 512 a 256-px resize halves every defect (the tiling study of issue 18, point 3).
 The images are written outside the repository (never commit them); the same seed gives the same files.
@@ -61,6 +68,85 @@ def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np
     return out, profile > 0.25
 
 
+SCREW_DEFECTS = ("thread", "tip", "head_scratch", "stain")
+
+
+def backdrop(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A light, slightly uneven backdrop with fine grain; (H, W) in [0, 1]."""
+    yy, xx = np.mgrid[0:size, 0:size] / size
+    a, b = rng.uniform(-0.06, 0.06, 2)
+    grain = gaussian_filter(rng.normal(0, 1, (size, size)), 0.8)
+    return 0.78 + a * (xx - 0.5) + b * (yy - 0.5) + 0.015 * grain
+
+
+def screw(rng: np.random.Generator, size: int = SIZE, defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """One screw on the backdrop, optionally with a defect; (image, defect mask). The screw is drawn in its own
+    frame (u along the axis from the head, v across), so its angle and place are random but its parts are not.
+    The mask: the worn stretch (thread), where the image changed by more than 0.02 (tip, scratch), where the
+    stain's profile exceeds 0.25 (stain)."""
+    scale = size / SIZE
+    cy, cx = size / 2 + rng.uniform(-18, 18, 2) * scale
+    angle = rng.uniform(0, 2 * np.pi)
+    length = rng.uniform(140, 156) * scale  # shaft, head to tip
+    half_w = rng.uniform(8.5, 10.0) * scale  # shaft half-width at the thread's root
+    period = 6.0 * scale  # thread pitch in px
+    phase = rng.uniform(0, period)
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    du, dv = np.cos(angle), np.sin(angle)
+    u = (xx - cx) * du + (yy - cy) * dv + length / 2  # 0 at the head, length at the tip
+    v = -(xx - cx) * dv + (yy - cy) * du
+    tri = np.abs(((u + phase) / period) % 1.0 - 0.5) * 2  # 0..1 saw profile of the thread
+    taper = np.clip((length - u) / (22 * scale), 0, 1)  # the last 22 px narrow to a point
+
+    def draw(tip_cut: float = 0.0, flat: tuple[float, float, float] | None = None) -> np.ndarray:
+        ridge = 1.8 * scale * tri
+        shade = 0.06 * np.sin(2 * np.pi * (u + phase) / period)
+        if flat is not None:  # a stretch of thread on one side worn flat: no ridges, no thread shading
+            u0, u1, side = flat
+            on = (u >= u0) & (u <= u1) & (np.sign(v) == side)
+            ridge = np.where(on, 0.0, ridge)
+            shade = np.where(on, 0.0, shade)
+        width = (half_w + ridge) * taper
+        inside_u = (u >= 0) & (u <= length - tip_cut)
+        shaft = np.clip(width - np.abs(v) + 0.5, 0, 1) * inside_u
+        across = np.clip(np.abs(v) / np.maximum(width, 1e-3), 0, 1)
+        metal = 0.30 + 0.22 * np.sqrt(1 - across**2) + shade  # a cylinder lit from above, thread shading
+        head_len, head_w = 16 * scale, 19 * scale
+        head = np.clip(head_w - np.abs(v) + 0.5, 0, 1) * np.clip(np.minimum(-u, u + head_len) + 0.5, 0, 1)
+        head_metal = 0.34 + 0.18 * np.sqrt(np.clip(1 - (v / head_w) ** 2, 0, 1))
+        img = background * (1 - np.maximum(shaft, head))
+        img = img + shaft * (1 - head) * metal + head * head_metal
+        return img
+
+    background = backdrop(rng, size)
+    clean = draw()
+    if defect is None:
+        return np.clip(clean, 0, 1), np.zeros((size, size), bool)
+    if defect == "thread":  # 8-18 px of thread on one side, somewhere along the shaft
+        span = rng.uniform(8, 18) * scale
+        u0 = rng.uniform(12 * scale, length - 40 * scale)
+        side = rng.choice([-1.0, 1.0])
+        img = draw(flat=(u0, u0 + span, side))
+        worn = (u >= u0) & (u <= u0 + span) & (np.sign(v) == side) & (np.abs(v) <= (half_w + 1.8 * scale) * taper)
+        return np.clip(img, 0, 1), worn  # the whole worn stretch: its ridges and the shading between them
+    elif defect == "tip":  # the tip broken off, 6-12 px
+        img = draw(tip_cut=rng.uniform(6, 12) * scale)
+    elif defect == "head_scratch":  # a fine bright or dark line across the head
+        t = rng.uniform(-10, -4) * scale
+        profile = np.exp(-0.5 * ((u - t) / (0.7 * scale)) ** 2) * (np.abs(v) < rng.uniform(8, 15) * scale)
+        img = clean + rng.choice([-1.0, 1.0]) * rng.uniform(0.08, 0.14) * profile
+    elif defect == "stain":  # a small dark or bright stain on the shaft, radius 3-5 px
+        r = rng.uniform(3, 5) * scale
+        uc = rng.uniform(15 * scale, length - 30 * scale)
+        vc = rng.uniform(-0.5, 0.5) * half_w
+        profile = np.exp(-0.5 * (((u - uc) ** 2 + (v - vc) ** 2) / (r / 1.5) ** 2))
+        img = clean + rng.choice([-1.0, 1.0]) * rng.uniform(0.10, 0.16) * profile
+        return np.clip(img, 0, 1), profile > 0.25
+    else:
+        raise ValueError(f"unknown screw defect {defect!r}; known: {', '.join(SCREW_DEFECTS)}")
+    return np.clip(img, 0, 1), np.abs(img - clean) > 0.02
+
+
 def save(img: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = np.repeat((img * 255).round().astype(np.uint8)[..., None], 3, axis=2)
@@ -70,6 +156,7 @@ def save(img: np.ndarray, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
+    ap.add_argument("--kind", choices=("brushed", "screws"), default="brushed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test-good", type=int, default=60)
@@ -80,18 +167,32 @@ def main() -> None:
         ap.error(f"--size must be at least 64, got {args.size}")
     root = Path(args.out)
     rng = np.random.default_rng(args.seed)
+    if args.kind == "screws":
+        def good() -> np.ndarray:
+            return screw(rng, args.size)[0]
+
+        def bad(kind: str) -> tuple[np.ndarray, np.ndarray]:
+            return screw(rng, args.size, kind)
+        defects = SCREW_DEFECTS
+    else:
+        def good() -> np.ndarray:
+            return surface(rng, args.size)
+
+        def bad(kind: str) -> tuple[np.ndarray, np.ndarray]:
+            return add_defect(surface(rng, args.size), kind, rng)
+        defects = DEFECTS
     for i in range(args.train):
-        save(surface(rng, args.size), root / "train" / "good" / f"{i:03d}.png")
+        save(good(), root / "train" / "good" / f"{i:03d}.png")
     for i in range(args.test_good):
-        save(surface(rng, args.size), root / "test" / "good" / f"{i:03d}.png")
-    for kind in DEFECTS:
+        save(good(), root / "test" / "good" / f"{i:03d}.png")
+    for kind in defects:
         for i in range(args.per_defect):
-            img, mask = add_defect(surface(rng, args.size), kind, rng)
+            img, mask = bad(kind)
             save(img, root / "test" / kind / f"{i:03d}.png")
             gt = root / "ground_truth" / kind / f"{i:03d}_mask.png"
             gt.parent.mkdir(parents=True, exist_ok=True)
             Image.fromarray(mask.astype(np.uint8) * 255).save(gt)
-    print(f"wrote {root}: {args.train} train, {args.test_good} good + {args.per_defect} x {len(DEFECTS)} defective test")
+    print(f"wrote {root}: {args.train} train, {args.test_good} good + {args.per_defect} x {len(defects)} defective test")
 
 
 if __name__ == "__main__":
