@@ -20,11 +20,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from kdad.blocks.coreset import greedy_coreset
 from kdad.blocks.maps import GaussianBlur
 from kdad.blocks.teachers import build_encoder
 from kdad.config import DataConfig
 from kdad.data.factory import build_dataset
 from kdad.evaluate import Predictions, compute_metrics
+from kdad.speed import cpu_has_fast_bf16
 
 
 @torch.inference_mode()
@@ -36,7 +38,7 @@ def embed(enc: torch.nn.Module, images: torch.Tensor, pool: int = 3) -> torch.Te
                                 for f in fs[1:]], 1)
 
 
-def run(category: str, seed: int, n_memory: int = 40000, size: int = 256) -> dict[str, object]:
+def run(category: str, seed: int, n_memory: int = 40000, size: int = 256, sampling: str = "random") -> dict[str, object]:
     torch.manual_seed(seed)
     enc = build_encoder("efficientnet_lite0", (2, 3), weights="imagenet", frozen=True)
     data = DataConfig(root=str(quality_split.CATEGORIES[category]), image_size=size)
@@ -48,7 +50,10 @@ def run(category: str, seed: int, n_memory: int = 40000, size: int = 256) -> dic
         e = embed(enc, x)
         feats.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
     bank = torch.cat(feats)
-    bank = bank[torch.randperm(len(bank))[:n_memory]]
+    if sampling == "coreset":  # greedy k-centre (kdad.blocks.coreset): rare training patches kept
+        bank = bank[greedy_coreset(bank, n_memory, seed=seed, bf16=cpu_has_fast_bf16())]
+    else:
+        bank = bank[torch.randperm(len(bank))[:n_memory]]
     fit_s = time.perf_counter() - t0
     blur = GaussianBlur(4.0)
     maps, scores, labels, masks, types, paths = [], [], [], [], [], []
@@ -69,7 +74,8 @@ def run(category: str, seed: int, n_memory: int = 40000, size: int = 256) -> dic
     maps_a, scores_a, masks_a = np.concatenate(maps), np.concatenate(scores), np.concatenate(masks)
     labels_a = np.asarray(labels, dtype=np.int64)
     sel, rep = quality_split.halves(test)
-    out: dict[str, object] = {"category": category, "seed": seed, "fit_seconds": fit_s}
+    out: dict[str, object] = {"category": category, "seed": seed, "fit_seconds": fit_s, "memory": n_memory,
+                              "sampling": sampling}
     for name, idx in (("selection", sel), ("report", rep)):
         p = Predictions(scores=scores_a[idx], labels=labels_a[idx], paths=[paths[i] for i in idx],
                         defect_types=[types[i] for i in idx], map_means=maps_a[idx].mean((1, 2)),
@@ -84,13 +90,16 @@ def main() -> None:
     ap.add_argument("--categories", nargs="+", default=["magnetic_tile", "bottle"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--memory", type=int, default=40000, help="memory rows (the probe: 40000)")
+    ap.add_argument("--sampling", choices=("random", "coreset"), default="random",
+                    help="how the memory is drawn from the training patches (the probe: random)")
     ap.add_argument("--out", default=str(quality_split.ROOT / "benchmarks" / "results" / "probe_knn.json"))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     runs = []
     for cat in args.categories:
         for s in args.seeds:
-            r = run(cat, s)
+            r = run(cat, s, args.memory, sampling=args.sampling)
             print(json.dumps(r), flush=True)
             runs.append(r)
     meta = {"question": "the no-training kNN bar on frozen Lite0 layers 2-3 (3x3 pooled, 40k patches)",

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
+from kdad.blocks.coreset import greedy_coreset
 from kdad.blocks.patchnet import PatchNet
 from kdad.config import from_dict
 from kdad.errors import ConfigError
+from kdad.hardware import cpu_has_fast_bf16
 from kdad.methods import patchst
 from kdad.synthesis import PERLIN_TEXTURE_EVERY_IMAGE, TextureBank, synthesize
 
@@ -143,6 +145,22 @@ def test_memory_branch_samples_standardised_training_positions_and_adds_its_map(
         assert torch.allclose(fresh(xt).anomaly_map, out.anomaly_map, atol=1e-6)
     with pytest.raises(ConfigError, match="model.memory"):
         _model(memory=-1)
+
+
+def test_coreset_memory_is_the_greedy_k_centre_of_all_training_positions() -> None:
+    """memory_sampling=coreset: the bank is kdad.blocks.coreset's choice among all standardised positions (its
+    coverage is tested in tests/blocks/test_coreset.py)."""
+    loader = _loader(4)
+    rnd, cs = _model(memory=40), _model(memory=40, memory_sampling="coreset")
+    patchst.prepare(rnd, loader, torch.device("cpu"))
+    patchst.prepare(cs, loader, torch.device("cpu"))
+    (t,), _ = cs.pairs(torch.cat([b["image"] for b in loader]))
+    rows = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+    idx = greedy_coreset(rows, 40, seed=0, bf16=cpu_has_fast_bf16())  # _model seeds torch with 0
+    assert torch.allclose(cs.bank, rows[idx], atol=1e-4)  # batched vs whole-set forward: float noise only
+    assert not torch.allclose(cs.bank, rnd.bank)  # not the random draw
+    with pytest.raises(ConfigError, match="memory_sampling"):
+        _model(memory=40, memory_sampling="kmeans")
 
 
 def test_denoising_images_get_a_synthetic_anomaly_and_the_clean_images_target() -> None:

@@ -35,11 +35,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.blocks.coreset import greedy_coreset
 from kdad.blocks.maps import AnomalyOutput, GaussianBlur, divide_by_mean, pool_features
 from kdad.blocks.patchnet import PatchNet
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
 from kdad.methods.base import MethodSpec, optimizer_step
+from kdad.hardware import cpu_has_fast_bf16
 from kdad.synthesis import PERLIN_TEXTURE_EVERY_IMAGE, synthesize
 
 PAPER = ("kdad's patch student (after the student-teacher branch of Batzner et al., EfficientAD, WACV 2024); "
@@ -65,6 +67,9 @@ class Config:
     # training patches kept for the nearest-neighbour branch (0 = off): the map adds, per position, the mean
     # squared difference to the nearest stored normal patch of the same standardised target (docs/methods/patchst.md)
     memory: int = 0
+    # how those patches are drawn: "random" (uniform) or "coreset" (greedy k-centre, kdad.blocks.coreset: keeps
+    # rare normal patches, e.g. rare poses of an object lying at any angle; about a minute per 300k positions)
+    memory_sampling: Literal["random", "coreset"] = "random"
     # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; fit
     # then needs data.texture_dir, a folder of texture images such as DTD)
     denoise: float = 0.0
@@ -96,6 +101,8 @@ class Model(nn.Module):
             raise ConfigError(f"model.memory must be >= 0 (0 = no nearest-neighbour branch), got {cfg.memory}")
         if not 0.0 <= cfg.denoise < 1.0:
             raise ConfigError(f"model.denoise must be in [0, 1) (a share of each batch), got {cfg.denoise}")
+        if cfg.memory_sampling not in ("random", "coreset"):
+            raise ConfigError(f"model.memory_sampling must be 'random' or 'coreset', got {cfg.memory_sampling!r}")
         if cfg.map_norm not in ("none", "position"):
             raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
         self.cfg = cfg
@@ -219,18 +226,27 @@ def prepare(model: Model, normal_loader: Any, device: torch.device) -> None:
 
 @torch.no_grad()
 def sample_bank(model: Model, normal_loader: Any, device: torch.device, n: int, size: int) -> Tensor:
-    """``size`` standardised target positions drawn uniformly without replacement from the ``n`` positions of
-    the training normals (all of them when there are fewer); seeded from torch's global seed (train.seed)."""
-    g = torch.Generator().manual_seed(torch.initial_seed() % (2**63))
-    keep = torch.randperm(n, generator=g)[:size].sort().values
+    """``size`` standardised target positions of the ``n`` positions of the training normals (all of them when
+    there are fewer): uniformly without replacement, or a greedy k-centre coreset of all of them
+    (``memory_sampling``); seeded from torch's global seed (train.seed)."""
+    seed = torch.initial_seed() % (2**63)
+    coreset = model.cfg.memory_sampling == "coreset" and size < n
+    keep = None if coreset else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
     rows, start = [], 0
     for batch in normal_loader:
         t = (model.raw_target(batch["image"].to(device)) - model.feat_mean) / model.feat_std
-        flat = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-        lo, hi = torch.searchsorted(keep, torch.tensor([start, start + flat.shape[0]]))
-        rows.append(flat[(keep[lo:hi] - start).to(flat.device)])
+        flat = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1]).float()
+        if keep is None:
+            rows.append(flat)
+        else:
+            lo, hi = torch.searchsorted(keep, torch.tensor([start, start + flat.shape[0]]))
+            rows.append(flat[(keep[lo:hi] - start).to(flat.device)])
         start += flat.shape[0]
-    return torch.cat(rows).float().contiguous()
+    bank = torch.cat(rows)
+    if coreset:
+        fast = device.type == "cuda" or cpu_has_fast_bf16()
+        bank = bank[greedy_coreset(bank, size, seed=seed % (2**32), bf16=fast).to(bank.device)]
+    return bank.contiguous()
 
 
 @torch.no_grad()
