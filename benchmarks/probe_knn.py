@@ -51,7 +51,7 @@ def run(category: str, seed: int, n_memory: int = 40000, size: int = 256, sampli
         feats.append(e.permute(0, 2, 3, 1).reshape(-1, e.shape[1]))
     bank = torch.cat(feats)
     if sampling == "coreset":  # greedy k-centre (kdad.blocks.coreset): rare training patches kept
-        bank = bank[greedy_coreset(bank, n_memory, seed=seed, bf16=cpu_has_fast_bf16())]
+        bank = bank[greedy_coreset(bank, n_memory, seed=seed, bf16=bool(cpu_has_fast_bf16()))]
     else:
         bank = bank[torch.randperm(len(bank))[:n_memory]]
     fit_s = time.perf_counter() - t0

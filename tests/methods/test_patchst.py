@@ -156,7 +156,7 @@ def test_coreset_memory_is_the_greedy_k_centre_of_all_training_positions() -> No
     patchst.prepare(cs, loader, torch.device("cpu"))
     (t,), _ = cs.pairs(torch.cat([b["image"] for b in loader]))
     rows = t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
-    idx = greedy_coreset(rows, 40, seed=0, bf16=cpu_has_fast_bf16())  # _model seeds torch with 0
+    idx = greedy_coreset(rows, 40, seed=0, bf16=bool(cpu_has_fast_bf16()))  # _model seeds torch with 0
     assert torch.allclose(cs.bank, rows[idx], atol=1e-4)  # batched vs whole-set forward: float noise only
     assert not torch.allclose(cs.bank, rnd.bank)  # not the random draw
     with pytest.raises(ConfigError, match="memory_sampling"):

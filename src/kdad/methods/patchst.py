@@ -40,8 +40,8 @@ from kdad.blocks.maps import AnomalyOutput, GaussianBlur, divide_by_mean, pool_f
 from kdad.blocks.patchnet import PatchNet
 from kdad.blocks.teachers import build_encoder
 from kdad.errors import ConfigError
-from kdad.methods.base import MethodSpec, optimizer_step
 from kdad.hardware import cpu_has_fast_bf16
+from kdad.methods.base import MethodSpec, optimizer_step
 from kdad.synthesis import PERLIN_TEXTURE_EVERY_IMAGE, synthesize
 
 PAPER = ("kdad's patch student (after the student-teacher branch of Batzner et al., EfficientAD, WACV 2024); "
@@ -244,7 +244,7 @@ def sample_bank(model: Model, normal_loader: Any, device: torch.device, n: int, 
         start += flat.shape[0]
     bank = torch.cat(rows)
     if coreset:
-        fast = device.type == "cuda" or cpu_has_fast_bf16()
+        fast = device.type == "cuda" or bool(cpu_has_fast_bf16())
         bank = bank[greedy_coreset(bank, size, seed=seed % (2**32), bf16=fast).to(bank.device)]
     return bank.contiguous()
 
