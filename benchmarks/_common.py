@@ -34,7 +34,8 @@ CATEGORIES["brushed"] = Path(os.environ.get("KDAD_HARD", "/tmp/kdad_hard/brushed
 # the same surface at 512 px, defects keeping their px sizes (make_hard_category.py --size 512 --test-good 40
 # --per-defect 30 --out <this>): a 256-px resize halves them; the tiling study (issue 18, point 3) reads it
 # an object category no preset was chosen on (make_hard_category.py --kind screws --train 300 --test-good 60
-# --per-defect 30 --out <this>): thin screws at random angles, small defects; a check like bottle, never for choosing
+# --per-defect 30 --out <this>): thin screws at random angles, small defects (docs/quality.md, "Session 18");
+# as a check its report half is the number; a choice made on it uses its selection half only
 CATEGORIES["screws"] = Path(os.environ.get("KDAD_SCREWS", "/tmp/kdad_hard/screws"))
 CATEGORIES["brushed512"] = Path(os.environ.get("KDAD_HARD_512", "/tmp/kdad_hard/brushed512"))
 TEXTURES = SHARED / "data" / "dtd" / "images"
