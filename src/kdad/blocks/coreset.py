@@ -44,10 +44,9 @@ def greedy_coreset(rows: Tensor, size: int, *, dim: int = 64, batch: int = 1024,
         x = x @ (torch.randn(x.shape[1], dim, generator=g) / dim**0.5).to(x.device)
     xx = (x * x).sum(1)
     xl = x.to(torch.bfloat16) if bf16 else x
-    chosen = torch.zeros(n, dtype=torch.bool, device=x.device)
     first = int(torch.randint(n, (1,), generator=g))
-    chosen[first] = True
     mind = _sq_dist(x, x[first:first + 1], xx[first:first + 1])[:, 0]
+    mind[first] = -1.0  # chosen rows are marked -1: every update below keeps them there (distances are >= 0)
     picked = [first]
     while len(picked) < size:
         take = min(batch, size - len(picked))
@@ -63,12 +62,11 @@ def greedy_coreset(rows: Tensor, size: int, *, dim: int = 64, batch: int = 1024,
             pd[j] = -1.0  # never again
         new = pool[torch.tensor(local, device=pool.device)].tolist()
         idx = torch.tensor(new, device=x.device)
-        chosen[idx] = True
         cl, cxx = xl[idx], xx[idx]
         for i in range(0, n, 65536):  # in chunks: the (n, batch) matrix of a large memory would be hundreds of MB
             # min over the new rows of |c|^2 - 2 x.c, then + |x|^2: two passes over the (chunk, batch) product
             d = torch.addmm(cxx.to(cl.dtype), xl[i:i + 65536], cl.t(), alpha=-2.0).amin(1).float()
             mind[i:i + 65536] = torch.minimum(mind[i:i + 65536], (d + xx[i:i + 65536]).clamp_min(0.0))
-        mind[chosen] = -1.0
+        mind[idx] = -1.0
         picked += new
     return torch.tensor(sorted(picked), dtype=torch.int64)
