@@ -79,6 +79,23 @@ def test_resume_matches_uninterrupted_run(demo_root: Path, tmp_path: Path) -> No
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
 
 
+def test_augmented_training_changes_the_weights_and_resumes_bit_identically(demo_root: Path, tmp_path: Path) -> None:
+    over = [f"data.root={demo_root}", *TINY, "train.val_fraction=0"]
+    aug = ["train.augment=[hflip,rot90,rotate]", "train.augment_angle=30"]
+    plain = load_bundle(fit(load_config("rd_cpu", [], over + ["train.epochs=1"]), tmp_path / "plain"))["model"]
+    full = fit(load_config("rd_cpu", [], over + aug + ["train.epochs=2"]), tmp_path / "full")
+    part = fit(load_config("rd_cpu", [], over + aug + ["train.epochs=1"]), tmp_path / "part")
+    one = load_bundle(part)["model"]
+    assert any(not torch.equal(plain[k], one[k]) for k in plain if plain[k].is_floating_point())
+    fit(load_config("rd_cpu", [], over + aug + ["train.epochs=2"]), part, resume=True)
+    a, b = load_bundle(full)["model"], load_bundle(part)["model"]
+    for k in a:  # the augmentation draws come from the checkpointed generator
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-5), k
+    with pytest.raises(ConfigError, match="train.augment"):
+        fit(load_config("rd_cpu", [], over + ["train.augment=[shear]"]), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_resume_refuses_a_changed_contract_before_writing(demo_root: Path, tmp_path: Path,
                                                          capsys: pytest.CaptureFixture[str]) -> None:
     over = [f"data.root={demo_root}", "train.epochs=1", *TINY]

@@ -104,6 +104,10 @@ class TrainConfig:
     pixel_min_area: int = 16
     eval_batch_size: int = 16
     progress: bool = True
+    # flips / rotations of the normal training batches, drawn per image (kdad.augment; docs/design.md):
+    # for products seen at any orientation; off by default (on an aligned product a turned part is a defect)
+    augment: list[str] = field(default_factory=list)
+    augment_angle: float = 180.0  # "rotate": the largest |angle|, degrees
 
 
 @dataclass

@@ -19,6 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
+from kdad.augment import augment_batch, check_augment
 from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
@@ -307,6 +308,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         torch.cuda.set_device(device)
     distributed = dist_utils.init(device)
     check_precision(tc, spec)
+    check_augment(tc.augment, tc.augment_angle)
     if tc.cuda_graph:
         _check_cuda_graph(tc, spec, device, distributed)
     if device.type == "cuda":
@@ -409,6 +411,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
                        disable=not (tc.progress and main))
             for batch in bar:
                 batch = _to_device(batch, device, tc.channels_last)
+                batch["image"] = augment_batch(batch["image"], tc.augment, gen, tc.augment_angle)
                 # for methods that synthesise anomalies; batch["category"] names each image
                 batch["textures"] = textures
                 if ddp_backward is not None:
