@@ -163,6 +163,22 @@ def test_coreset_memory_is_the_greedy_k_centre_of_all_training_positions() -> No
         _model(memory=40, memory_sampling="kmeans")
 
 
+def test_coreset_pool_draws_its_candidates_at_random_first() -> None:
+    """coreset_pool < positions: the coreset is taken among a seeded uniform draw of that many positions, the
+    same draw a random memory of that size takes, so the cost stays bounded on large or tiled sets."""
+    loader = _loader(4)  # 4 images x 8 x 8 = 256 positions
+    pool, cs = _model(memory=100), _model(memory=40, memory_sampling="coreset", coreset_pool=100)
+    patchst.prepare(pool, loader, torch.device("cpu"))  # _model seeds torch with 0 for each
+    patchst.prepare(cs, loader, torch.device("cpu"))
+    idx = greedy_coreset(pool.bank, 40, seed=0, bf16=bool(cpu_has_fast_bf16()))
+    assert torch.allclose(cs.bank, pool.bank[idx], atol=1e-4)
+    full = _model(memory=40, memory_sampling="coreset")
+    patchst.prepare(full, loader, torch.device("cpu"))
+    assert not torch.allclose(cs.bank, full.bank)  # the pool did bind
+    with pytest.raises(ConfigError, match="coreset_pool"):
+        _model(memory=40, memory_sampling="coreset", coreset_pool=20)
+
+
 def test_denoising_images_get_a_synthetic_anomaly_and_the_clean_images_target() -> None:
     model = _model(denoise=0.5, hard_quantile=0.9)
     patchst.prepare(model, _loader(4), torch.device("cpu"))

@@ -70,6 +70,9 @@ class Config:
     # how those patches are drawn: "random" (uniform) or "coreset" (greedy k-centre, kdad.blocks.coreset: keeps
     # rare normal patches, e.g. rare poses of an object lying at any angle; about a minute per 300k positions)
     memory_sampling: Literal["random", "coreset"] = "random"
+    # "coreset": at most this many positions, drawn at random, are its candidates; it holds them all in fp32,
+    # so this bounds its time and RAM (800k x 168 channels: ~0.5 GB, ~3 one-core minutes) on large or tiled sets
+    coreset_pool: int = 800_000
     # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; fit
     # then needs data.texture_dir, a folder of texture images such as DTD)
     denoise: float = 0.0
@@ -103,6 +106,8 @@ class Model(nn.Module):
             raise ConfigError(f"model.denoise must be in [0, 1) (a share of each batch), got {cfg.denoise}")
         if cfg.memory_sampling not in ("random", "coreset"):
             raise ConfigError(f"model.memory_sampling must be 'random' or 'coreset', got {cfg.memory_sampling!r}")
+        if cfg.coreset_pool < cfg.memory:
+            raise ConfigError(f"model.coreset_pool={cfg.coreset_pool} must be at least model.memory={cfg.memory}")
         if cfg.map_norm not in ("none", "position"):
             raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
         self.cfg = cfg
@@ -227,11 +232,13 @@ def prepare(model: Model, normal_loader: Any, device: torch.device) -> None:
 @torch.no_grad()
 def sample_bank(model: Model, normal_loader: Any, device: torch.device, n: int, size: int) -> Tensor:
     """``size`` standardised target positions of the ``n`` positions of the training normals (all of them when
-    there are fewer): uniformly without replacement, or a greedy k-centre coreset of all of them
-    (``memory_sampling``); seeded from torch's global seed (train.seed)."""
+    there are fewer): uniformly without replacement, or a greedy k-centre coreset of all of them, or of
+    ``coreset_pool`` of them drawn uniformly where there are more (``memory_sampling``); seeded from torch's
+    global seed (train.seed)."""
     seed = torch.initial_seed() % (2**63)
     coreset = model.cfg.memory_sampling == "coreset" and size < n
-    keep = None if coreset else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:size].sort().values
+    take = min(n, model.cfg.coreset_pool) if coreset else size
+    keep = None if take >= n else torch.randperm(n, generator=torch.Generator().manual_seed(seed))[:take].sort().values
     rows, start = [], 0
     for batch in normal_loader:
         t = (model.raw_target(batch["image"].to(device)) - model.feat_mean) / model.feat_std
