@@ -14,8 +14,9 @@ Millisecond-Level Latencies", WACV 2024), written from the paper:
   the held-out normals' mean error at that position (``calibrate``: normal images err more at the frame's
   edges), bilinearly resized, Gaussian-blurred; image score = max;
 - optional memory branch (``memory`` > 0, on in ``patchst_cpu``): the mean squared difference to the nearest of
-  ``memory`` standardised training patches (PatchCore's nearest-neighbour score, Roth et al., CVPR 2022, on a
-  random sample instead of a coreset), normalised per position like the student's error and added to it.
+  ``memory`` standardised training patches (PatchCore's nearest-neighbour score, Roth et al., CVPR 2022; a
+  random sample or, ``memory_sampling: coreset`` as in ``patchst_cpu`` since session 19, PatchCore's greedy
+  coreset), normalised per position like the student's error and added to it.
 - optional denoising (``denoise`` > 0, after DeSTSeg's denoising student, Zhang et al., CVPR 2023): that share
   of each batch gets a synthetic anomaly (DRAEM Perlin mask + a texture, as CFRG's synthesis) while its target
   stays the teacher's features of the clean image, so the student learns not to reproduce what is not normal;
