@@ -355,6 +355,18 @@ def test_fit_runs_the_prepare_hook_before_training_and_calibrates(demo_root: Pat
     assert model.bank.shape[0] > 0 and model.bank.shape[1] == model.feat_mean.shape[1]
 
 
+def test_a_memory_only_patchst_fits_with_no_training_epoch(demo_root: Path, tmp_path: Path) -> None:
+    # model.fusion=memory with train.epochs=0: a nearest-neighbour detector through the same engine
+    over = [f"data.root={demo_root}", "train.epochs=0", "model.fusion=memory", "train.cpu_bf16=false", *TINY]
+    run = fit(load_config("patchst_cpu", [], over), tmp_path / "run")
+    bundle = load_bundle(run)
+    assert bundle["train_info"]["iters"] == 0 and bundle["thresholds"]["image"] > 0
+    model, _ = model_from_bundle(bundle)
+    assert model.map_mean.shape == (1, 1, 8, 8) and model.bank.shape[0] > 0
+    result = evaluate_run(run, report=False)
+    assert result["metrics"]["image_auroc"] > 0.5  # the demo's defects are visible to a random-weight teacher too
+
+
 def test_crossfit_scores_never_score_an_image_with_statistics_that_saw_it() -> None:
     # a model whose score is 1 exactly for the images its last calibration saw: cross-fitted scores are all 0,
     # while scoring after a calibration on every image (what fit did before) gives all 1

@@ -179,6 +179,28 @@ def test_coreset_pool_draws_its_candidates_at_random_first() -> None:
         _model(memory=40, memory_sampling="coreset", coreset_pool=20)
 
 
+def test_memory_fusion_scores_with_the_memory_branch_alone(monkeypatch: pytest.MonkeyPatch) -> None:
+    """fusion=memory: the map is the memory branch's error over its own per-position mean, the student unused."""
+    loader, normals = _loader(4), _loader(5, seed=1)
+    both, mem = _model(memory=50), _model(memory=50, fusion="memory")
+    for m in (both, mem):
+        patchst.prepare(m, loader, torch.device("cpu"))
+        patchst.calibrate(m, normals, torch.device("cpu"))
+        m.eval()
+    assert torch.equal(mem.bank, both.bank) and mem.map_mean.shape == (1, 1, 8, 8)
+    assert torch.allclose(mem.map_mean, both.map_mean[:, 1:], atol=1e-6)
+    x = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        z = both.error_grid(x)[:, 1:] / both.map_mean[:, 1:]
+        expected = both.blur(F.interpolate(z, size=(64, 64), mode="bilinear", align_corners=False))
+        monkeypatch.setattr(mem.student, "forward", lambda *a: pytest.fail("the student ran"))
+        assert torch.allclose(mem(x).anomaly_map, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="model.memory > 0"):
+        _model(fusion="memory")
+    with pytest.raises(ConfigError, match="fusion"):
+        _model(memory=50, fusion="max")
+
+
 def test_denoising_images_get_a_synthetic_anomaly_and_the_clean_images_target() -> None:
     model = _model(denoise=0.5, hard_quantile=0.9)
     patchst.prepare(model, _loader(4), torch.device("cpu"))

@@ -74,6 +74,10 @@ class Config:
     # "coreset": at most this many positions, drawn at random, are its candidates; it holds them all in fp32,
     # so this bounds its time and RAM (800k x 168 channels: ~0.5 GB, ~3 one-core minutes) on large or tiled sets
     coreset_pool: int = 800_000
+    # how the branch maps combine: "sum" (the student's map plus the memory's, each over its per-position mean)
+    # or "memory" (the memory's alone: a nearest-neighbour detector; the student is not run, and with
+    # train.epochs=0 not trained either). Session 19 (docs/methods/patchst.md, "What each branch brings").
+    fusion: Literal["sum", "memory"] = "sum"
     # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; fit
     # then needs data.texture_dir, a folder of texture images such as DTD)
     denoise: float = 0.0
@@ -109,6 +113,10 @@ class Model(nn.Module):
             raise ConfigError(f"model.memory_sampling must be 'random' or 'coreset', got {cfg.memory_sampling!r}")
         if cfg.coreset_pool < cfg.memory:
             raise ConfigError(f"model.coreset_pool={cfg.coreset_pool} must be at least model.memory={cfg.memory}")
+        if cfg.fusion not in ("sum", "memory"):
+            raise ConfigError(f"model.fusion must be 'sum' or 'memory', got {cfg.fusion!r}")
+        if cfg.fusion == "memory" and cfg.memory == 0:
+            raise ConfigError("model.fusion=memory needs a memory branch: set model.memory > 0")
         if cfg.map_norm not in ("none", "position"):
             raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
         self.cfg = cfg
@@ -152,7 +160,12 @@ class Model(nn.Module):
 
     def error_grid(self, images: Tensor) -> Tensor:
         """(B, 1, h, w) mean squared error per position, before map statistics; (B, 2, h, w) with the
-        nearest-neighbour branch's error as the second channel when a memory bank is held."""
+        nearest-neighbour branch's error as the second channel when a memory bank is held; with
+        ``fusion: memory``, (B, 1, h, w) of that branch alone (the student is not run)."""
+        if self.cfg.fusion == "memory":
+            if self.bank.numel() == 0:
+                raise ConfigError("patchst with model.fusion=memory has an empty memory: prepare() fills it")
+            return nearest_sq(self.target(images), self.bank)
         (t,), (s,) = self.pairs(images)
         d = ((t - s.float()) ** 2).mean(1, keepdim=True)
         if self.bank.numel() == 0:
