@@ -16,7 +16,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("base", ("kdad", "kdad.errors", "kdad.dicts", "kdad.fileio", "kdad.formats", "kdad.seed", "kdad.hardware",
               "kdad.distributed")),
-    ("leaves", ("kdad.weights", "kdad.metrics", "kdad.data.transforms", "kdad.visualize")),
+    ("leaves", ("kdad.weights", "kdad.metrics", "kdad.data.transforms", "kdad.visualize", "kdad.augment")),
     ("parts", ("kdad.thresholds", "kdad.blocks", "kdad.synthesis", "kdad.data", "kdad.presets")),
     ("methods", ("kdad.methods", "kdad.gate")),
     ("config", ("kdad.config", "kdad.tiling", "kdad.data.factory")),
