@@ -67,7 +67,9 @@ def augment_batch(images: torch.Tensor, names: Sequence[str], gen: torch.Generat
         k = torch.randint(0, 4, (n,), generator=gen)
         if h != w:  # a quarter turn would change the shape: half turns only
             k = (k // 2) * 2
-        out = torch.stack([img.rot90(int(j), dims=(-2, -1)) for img, j in zip(out, k)])
+        base = out
+        for j in (1, 2, 3) if h == w else (2,):  # one whole-batch turn per angle, no per-image loop
+            out = _where(k == j, base.rot90(j, dims=(-2, -1)), out)
     if "rotate" in names and angle > 0:
         deg = (torch.rand(n, generator=gen) * 2.0 - 1.0) * angle
         out = _rotate(out, deg)
