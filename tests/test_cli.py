@@ -45,6 +45,8 @@ def test_list_says_snl_is_designed_from_the_abstract(capsys: pytest.CaptureFixtu
     snl = next(line for line in out.splitlines() if line.strip().startswith("snl "))
     assert "designed from the abstract" in snl and "not the paper's method" in snl
     assert "snl_abstract" in out and "snl_paper (deprecated name of snl_abstract)" in out
+    # each preset names its method: patchst_memory_cpu is PatchST's memory branch, not a method of its own
+    assert any(line.split() == ["patchst_memory_cpu", "method:", "patchst"] for line in out.splitlines())
 
 
 def test_set_values_reach_the_printed_config(capsys: pytest.CaptureFixture[str]) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from kdad.checkpoint import atomic_torch_save, load_bundle, model_from_bundle
 from kdad.cli import main
-from kdad.config import PRESET_ALIASES, list_presets, load_config
+from kdad.config import PRESET_ALIASES, list_presets, load_config, to_dict
 from kdad.data.demo import make_demo_dataset
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import evaluate_run, predict
@@ -357,8 +357,11 @@ def test_fit_runs_the_prepare_hook_before_training_and_calibrates(demo_root: Pat
 
 def test_a_memory_only_patchst_fits_with_no_training_epoch(demo_root: Path, tmp_path: Path) -> None:
     # model.fusion=memory with train.epochs=0: a nearest-neighbour detector through the same engine
-    over = [f"data.root={demo_root}", "train.epochs=0", "model.fusion=memory", "train.cpu_bf16=false", *TINY]
-    run = fit(load_config("patchst_cpu", [], over), tmp_path / "run")
+    # the patchst_memory_cpu preset is exactly patchst_cpu with those two overrides
+    assert to_dict(load_config("patchst_memory_cpu")) == to_dict(
+        load_config("patchst_cpu", [], ["train.epochs=0", "model.fusion=memory"]))
+    over = [f"data.root={demo_root}", "train.cpu_bf16=false", *TINY]
+    run = fit(load_config("patchst_memory_cpu", [], over), tmp_path / "run")
     bundle = load_bundle(run)
     assert bundle["train_info"]["iters"] == 0 and bundle["thresholds"]["image"] > 0
     model, _ = model_from_bundle(bundle)

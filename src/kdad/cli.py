@@ -292,14 +292,14 @@ def method_papers() -> dict[str, str]:
 
 
 def cmd_list(args: argparse.Namespace) -> int:
-    from kdad.config import PRESET_ALIASES, list_presets
+    from kdad.config import PRESET_ALIASES, list_presets, read_preset
 
     print("methods:")
     for name, paper in sorted(method_papers().items()):
         print(f"  {name:8s} {paper}")
     print("presets:")
     for p in list_presets():
-        print(f"  {p}")
+        print(f"  {p:20s} method: {read_preset(p).get('method', 'rd')}")
     for old, new in sorted(PRESET_ALIASES.items()):
         print(f"  {old} (deprecated name of {new})")
     return 0
