@@ -225,3 +225,47 @@ def test_denoising_images_get_a_synthetic_anomaly_and_the_clean_images_target() 
     assert patchst.needs_textures(model.cfg) and not patchst.needs_textures(_model().cfg)
     with pytest.raises(ConfigError, match="model.denoise"):
         _model(denoise=1.0)
+
+
+def test_mahalanobis_residual_whitens_with_the_held_out_normals_covariance() -> None:
+    """residual=mahalanobis: calibrate fits the residual's mean and ridge precision on the held-out normals, and the
+    student's error is the squared Mahalanobis distance over C (not the mean squared residual)."""
+    model = _model(residual="mahalanobis", residual_ridge=0.05)
+    patchst.prepare(model, _loader(6), torch.device("cpu"))
+    normals = _loader(9, seed=1)
+    patchst.calibrate(model, normals, torch.device("cpu"))
+    x = torch.cat([b["image"] for b in normals])
+    with torch.inference_mode():
+        (t,), (s,) = model.pairs(x)
+        r = (t - s).permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+        cov = torch.cov(r.T)
+        prec = torch.linalg.inv(cov + 0.05 * cov.diagonal().mean() * torch.eye(cov.shape[0], dtype=cov.dtype))
+        assert torch.allclose(model.res_mean.double(), r.mean(0), atol=1e-5)
+        assert torch.allclose(model.res_prec.double(), prec, rtol=1e-3, atol=1e-3 * float(prec.abs().max()))
+        z = r - r.mean(0)
+        want = ((z @ prec) * z).sum(1) / t.shape[1]
+        got = model.error_grid(x).permute(0, 2, 3, 1).reshape(-1).double()
+        assert torch.allclose(got, want, rtol=1e-3, atol=1e-4)
+        assert not torch.allclose(got, (r * r).mean(1), rtol=0.1)  # a switch back to the plain error fails here
+        # the per-position mean is the whitened error's, so the calibrated map is the ratio to it
+        assert torch.allclose(model.map_mean, model.error_grid(x).mean(0, keepdim=True), atol=1e-5)
+    fresh = _model(residual="mahalanobis", residual_ridge=0.05)
+    fresh.load_state_dict(model.state_dict())  # the statistics travel with the state dict
+    assert torch.equal(fresh.res_prec, model.res_prec)
+
+
+def test_a_state_dict_saved_before_the_residual_option_loads_as_the_plain_error() -> None:
+    model = _model()
+    patchst.prepare(model, _loader(4), torch.device("cpu"))
+    patchst.calibrate(model, _loader(4, seed=1), torch.device("cpu"))
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("res_")}
+    fresh = _model()
+    fresh.load_state_dict(old)
+    assert fresh.res_prec.numel() == 0
+    x = torch.rand(1, 3, 64, 64)
+    with torch.inference_mode():
+        assert torch.equal(fresh.eval()(x).anomaly_map, model.eval()(x).anomaly_map)
+    with pytest.raises(ConfigError, match="residual"):
+        _model(residual="cosine")
+    with pytest.raises(ConfigError, match="residual_ridge"):
+        _model(residual="mahalanobis", residual_ridge=0.0)

@@ -81,6 +81,12 @@ class Config:
     # share of each batch given a synthetic anomaly whose target is the clean image's features (0 = off; fit
     # then needs data.texture_dir, a folder of texture images such as DTD)
     denoise: float = 0.0
+    # how the student's residual (target - prediction, a C-vector per position) becomes its error: "mse", the mean
+    # squared residual, or "mahalanobis", its Mahalanobis distance (over C) under the held-out normals' residual
+    # mean and covariance (fitted in calibrate, ridge ``residual_ridge`` x their mean variance): it discounts the
+    # directions in which the student errs on normal images too. Session 20 (docs/methods/patchst.md, "Residual").
+    residual: Literal["mse", "mahalanobis"] = "mse"
+    residual_ridge: float = 0.01
 
 
 def hard_mse(target: Tensor, pred: Tensor, quantile: float) -> Tensor:
@@ -100,6 +106,8 @@ class Model(nn.Module):
     feat_std: Tensor
     map_mean: Tensor
     bank: Tensor
+    res_mean: Tensor
+    res_prec: Tensor
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -117,6 +125,10 @@ class Model(nn.Module):
             raise ConfigError(f"model.fusion must be 'sum' or 'memory', got {cfg.fusion!r}")
         if cfg.fusion == "memory" and cfg.memory == 0:
             raise ConfigError("model.fusion=memory needs a memory branch: set model.memory > 0")
+        if cfg.residual not in ("mse", "mahalanobis"):
+            raise ConfigError(f"model.residual must be 'mse' or 'mahalanobis', got {cfg.residual!r}")
+        if cfg.residual_ridge <= 0:
+            raise ConfigError(f"model.residual_ridge must be > 0, got {cfg.residual_ridge}")
         if cfg.map_norm not in ("none", "position"):
             raise ConfigError(f"model.map_norm must be one of 'none', 'position', got {cfg.map_norm!r}")
         self.cfg = cfg
@@ -132,11 +144,16 @@ class Model(nn.Module):
         self.register_buffer("map_mean", torch.zeros(0))
         # standardised training patches of the nearest-neighbour branch; filled by prepare() when memory > 0
         self.register_buffer("bank", torch.zeros(0, channels))
+        # residual: mahalanobis: the held-out normals' residual mean (C) and precision (C x C); empty until calibrate()
+        self.register_buffer("res_mean", torch.zeros(0))
+        self.register_buffer("res_prec", torch.zeros(0, 0))
         self.blur = GaussianBlur(cfg.sigma)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the map statistics take the grid of the image size they were calibrated at: size the buffers first
-        for name in ("map_mean", "bank"):
+        for name in ("res_mean", "res_prec"):  # saved before model.residual existed: the plain squared error
+            state_dict.setdefault(prefix + name, getattr(self, name).new_zeros(getattr(self, name).shape))
+        for name in ("map_mean", "bank", "res_mean", "res_prec"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.map_mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -167,10 +184,18 @@ class Model(nn.Module):
                 raise ConfigError("patchst with model.fusion=memory has an empty memory: prepare() fills it")
             return nearest_sq(self.target(images), self.bank)
         (t,), (s,) = self.pairs(images)
-        d = ((t - s.float()) ** 2).mean(1, keepdim=True)
+        d = self.student_error(t - s.float())
         if self.bank.numel() == 0:
             return d
         return torch.cat([d, nearest_sq(t, self.bank)], 1)
+
+    def student_error(self, r: Tensor) -> Tensor:
+        """(B, C, h, w) residual -> (B, 1, h, w): mean squared residual, or with ``residual: mahalanobis`` (once
+        calibrated) the squared Mahalanobis distance over C, divided by C so both read on the same scale."""
+        if self.res_prec.numel() == 0:
+            return (r * r).mean(1, keepdim=True)
+        z = (r - self.res_mean.view(1, -1, 1, 1)).permute(0, 2, 3, 1)
+        return ((z @ self.res_prec) * z).sum(-1).unsqueeze(1) / r.shape[1]
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         d = self.error_grid(images)
@@ -272,12 +297,35 @@ def sample_bank(model: Model, normal_loader: Any, device: torch.device, n: int, 
 
 @torch.no_grad()
 def calibrate(model: Model, normal_loader: Any, device: torch.device) -> None:
-    """Per-position mean error on held-out normals (map_norm: position); the map becomes the ratio to it."""
+    """Per-position mean error on held-out normals (map_norm: position); the map becomes the ratio to it. With
+    ``residual: mahalanobis`` the same normals first give the residual's mean and precision."""
+    model.eval()
+    if model.cfg.residual == "mahalanobis" and model.cfg.fusion != "memory":
+        fit_residual(model, normal_loader, device)
     if model.cfg.map_norm != "position":
         return
-    model.eval()
     g = torch.cat([model.error_grid(batch["image"].to(device)).double().cpu() for batch in normal_loader])
     model.map_mean = torch.clamp(g.mean(0, keepdim=True).float(), min=model.cfg.std_floor).to(device)
+
+
+@torch.no_grad()
+def fit_residual(model: Model, normal_loader: Any, device: torch.device) -> None:
+    """Mean and ridge-regularised precision of the student's residual over every position of the normals."""
+    n, s, ss = 0, None, None
+    for batch in normal_loader:
+        (t,), (p,) = model.pairs(batch["image"].to(device))
+        r = (t - p.float()).permute(0, 2, 3, 1).reshape(-1, t.shape[1]).double()
+        n += r.shape[0]
+        s = r.sum(0) if s is None else s + r.sum(0)
+        ss = r.T @ r if ss is None else ss + r.T @ r
+    if n < 2 or s is None or ss is None:
+        raise ConfigError("patchst with model.residual=mahalanobis needs held-out normal images to fit on")
+    mean = s / n
+    cov = (ss - n * torch.outer(mean, mean)) / (n - 1)
+    ridge = model.cfg.residual_ridge * float(cov.diagonal().mean().clamp_min(model.cfg.std_floor))
+    prec = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
+    model.res_mean = mean.float().to(device)
+    model.res_prec = ((prec + prec.T) / 2).float().to(device)  # symmetric to the last bit
 
 
 def needs_textures(cfg: Config) -> bool:
