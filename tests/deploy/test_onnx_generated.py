@@ -41,8 +41,10 @@ def test_onnx_parity_on_random_images(name: str) -> None:
     assert parity["max_abs_map_diff"] <= PARITY_TOLERANCE and parity["max_abs_score_diff"] <= PARITY_TOLERANCE
 
 
-def test_onnx_parity_of_patchst_with_its_memory_branch() -> None:
-    """PatchST's nearest-neighbour branch (a bank buffer, chunked in eager mode) exports as one matmul and matches."""
+@pytest.mark.parametrize("residual", ["mse", "mahalanobis"])
+def test_onnx_parity_of_patchst_with_its_memory_branch(residual: str) -> None:
+    """PatchST's nearest-neighbour branch (a bank buffer, chunked in eager mode) exports as one matmul and matches;
+    so does the student's Mahalanobis residual (a precision-matrix buffer)."""
     from torch.utils.data import DataLoader
 
     from kdad.export import PARITY_TOLERANCE, check_parity, export_model_bytes
@@ -50,11 +52,13 @@ def test_onnx_parity_of_patchst_with_its_memory_branch() -> None:
 
     spec = get_method("patchst")
     torch.manual_seed(0)
-    model = spec.Model(from_dict(spec.Config, {**TINY, "memory": 40}))
-    normals = DataLoader([{"image": x} for x in torch.rand(4, 3, SIZE, SIZE)], batch_size=2)
+    model = spec.Model(from_dict(spec.Config, {**TINY, "memory": 40, "residual": residual}))
+    # 16 images: more positions (1024) than channels (384), so the residual covariance is full rank, as on real data
+    normals = DataLoader([{"image": x} for x in torch.rand(16, 3, SIZE, SIZE)], batch_size=4)
     patchst.prepare(model, normals, torch.device("cpu"))
     patchst.calibrate(model, normals, torch.device("cpu"))
     assert model.bank.shape[0] == 40 and model.map_mean.shape[1] == 2
+    assert model.res_white.numel() == (0 if residual == "mse" else model.bank.shape[1] ** 2)
     graph, _ = export_model_bytes(model.eval(), SIZE)
     parity = check_parity(model, graph, SIZE)
     assert parity["max_abs_map_diff"] <= PARITY_TOLERANCE and parity["max_abs_score_diff"] <= PARITY_TOLERANCE

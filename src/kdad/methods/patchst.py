@@ -12,7 +12,8 @@ Millisecond-Level Latencies", WACV 2024), written from the paper:
   (rare normal content: tile edges, bright streaks) instead of the easy bulk;
 - map: per position mean over channels of the squared error; with ``map_norm: position`` it is divided by
   the held-out normals' mean error at that position (``calibrate``: normal images err more at the frame's
-  edges), bilinearly resized, Gaussian-blurred; image score = max;
+  edges), bilinearly resized, Gaussian-blurred; image score = max; with ``residual: mahalanobis`` the error is
+  instead the residual's Mahalanobis distance under the held-out normals' residual covariance (``calibrate``);
 - optional memory branch (``memory`` > 0, on in ``patchst_cpu``): the mean squared difference to the nearest of
   ``memory`` standardised training patches (PatchCore's nearest-neighbour score, Roth et al., CVPR 2022; a
   random sample or, ``memory_sampling: coreset`` as in ``patchst_cpu`` since session 19, PatchCore's greedy
@@ -107,7 +108,7 @@ class Model(nn.Module):
     map_mean: Tensor
     bank: Tensor
     res_mean: Tensor
-    res_prec: Tensor
+    res_white: Tensor
 
     def __init__(self, cfg: Config) -> None:
         super().__init__()
@@ -144,16 +145,17 @@ class Model(nn.Module):
         self.register_buffer("map_mean", torch.zeros(0))
         # standardised training patches of the nearest-neighbour branch; filled by prepare() when memory > 0
         self.register_buffer("bank", torch.zeros(0, channels))
-        # residual: mahalanobis: the held-out normals' residual mean (C) and precision (C x C); empty until calibrate()
+        # residual: mahalanobis: the held-out normals' residual mean (C) and whitening W (C x C, their ridge precision
+        # is W W^T); empty until calibrate()
         self.register_buffer("res_mean", torch.zeros(0))
-        self.register_buffer("res_prec", torch.zeros(0, 0))
+        self.register_buffer("res_white", torch.zeros(0, 0))
         self.blur = GaussianBlur(cfg.sigma)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         # the map statistics take the grid of the image size they were calibrated at: size the buffers first
-        for name in ("res_mean", "res_prec"):  # saved before model.residual existed: the plain squared error
+        for name in ("res_mean", "res_white"):  # saved before model.residual existed: the plain squared error
             state_dict.setdefault(prefix + name, getattr(self, name).new_zeros(getattr(self, name).shape))
-        for name in ("map_mean", "bank", "res_mean", "res_prec"):
+        for name in ("map_mean", "bank", "res_mean", "res_white"):
             if prefix + name in state_dict:
                 setattr(self, name, torch.empty_like(state_dict[prefix + name], device=self.map_mean.device))
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
@@ -192,10 +194,10 @@ class Model(nn.Module):
     def student_error(self, r: Tensor) -> Tensor:
         """(B, C, h, w) residual -> (B, 1, h, w): mean squared residual, or with ``residual: mahalanobis`` (once
         calibrated) the squared Mahalanobis distance over C, divided by C so both read on the same scale."""
-        if self.res_prec.numel() == 0:
+        if self.res_white.numel() == 0:
             return (r * r).mean(1, keepdim=True)
-        z = (r - self.res_mean.view(1, -1, 1, 1)).permute(0, 2, 3, 1)
-        return ((z @ self.res_prec) * z).sum(-1).unsqueeze(1) / r.shape[1]
+        y = (r - self.res_mean.view(1, -1, 1, 1)).permute(0, 2, 3, 1) @ self.res_white
+        return (y * y).mean(-1).unsqueeze(1)  # a sum of squares: exact in fp32 where z^T P z would cancel
 
     def forward(self, images: Tensor) -> AnomalyOutput:
         d = self.error_grid(images)
@@ -325,7 +327,7 @@ def fit_residual(model: Model, normal_loader: Any, device: torch.device) -> None
     ridge = model.cfg.residual_ridge * float(cov.diagonal().mean().clamp_min(model.cfg.std_floor))
     prec = torch.linalg.inv(cov + ridge * torch.eye(cov.shape[0], dtype=cov.dtype, device=cov.device))
     model.res_mean = mean.float().to(device)
-    model.res_prec = ((prec + prec.T) / 2).float().to(device)  # symmetric to the last bit
+    model.res_white = torch.linalg.cholesky((prec + prec.T) / 2).float().to(device)  # P = W W^T
 
 
 def needs_textures(cfg: Config) -> bool:
