@@ -1,4 +1,4 @@
-"""Why the patch student of `patchst_cpu` trails its memory branch (issue 18), SELECTION half only.
+"""Why the patch student of `patchst_cpu` trails its memory branch (issue 18); SELECTION half by default.
 
 From a `patchst_cpu` run folder made by benchmarks/patchst_branches.py (model.ckpt and its grids.pt):
 1. per defect type, image AUROC of each branch's map and the median image score of that type's images, next to
@@ -11,7 +11,8 @@ From a `patchst_cpu` run folder made by benchmarks/patchst_branches.py (model.ck
      maha   Mahalanobis distance with the held-out covariance, ridge eps x mean variance
    a whitening that sees which residual directions normal images produce; each also added to the memory
    branch's map ("+memory"), as the preset adds its branches.
-It chooses nothing for a preset.
+It chooses nothing for a preset. `--half report` scores the other half of the same trained models, to report what
+a choice made on the selection half gives (part 1 needs grids.pt of the selection half and is skipped there).
 
 Run: python benchmarks/student_residual.py --run /tmp/kdad_patchst_branches/magnetic_tile_0 [--out ...]
 """
@@ -62,6 +63,7 @@ def residual_grid(r: Tensor, kind: str, mu: Tensor, cov: Tensor, eps: float = 0.
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a patchst_cpu run folder of benchmarks/patchst_branches.py")
+    ap.add_argument("--half", choices=("selection", "report"), default="selection")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=str(_common.RESULTS / "student_residual.json"))
     args = ap.parse_args()
@@ -70,7 +72,9 @@ def main() -> None:
     model, cfg = model_from_bundle(load_bundle(run / "model.ckpt"))
     model.eval()
     test = build_dataset(cfg.data, "test")
-    sel, _ = _common.halves(test)
+    sel, rep = _common.halves(test)
+    if args.half == "report":
+        sel = rep
     _, val, _ = train_val_datasets(cfg)
     types = np.array([test.samples[j].defect_type for j in sel])
     labels = (types != "good").astype(int)
@@ -79,11 +83,11 @@ def main() -> None:
     def mx(m: Tensor) -> np.ndarray:
         return m.flatten(1).amax(1).numpy()
 
-    row: dict[str, Any] = {"category": Path(str(cfg.data.root)).name, "seed": cfg.train.seed, "half": "selection",
+    row: dict[str, Any] = {"category": Path(str(cfg.data.root)).name, "seed": cfg.train.seed, "half": args.half,
                            "run": str(run)}
-    g, v = torch.load(run / "grids.pt")  # each branch's map over its per-position mean, blurred (patchst_branches)
+    g, v = torch.load(run / "grids.pt") if args.half == "selection" else (None, None)  # patchst_branches' maps
     branch: dict[str, Any] = {}
-    for k, name in enumerate(("student", "memory")):
+    for k, name in enumerate(("student", "memory") if g is not None else ()):
         sc, held = mx(g[:, k]), mx(v[:, k])
         per = {"held_out_mean": round(float(held.mean()), 3), "held_out_std": round(float(held.std()), 3),
                "good_median": round(float(np.median(sc[types == "good"])), 3)}
@@ -106,14 +110,16 @@ def main() -> None:
         key = kind if kind != "maha" else f"maha_eps{eps:g}"
         scores[key] = {"image_auroc": round(float(image_auroc(mx(amap), labels)), 4),
                        "au_pro": round(float(au_pro(amap.numpy(), masks)), 4)}
-        both = amap + g[:, 1]  # plus the memory branch's map, as the preset adds its two branches
-        scores[f"{key}+memory"] = {"image_auroc": round(float(image_auroc(mx(both), labels)), 4),
-                                   "au_pro": round(float(au_pro(both.numpy(), masks)), 4)}
+        if g is not None:  # plus the memory branch's map, as the preset adds its two branches
+            both = amap + g[:, 1]
+            scores[f"{key}+memory"] = {"image_auroc": round(float(image_auroc(mx(both), labels)), 4),
+                                       "au_pro": round(float(au_pro(both.numpy(), masks)), 4)}
     row["residual_scores"] = scores
     print(json.dumps(row), flush=True)
     out = Path(args.out)
     doc = json.loads(out.read_text()) if out.is_file() else {"question": __doc__.split("\n")[0], "rows": []}
-    doc["rows"] = [r for r in doc["rows"] if (r["category"], r["seed"]) != (row["category"], row["seed"])] + [row]
+    key = (row["category"], row["seed"], row["half"])
+    doc["rows"] = [r for r in doc["rows"] if (r["category"], r["seed"], r["half"]) != key] + [row]
     doc["meta"] = _common.metadata()
     _common.write_json(out, doc)
 
