@@ -415,6 +415,32 @@ def test_fit_takes_the_image_threshold_from_crossfitted_scores(demo_root: Path, 
     assert not np.allclose(cal["scores"], off["calibration"]["scores"])  # the threshold's scores are cross-fitted
 
 
+def test_fit_takes_the_pixel_threshold_from_crossfitted_maps(demo_root: Path, tmp_path: Path) -> None:
+    """The pixel threshold comes from the held-out normals' maps scored the cross-fitted way too: a statistic
+    fitted on those normals (here the student's Mahalanobis residual) would otherwise make their maps look
+    more normal than a new good image's, and flag more good parts than the stated rate."""
+    from kdad.methods import get_method
+    from kdad.thresholds import pixel_threshold_for_region_rate
+    from kdad.train import crossfit_scores, train_val_datasets
+
+    over = [f"data.root={demo_root}", "train.epochs=1", "train.cpu_bf16=false", "model.memory=0",
+            "model.residual=mahalanobis", "model.residual_ridge=1.0", "train.val_fraction=0.5", *TINY]
+    cfg = load_config("patchst_cpu", [], over)
+    run = fit(cfg, tmp_path / "a")
+    bundle = load_bundle(run)
+    thr = bundle["thresholds"]
+    assert "their maps too" in thr["source"]
+    model, _ = model_from_bundle(bundle)
+    _, val, _ = train_val_datasets(cfg)
+    assert val is not None
+    scores, maps = crossfit_scores(get_method("patchst").calibrate, model, val, torch.device("cpu"),
+                                   cfg.train.eval_batch_size, cfg.train.seed, keep_maps=True)
+    # the same split and statistics as fit's (its stored calibration scores are sorted)
+    assert np.allclose(np.sort(scores), bundle["calibration"]["scores"], rtol=1e-4)
+    want = pixel_threshold_for_region_rate(maps, cfg.train.pixel_region_rate, cfg.train.pixel_min_area)
+    assert thr["pixel"] == pytest.approx(want, rel=1e-4)
+
+
 def test_rd_map_norm_is_calibrated_cross_fitted_and_saved(demo_root: Path, tmp_path: Path) -> None:
     """model.map_norm=position (rd_cpu's default): the head's mean map comes from the held-out normals and travels
     in model.ckpt; the image threshold is cross-fitted. With none, fit runs no calibration, nothing is cross-fitted."""
