@@ -392,7 +392,7 @@ def test_crossfit_scores_never_score_an_image_with_statistics_that_saw_it() -> N
     items = [{"image": torch.full((3, 4, 4), float(i)), "label": 0, "path": f"{i}.png", "defect_type": "good",
               "mask": torch.zeros(1, 4, 4)} for i in range(7)]
     model = Seen()
-    scores = crossfit_scores(calibrate, model, items, torch.device("cpu"), batch_size=3, seed=0)
+    scores, _ = crossfit_scores(calibrate, model, items, torch.device("cpu"), batch_size=3, seed=0)
     assert scores.shape == (7,) and (scores == 0).all()
     calibrate(model, [{"image": torch.stack([it["image"] for it in items])}], torch.device("cpu"))
     assert model(torch.stack([it["image"] for it in items])).score.eq(1).all()
@@ -434,7 +434,7 @@ def test_fit_takes_the_pixel_threshold_from_crossfitted_maps(demo_root: Path, tm
     _, val, _ = train_val_datasets(cfg)
     assert val is not None
     scores, maps = crossfit_scores(get_method("patchst").calibrate, model, val, torch.device("cpu"),
-                                   cfg.train.eval_batch_size, cfg.train.seed, keep_maps=True)
+                                   cfg.train.eval_batch_size, cfg.train.seed)
     # the same split and statistics as fit's (its stored calibration scores are sorted)
     assert np.allclose(np.sort(scores), bundle["calibration"]["scores"], rtol=1e-4)
     want = pixel_threshold_for_region_rate(maps, cfg.train.pixel_region_rate, cfg.train.pixel_min_area)

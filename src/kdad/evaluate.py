@@ -26,28 +26,23 @@ from kdad.tiling import TileSpec
 
 
 def thresholds_from_normals(model: nn.Module, ds: Dataset, device: torch.device, tc: TrainConfig,
-                            tiles: TileSpec | None = None, image_scores: np.ndarray | None = None,
-                            maps: np.ndarray | None = None) -> tuple[Any, dict[str, float], np.ndarray]:
+                            tiles: TileSpec | None = None, crossfit: tuple[np.ndarray, np.ndarray] | None = None
+                            ) -> tuple[Any, dict[str, float], np.ndarray]:
     """Image and pixel thresholds from normal images only, the overlay colour range and the normal images'
     scores (N,), sorted (the calibration scores the service's drift statistic compares with). The image threshold
     follows tc.image_threshold_rule (conformal at tc.alpha, or a quantile), see :func:`thresholds_from_predictions`.
     tiles: the images are tiled and stitched (the pixel threshold is then taken over the metric-size maps, see
     docs/tiling.md).
-    image_scores: the same images' scores from elsewhere (cross-fitted, see kdad.train.crossfit_scores): the image
-    threshold and the returned scores come from them. maps: those images' maps cross-fitted the same way, for the
-    pixel threshold (with both given, the model is not run here); otherwise the pixel threshold comes from this
-    model's maps."""
-    given_maps = maps is not None
-    if image_scores is None or maps is None:
+    crossfit: the same images' (scores, maps) from kdad.train.crossfit_scores: both thresholds and the returned
+    scores come from them, and the model is not run here."""
+    if crossfit is None:
         pred = predict(model, ds, device, tc.eval_batch_size, keep_maps=True, tiles=tiles)
         assert pred.maps is not None
-        scores = pred.scores if image_scores is None else image_scores
-        maps = pred.maps if maps is None else maps
+        scores, maps, note = pred.scores, pred.maps, ""
     else:
-        scores = image_scores
-    note = "" if image_scores is None else (", cross-fitted (each half of the held-out normals scored with map "
-                                            "statistics from the other half" + (
-                                                "; their maps too, for the pixel threshold)" if given_maps else ")"))
+        scores, maps = crossfit
+        note = (", cross-fitted (each half of the held-out normals scored with map statistics from the other half; "
+                "their maps too, for the pixel threshold)")
     thr, display = thresholds_from_predictions(scores, maps, tc, note)
     return thr, display, np.sort(np.asarray(scores, dtype=np.float64))
 

@@ -272,12 +272,12 @@ def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: 
 
 
 def crossfit_scores(calibrate: Any, model: torch.nn.Module, normals: Dataset, device: torch.device,
-                    batch_size: int, seed: int, keep_maps: bool = False) -> Any:
+                    batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Image scores (N,) of the held-out normals, each half scored after ``calibrate`` saw only the other half
     (a seeded split). Methods that set map statistics on the held-out normals would otherwise score each of them
     against statistics that include it, a little low, and the conformal threshold with it. The caller
-    calibrates on all of them afterwards: a new image is scored with statistics from all N. With ``keep_maps``,
-    returns (scores, maps (N, H, W)), the maps cross-fitted the same way (for the pixel threshold)."""
+    calibrates on all of them afterwards: a new image is scored with statistics from all N. Returns (scores,
+    maps (N, H, W)), the maps cross-fitted the same way (for the pixel threshold)."""
     n = len(normals)  # type: ignore[arg-type]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     halves = (perm[: n // 2], perm[n // 2:])
@@ -286,12 +286,12 @@ def crossfit_scores(calibrate: Any, model: torch.nn.Module, normals: Dataset, de
     for stats, scored in (halves, halves[::-1]):
         calibrate(model, DataLoader(Subset(normals, stats), batch_size=batch_size, shuffle=False), device)
         model.eval()
-        pred = predict(model, Subset(normals, scored), device, batch_size, keep_maps=keep_maps)
-        scores[scored] = pred.scores
-        if pred.maps is not None:
-            maps = np.empty((n, *pred.maps.shape[1:]), dtype=pred.maps.dtype) if maps is None else maps
-            maps[scored] = pred.maps
-    return (scores, maps) if keep_maps else scores
+        pred = predict(model, Subset(normals, scored), device, batch_size, keep_maps=True)
+        assert pred.maps is not None
+        maps = np.empty((n, *pred.maps.shape[1:]), dtype=pred.maps.dtype) if maps is None else maps
+        scores[scored], maps[scored] = pred.scores, pred.maps
+    assert maps is not None
+    return scores, maps
 
 
 def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
@@ -467,7 +467,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     calibrate = spec.calibrate if runs_calibration(spec, mcfg) else None
     if calibrate is not None:  # map statistics live in model buffers, so they travel with every export
         if val_ds is not None and tc.crossfit_calibration and tiles is None and len(val_ds) >= 4:  # type: ignore[arg-type]
-            crossfit = crossfit_scores(calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed, keep_maps=True)
+            crossfit = crossfit_scores(calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed)
         calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
                   device)
         model.eval()
@@ -475,9 +475,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # with cross-fitted scores the image threshold comes from scores whose statistics did not see the image
-            thr, display, calib_scores = thresholds_from_normals(
-                model, calib, device, tc, tiles=tiles, image_scores=None if crossfit is None else crossfit[0],
-                maps=None if crossfit is None else crossfit[1])
+            thr, display, calib_scores = thresholds_from_normals(model, calib, device, tc, tiles=tiles,
+                                                                 crossfit=crossfit)
         notes = [str(w.message) for w in caught]
         if val_ds is None and thr.alpha is not None:  # scores of images it was trained on: no guarantee
             notes.append("the image threshold comes from the training normals (train.val_fraction=0): the "
