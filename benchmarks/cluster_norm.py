@@ -2,7 +2,7 @@
 (issue 18; SELECTION half only: it explains a failure, it chooses nothing.)
 
 Reads a trained run (`kdad fit` / `benchmarks/quality.py` folder holding model.ckpt) and rescores its per-layer
-distance maps on the selection half four ways, each layer divided before the usual fusion and blur:
+distance maps on the selection half four ways, each layer divided before the head's own fusion and blur:
 - raw: no division;
 - position: by the held-out normals' mean distance at the same position (``model.map_norm: position``);
 - clusterK: by the held-out normals' mean distance among the positions whose teacher feature (L2-normalised,
@@ -90,10 +90,7 @@ def main() -> None:
     size = (cfg.data.image_size, cfg.data.image_size)
 
     def score(maps: list[torch.Tensor]) -> dict[str, object]:
-        inter = tuple(maps[head.fuse_level].shape[-2:]) if head.fuse_level is not None else size
-        fused = sum(F.interpolate(m, size=inter, mode="bilinear", align_corners=head.align_corners) for m in maps)
-        amap = head.blur(F.interpolate(fused, size=size, mode="bilinear", align_corners=head.align_corners))
-        s = amap.flatten(1).amax(1).numpy()
+        s = head.fuse_maps(maps, size).flatten(1).amax(1).numpy()  # the head's own fusion (STFPM multiplies)
         by_type = {t: round(float(image_auroc(s[(types == t) | (types == "good")],
                                               labels[(types == t) | (types == "good")])), 3)
                    for t in sorted(set(types)) if t != "good"}

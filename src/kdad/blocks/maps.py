@@ -218,7 +218,12 @@ class AnomalyMapHead(nn.Module):
         return [fn(t.float(), s.float()) for t, s in zip(teacher, student)]
 
     def forward(self, teacher: Sequence[Tensor], student: Sequence[Tensor], size: tuple[int, int]) -> AnomalyOutput:
-        maps = self.layer_maps(teacher, student)
+        amap = self.normalize(self.fuse_maps(self.layer_maps(teacher, student), size))
+        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+
+    def fuse_maps(self, maps: Sequence[Tensor], size: tuple[int, int]) -> Tensor:
+        """Per-layer maps (B, 1, h_l, w_l) -> resized, fused ("sum" or "mul" at `fuse_level`) and blurred (B, 1, *size),
+        before map_norm."""
         inter = tuple(maps[self.fuse_level].shape[-2:]) if self.fuse_level is not None else tuple(size)
         fused: Tensor | None = None
         for m in maps:
@@ -231,8 +236,7 @@ class AnomalyMapHead(nn.Module):
         assert fused is not None, "at least one layer is required"
         if tuple(inter) != tuple(size):
             fused = F.interpolate(fused, size=size, mode="bilinear", align_corners=self.align_corners)
-        amap = self.normalize(self.blur(fused))
-        return AnomalyOutput(amap, amap.flatten(1).amax(dim=1))
+        return self.blur(fused)
 
     def normalize(self, amap: Tensor) -> Tensor:
         """The finished map, divided by the held-out normals' mean map with map_norm "position"."""
