@@ -22,6 +22,7 @@ import _common as quality_split  # the split logic and data paths live in _commo
 import numpy as np
 import torch
 
+from kdad.align import AlignSpec, aligned_forward
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import load_config
 from kdad.data.factory import build_dataset
@@ -70,7 +71,8 @@ def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: 
     bundle = load_bundle(run / "model.ckpt")
     model, cfg = model_from_bundle(bundle)
     test = tiled_dataset(build_dataset(cfg.data, "test"), cfg.data)  # full-size images when data.tiling is on
-    pred = predict(model, test, torch.device("cpu"), cfg.train.eval_batch_size, tiles=TileSpec.from_data(cfg.data))
+    pred = predict(aligned_forward(model, AlignSpec.from_data(cfg.data)), test, torch.device("cpu"),
+                   cfg.train.eval_batch_size, tiles=TileSpec.from_data(cfg.data))
     sel, rep = quality_split.halves(test)
     info = bundle.get("train_info", {})
     row: dict[str, Any] = {"cell": name, "preset": preset, "overrides": overrides, "category": category,

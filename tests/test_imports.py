@@ -19,7 +19,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("leaves", ("kdad.weights", "kdad.metrics", "kdad.data.transforms", "kdad.visualize", "kdad.augment")),
     ("parts", ("kdad.thresholds", "kdad.blocks", "kdad.synthesis", "kdad.data", "kdad.presets")),
     ("methods", ("kdad.methods", "kdad.gate")),
-    ("config", ("kdad.config", "kdad.tiling", "kdad.data.factory")),
+    ("config", ("kdad.config", "kdad.tiling", "kdad.align", "kdad.data.factory")),
     ("bundle", ("kdad.checkpoint", "kdad.export")),
     ("deploy", ("kdad.deploy",)),
     # applications, and the old homes of moved names (kdad.runner, kdad.infer, kdad.predict re-export kdad.deploy)

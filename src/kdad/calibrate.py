@@ -41,6 +41,7 @@ def calibrate_run(run: str | Path, normals: str | Path, alpha: float | None = No
     out: write the new bundle there instead of replacing model.ckpt (which is then left untouched).
     Returns a summary: paths written, n, alpha, the old and new image thresholds, the warning if n is too small.
     """
+    from kdad.align import AlignSpec, aligned_forward
     from kdad.data.folder import FolderDataset
     from kdad.evaluate import thresholds_from_normals
     from kdad.seed import resolve_device
@@ -59,7 +60,8 @@ def calibrate_run(run: str | Path, normals: str | Path, alpha: float | None = No
     model.to(dev)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        thr, display, scores = thresholds_from_normals(model, ds, dev, tc, tiles=TileSpec.from_data(cfg.data))
+        thr, display, scores = thresholds_from_normals(aligned_forward(model, AlignSpec.from_data(cfg.data)), ds, dev,
+                                                       tc, tiles=TileSpec.from_data(cfg.data))
     notes = [str(w.message) for w in caught]
     for note in notes:
         warnings.warn(note, UserWarning, stacklevel=2)

@@ -41,6 +41,8 @@ class DataConfig:
     tile_resolution: int = 0  # 0 = native size; else the long side the full image is resized to first
     tile_metric_size: int = 1024  # stitched maps with a longer side are area-pooled for pixel metrics; 0 = never
     tile_score_top: float = 0.0  # image score = mean of this share of the stitched map's top pixels; 0 = its max
+    align: str = "none"  # "axis": turn each image so the part's long axis is horizontal (docs/align.md)
+    align_zoom: float = 1.0  # with align: the part's zoom about its centre in the aligned frame
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
     mask_dir: str = ""  # folder format: masks matched by file stem
@@ -210,11 +212,13 @@ def _drop_removed_keys(data: dict[str, Any]) -> dict[str, Any]:
 
 def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     """Validate a raw dict into a RunConfig, including the method's own Config."""
+    from kdad.align import AlignSpec
     from kdad.methods import get_method
     from kdad.tiling import TileSpec
 
     cfg: RunConfig = from_dict(RunConfig, _drop_removed_keys(data), where)
     TileSpec.from_data(cfg.data)  # range checks of the data.tile* keys
+    AlignSpec.from_data(cfg.data)  # data.align* keys, and what they exclude
     spec = get_method(cfg.method)
     method_cfg = from_dict(spec.Config, cfg.model, f"{where}: method {cfg.method!r}: model")
     cfg.model = to_dict(method_cfg)

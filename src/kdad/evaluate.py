@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
+from kdad.align import AlignSpec, aligned_forward
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.config import DataConfig, TrainConfig
 from kdad.data.factory import dataset_parts
@@ -257,6 +258,8 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         raise ConfigError(f"backend {backend!r} is not one of ['torch', 'onnx']")
     thr = bundle.get("thresholds") or {}
     tiles = TileSpec.from_data(data)
+    align = AlignSpec.from_data(cfg.data)  # the model's own: it was trained on aligned images
+    forward = aligned_forward(forward, align)
     out = Path(out_dir) if out_dir else run_dir
     out.mkdir(parents=True, exist_ok=True)
     base: dict[str, Any] = {
@@ -270,6 +273,10 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
                             "max of the full-size stitched map; pixel metrics on maps area-pooled and masks "
                             "max-pooled to metric_map_size when the long side exceeds tile_metric_size; AU-PRO "
                             "official dataset-level @0.3")
+    if align is not None:
+        base["align"] = align.to_dict()
+        base["protocol"] += ("; pose-aligned: the model sees each image turned to the part's axis, its map is "
+                             "warped back onto the image, so masks and pixel metrics are in the image's own frame")
     per_category: dict[str, dict[str, Any]] = {}
     preds: dict[str, Predictions] = {}
     parts = dataset_parts(data, "test")

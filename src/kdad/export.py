@@ -280,13 +280,15 @@ def build_metadata(
     checkpoint: Path | None,
 ) -> dict[str, Any]:
     """The <name>.json written beside the graph (plain JSON; thresholds are editable by hand)."""
+    from kdad.align import AlignSpec
     from kdad.config import DataConfig, from_dict
     from kdad.tiling import TileSpec
 
     thr = dict(bundle.get("thresholds") or {})
     disp = dict(bundle.get("display") or {})
     data = (bundle.get("config") or {}).get("data")
-    tiles = TileSpec.from_data(from_dict(DataConfig, data, "checkpoint config.data"))
+    data_cfg = from_dict(DataConfig, data, "checkpoint config.data")
+    tiles, align = TileSpec.from_data(data_cfg), AlignSpec.from_data(data_cfg)
     return {
         "format": METADATA_FORMAT,
         "method": method,
@@ -309,6 +311,8 @@ def build_metadata(
         "calibration": bundle.get("calibration"),
         # the graph is per tile; runners stitch full images with kdad.tiling when this is set
         "tiling": None if tiles is None else tiles.to_dict(),
+        # the graph sees aligned images; runners align them and warp the map back with kdad.align when this is set
+        "align": None if align is None else align.to_dict(),
         "display": {"vmin": disp.get("vmin"), "vmax": disp.get("vmax")},
         "kdad_version": __version__,
         "torch_version": torch.__version__,

@@ -144,12 +144,13 @@ def _measure(model: torch.nn.Module, bundle: dict[str, Any], cfg: Any, parts: di
              device: torch.device, exclude: set[str]) -> dict[str, Any]:
     """One model at its own thresholds: false alarms on each part (feedback halves, calibration normals) and
     the test metrics."""
+    from kdad.align import AlignSpec, aligned_forward
     from kdad.tiling import TileSpec
 
     thr = dict(bundle.get("thresholds") or {})
     if thr.get("image") is None:
         raise KdadError("the run's model.ckpt stores no image threshold: nothing to compare false alarms with")
-    model.to(device).eval()
+    model = aligned_forward(model.to(device).eval(), AlignSpec.from_data(cfg.data))  # parts hold raw images
     tiles = TileSpec.from_data(cfg.data)
     out: dict[str, Any] = {"image_threshold": float(thr["image"]), "pixel_threshold": thr.get("pixel")}
     for name, ds in parts.items():
@@ -185,6 +186,8 @@ def feedback_run(run: str | Path, good: str | Path, out: str | Path | None = Non
 
     if epochs < 1:
         raise ConfigError(f"--epochs must be >= 1, got {epochs}")
+    from kdad.align import unaligned
+
     ckpt, good_dir, new = _inputs(run, good, out)
     bundle = load_bundle(ckpt)
     old_model, cfg = model_from_bundle(bundle)
@@ -201,7 +204,7 @@ def feedback_run(run: str | Path, good: str | Path, out: str | Path | None = Non
     reps = repeats_for(len(train_ds), len(fit_idx), share)  # type: ignore[arg-type]
     fit_part = Subset(tagged, fit_idx)
     parts = {"feedback_trained": fit_part, "feedback_held_out": Subset(tagged, held_idx) if held_idx else None,
-             "calibration_normals": calib_ds if calib_ds is not None else train_ds}
+             "calibration_normals": unaligned(calib_ds if calib_ds is not None else train_ds)}
     exclude = {_sha256(s.image_path) for s in images.samples}
     dev = resolve_device(tc.device)
     before = _measure(old_model, bundle, cfg, parts, dev, exclude)

@@ -19,6 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
+from kdad.align import AlignSpec, aligned_training
 from kdad.augment import augment_batch, check_augment
 from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
@@ -50,19 +51,21 @@ def train_val_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, list[fl
     """Training set, held-out normals (or None) and, for balanced multi-class runs, per-item sampling weights.
 
     Each category is split on its own, so the held-out set covers every category. With data.tiling the
-    training set holds every grid tile of its images, and the held-out normals stay whole images.
+    training set holds every grid tile of its images, and the held-out normals stay whole images; with data.align
+    both are pose-normalised (kdad.align).
     """
     trains, vals, weights = [], [], []
     fraction = 0.0 if cfg.data.val_split else cfg.train.val_fraction
+    align = AlignSpec.from_data(cfg.data)  # data.align: train and calibrate on pose-normalised images
     for _, ds in dataset_parts(cfg.data, "train"):
         tr, va = split_train_val(ds, fraction, cfg.train.seed)  # split images, not tiles: no tile leaks
-        tr = training_tiles(tr, TileSpec.from_data(cfg.data))
+        tr = aligned_training(training_tiles(tr, TileSpec.from_data(cfg.data)), align)
         trains.append(tr)
         if va is not None:
-            vals.append(va)
+            vals.append(aligned_training(va, align))
         weights += [1.0 / len(tr)] * len(tr)  # type: ignore[arg-type]
     if cfg.data.val_split:  # a released split of held-out normals (MVTec AD 2 "validation") replaces the hold-out
-        vals = [ds for _, ds in dataset_parts(cfg.data, cfg.data.val_split)]
+        vals = [aligned_training(ds, align) for _, ds in dataset_parts(cfg.data, cfg.data.val_split)]
     balanced = cfg.data.balanced and len(trains) > 1
     train_ds = trains[0] if len(trains) == 1 else ConcatDataset(trains)
     val_ds = None if not vals else (vals[0] if len(vals) == 1 else ConcatDataset(vals))
@@ -258,12 +261,13 @@ def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: 
              device: torch.device) -> Any:
     """The invalid-input gate (kdad.gate.Gate) on the training normals `fit_ds`, thresholded on `calib_ds`
     (the training normals when None); None when train.gate is off, the model has no teacher, or the run is tiled
-    (the gate looks at whole images at the model's size, a tile is not one)."""
+    (the gate looks at whole images at the model's size, a tile is not one) or aligned (data.align)."""
     from kdad.gate import fit_gate
     from kdad.methods.base import teacher_of
 
     tc = cfg.train
-    if not tc.gate or teacher_of(model) is None or TileSpec.from_data(cfg.data) is not None:
+    if not tc.gate or teacher_of(model) is None or TileSpec.from_data(cfg.data) is not None \
+            or AlignSpec.from_data(cfg.data) is not None:  # an aligned image is not what the service receives
         return None
     source = "held-out normals" if calib_ds is not None else "training normals (optimistic)"
     gate = fit_gate(model, fit_ds, calib_ds if calib_ds is not None else fit_ds, device, tc.gate_alpha,
@@ -337,7 +341,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     if extra_normals is not None:
         if weights is not None:
             raise ConfigError("fit: extra normal images cannot join a balanced multi-class training set")
-        train_ds = ConcatDataset([train_ds, training_tiles(extra_normals, tiles)])
+        train_ds = ConcatDataset([train_ds, aligned_training(training_tiles(extra_normals, tiles),
+                                                             AlignSpec.from_data(cfg.data))])
     if tc.cuda_graph and len(train_ds) < tc.batch_size:  # type: ignore[arg-type]
         raise ConfigError(f"train.cuda_graph=true drops partial batches, and the {len(train_ds)} training images "  # type: ignore[arg-type]
                           f"make none of train.batch_size={tc.batch_size}")

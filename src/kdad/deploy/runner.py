@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from kdad.align import aligned_runner
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.data.transforms import input_contract
 from kdad.deploy.postprocess import PostProcess
@@ -211,13 +212,20 @@ class OnnxRunner(_Thresholded):
         }
 
 
+def views(runner: Any) -> Any:
+    """`runner` behind what its model was trained with: tiling (kdad.tiling) or pose alignment (kdad.align);
+    the two exclude each other, and a runner already wrapped is returned as is."""
+    return aligned_runner(tiled_runner(runner))
+
+
 def make_runner(model_path: str | Path, backend: str | None, device: str = "auto",
                 threshold: float | None = None, precision: str = "exact", compile: bool = False,
                 cuda_graph: bool = False) -> Any:
     """TorchRunner for checkpoints, OnnxRunner for .onnx graphs (or when backend='onnx').
 
     With backend='onnx' a run folder or checkpoint means its exported graph (RUN/model.onnx, X.onnx).
-    A model trained with data.tiling comes wrapped in a kdad.tiling.TiledRunner (stitched full-size maps).
+    A model trained with data.tiling comes wrapped in a kdad.tiling.TiledRunner (stitched full-size maps), one
+    trained with data.align in a kdad.align.AlignedRunner (maps warped back onto the input).
     """
     finite_threshold(threshold, "--threshold")
     path = Path(model_path)
@@ -236,6 +244,6 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
             if not graph.is_file():
                 raise KdadError(f"no exported graph {graph} for {path}; run `kdad export {path}` first")
             path = graph
-        return tiled_runner(OnnxRunner(path, image_threshold=threshold))
-    return tiled_runner(TorchRunner(path, device=device, image_threshold=threshold, precision=precision,
-                                    compile=compile, cuda_graph=cuda_graph))
+        return views(OnnxRunner(path, image_threshold=threshold))
+    return views(TorchRunner(path, device=device, image_threshold=threshold, precision=precision,
+                             compile=compile, cuda_graph=cuda_graph))

@@ -1,0 +1,258 @@
+"""Pose normalisation of a single part on a plain backdrop: the one home of ``data.align``.
+
+A student-teacher model compares features position by position, so a part that reaches the camera at any angle
+and place makes every pose rare in training, and the student's error on normal parts drowns the defects (on the
+generated screws the paper methods score at chance; docs/quality.md, "Session 22"). With ``data.align: axis``
+each image is turned and shifted before the model sees it so that the part's long axis is horizontal, its
+heavier end on the same side, its centre at the image centre, and the part ``data.align_zoom`` times larger.
+The model trains and scores in that aligned frame; the anomaly map is warped back onto the input image, so
+maps, masks, overlays and pixel metrics stay in the image's own frame. The image score is the aligned map's.
+
+The pose comes from the image alone (no learned part): foreground = pixels whose blurred grey level differs from
+the backdrop (the median of the image border) by more than an Otsu threshold; centre and axis from the
+foreground's first and second moments; the side from the sign of its third moment along the axis. It assumes
+one part, darker or lighter than an even backdrop, whose two ends differ (a screw's head and tip); a part
+whose ends look alike may come out either way round. See docs/align.md.
+
+Fit trains and calibrates on aligned images (:class:`AlignedImages`, the model unchanged); evaluation,
+``kdad calibrate``, predict, serve and the ONNX backend run the model through :class:`AlignedModel` or
+:class:`AlignedRunner`. The ONNX graph stays the aligned-image model; the pose is host code, as tiling is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.data import Dataset
+
+from kdad.blocks.maps import AnomalyOutput
+from kdad.errors import ConfigError
+
+if TYPE_CHECKING:
+    from kdad.config import DataConfig
+
+ALIGN_MODES = ("none", "axis")
+_BINS = 64  # Otsu histogram bins: enough for a part against a backdrop, cheap per image
+
+
+@dataclass(frozen=True)
+class AlignSpec:
+    """How images are pose-normalised: the zoom of the part about its centre (1 = its size in the image)."""
+
+    zoom: float = 1.0
+
+    @classmethod
+    def from_data(cls, data: DataConfig) -> AlignSpec | None:
+        """The spec of a DataConfig (None when data.align is "none"); bad values raise ConfigError naming the key
+        (the zoom is checked also when alignment is off, so a typo surfaces before someone turns it on)."""
+        if data.align not in ALIGN_MODES:
+            raise ConfigError(f"data.align={data.align!r}: must be one of {list(ALIGN_MODES)}")
+        spec = cls(float(data.align_zoom))
+        if not 0.25 <= spec.zoom <= 4.0:
+            raise ConfigError(f"data.align_zoom={data.align_zoom}: must be in [0.25, 4] (1 = the part's own size)")
+        if data.align == "none":
+            return None
+        if data.tiling:
+            raise ConfigError("data.align and data.tiling exclude each other (a tile is not a whole part)")
+        if data.format == "loco":
+            raise ConfigError("data.align is not supported for data.format=loco (its AU-sPRO channels are read "
+                              "in the image's own frame)")
+        return spec
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain values for ONNX metadata and metrics.json."""
+        return {"mode": "axis", "zoom": self.zoom,
+                "rule": "part's long axis horizontal, heavier end fixed, centre at the image centre; map warped back"}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> AlignSpec:
+        """Inverse of to_dict (descriptive keys ignored)."""
+        return cls(float(d["zoom"]))
+
+
+def _otsu(d: Tensor) -> Tensor:
+    """Per-image Otsu threshold (B,) of values d (B, N): the cut that maximises the between-class variance."""
+    lo, hi = d.amin(1, keepdim=True), d.amax(1, keepdim=True)
+    span = (hi - lo).clamp_min(1e-12)
+    idx = ((d - lo) / span * (_BINS - 1)).round().long().clamp(0, _BINS - 1)
+    hist = torch.zeros(d.shape[0], _BINS, dtype=d.dtype, device=d.device).scatter_add_(1, idx, torch.ones_like(d))
+    p = hist / d.shape[1]
+    omega = p.cumsum(1)
+    mu = (p * torch.arange(_BINS, dtype=d.dtype, device=d.device)).cumsum(1)
+    between = (mu[:, -1:] * omega - mu) ** 2 / (omega * (1 - omega)).clamp_min(1e-12)
+    k = between[:, :-1].argmax(1).to(d.dtype)  # the last cut leaves one class empty
+    return lo[:, 0] + (k + 0.5) / (_BINS - 1) * span[:, 0]
+
+
+def foreground(images01: Tensor) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> (B, H, W) bool: pixels whose 5x5-blurred grey level differs from the backdrop
+    (the median of the image's border) by more than an Otsu threshold."""
+    g = images01.float().mean(1)
+    border = torch.cat([g[:, 0], g[:, -1], g[:, :, 0], g[:, :, -1]], 1)
+    d = (g - border.median(1).values[:, None, None]).abs()
+    d = F.avg_pool2d(d[:, None], 5, stride=1, padding=2, count_include_pad=False)[:, 0]  # camera grain out
+    flat = d.flatten(1)
+    return d > _otsu(flat)[:, None, None]
+
+
+def poses(images01: Tensor, spec: AlignSpec) -> Tensor:
+    """(B, 3, H, W) -> affine matrices (B, 2, 3) for ``F.affine_grid`` (align_corners=False): each maps the aligned
+    frame's normalised coordinates to the input image's. An image with no foreground keeps its own frame."""
+    b, _, h, w = images01.shape
+    fg = foreground(images01).to(torch.float64)
+    ys = torch.arange(h, dtype=torch.float64, device=fg.device)[None, :, None]
+    xs = torch.arange(w, dtype=torch.float64, device=fg.device)[None, None, :]
+    m = fg.sum((1, 2))
+    empty = m < 1
+    m = m.clamp_min(1)
+    cx, cy = (fg * xs).sum((1, 2)) / m, (fg * ys).sum((1, 2)) / m
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    a, c, bxy = (fg * dx * dx).sum((1, 2)) / m, (fg * dy * dy).sum((1, 2)) / m, (fg * dx * dy).sum((1, 2)) / m
+    ang = 0.5 * torch.atan2(2 * bxy, a - c)  # the major axis of the second moments
+    t = dx * ang.cos()[:, None, None] + dy * ang.sin()[:, None, None]
+    ang = torch.where((fg * t ** 3).sum((1, 2)) > 0, ang + torch.pi, ang)  # a skewed part: one side always
+    cx = torch.where(empty, torch.full_like(cx, (w - 1) / 2), cx)
+    cy = torch.where(empty, torch.full_like(cy, (h - 1) / 2), cy)
+    ang = torch.where(empty, torch.zeros_like(ang), ang)
+    cos, sin, z = ang.cos(), ang.sin(), spec.zoom
+    theta = torch.stack([torch.stack([cos / z, -sin * (h / w) / z, (2 * cx + 1) / w - 1], 1),
+                         torch.stack([sin * (w / h) / z, cos / z, (2 * cy + 1) / h - 1], 1)], 1)
+    return theta.to(torch.float32)
+
+
+def inverse(theta: Tensor) -> Tensor:
+    """The affine matrices (B, 2, 3) that undo ``theta``: image coordinates -> aligned-frame coordinates."""
+    full = torch.cat([theta.double(), theta.new_tensor([0.0, 0.0, 1.0]).double().expand(len(theta), 1, 3)], 1)
+    return torch.linalg.inv(full)[:, :2].to(theta.dtype)
+
+
+def warp(x: Tensor, theta: Tensor, mode: str = "bilinear") -> Tensor:
+    """``x`` (B, C, H, W) resampled through ``theta``; outside the input: its nearest border value."""
+    grid = F.affine_grid(theta.to(x.device, torch.float32), list(x.shape), align_corners=False)
+    return F.grid_sample(x.float(), grid, mode=mode, padding_mode="border", align_corners=False).to(x.dtype)
+
+
+def unwarp_maps(maps: Tensor, theta: Tensor) -> Tensor:
+    """Aligned-frame maps (B, 1, H, W) back onto the input images; positions the aligned view did not cover
+    (a zoom > 1 crops) get the map's minimum: nothing was seen there."""
+    inv = inverse(theta)
+    grid = F.affine_grid(inv.to(maps.device, torch.float32), list(maps.shape), align_corners=False)
+    back = F.grid_sample(maps.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+    seen = (grid.abs() <= 1).all(-1)[:, None]
+    low = maps.float().amin((1, 2, 3), keepdim=True).expand_as(back)
+    return torch.where(seen, back, low)
+
+
+def align_images(images01: Tensor, spec: AlignSpec) -> tuple[Tensor, Tensor]:
+    """(aligned images (B, 3, H, W), their affine matrices (B, 2, 3))."""
+    theta = poses(images01, spec)
+    return warp(images01, theta), theta
+
+
+class AlignedImages(Dataset[dict[str, Any]]):
+    """A dataset whose items' images (and masks, nearest-neighbour) are pose-normalised; what fit trains and
+    calibrates on with data.align (the held-out normals too, so map statistics and thresholds are the aligned
+    model's own)."""
+
+    def __init__(self, ds: Dataset, spec: AlignSpec) -> None:
+        self.ds, self.spec = ds, spec
+
+    def __len__(self) -> int:
+        return len(self.ds)  # type: ignore[arg-type]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        item = self.ds[i]
+        image, theta = align_images(item["image"][None], self.spec)
+        mask = warp(item["mask"][None].float(), theta, mode="nearest")[0]
+        return {**item, "image": image[0], "mask": mask}
+
+    def __getattr__(self, name: str) -> Any:  # labels, defect_types, samples of the wrapped dataset
+        if name in ("ds", "spec"):
+            raise AttributeError(name)
+        return getattr(self.ds, name)
+
+
+def aligned_training(ds: Dataset, spec: AlignSpec | None) -> Dataset:
+    """What a model trains (or calibrates) on: `ds`, or its aligned view with data.align."""
+    if spec is None or isinstance(ds, AlignedImages):
+        return ds
+    return AlignedImages(ds, spec)
+
+
+def unaligned(ds: Dataset) -> Dataset:
+    """The raw images behind an :class:`AlignedImages` (what the service would receive), else `ds`."""
+    return ds.ds if isinstance(ds, AlignedImages) else ds
+
+
+class AlignedModel(nn.Module):
+    """A trained model behind pose normalisation, with the model's forward contract: images01 (B, 3, H, W) ->
+    AnomalyOutput(map (B, 1, H, W) in the input's frame, score (B,) of the aligned map)."""
+
+    def __init__(self, model: nn.Module, spec: AlignSpec) -> None:
+        super().__init__()
+        self.model, self.spec = model, spec
+
+    def forward(self, images01: Tensor) -> AnomalyOutput:
+        aligned, theta = align_images(images01, self.spec)
+        out = self.model(aligned)
+        return AnomalyOutput(unwarp_maps(out.anomaly_map, theta).to(out.anomaly_map.dtype), out.score)
+
+
+class AlignedRunner:
+    """A runner (TorchRunner, OnnxRunner) behind pose normalisation, with the runner interface: images01 (B, 3,
+    S, S) -> (maps (B, S, S) in the input's frame, scores (B,))."""
+
+    def __init__(self, runner: Any, spec: AlignSpec) -> None:
+        self.runner, self.spec = runner, spec
+        self.image_size = int(runner.image_size)
+        self.image_threshold: float | None = runner.image_threshold
+        self.pixel_threshold: float | None = runner.pixel_threshold
+        self.vmin, self.vmax = runner.vmin, runner.vmax
+        self.post = getattr(runner, "post", None)
+
+    @property
+    def pixel_min_area(self) -> int:
+        """The wrapped runner's region-rate minimum defect area (pixels)."""
+        return int(getattr(self.runner, "pixel_min_area", 1))
+
+    @torch.inference_mode()
+    def __call__(self, images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
+        aligned, theta = align_images(images01.float(), self.spec)
+        maps, scores = self.runner(aligned)
+        back = unwarp_maps(torch.from_numpy(np.ascontiguousarray(maps))[:, None], theta)[:, 0]
+        return back.numpy().astype(np.float32), scores
+
+    def gate_scores(self, images01: Tensor) -> np.ndarray | None:
+        """No gate with data.align (fit stores none): None."""
+        return None
+
+    def info(self) -> dict[str, Any]:
+        """The runner's facts plus the alignment (the input contract stays the model's)."""
+        return {**self.runner.info(), "align": self.spec.to_dict()}
+
+
+def runner_align(runner: Any) -> AlignSpec | None:
+    """The alignment a TorchRunner's checkpoint config or an OnnxRunner's metadata records (None = none)."""
+    cfg = getattr(runner, "cfg", None)
+    if cfg is not None:
+        return AlignSpec.from_data(cfg.data)
+    d = (getattr(runner, "meta", None) or {}).get("align")
+    return AlignSpec.from_dict(d) if d else None
+
+
+def aligned_runner(runner: Any) -> Any:
+    """`runner` wrapped in an AlignedRunner when its model was trained with data.align, else `runner` itself."""
+    spec = runner_align(runner)
+    return runner if spec is None else AlignedRunner(runner, spec)
+
+
+def aligned_forward(model: Any, spec: AlignSpec | None) -> Any:
+    """What evaluation calls: `model` (an nn.Module or a runner) behind the alignment, or itself without one."""
+    if spec is None or isinstance(model, (AlignedModel, AlignedRunner)):
+        return model
+    return AlignedModel(model, spec) if isinstance(model, nn.Module) else AlignedRunner(model, spec)

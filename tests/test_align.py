@@ -1,0 +1,186 @@
+"""Pose normalisation (kdad.align, data.align): the pose, the warp and its inverse, the config keys, and every
+path (fit, evaluate, predict, ONNX) seeing the same aligned images."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kdad.align import AlignedModel, AlignedRunner, AlignSpec, align_images, foreground, inverse, unwarp_maps, warp
+from kdad.blocks.maps import AnomalyOutput
+from kdad.config import load_config
+from kdad.errors import ConfigError
+
+
+def part(angle_deg: float, shift: tuple[float, float] = (0.0, 0.0), side: int = 128, seed: int = 0) -> torch.Tensor:
+    """(3, side, side) in [0, 1]: a dark shaft with a wider head at one end (a screw seen from the side) on a light
+    backdrop with grain, turned by `angle_deg` about its centre, which is moved by `shift` pixels (x, y)."""
+    a = math.radians(angle_deg)
+    yy, xx = np.mgrid[:side, :side].astype(np.float64)
+    cx, cy = (side - 1) / 2 + shift[0], (side - 1) / 2 + shift[1]
+    u = (xx - cx) * math.cos(a) + (yy - cy) * math.sin(a)  # along the part
+    v = -(xx - cx) * math.sin(a) + (yy - cy) * math.cos(a)
+    shaft = (np.abs(v) < 4) & (u > -34) & (u < 26)
+    head = (np.abs(v) < 10) & (u >= 26) & (u < 34)
+    rng = np.random.default_rng(seed)
+    g = np.where(shaft | head, 0.35, 0.8) + rng.normal(0, 0.01, (side, side))
+    return torch.from_numpy(np.clip(g, 0, 1)).float().expand(3, side, side).clone()
+
+
+def test_foreground_is_the_part() -> None:
+    x = part(30)[None]
+    fg = foreground(x)[0]
+    dark = x[0, 0] < 0.6
+    assert (fg == dark).float().mean() > 0.98
+
+
+@pytest.mark.parametrize("angle", [0, 45, 100, 170, 220, 300])
+def test_every_pose_comes_out_the_same(angle: float) -> None:
+    spec = AlignSpec(1.0)
+    moved = part(angle, (9.0, -7.0), seed=1)
+    ref, _ = align_images(part(0)[None], spec)
+    got, _ = align_images(moved[None], spec)
+
+    def iou(a: torch.Tensor, b: torch.Tensor) -> float:
+        da, db = a[..., 0, :, :] < 0.6, b[..., 0, :, :] < 0.6
+        return ((da & db).sum() / (da | db).sum()).item()
+
+    assert iou(moved, part(0)) < 0.5  # as taken: another place and angle
+    assert iou(got, ref) > 0.85  # aligned: the same part in the same place, its head on the same side
+
+
+def test_zoom_enlarges_the_part_about_its_centre() -> None:
+    x = part(60, (5.0, 3.0))[None]
+    one, _ = align_images(x, AlignSpec(1.0))
+    two, _ = align_images(x, AlignSpec(2.0))
+    area = lambda im: (im[0, 0] < 0.6).float().sum().item()  # noqa: E731
+    assert area(two) == pytest.approx(4 * area(one), rel=0.15)
+
+
+def test_unwarp_undoes_the_warp_where_the_view_saw_the_image() -> None:
+    x = part(75, (6.0, -4.0))[None]
+    smooth = F.avg_pool2d(torch.rand(1, 1, 128, 128, generator=torch.Generator().manual_seed(0)), 9, 1, 4)
+    for zoom in (1.0, 1.5):
+        _, theta = align_images(x, AlignSpec(zoom))
+        back = unwarp_maps(warp(smooth, theta), theta)
+        grid = F.affine_grid(inverse(theta), [1, 1, 128, 128], align_corners=False)
+        seen = (grid.abs() <= 1).all(-1)[:, None]
+        assert seen.float().mean() > (0.7 if zoom == 1.0 else 0.3)
+        assert (back - smooth).abs()[seen].max() < 0.05
+        assert torch.equal(back[~seen], torch.full_like(back[~seen], warp(smooth, theta).min().item()))
+
+
+def test_a_blank_image_keeps_its_frame() -> None:
+    x = torch.full((1, 3, 64, 64), 0.5)
+    out, theta = align_images(x, AlignSpec(1.0))
+    assert torch.allclose(theta, torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]]), atol=1e-6)
+    assert torch.allclose(out, x)
+
+
+@pytest.mark.parametrize(("overrides", "match"), [
+    (["data.align=pca"], "data.align='pca'"),
+    (["data.align=axis", "data.align_zoom=0"], "data.align_zoom"),
+    (["data.align=axis", "data.tiling=true"], "data.align and data.tiling"),
+    (["data.align=axis", "data.format=loco"], "data.align.*loco"),
+])
+def test_bad_alignment_settings_name_their_key(overrides: list[str], match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, None, overrides)
+
+
+class Stripes(nn.Module):
+    """A stand-in detector that sees orientation: the map is the vertical grey-level gradient, so a part lying
+    horizontally (aligned) and one at an angle give different maps."""
+
+    def forward(self, images01: torch.Tensor) -> AnomalyOutput:
+        g = images01.mean(1, keepdim=True)
+        amap = (g[:, :, 1:] - g[:, :, :-1]).abs()
+        amap = F.pad(amap, (0, 0, 0, 1))
+        return AnomalyOutput(amap, amap.flatten(1).amax(1))
+
+
+def test_aligned_model_and_runner_agree_and_map_back_onto_the_image() -> None:
+    x = torch.stack([part(35, (4.0, 2.0)), part(200, (-6.0, 5.0), seed=3)])
+    spec = AlignSpec(1.2)
+    out = AlignedModel(Stripes(), spec)(x)
+    inner = Stripes()(align_images(x, spec)[0])
+    assert torch.allclose(out.score, inner.score) and not torch.allclose(out.score, Stripes()(x).score)
+    assert out.anomaly_map.shape == x[:, :1].shape
+
+    class Runner:
+        image_size, image_threshold, pixel_threshold, vmin, vmax = 128, 0.5, 0.4, 0.0, 1.0
+
+        def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+            o = Stripes()(images01)
+            return o.anomaly_map[:, 0].numpy(), o.score.numpy()
+
+        def info(self) -> dict:
+            return {"method": "fake"}
+
+    maps, scores = AlignedRunner(Runner(), spec)(x)
+    assert np.allclose(maps, out.anomaly_map[:, 0].numpy(), atol=1e-6) and np.allclose(scores, out.score.numpy())
+    assert AlignedRunner(Runner(), spec).info()["align"]["zoom"] == 1.2
+    # the map is in the image's frame: its high values lie on the part's outline, not on the aligned one's
+    edge = maps[0] > 0.2
+    dark = x[0, 0].numpy() < 0.6
+    near = F.max_pool2d(torch.from_numpy(dark).float()[None, None], 5, 1, 2)[0, 0].numpy() > 0
+    assert edge.any() and near[edge].mean() > 0.95
+
+
+@pytest.fixture(scope="module")
+def aligned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.fakes import tiny_run
+
+    return tiny_run(tmp_path_factory.mktemp("align"), "rd_cpu", 8, 2,
+                    ["data.align=axis", "data.align_zoom=1.25", "train.max_iters=2", "train.epochs=1",
+                     "train.gate=true"])
+
+
+def test_fit_evaluate_and_predict_see_aligned_images(aligned_run: Path, tmp_path: Path) -> None:
+    from kdad.checkpoint import load_bundle, model_from_bundle
+    from kdad.data.transforms import load_image
+    from kdad.deploy.runner import make_runner
+    from kdad.evaluate import evaluate_run
+
+    bundle = load_bundle(aligned_run / "model.ckpt")
+    assert bundle.get("gate") is None  # the gate would see unaligned service images: none is stored
+    result = evaluate_run(aligned_run, report=False)
+    assert result["align"]["zoom"] == 1.25 and "pose-aligned" in result["protocol"]
+    rows = (aligned_run / "scores.csv").read_text().splitlines()[1:]
+    paths = [r.split(",")[1] for r in rows]
+    scored = {r.split(",")[1]: float(r.split(",")[4]) for r in rows}
+    runner = make_runner(aligned_run, None, device="cpu")
+    assert isinstance(runner, AlignedRunner)
+    images = torch.stack([load_image(p, 64) for p in paths])
+    _, scores = runner(images)
+    assert np.allclose(scores, [scored[p] for p in paths], atol=1e-4)
+    model, _ = model_from_bundle(bundle)
+    with torch.inference_mode():
+        inner = model(align_images(images, AlignSpec(1.25))[0]).score.numpy()
+        raw = model(images).score.numpy()
+    assert np.allclose(scores, inner, atol=1e-4) and not np.allclose(scores, raw, atol=1e-4)
+
+
+def test_onnx_export_records_the_alignment_and_its_runner_aligns(aligned_run: Path) -> None:
+    pytest.importorskip("onnxruntime")
+    from kdad.data.transforms import load_image
+    from kdad.deploy.runner import make_runner
+    from kdad.export import export_onnx
+
+    export_onnx(aligned_run)
+    meta = json.loads((aligned_run / "model.json").read_text())
+    assert meta["align"]["zoom"] == 1.25
+    onnx_runner = make_runner(aligned_run, "onnx")
+    torch_runner = make_runner(aligned_run, None, device="cpu")
+    assert isinstance(onnx_runner, AlignedRunner)
+    paths = sorted((aligned_run.parent / "d").rglob("test/*/*.png"))[:3]
+    images = torch.stack([load_image(p, 64) for p in paths])
+    (m1, s1), (m2, s2) = onnx_runner(images), torch_runner(images)
+    assert np.allclose(s1, s2, atol=1e-4) and np.allclose(m1, m2, atol=1e-4)
