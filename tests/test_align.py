@@ -85,7 +85,7 @@ def test_a_blank_image_keeps_its_frame() -> None:
 
 
 @pytest.mark.parametrize(("overrides", "match"), [
-    (["data.align=pca"], "data.align='pca'"),
+    (["data.align=pca"], "data.align: 'pca' is not one of"),
     (["data.align=axis", "data.align_zoom=0"], "data.align_zoom"),
     (["data.align=axis", "data.tiling=true"], "data.align and data.tiling"),
     (["data.align=axis", "data.format=loco"], "data.align.*loco"),
@@ -184,3 +184,19 @@ def test_onnx_export_records_the_alignment_and_its_runner_aligns(aligned_run: Pa
     images = torch.stack([load_image(p, 64) for p in paths])
     (m1, s1), (m2, s2) = onnx_runner(images), torch_runner(images)
     assert np.allclose(s1, s2, atol=1e-4) and np.allclose(m1, m2, atol=1e-4)
+
+
+def test_the_service_aligns_what_it_receives(aligned_run: Path) -> None:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    from fastapi.testclient import TestClient
+
+    from kdad.data.transforms import load_image
+    from kdad.deploy.runner import TorchRunner, make_runner
+    from kdad.serve import create_app
+
+    path = sorted((aligned_run.parent / "d").rglob("test/*/*.png"))[0]
+    body = TestClient(create_app(TorchRunner(aligned_run, device="cpu"))).post(
+        "/predict", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
+    _, scores = make_runner(aligned_run, None, device="cpu")(load_image(path, 64)[None])
+    assert abs(body["score"] - float(scores[0])) <= 1e-5

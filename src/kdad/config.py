@@ -22,6 +22,7 @@ from kdad.formats import DataFormat
 AmpDtype = Literal["bf16", "fp16"]
 Select = Literal["last", "val_map_mean"]
 PixelThresholdRule = Literal["region", "quantile"]
+AlignMode = Literal["none", "axis"]  # kdad.align.ALIGN_MODES
 ImageThresholdRule = Literal["conformal", "quantile"]
 
 
@@ -41,7 +42,7 @@ class DataConfig:
     tile_resolution: int = 0  # 0 = native size; else the long side the full image is resized to first
     tile_metric_size: int = 1024  # stitched maps with a longer side are area-pooled for pixel metrics; 0 = never
     tile_score_top: float = 0.0  # image score = mean of this share of the stitched map's top pixels; 0 = its max
-    align: str = "none"  # "axis": turn each image so the part's long axis is horizontal (docs/align.md)
+    align: AlignMode = "none"  # "axis": turn each image so the part's long axis is horizontal (docs/align.md)
     align_zoom: float = 1.0  # with align: the part's zoom about its centre in the aligned frame
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
