@@ -200,3 +200,21 @@ def test_the_service_aligns_what_it_receives(aligned_run: Path) -> None:
         "/predict", files={"file": (path.name, path.read_bytes(), "image/png")}).json()
     _, scores = make_runner(aligned_run, None, device="cpu")(load_image(path, 64)[None])
     assert abs(body["score"] - float(scores[0])) <= 1e-5
+
+
+def test_the_training_loader_hands_out_aligned_images(tmp_path: Path) -> None:
+    """fit's DataLoader fetches batches through a dataset's __getitems__ when it has one (a Subset does): the
+    aligned view must not let that reach the raw images."""
+    from torch.utils.data import DataLoader
+
+    from kdad.data.demo import make_demo_dataset
+    from kdad.train import train_val_datasets
+
+    demo = make_demo_dataset(tmp_path / "d", n_train=8, n_test_good=1, n_test_bad=1, size=64, kind="object")
+    cfg = load_config("rd_cpu", [], [f"data.root={demo}", "data.image_size=64", "data.align=axis"])
+    train, held_out, _ = train_val_datasets(cfg)
+    for ds in (train, held_out):
+        got = next(iter(DataLoader(ds, batch_size=4)))["image"]
+        raw = next(iter(DataLoader(ds.ds, batch_size=4)))["image"]  # type: ignore[union-attr]
+        assert not torch.allclose(got, raw)
+        assert torch.allclose(got, align_images(raw, AlignSpec(1.0))[0], atol=1e-6)

@@ -172,7 +172,9 @@ class AlignedImages(Dataset[dict[str, Any]]):
         return {**item, "image": image[0], "mask": mask}
 
     def __getattr__(self, name: str) -> Any:  # labels, defect_types, samples of the wrapped dataset
-        if name in ("ds", "spec"):
+        # never a dunder: DataLoader fetches batches through the wrapped dataset's __getitems__ when it has one
+        # (a Subset does), which would hand out the raw images
+        if name in ("ds", "spec") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.ds, name)
 
