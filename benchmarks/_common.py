@@ -178,6 +178,14 @@ def metadata(**extra: Any) -> dict[str, Any]:
     return meta
 
 
+def dumps_rows(doc: dict[str, Any], key: str = "runs") -> str:
+    """``doc`` as JSON text with each row of ``doc[key]`` on one line: a results file of hundreds of rows stays
+    well under the repository's 1 MB per file, and a git diff shows whole rows. json.loads reads it back."""
+    head = [f" {json.dumps(k)}: {json.dumps(v)}" for k, v in doc.items() if k != key]
+    rows = ",\n  ".join(json.dumps(r) for r in doc.get(key, []))
+    return "{\n" + ",\n".join([*head, f" {json.dumps(key)}: [\n  {rows}\n ]"]) + "\n}\n"
+
+
 def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
     """Write ``doc`` to ``path`` atomically (a reader never sees half a file; parallel runs may append).
 

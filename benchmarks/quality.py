@@ -166,7 +166,7 @@ def main() -> None:
                     doc = json.loads(out.read_text()) if out.is_file() else doc  # other processes may append
                     doc["runs"].append(row)
                     tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
-                    tmp_out.write_text(json.dumps(doc, indent=1))
+                    tmp_out.write_text(quality_split.dumps_rows(doc))
                     tmp_out.replace(out)
 
 
