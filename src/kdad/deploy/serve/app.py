@@ -28,6 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdad import __version__
+from kdad.align import aligned_runner
 from kdad.data.transforms import (
     ImageTooLargeError,
     check_pixel_count,
@@ -37,9 +38,8 @@ from kdad.data.transforms import (
     read_error_text,
 )
 from kdad.deploy.postprocess import gate_scores_of, post_of
-from kdad.deploy.runner import views
 from kdad.deploy.serve.monitor import DriftConfig, Monitor, calibration_scores
-from kdad.tiling import image_loader, images_per_call
+from kdad.tiling import image_loader, images_per_call, tiled_runner
 from kdad.visualize import png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -214,7 +214,9 @@ def create_app(
     level of the drift statistic on /metrics and /monitor (kdad.deploy.serve.monitor)."""
     limits = Limits(max_upload_mb, pixel_cap(max_megapixels), max_batch_files)
     lock = threading.Lock()
-    runner = views(runner)  # a tiled model scores whole images (stitched maps, one per call); an aligned one warps
+    # as kdad.deploy.runner.views (not imported: it loads the training code): a tiled model scores whole images
+    # (stitched maps, one per call), an aligned one warps its map back
+    runner = aligned_runner(tiled_runner(runner))
     load = image_loader(runner, int(runner.image_size), limits.max_megapixels)
     chunk = images_per_call(runner, chunk)
     monitor = Monitor(calibration_scores(runner), runner.image_threshold, drift)
