@@ -201,3 +201,20 @@ def tiny_run(root: Path, preset: str, n_train: int, n_test: int, overrides: list
     demo = make_demo_dataset(root / "d", n_train=n_train, n_test_good=n_test, n_test_bad=n_test, size=64,
                              kind="object")
     return fit(load_config(preset, [], [f"data.root={demo}", *TINY_RUN, *overrides]), root / "run")
+
+
+class FakeRunner:
+    """The runner interface (kdad.deploy.runner.Runner) over a stand-in detector: an nn.Module whose forward
+    returns an AnomalyOutput. For the runner views (tiling, alignment) without a trained model."""
+
+    image_threshold, pixel_threshold, vmin, vmax = 0.5, 0.4, 0.0, 1.0
+
+    def __init__(self, detector: object, image_size: int = 128) -> None:
+        self.detector, self.image_size = detector, image_size
+
+    def __call__(self, images01: object) -> tuple[np.ndarray, np.ndarray]:
+        out = self.detector(images01)  # type: ignore[operator]
+        return out.anomaly_map[:, 0].numpy(), out.score.numpy()
+
+    def info(self) -> dict:
+        return {"method": "fake"}

@@ -114,19 +114,12 @@ def test_aligned_model_and_runner_agree_and_map_back_onto_the_image() -> None:
     assert torch.allclose(out.score, inner.score) and not torch.allclose(out.score, Stripes()(x).score)
     assert out.anomaly_map.shape == x[:, :1].shape
 
-    class Runner:
-        image_size, image_threshold, pixel_threshold, vmin, vmax = 128, 0.5, 0.4, 0.0, 1.0
+    from tests.fakes import FakeRunner
 
-        def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            o = Stripes()(images01)
-            return o.anomaly_map[:, 0].numpy(), o.score.numpy()
-
-        def info(self) -> dict:
-            return {"method": "fake"}
-
-    maps, scores = AlignedRunner(Runner(), spec)(x)
+    runner = AlignedRunner(FakeRunner(Stripes(), 128), spec)
+    maps, scores = runner(x)
     assert np.allclose(maps, out.anomaly_map[:, 0].numpy(), atol=1e-6) and np.allclose(scores, out.score.numpy())
-    assert AlignedRunner(Runner(), spec).info()["align"]["zoom"] == 1.2
+    assert runner.info()["align"]["zoom"] == 1.2 and runner.image_threshold == 0.5
     # the map is in the image's frame: its high values lie on the part's outline, not on the aligned one's
     edge = maps[0] > 0.2
     dark = x[0, 0].numpy() < 0.6

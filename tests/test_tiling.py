@@ -188,24 +188,18 @@ def test_a_dot_that_a_256px_resize_erases_is_found_by_tiling(tmp_path) -> None: 
 
 
 def test_tiled_runner_stitches_any_runner() -> None:
-    class Runner:  # the runner interface over the stand-in detector
-        image_size, image_threshold, pixel_threshold, vmin, vmax = 128, 0.5, 0.4, 0.0, 1.0
+    from tests.fakes import FakeRunner
 
-        def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-            out = StrideFourContrast()(images01)
-            return out.anomaly_map[:, 0].numpy(), out.score.numpy()
+    fake = FakeRunner(StrideFourContrast(), 128)  # the runner interface over the stand-in detector
 
-        def info(self) -> dict:
-            return {"method": "fake"}
-
-    tiled = TiledRunner(Runner(), TileSpec(128, 0.25), batch_size=3)
+    tiled = TiledRunner(fake, TileSpec(128, 0.25), batch_size=3)
     images = torch.rand(2, 3, 300, 200, generator=torch.Generator().manual_seed(0))
     maps, scores = tiled(images)
     assert maps.shape == (2, 300, 200) and np.allclose(scores, maps.reshape(2, -1).max(1))
     assert tiled.info()["tiling"]["tile"] == 128 and tiled.image_threshold == 0.5
-    top = TiledRunner(Runner(), TileSpec(128, 0.25, score_top=0.02), batch_size=3)
+    top = TiledRunner(fake, TileSpec(128, 0.25, score_top=0.02), batch_size=3)
     maps, scores = top(images)
     assert np.allclose(scores, [np.sort(m.ravel())[-round(m.size * 0.02):].mean() for m in maps], atol=1e-6)
     assert (scores < maps.reshape(2, -1).max(1)).all()
     with pytest.raises(ConfigError, match="model input"):
-        TiledRunner(Runner(), TileSpec(256))
+        TiledRunner(fake, TileSpec(256))

@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 
 from kdad.blocks.maps import AnomalyOutput
 from kdad.errors import ConfigError
+from kdad.tiling import RunnerView, tiled_runner
 
 if TYPE_CHECKING:
     from kdad.config import DataConfig
@@ -161,20 +162,25 @@ class AlignedImages(Dataset[dict[str, Any]]):
 
     def __init__(self, ds: Dataset, spec: AlignSpec) -> None:
         self.ds, self.spec = ds, spec
+        self.thetas: dict[int, Tensor] = {}  # an image's pose, found once: every epoch reads it again
+
 
     def __len__(self) -> int:
         return len(self.ds)  # type: ignore[arg-type]
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         item = self.ds[i]
-        image, theta = align_images(item["image"][None], self.spec)
+        image = item["image"][None]
+        theta = self.thetas.get(i)
+        if theta is None:
+            theta = self.thetas[i] = poses(image, self.spec)
         mask = warp(item["mask"][None].float(), theta, mode="nearest")[0]
-        return {**item, "image": image[0], "mask": mask}
+        return {**item, "image": warp(image, theta)[0], "mask": mask}
 
     def __getattr__(self, name: str) -> Any:  # labels, defect_types, samples of the wrapped dataset
         # never a dunder: DataLoader fetches batches through the wrapped dataset's __getitems__ when it has one
         # (a Subset does), which would hand out the raw images
-        if name in ("ds", "spec") or name.startswith("__"):
+        if name in ("ds", "spec", "thetas") or name.startswith("__"):
             raise AttributeError(name)
         return getattr(self.ds, name)
 
@@ -205,22 +211,13 @@ class AlignedModel(nn.Module):
         return AnomalyOutput(unwarp_maps(out.anomaly_map, theta).to(out.anomaly_map.dtype), out.score)
 
 
-class AlignedRunner:
+class AlignedRunner(RunnerView):
     """A runner (TorchRunner, OnnxRunner) behind pose normalisation, with the runner interface: images01 (B, 3,
     S, S) -> (maps (B, S, S) in the input's frame, scores (B,))."""
 
     def __init__(self, runner: Any, spec: AlignSpec) -> None:
-        self.runner, self.spec = runner, spec
-        self.image_size = int(runner.image_size)
-        self.image_threshold: float | None = runner.image_threshold
-        self.pixel_threshold: float | None = runner.pixel_threshold
-        self.vmin, self.vmax = runner.vmin, runner.vmax
-        self.post = getattr(runner, "post", None)
-
-    @property
-    def pixel_min_area(self) -> int:
-        """The wrapped runner's region-rate minimum defect area (pixels)."""
-        return int(getattr(self.runner, "pixel_min_area", 1))
+        super().__init__(runner)
+        self.spec = spec
 
     @torch.inference_mode()
     def __call__(self, images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -251,6 +248,12 @@ def aligned_runner(runner: Any) -> Any:
     """`runner` wrapped in an AlignedRunner when its model was trained with data.align, else `runner` itself."""
     spec = runner_align(runner)
     return runner if spec is None else AlignedRunner(runner, spec)
+
+
+def runner_views(runner: Any) -> Any:
+    """`runner` behind the view its model was trained with: tiles (kdad.tiling) or the aligned part (this module);
+    the two exclude each other, and a runner already wrapped comes back as is. make_runner and the service use it."""
+    return aligned_runner(tiled_runner(runner))
 
 
 def aligned_forward(model: Any, spec: AlignSpec | None) -> Any:

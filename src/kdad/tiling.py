@@ -283,15 +283,13 @@ def training_tiles(ds: Dataset, spec: TileSpec | None) -> Dataset:
     return GridTiles(ds, spec)
 
 
-class TiledRunner:
-    """A runner (TorchRunner, OnnxRunner) behind tiling, with the runner interface: images01 (B, 3, H, W) of
-    any size >= the tile -> (stitched maps (B, H, W), scores (B,) = image_score of each map)."""
+class RunnerView:
+    """A runner (TorchRunner, OnnxRunner) behind another view of its input (tiles here, the part's pose in
+    kdad.align): the wrapped runner's input size, thresholds, display range and post-processing, passed through."""
 
-    def __init__(self, runner: Any, spec: TileSpec, batch_size: int = 16) -> None:
-        self.runner, self.spec, self.batch_size = runner, spec, batch_size
+    def __init__(self, runner: Any) -> None:
+        self.runner = runner
         self.image_size = int(runner.image_size)
-        if self.image_size != spec.tile:
-            raise ConfigError(f"tiling: tiles of {spec.tile} px but the model input is {self.image_size} px")
         self.image_threshold: float | None = runner.image_threshold
         self.pixel_threshold: float | None = runner.pixel_threshold
         self.vmin, self.vmax = runner.vmin, runner.vmax
@@ -299,8 +297,19 @@ class TiledRunner:
 
     @property
     def pixel_min_area(self) -> int:
-        """The wrapped runner's region-rate minimum defect area (pixels), so masks of stitched maps use it."""
+        """The wrapped runner's region-rate minimum defect area (pixels), so masks of the view's maps use it."""
         return int(getattr(self.runner, "pixel_min_area", 1))
+
+
+class TiledRunner(RunnerView):
+    """A runner behind tiling, with the runner interface: images01 (B, 3, H, W) of any size >= the tile ->
+    (stitched maps (B, H, W), scores (B,) = image_score of each map)."""
+
+    def __init__(self, runner: Any, spec: TileSpec, batch_size: int = 16) -> None:
+        super().__init__(runner)
+        self.spec, self.batch_size = spec, batch_size
+        if self.image_size != spec.tile:
+            raise ConfigError(f"tiling: tiles of {spec.tile} px but the model input is {self.image_size} px")
 
     @torch.inference_mode()
     def __call__(self, images01: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:

@@ -14,7 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
-from kdad.align import aligned_runner
+from kdad.align import runner_views
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.data.transforms import input_contract
 from kdad.deploy.postprocess import PostProcess
@@ -30,7 +30,6 @@ from kdad.export import (
 )
 from kdad.seed import resolve_device
 from kdad.thresholds import finite_threshold
-from kdad.tiling import tiled_runner
 
 
 @runtime_checkable
@@ -212,12 +211,6 @@ class OnnxRunner(_Thresholded):
         }
 
 
-def views(runner: Any) -> Any:
-    """`runner` behind what its model was trained with: tiling (kdad.tiling) or pose alignment (kdad.align);
-    the two exclude each other, and a runner already wrapped is returned as is."""
-    return aligned_runner(tiled_runner(runner))
-
-
 def make_runner(model_path: str | Path, backend: str | None, device: str = "auto",
                 threshold: float | None = None, precision: str = "exact", compile: bool = False,
                 cuda_graph: bool = False) -> Any:
@@ -244,6 +237,6 @@ def make_runner(model_path: str | Path, backend: str | None, device: str = "auto
             if not graph.is_file():
                 raise KdadError(f"no exported graph {graph} for {path}; run `kdad export {path}` first")
             path = graph
-        return views(OnnxRunner(path, image_threshold=threshold))
-    return views(TorchRunner(path, device=device, image_threshold=threshold, precision=precision,
-                             compile=compile, cuda_graph=cuda_graph))
+        return runner_views(OnnxRunner(path, image_threshold=threshold))
+    return runner_views(TorchRunner(path, device=device, image_threshold=threshold, precision=precision,
+                                    compile=compile, cuda_graph=cuda_graph))

@@ -28,7 +28,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from kdad import __version__
-from kdad.align import aligned_runner
+from kdad.align import runner_views
 from kdad.data.transforms import (
     ImageTooLargeError,
     check_pixel_count,
@@ -39,7 +39,7 @@ from kdad.data.transforms import (
 )
 from kdad.deploy.postprocess import gate_scores_of, post_of
 from kdad.deploy.serve.monitor import DriftConfig, Monitor, calibration_scores
-from kdad.tiling import image_loader, images_per_call, tiled_runner
+from kdad.tiling import image_loader, images_per_call
 from kdad.visualize import png_bytes
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -214,9 +214,7 @@ def create_app(
     level of the drift statistic on /metrics and /monitor (kdad.deploy.serve.monitor)."""
     limits = Limits(max_upload_mb, pixel_cap(max_megapixels), max_batch_files)
     lock = threading.Lock()
-    # as kdad.deploy.runner.views (not imported: it loads the training code): a tiled model scores whole images
-    # (stitched maps, one per call), an aligned one warps its map back
-    runner = aligned_runner(tiled_runner(runner))
+    runner = runner_views(runner)  # a tiled model scores whole images (stitched maps), an aligned one warps back
     load = image_loader(runner, int(runner.image_size), limits.max_megapixels)
     chunk = images_per_call(runner, chunk)
     monitor = Monitor(calibration_scores(runner), runner.image_threshold, drift)
