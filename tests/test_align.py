@@ -13,7 +13,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from kdad.align import AlignedModel, AlignedRunner, AlignSpec, align_images, foreground, inverse, unwarp_maps, warp
+from kdad.align import (
+    AlignedModel,
+    AlignedRunner,
+    AlignSpec,
+    align_images,
+    foreground,
+    inverse,
+    pose_spread,
+    unwarp_maps,
+    warp,
+)
 from kdad.blocks.maps import AnomalyOutput
 from kdad.config import load_config
 from kdad.errors import ConfigError
@@ -211,3 +221,49 @@ def test_the_training_loader_hands_out_aligned_images(tmp_path: Path) -> None:
         raw = next(iter(DataLoader(ds.ds, batch_size=4)))["image"]  # type: ignore[union-attr]
         assert not torch.allclose(got, raw)
         assert torch.allclose(got, align_images(raw, AlignSpec(1.0))[0], atol=1e-6)
+
+
+def _disc(seed: int, side: int = 128) -> torch.Tensor:
+    """A round part with grain: its axis, if any, points anywhere."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:side, :side]
+    d = np.hypot(xx - side / 2, yy - side / 2) < 30 + rng.normal(0, 0.7, (side, side))
+    return torch.from_numpy(np.where(d, 0.3, 0.8)).float().expand(3, side, side).clone()
+
+
+def test_pose_spread_tells_parts_at_any_angle_from_aligned_parts_round_parts_and_textures() -> None:
+    rng = np.random.default_rng(0)
+    turned = torch.stack([part(float(a), tuple(rng.uniform(-10, 10, 2)), seed=i)
+                          for i, a in enumerate(rng.uniform(0, 360, 12))])
+    same = torch.stack([part(30 + float(rng.normal(0, 1)), seed=i) for i in range(12)])
+    texture = torch.from_numpy(rng.uniform(0, 1, (12, 1, 128, 128))).float().expand(12, 3, 128, 128)
+    spread = pose_spread(turned)
+    assert spread.suggests_align() and spread.elongation > 3 and spread.axis_spread_deg > 30
+    assert spread.border_share == 0 and spread.centre_spread_px > 5
+    assert not pose_spread(same).suggests_align() and pose_spread(same).axis_spread_deg < 3  # lie the same way
+    assert not pose_spread(torch.stack([_disc(i) for i in range(6)])).suggests_align()  # round: no axis
+    assert not pose_spread(texture).suggests_align()  # foreground on the border: no single part
+    assert pose_spread(turned[:0]).images == 0 and not pose_spread(turned[:0]).suggests_align()
+
+
+def test_data_check_hints_at_align_only_for_parts_at_varying_angles(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    from PIL import Image
+
+    from kdad.cli import main
+
+    def write(root: Path, angles: list[float]) -> Path:
+        for split, n in (("train", len(angles)), ("test", 2)):
+            for i in range(n):
+                arr = (part(angles[i], seed=i)[0].numpy() * 255).astype(np.uint8)
+                path = root / "screw" / split / "good" / f"{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(arr).save(path)
+        (root / "screw" / "train" / "good" / "bad.png").write_bytes(b"not an image")  # skipped by the hint
+        return root
+
+    assert main(["data", "check", str(write(tmp_path / "any", [i * 37.0 for i in range(10)]))]) == 1
+    out = capsys.readouterr().out
+    assert "HINT    pose: category 'screw'" in out and "data.align=axis" in out and "bad.png" in out
+    main(["data", "check", str(write(tmp_path / "same", [15.0] * 10))])
+    assert "HINT" not in capsys.readouterr().out

@@ -21,7 +21,9 @@ Fit trains and calibrates on aligned images (:class:`AlignedImages`, the model u
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +33,8 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from kdad.blocks.maps import AnomalyOutput
-from kdad.errors import ConfigError
+from kdad.data.transforms import load_image
+from kdad.errors import ConfigError, DatasetError
 from kdad.tiling import RunnerView, tiled_runner
 
 if TYPE_CHECKING:
@@ -101,20 +104,41 @@ def foreground(images01: Tensor) -> Tensor:
     return d > _otsu(flat)[:, None, None]
 
 
+@dataclass(frozen=True)
+class _Moments:
+    """A foreground's mass, centroid, offsets from it and central second moments, per image."""
+
+    mass: Tensor
+    cx: Tensor
+    cy: Tensor
+    dx: Tensor
+    dy: Tensor
+    a: Tensor  # E[dx²]
+    c: Tensor  # E[dy²]
+    bxy: Tensor  # E[dx dy]
+
+
+def _moments(fg: Tensor) -> _Moments:
+    """Moments of float64 foreground masks (B, H, W)."""
+    _, h, w = fg.shape
+    ys = torch.arange(h, dtype=torch.float64, device=fg.device)[None, :, None]
+    xs = torch.arange(w, dtype=torch.float64, device=fg.device)[None, None, :]
+    mass = fg.sum((1, 2))
+    m = mass.clamp_min(1)
+    cx, cy = (fg * xs).sum((1, 2)) / m, (fg * ys).sum((1, 2)) / m
+    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
+    return _Moments(mass, cx, cy, dx, dy, (fg * dx * dx).sum((1, 2)) / m, (fg * dy * dy).sum((1, 2)) / m,
+                    (fg * dx * dy).sum((1, 2)) / m)
+
+
 def poses(images01: Tensor, spec: AlignSpec) -> Tensor:
     """(B, 3, H, W) -> affine matrices (B, 2, 3) for ``F.affine_grid`` (align_corners=False): each maps the aligned
     frame's normalised coordinates to the input image's. An image with no foreground keeps its own frame."""
     b, _, h, w = images01.shape
     fg = foreground(images01).to(torch.float64)
-    ys = torch.arange(h, dtype=torch.float64, device=fg.device)[None, :, None]
-    xs = torch.arange(w, dtype=torch.float64, device=fg.device)[None, None, :]
-    m = fg.sum((1, 2))
-    empty = m < 1
-    m = m.clamp_min(1)
-    cx, cy = (fg * xs).sum((1, 2)) / m, (fg * ys).sum((1, 2)) / m
-    dx, dy = xs - cx[:, None, None], ys - cy[:, None, None]
-    a, c, bxy = (fg * dx * dx).sum((1, 2)) / m, (fg * dy * dy).sum((1, 2)) / m, (fg * dx * dy).sum((1, 2)) / m
-    ang = 0.5 * torch.atan2(2 * bxy, a - c)  # the major axis of the second moments
+    mo = _moments(fg)
+    empty, cx, cy, dx, dy = mo.mass < 1, mo.cx, mo.cy, mo.dx, mo.dy
+    ang = 0.5 * torch.atan2(2 * mo.bxy, mo.a - mo.c)  # the major axis of the second moments
     t = dx * ang.cos()[:, None, None] + dy * ang.sin()[:, None, None]
     ang = torch.where((fg * t ** 3).sum((1, 2)) > 0, ang + torch.pi, ang)  # a skewed part: one side always
     cx = torch.where(empty, torch.full_like(cx, (w - 1) / 2), cx)
@@ -124,6 +148,66 @@ def poses(images01: Tensor, spec: AlignSpec) -> Tensor:
     theta = torch.stack([torch.stack([cos / z, -sin * (h / w) / z, (2 * cx + 1) / w - 1], 1),
                          torch.stack([sin * (w / h) / z, cos / z, (2 * cy + 1) / h - 1], 1)], 1)
     return theta.to(torch.float32)
+
+
+# When `kdad data check` suggests data.align (a heuristic; docs/align.md, "Does my product need it?"): one part
+# clear of the image border, elongated enough for its axis to be stable, lying at clearly varying angles.
+HINT_MAX_BORDER_SHARE = 0.02  # textures and parts that fill the frame put foreground on the border
+HINT_MIN_ELONGATION = 2.0  # a bottle seen from above is 1.0, the generated screws 6.4
+HINT_MIN_AXIS_SPREAD_DEG = 10.0  # 10 degrees move a point 100 px from the centre by over a stride-8 cell
+
+
+@dataclass(frozen=True)
+class PoseSpread:
+    """How the parts in a set of images lie (medians and spreads over the images)."""
+
+    images: int
+    border_share: float  # median share of the image border that is foreground (0: one part on a plain backdrop)
+    elongation: float  # median sqrt(major / minor second moment) of the foreground
+    axis_spread_deg: float  # circular standard deviation of the long axis's direction (an axis: modulo 180°)
+    centre_spread_px: float  # standard deviation of the centroid's distance from the mean centroid, in pixels
+
+    def suggests_align(self) -> bool:
+        """Whether the images look like one elongated part on a plain backdrop at varying angles."""
+        return (self.images >= 2 and self.border_share <= HINT_MAX_BORDER_SHARE
+                and self.elongation >= HINT_MIN_ELONGATION and self.axis_spread_deg >= HINT_MIN_AXIS_SPREAD_DEG)
+
+    def text(self) -> str:
+        """One line for a person."""
+        return (f"{self.images} images: border foreground {self.border_share:.2f}, elongation "
+                f"{self.elongation:.1f}, long axis spread {self.axis_spread_deg:.0f} deg, centre spread "
+                f"{self.centre_spread_px:.0f} px")
+
+
+def pose_spread(images01: Tensor) -> PoseSpread:
+    """The :class:`PoseSpread` of a batch (B, 3, H, W) in [0, 1], measured with the same foreground as
+    :func:`poses`."""
+    if len(images01) == 0:
+        return PoseSpread(0, 0.0, 0.0, 0.0, 0.0)
+    fg = foreground(images01).to(torch.float64)
+    mo = _moments(fg)
+    border = torch.cat([fg[:, 0], fg[:, -1], fg[:, :, 0], fg[:, :, -1]], 1).mean(1)
+    half_tr, det = (mo.a + mo.c) / 2, mo.a * mo.c - mo.bxy ** 2
+    disc = (half_tr ** 2 - det).clamp_min(0).sqrt()
+    elongation = ((half_tr + disc) / (half_tr - disc).clamp_min(1e-9)).sqrt()
+    doubled = torch.atan2(2 * mo.bxy, mo.a - mo.c)  # an axis's angle doubled: directions mod 180° on a circle
+    r = float(torch.hypot(doubled.cos().mean(), doubled.sin().mean()).clamp(1e-12, 1.0))
+    centre = torch.stack([mo.cx, mo.cy], 1)
+    spread = float((centre - centre.mean(0)).norm(dim=1).pow(2).mean().sqrt())
+    return PoseSpread(len(images01), float(border.median()), float(elongation.median()),
+                      math.degrees(math.sqrt(-2 * math.log(r)) / 2), spread)
+
+
+def pose_spread_of_files(paths: list[Path], size: int = 256, max_megapixels: float | None = None) -> PoseSpread:
+    """:func:`pose_spread` of image files, each resized to `size`; files that cannot be read are skipped
+    (`kdad data check` reports them on its own)."""
+    images = []
+    for p in paths:
+        try:
+            images.append(load_image(p, size, max_megapixels))
+        except DatasetError:
+            continue
+    return pose_spread(torch.stack(images) if images else torch.empty(0, 3, size, size))
 
 
 def inverse(theta: Tensor) -> Tensor:

@@ -311,7 +311,30 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     report = check_dataset(args.path, args.format, category=args.category, split_file=args.split_file,
                            max_megapixels=args.max_megapixels)
     print(report.text())
+    for line in _pose_hints(report, args.max_megapixels):
+        print(line)
     return 1 if report.errors else 0  # warnings alone pass
+
+
+POSE_SAMPLE = 32  # training images per category measured for the pose hint: enough for a spread, a second's work
+
+
+def _pose_hints(report: Any, max_megapixels: float | None) -> list[str]:
+    """A HINT line per category whose good training images look like one elongated part at varying angles: the
+    case data.align is for (docs/align.md). Hints only; they never change the exit code."""
+    from kdad.align import pose_spread_of_files
+
+    lines = []
+    for cat in sorted({e.category for e in report.entries}):
+        paths = [e.image for e in report.entries if e.category == cat and e.split == "train" and e.label == 0]
+        k = min(POSE_SAMPLE, len(paths))
+        sample = [paths[(i * (len(paths) - 1)) // max(k - 1, 1)] for i in range(k)]  # spread over the set
+        spread = pose_spread_of_files(sample, max_megapixels=max_megapixels)
+        if spread.suggests_align():
+            lines.append(f"HINT    pose: category {cat!r}: one elongated part on a plain backdrop at varying angles "
+                         f"({spread.text()}); student-teacher models score such parts near chance unless the part "
+                         "is aligned: try --set data.align=axis --set data.align_zoom=1.25 (docs/align.md)")
+    return lines
 
 def build_parser() -> argparse.ArgumentParser:
     """The argparse tree; every option has help text."""
