@@ -1,6 +1,6 @@
 """Mean and spread over seeds of benchmarks/results/quality.json, per cell and category, as a Markdown table.
 
-Run: python benchmarks/quality_summary.py [--half report]
+Run: python benchmarks/quality_summary.py [--half report] [--presets]  (--presets: one row per shipped CPU preset)
 """
 
 from __future__ import annotations
@@ -9,15 +9,17 @@ import argparse
 import json
 from pathlib import Path
 
-from _common import RESULTS, quality_table
+from _common import RESULTS, preset_grid, quality_table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--half", default="report", choices=["selection", "report", "all"])
     ap.add_argument("--file", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--presets", action="store_true", help="image AUROC of each shipped CPU preset per category")
     args = ap.parse_args()
-    print(quality_table(json.loads(Path(args.file).read_text())["runs"], args.half))
+    runs = json.loads(Path(args.file).read_text())["runs"]
+    print(preset_grid(runs, args.half) if args.presets else quality_table(runs, args.half))
 
 
 if __name__ == "__main__":
