@@ -258,40 +258,43 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 
 
 # The cells of quality.json that measure each shipped CPU preset's current recipe (first listed wins a seed two
-# cells share; the *_xpix cells rerun the same recipe for the cross-fitted pixel threshold), and, for the generated
-# screws, the cell of the same preset with data.align=axis (zoom in the cell name: 125 = 1.25, none = 1.5).
+# cells share; the *_xpix cells rerun the same recipe for the cross-fitted pixel threshold). Presets with
+# data.align=auto pick alignment on the generated screws only (docs/align.md): their screws cell is the aligned
+# run (ALIGNED_CELLS; zoom in the name, 125 = 1.25, none = 1.5), and the unaligned one moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_cpu", "rd_cpu_xpix"), "stfpm_cpu": ("stfpm_cpu",), "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix"),
     "urd_cpu": ("urd_cpu",), "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix"), "cfrg_cpu": ("cfrg_cpu",),
     "snl_cpu": ("snl_cpu", "snl_cpu_xpix"), "bkd_cpu": ("bkd_cpu_xpix",),
     "patchst_cpu": ("patchst_coreset", "patchst_coreset_xpix"), "patchst_memory_cpu": ("patchst_mem", "patchst_mem_xpix"),
 }
-ALIGNED_CELLS: dict[str, str] = {"rd_cpu": "rd_align125", "stfpm_cpu": "stfpm_align", "rdpp_cpu": "rdpp_align",
-                                 "patchst_cpu": "patchst_align125", "patchst_memory_cpu": "patchst_mem_align125"}
+ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
+    "rd_cpu": ("rd_align125", "rd_cpu_auto"), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
+    "patchst_cpu": ("patchst_align125",), "patchst_memory_cpu": ("patchst_mem_align125",)}
 GRID_CATEGORIES = ("magnetic_tile", "bottle", "brushed", "screws")
 
 
 def preset_grid(runs: list[dict[str, Any]], half: str = "report") -> str:
-    """Markdown table: each shipped CPU preset's image AUROC per category, mean ± sample std (seeds), and on the
-    screws with data.align; '–' where the study has no run of the current recipe."""
+    """Markdown table: each shipped CPU preset's image AUROC per category, mean ± sample std (seeds); '–' where the
+    study has no run of the current recipe. The last column: the screws without alignment (data.align=none)."""
+    def seeds(cells: tuple[str, ...], cat: str) -> list[dict[str, Any]]:
+        by_seed: dict[int, dict[str, Any]] = {}
+        for name in cells:
+            for r in runs:
+                if r["cell"] == name and r["category"] == cat:
+                    by_seed.setdefault(r["seed"], r)
+        return list(by_seed.values())
+
     def cell(rows: list[dict[str, Any]]) -> str:
         a = np.asarray([r[half]["image_auroc"] for r in rows], float)
         if len(a) == 0:
             return "–"
         return (f"{a.mean():.3f} ± {a.std(ddof=1):.3f} ({len(a)})" if len(a) > 1 else f"{a.mean():.3f} (1)")
 
-    lines = ["| preset | " + " | ".join(GRID_CATEGORIES) + " | screws, `data.align=axis` |",
+    lines = ["| preset | " + " | ".join(GRID_CATEGORIES) + " | screws, `data.align=none` |",
              "|---|" + "---|" * (len(GRID_CATEGORIES) + 1)]
     for preset, cells in PRESET_CELLS.items():
-        cols = []
-        for cat in GRID_CATEGORIES:
-            by_seed: dict[int, dict[str, Any]] = {}
-            for name in cells:
-                for r in runs:
-                    if r["cell"] == name and r["category"] == cat:
-                        by_seed.setdefault(r["seed"], r)
-            cols.append(cell(list(by_seed.values())))
-        aligned = ALIGNED_CELLS.get(preset)
-        cols.append(cell([r for r in runs if r["cell"] == aligned and r["category"] == "screws"]) if aligned else "–")
+        cols = [cell(seeds(ALIGNED_CELLS[preset] if cat == "screws" and preset in ALIGNED_CELLS else cells, cat))
+                + (" aligned" if cat == "screws" and preset in ALIGNED_CELLS else "") for cat in GRID_CATEGORIES]
+        cols.append(cell(seeds(cells, "screws")) if preset in ALIGNED_CELLS else "(same)")
         lines.append(f"| `{preset}` | " + " | ".join(cols) + " |")
     return "\n".join(lines)

@@ -374,9 +374,10 @@ def main() -> None:
         parts.append("\n## Detection quality — `quality.json` (report half; selection in docs/quality.md)\n\n"
                      "### The shipped CPU presets at a glance\n\nImage AUROC on the report half (bottle: every "
                      "test image), mean ± sample std (seeds), from the cells that run each preset's current recipe "
-                     "(`_common.PRESET_CELLS`); '–' where the study has no such run yet. The last column is the "
-                     "same preset on the generated screws with `data.align=axis` (zoom 1.25; 1.5 for `stfpm_cpu` "
-                     "and `rdpp_cpu`, docs/align.md).\n\n" + preset_grid(runs, "report")
+                     "(`_common.PRESET_CELLS`); '–' where the study has no such run yet. Presets with "
+                     "`data.align: auto` align the generated screws, and only those (docs/align.md): their screws "
+                     "column is the aligned run (zoom 1.25; 1.5 for `stfpm_cpu` and `rdpp_cpu`), the last column "
+                     "the same preset with `data.align=none`.\n\n" + preset_grid(runs, "report")
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")
     parts += [generic(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files

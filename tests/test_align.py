@@ -220,7 +220,7 @@ def test_the_training_loader_hands_out_aligned_images(tmp_path: Path) -> None:
         got = next(iter(DataLoader(ds, batch_size=4)))["image"]
         raw = next(iter(DataLoader(ds.ds, batch_size=4)))["image"]  # type: ignore[union-attr]
         assert not torch.allclose(got, raw)
-        assert torch.allclose(got, align_images(raw, AlignSpec(1.0))[0], atol=1e-6)
+        assert torch.allclose(got, align_images(raw, AlignSpec(1.25))[0], atol=1e-6)  # rd_cpu's zoom
 
 
 def _disc(seed: int, side: int = 128) -> torch.Tensor:
@@ -246,24 +246,60 @@ def test_pose_spread_tells_parts_at_any_angle_from_aligned_parts_round_parts_and
     assert pose_spread(turned[:0]).images == 0 and not pose_spread(turned[:0]).suggests_align()
 
 
-def test_data_check_hints_at_align_only_for_parts_at_varying_angles(tmp_path: Path,
-                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+def write_parts(category: Path, angles: list[float]) -> Path:
+    """An MVTec-layout category of good parts at `angles` (train) and two test images; returns `category`."""
     from PIL import Image
 
+    for split, n in (("train", len(angles)), ("test", 2)):
+        for i in range(n):
+            arr = (part(angles[i], seed=i)[0].numpy() * 255).astype(np.uint8)
+            path = category / split / "good" / f"{i:03d}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(arr).save(path)
+    return category
+
+
+ANY_ANGLE = [i * 37.0 for i in range(10)]
+
+
+def test_data_check_hints_at_align_only_for_parts_at_varying_angles(tmp_path: Path,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
     from kdad.cli import main
 
-    def write(root: Path, angles: list[float]) -> Path:
-        for split, n in (("train", len(angles)), ("test", 2)):
-            for i in range(n):
-                arr = (part(angles[i], seed=i)[0].numpy() * 255).astype(np.uint8)
-                path = root / "screw" / split / "good" / f"{i:03d}.png"
-                path.parent.mkdir(parents=True, exist_ok=True)
-                Image.fromarray(arr).save(path)
-        (root / "screw" / "train" / "good" / "bad.png").write_bytes(b"not an image")  # skipped by the hint
-        return root
-
-    assert main(["data", "check", str(write(tmp_path / "any", [i * 37.0 for i in range(10)]))]) == 1
+    write_parts(tmp_path / "any" / "screw", ANY_ANGLE)
+    (tmp_path / "any" / "screw" / "train" / "good" / "bad.png").write_bytes(b"not an image")  # skipped by the hint
+    assert main(["data", "check", str(tmp_path / "any")]) == 1
     out = capsys.readouterr().out
     assert "HINT    pose: category 'screw'" in out and "data.align=axis" in out and "bad.png" in out
-    main(["data", "check", str(write(tmp_path / "same", [15.0] * 10))])
+    main(["data", "check", str(write_parts(tmp_path / "same" / "screw", [15.0] * 10).parent)])
     assert "HINT" not in capsys.readouterr().out
+
+
+def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path) -> None:
+    import dataclasses
+
+    from kdad.align import resolve_auto
+    from kdad.checkpoint import load_bundle
+    from kdad.config import read_yaml
+    from kdad.data.factory import dataset_parts
+    from kdad.train import fit
+    from tests.fakes import TINY_RUN
+
+    def cfg(root: Path, *more: str) -> object:
+        return load_config("rd_cpu", [], [f"data.root={root}", *TINY_RUN, "data.align=auto", "train.max_iters=1",
+                                          "train.epochs=1", *more])
+
+    turned, same = write_parts(tmp_path / "turned", ANY_ANGLE), write_parts(tmp_path / "same", [15.0] * 10)
+    c = cfg(turned)
+    with pytest.raises(ConfigError, match="data.align=auto"):  # never read as a mode of a trained model
+        AlignSpec.from_data(c.data)  # type: ignore[attr-defined]
+    run = fit(c, tmp_path / "run")  # type: ignore[arg-type]
+    assert read_yaml(run / "config.yaml")["data"]["align"] == "axis"
+    info = load_bundle(run / "model.ckpt")["train_info"]["align_auto"]
+    assert info["chose"] == "axis" and info["images"] == 10 and info["elongation"] > 2  # the whole train split
+    for root, more, want in ((same, [], "none"), (turned, ["data.tiling=true"], "none")):
+        data = cfg(root, *more).data  # type: ignore[attr-defined]
+        got, _ = resolve_auto(data, [ds for _, ds in dataset_parts(data, "train")])
+        assert got.align == want and got.align_zoom == data.align_zoom
+    fixed = dataclasses.replace(c.data, align="axis")  # type: ignore[attr-defined]
+    assert resolve_auto(fixed, []) == (fixed, None)

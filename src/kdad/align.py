@@ -21,6 +21,7 @@ Fit trains and calibrates on aligned images (:class:`AlignedImages`, the model u
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,7 +41,7 @@ from kdad.tiling import RunnerView, tiled_runner
 if TYPE_CHECKING:
     from kdad.config import DataConfig
 
-ALIGN_MODES = ("none", "axis")
+ALIGN_MODES = ("none", "axis", "auto")
 _BINS = 64  # Otsu histogram bins: enough for a part against a backdrop, cheap per image
 
 
@@ -51,14 +52,22 @@ class AlignSpec:
     zoom: float = 1.0
 
     @classmethod
-    def from_data(cls, data: DataConfig) -> AlignSpec | None:
+    def from_data(cls, data: DataConfig, allow_auto: bool = False) -> AlignSpec | None:
         """The spec of a DataConfig (None when data.align is "none"); bad values raise ConfigError naming the key
-        (the zoom is checked also when alignment is off, so a typo surfaces before someone turns it on)."""
+        (the zoom is checked also when alignment is off, so a typo surfaces before someone turns it on).
+
+        "auto" is resolved by fit (:func:`resolve_auto`) and never reaches a trained model's config: with
+        `allow_auto` (config validation) it gives None, otherwise a ConfigError."""
         if data.align not in ALIGN_MODES:
             raise ConfigError(f"data.align={data.align!r}: must be one of {list(ALIGN_MODES)}")
         spec = cls(float(data.align_zoom))
         if not 0.25 <= spec.zoom <= 4.0:
             raise ConfigError(f"data.align_zoom={data.align_zoom}: must be in [0.25, 4] (1 = the part's own size)")
+        if data.align == "auto":
+            if allow_auto:
+                return None
+            raise ConfigError("data.align=auto is resolved by kdad fit from the training images (to axis or none); "
+                              "this config has not been through fit")
         if data.align == "none":
             return None
         if data.tiling:
@@ -208,6 +217,29 @@ def pose_spread_of_files(paths: list[Path], size: int = 256, max_megapixels: flo
         except DatasetError:
             continue
     return pose_spread(torch.stack(images) if images else torch.empty(0, 3, size, size))
+
+
+AUTO_SAMPLE = 32  # training images measured by data.align=auto (and the data check hint): a second's work
+
+
+def evenly_spaced(n: int, k: int = AUTO_SAMPLE) -> list[int]:
+    """min(k, n) indices spread over range(n), first and last included."""
+    k = min(k, n)
+    return [(i * (n - 1)) // max(k - 1, 1) for i in range(k)]
+
+
+def resolve_auto(data: DataConfig, parts: list[Dataset]) -> tuple[DataConfig, PoseSpread | None]:
+    """`data` with data.align=auto replaced by what the training images call for: "axis" when
+    :meth:`PoseSpread.suggests_align` holds for up to 32 of them (spread over the sets in `parts`), else "none";
+    tiled or loco data always get "none" (alignment excludes them). Other modes come back unchanged, with None."""
+    if data.align != "auto":
+        return data, None
+    if data.tiling or data.format == "loco":
+        return dataclasses.replace(data, align="none"), None
+    items = [(ds, i) for ds in parts for i in range(len(ds))]  # type: ignore[arg-type]
+    images = torch.stack([items[j][0][items[j][1]]["image"].float() for j in evenly_spaced(len(items))])
+    spread = pose_spread(images)
+    return dataclasses.replace(data, align="axis" if spread.suggests_align() else "none"), spread
 
 
 def inverse(theta: Tensor) -> Tensor:

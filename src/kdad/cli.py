@@ -138,6 +138,10 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if world()[0] != 0:  # under torchrun rank 0 reports and tests; the other ranks only train
             continue
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
+        if job_cfg.data.align == "auto":  # say what fit picked from the training images
+            from kdad.config import read_yaml
+
+            print(f"data.align=auto chose {read_yaml(job_dir / 'config.yaml')['data']['align']} (docs/align.md)")
         if args.test:
             from kdad.evaluate import evaluate_run
 
@@ -316,24 +320,20 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0  # warnings alone pass
 
 
-POSE_SAMPLE = 32  # training images per category measured for the pose hint: enough for a spread, a second's work
-
-
 def _pose_hints(report: Any, max_megapixels: float | None) -> list[str]:
     """A HINT line per category whose good training images look like one elongated part at varying angles: the
     case data.align is for (docs/align.md). Hints only; they never change the exit code."""
-    from kdad.align import pose_spread_of_files
+    from kdad.align import evenly_spaced, pose_spread_of_files
 
     lines = []
     for cat in sorted({e.category for e in report.entries}):
         paths = [e.image for e in report.entries if e.category == cat and e.split == "train" and e.label == 0]
-        k = min(POSE_SAMPLE, len(paths))
-        sample = [paths[(i * (len(paths) - 1)) // max(k - 1, 1)] for i in range(k)]  # spread over the set
-        spread = pose_spread_of_files(sample, max_megapixels=max_megapixels)
+        spread = pose_spread_of_files([paths[i] for i in evenly_spaced(len(paths))], max_megapixels=max_megapixels)
         if spread.suggests_align():
             lines.append(f"HINT    pose: category {cat!r}: one elongated part on a plain backdrop at varying angles "
                          f"({spread.text()}); student-teacher models score such parts near chance unless the part "
-                         "is aligned: try --set data.align=axis --set data.align_zoom=1.25 (docs/align.md)")
+                         "is aligned: the presets with data.align=auto do so; otherwise --set data.align=axis "
+                         "--set data.align_zoom=1.25 (docs/align.md)")
     return lines
 
 def build_parser() -> argparse.ArgumentParser:

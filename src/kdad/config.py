@@ -22,7 +22,7 @@ from kdad.formats import DataFormat
 AmpDtype = Literal["bf16", "fp16"]
 Select = Literal["last", "val_map_mean"]
 PixelThresholdRule = Literal["region", "quantile"]
-AlignMode = Literal["none", "axis"]  # kdad.align.ALIGN_MODES
+AlignMode = Literal["none", "axis", "auto"]  # kdad.align.ALIGN_MODES
 ImageThresholdRule = Literal["conformal", "quantile"]
 
 
@@ -42,7 +42,9 @@ class DataConfig:
     tile_resolution: int = 0  # 0 = native size; else the long side the full image is resized to first
     tile_metric_size: int = 1024  # stitched maps with a longer side are area-pooled for pixel metrics; 0 = never
     tile_score_top: float = 0.0  # image score = mean of this share of the stitched map's top pixels; 0 = its max
-    align: AlignMode = "none"  # "axis": turn each image so the part's long axis is horizontal (docs/align.md)
+    # "axis": turn each image so the part's long axis is horizontal; "auto": fit picks axis or none from the
+    # training images and stores its pick (docs/align.md)
+    align: AlignMode = "none"
     align_zoom: float = 1.0  # with align: the part's zoom about its centre in the aligned frame
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
@@ -219,7 +221,7 @@ def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
 
     cfg: RunConfig = from_dict(RunConfig, _drop_removed_keys(data), where)
     TileSpec.from_data(cfg.data)  # range checks of the data.tile* keys
-    AlignSpec.from_data(cfg.data)  # data.align* keys, and what they exclude
+    AlignSpec.from_data(cfg.data, allow_auto=True)  # data.align* keys, and what they exclude
     spec = get_method(cfg.method)
     method_cfg = from_dict(spec.Config, cfg.model, f"{where}: method {cfg.method!r}: model")
     cfg.model = to_dict(method_cfg)

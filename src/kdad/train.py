@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
-from kdad.align import AlignSpec, aligned_training
+from kdad.align import AlignSpec, aligned_training, resolve_auto
 from kdad.augment import augment_batch, check_augment
 from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
@@ -334,8 +334,11 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     # image and mask header of the splits used).
     if resume and start is not None:
         raise ConfigError("fit: resume and a starting state (fine-tuning) exclude each other")
-    ck = _load_resume(run_dir, cfg) if resume else None
     check_splits(cfg.data, ["train", *([cfg.data.val_split] if cfg.data.val_split else [])])
+    # data.align=auto becomes axis or none here, from the training images; config.yaml and the checkpoint keep the pick
+    data, pose = resolve_auto(cfg.data, [ds for _, ds in dataset_parts(cfg.data, "train")])
+    cfg = dataclasses.replace(cfg, data=data)
+    ck = _load_resume(run_dir, cfg) if resume else None
     tiles = TileSpec.from_data(cfg.data)
     train_ds, val_ds, weights = train_val_datasets(cfg)
     if extra_normals is not None:
@@ -497,6 +500,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
             info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
             info["tiling"] = tiles.to_dict()
+        if pose is not None:  # what data.align=auto measured, and what it chose
+            info["align_auto"] = {"chose": cfg.data.align, **dataclasses.asdict(pose)}
         gate = gate_for(model, cfg, train_ds, val_ds, device)
         extra = {} if gate is None else {"gate": gate.to_bundle()}
         atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_metadata(), display=display, train_info=info,
