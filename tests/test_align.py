@@ -239,6 +239,9 @@ def test_pose_spread_tells_parts_at_any_angle_from_aligned_parts_round_parts_and
     texture = torch.from_numpy(rng.uniform(0, 1, (12, 1, 128, 128))).float().expand(12, 3, 128, 128)
     spread = pose_spread(turned)
     assert spread.suggests_align() and spread.elongation > 3 and spread.axis_spread_deg > 30
+    yy, xx = np.mgrid[:128, :128]
+    vignette = torch.from_numpy(1 - 0.15 * (np.hypot(xx - 64, yy - 64) / 90) ** 2).float()
+    assert pose_spread(turned * vignette).suggests_align()  # a lens's fall-off toward the corners is no part
     assert spread.border_share == 0 and spread.centre_spread_px > 5
     assert not pose_spread(same).suggests_align() and pose_spread(same).axis_spread_deg < 3  # lie the same way
     assert not pose_spread(torch.stack([_disc(i) for i in range(6)])).suggests_align()  # round: no axis
@@ -303,3 +306,8 @@ def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path) -> Non
         assert got.align == want and got.align_zoom == data.align_zoom
     fixed = dataclasses.replace(c.data, align="axis")  # type: ignore[attr-defined]
     assert resolve_auto(fixed, []) == (fixed, None)
+    from kdad.align import AlignedImages
+    from kdad.train import train_val_datasets
+
+    train, held_out, _ = train_val_datasets(c)  # type: ignore[arg-type]  # a preset's config, never through fit
+    assert isinstance(train, AlignedImages) and isinstance(held_out, AlignedImages)

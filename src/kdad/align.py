@@ -237,8 +237,9 @@ def resolve_auto(data: DataConfig, parts: list[Dataset]) -> tuple[DataConfig, Po
     if data.tiling or data.format == "loco":
         return dataclasses.replace(data, align="none"), None
     items = [(ds, i) for ds in parts for i in range(len(ds))]  # type: ignore[arg-type]
-    images = torch.stack([items[j][0][items[j][1]]["image"].float() for j in evenly_spaced(len(items))])
-    spread = pose_spread(images)
+    if not items:
+        return dataclasses.replace(data, align="none"), None
+    spread = pose_spread(torch.stack([items[j][0][items[j][1]]["image"].float() for j in evenly_spaced(len(items))]))
     return dataclasses.replace(data, align="axis" if spread.suggests_align() else "none"), spread
 
 

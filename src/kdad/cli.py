@@ -9,10 +9,13 @@ import math
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kdad.errors import KdadError
 from kdad.formats import CHECKED_FORMATS
+
+if TYPE_CHECKING:
+    from kdad.data.check import CheckReport
 
 EPILOG = """Config precedence (lowest to highest): method defaults < --preset < -c FILE (repeatable) < --set KEY=VALUE
 (repeatable, dotted keys such as train.epochs=5 or model.backbone=resnet18). `kdad list` shows methods and presets;
@@ -320,7 +323,7 @@ def cmd_data_check(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0  # warnings alone pass
 
 
-def _pose_hints(report: Any, max_megapixels: float | None) -> list[str]:
+def _pose_hints(report: CheckReport, max_megapixels: float | None) -> list[str]:
     """A HINT line per category whose good training images look like one elongated part at varying angles: the
     case data.align is for (docs/align.md). Hints only; they never change the exit code."""
     from kdad.align import evenly_spaced, pose_spread_of_files

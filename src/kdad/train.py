@@ -56,8 +56,11 @@ def train_val_datasets(cfg: RunConfig) -> tuple[Dataset, Dataset | None, list[fl
     """
     trains, vals, weights = [], [], []
     fraction = 0.0 if cfg.data.val_split else cfg.train.val_fraction
-    align = AlignSpec.from_data(cfg.data)  # data.align: train and calibrate on pose-normalised images
-    for _, ds in dataset_parts(cfg.data, "train"):
+    parts = dataset_parts(cfg.data, "train")
+    # data.align: train and calibrate on pose-normalised images ("auto": fit resolved it already; a caller holding a
+    # preset's config has not, and gets the pick fit would make)
+    align = AlignSpec.from_data(resolve_auto(cfg.data, [ds for _, ds in parts])[0])
+    for _, ds in parts:
         tr, va = split_train_val(ds, fraction, cfg.train.seed)  # split images, not tiles: no tile leaks
         tr = aligned_training(training_tiles(tr, TileSpec.from_data(cfg.data)), align)
         trains.append(tr)
