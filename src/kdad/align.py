@@ -5,8 +5,10 @@ and place makes every pose rare in training, and the student's error on normal p
 generated screws the paper methods score at chance; docs/quality.md, "Session 22"). With ``data.align: axis``
 each image is turned and shifted before the model sees it so that the part's long axis is horizontal, its
 heavier end on the same side, its centre at the image centre, and the part ``data.align_zoom`` times larger.
-The model trains and scores in that aligned frame; the anomaly map is warped back onto the input image, so
-maps, masks, overlays and pixel metrics stay in the image's own frame. The image score is the aligned map's.
+With ``data.align: auto`` fit decides from the training images (:func:`resolve_auto`, the rules of
+:class:`PoseSpread`) and stores "axis" or "none". The model trains and scores in that aligned frame; the
+anomaly map is warped back onto the input image, so maps, masks, overlays and pixel metrics stay in the image's
+own frame. The image score is the aligned map's.
 
 The pose comes from the image alone (no learned part): foreground = pixels whose blurred grey level differs from
 the backdrop (the median of the image border) by more than an Otsu threshold; centre and axis from the
@@ -159,10 +161,11 @@ def poses(images01: Tensor, spec: AlignSpec) -> Tensor:
     return theta.to(torch.float32)
 
 
-# When `kdad data check` suggests data.align (a heuristic; docs/align.md, "Does my product need it?"): one part
+# When `kdad data check` suggests data.align and data.align=auto picks axis (a heuristic set on the training images
+# of the project's five sets; docs/align.md, "Does my product need it?"): one part
 # clear of the image border, elongated enough for its axis to be stable, lying at clearly varying angles.
 HINT_MAX_BORDER_SHARE = 0.02  # textures and parts that fill the frame put foreground on the border
-HINT_MIN_ELONGATION = 2.0  # a bottle seen from above is 1.0, the generated screws 6.4
+HINT_MIN_ELONGATION = 2.0  # a bottle seen from above is 1.0, the generated screws 6.3
 HINT_MIN_AXIS_SPREAD_DEG = 10.0  # 10 degrees move a point 100 px from the centre by over a stride-8 cell
 
 
