@@ -278,14 +278,13 @@ def test_data_check_hints_at_align_only_for_parts_at_varying_angles(tmp_path: Pa
     assert "HINT" not in capsys.readouterr().out
 
 
-def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path) -> None:
+def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import dataclasses
 
     from kdad.align import resolve_auto
     from kdad.checkpoint import load_bundle
     from kdad.config import read_yaml
     from kdad.data.factory import dataset_parts
-    from kdad.train import fit
     from tests.fakes import TINY_RUN
 
     def cfg(root: Path, *more: str) -> object:
@@ -296,7 +295,13 @@ def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path) -> Non
     c = cfg(turned)
     with pytest.raises(ConfigError, match="data.align=auto"):  # never read as a mode of a trained model
         AlignSpec.from_data(c.data)  # type: ignore[attr-defined]
-    run = fit(c, tmp_path / "run")  # type: ignore[arg-type]
+    from kdad.cli import main
+
+    run = tmp_path / "run"  # through the CLI, which says what fit picked
+    assert main(["fit", "--preset", "rd_cpu", "--data", str(turned), "--out", str(run),
+                 *(a for o in [*TINY_RUN, "data.align=auto", "train.max_iters=1", "train.epochs=1"]
+                   for a in ("--set", o))]) == 0
+    assert "data.align=auto chose axis" in capsys.readouterr().out
     assert read_yaml(run / "config.yaml")["data"]["align"] == "axis"
     info = load_bundle(run / "model.ckpt")["train_info"]["align_auto"]
     assert info["chose"] == "axis" and info["images"] == 10 and info["elongation"] > 2  # the whole train split
