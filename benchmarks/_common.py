@@ -260,17 +260,17 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 # The cells of quality.json that measure each shipped CPU preset's current recipe (first listed wins a seed two
 # cells share; the *_xpix cells rerun the same recipe for the cross-fitted pixel threshold). Presets with
 # data.align=auto pick alignment on the generated screws only (docs/align.md): their screws cell is the aligned
-# run (ALIGNED_CELLS; zoom in the name, 125 = 1.25, none = 1.5), and the unaligned one (for dskd_cpu the cell
-# dskd_screws_none) moves to its own column.
+# run (ALIGNED_CELLS; zoom in the name, 125 = 1.25, none = 1.5), and the unaligned one (for dskd_cpu and cfrg_cpu
+# the cells *_screws_none) moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_cpu", "rd_cpu_xpix"), "stfpm_cpu": ("stfpm_cpu",), "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix"),
-    "urd_cpu": ("urd_cpu",), "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu",),
+    "urd_cpu": ("urd_cpu",), "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
     "snl_cpu": ("snl_cpu", "snl_cpu_xpix"), "bkd_cpu": ("bkd_cpu_xpix",),
     "patchst_cpu": ("patchst_coreset", "patchst_coreset_xpix"), "patchst_memory_cpu": ("patchst_mem", "patchst_mem_xpix"),
 }
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_align125", "rd_cpu_auto"), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
-    "snl_cpu": ("snl_align125",), "dskd_cpu": ("dskd_auto125",), "patchst_cpu": ("patchst_align125",),
+    "snl_cpu": ("snl_align125",), "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
     "patchst_memory_cpu": ("patchst_mem_align125",)}
 GRID_CATEGORIES = ("magnetic_tile", "bottle", "brushed", "screws")
 
