@@ -233,6 +233,22 @@ def seed_study(run: Callable[[str, str, int, Path], dict[str, Any]], summary: Ca
             print(json.dumps(row["image_auroc"]), flush=True)
 
 
+# The quality study's rows: quality.json, then its continuations quality-2.json, quality-3.json, ... (one file
+# would pass the repository's 1 MB per committed file). benchmarks/quality_merge.py adds rows to the last one.
+QUALITY_MAX_BYTES = 950_000
+
+
+def quality_files() -> list[Path]:
+    """The study's results files in order: quality.json first, then quality-N.json by N."""
+    more = sorted(RESULTS.glob("quality-*.json"), key=lambda f: int(f.stem.split("-")[1]))
+    return [f for f in [RESULTS / "quality.json", *more] if f.is_file()]
+
+
+def quality_runs(files: list[str | Path] | None = None) -> list[dict[str, Any]]:
+    """Every row of ``files`` (default: :func:`quality_files`), in file order."""
+    return [r for f in (files or quality_files()) for r in json.loads(Path(f).read_text())["runs"]]
+
+
 def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
     """Markdown table of quality.json runs: mean ± sample std over seeds, per cell and category.
 

@@ -1,6 +1,6 @@
 """The papers' relative claims (issue 18.4), checked on the quality study's runs: URD > RD++ > RD.
 
-Reads benchmarks/results/quality.json (the rows `benchmarks/quality.py` wrote for the cells rd_cpu_l123, rdpp_cpu and
+Reads the quality study (benchmarks/results/quality.json and its continuations, the rows `benchmarks/quality.py` wrote for the cells rd_cpu_l123, rdpp_cpu and
 urd_cpu; rd_cpu_l123 is `rd_cpu` at the papers' teacher layers 1-3, those of the other two, so the claims compare
 the methods and not their layers) and, per category and metric on the report half, compares the two cells of each claim over their seeds:
 
@@ -32,7 +32,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS
+from _common import RESULTS, quality_files, quality_runs
 
 # (better, worse, source): the relative claims of the papers in ../shared/papers/ on one-class MVTec-style data
 CLAIMS = (
@@ -137,17 +137,18 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--file", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--file", nargs="*", type=Path, help="quality study files (default: the committed study)")
     ap.add_argument("--half", default="report", choices=["selection", "report", "all"])
     ap.add_argument("--out", default=str(RESULTS / "claims.json"))
     ap.add_argument("--dskd", nargs="*", type=Path, default=[], help="dskd_logical.py results, one per seed")
     ap.add_argument("--multiclass", nargs="*", type=Path, default=[], help="multiclass.py results, one per seed")
     args = ap.parse_args()
-    rows = (check(json.loads(Path(args.file).read_text())["runs"], args.half) + check_dskd(args.dskd)
+    files = args.file or quality_files()
+    rows = (check(quality_runs(files), args.half) + check_dskd(args.dskd)
             + check_multiclass(args.multiclass))
     Path(args.out).write_text(json.dumps({
         "command": "python benchmarks/claims.py", "question": "do the papers' relative claims hold here?",
-        "source": [Path(args.file).name, *(f.name for f in args.dskd + args.multiclass)], "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
+        "source": [*(Path(f).name for f in files), *(f.name for f in args.dskd + args.multiclass)], "half": args.half, "rule": "holds if diff > 2 se, reversed if < -2 se, "
         f"else unresolved; at least {MIN_SEEDS} seeds a side", "rows": rows}, indent=1) + "\n")
     print(markdown(rows))
 

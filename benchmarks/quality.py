@@ -1,9 +1,10 @@
 """Quality study cells through the real engine: `fit` with a preset (+ overrides), then metrics on the selection
 and report halves of the test split (benchmarks/_common.py). Appends one row per (cell, category, seed)
-to the JSON file after every run, so an interrupted study keeps what it finished.
+to the --out JSON file after every run, so an interrupted study keeps what it finished; benchmarks/quality_merge.py
+then adds those rows to the committed study (quality.json and its continuations, each under 1 MB).
 
-Run: python benchmarks/quality.py --cell stfpm_cpu --categories magnetic_tile bottle --seeds 0 1 2 [--threads 1]
-     python benchmarks/quality.py --cell stfpm_cpu_old=stfpm_cpu:model.pool=1,model.layers=[1,2,3]
+Run: python benchmarks/quality.py --cell stfpm_cpu --categories magnetic_tile bottle --seeds 0 1 2 --out F [--threads 1]
+     python benchmarks/quality.py --cell stfpm_cpu_old=stfpm_cpu:model.pool=1,model.layers=[1,2,3] --out F
 A cell is NAME=PRESET[:key=value,...] or just a preset name. Train minutes are wall time of fit's training loop
 on this machine; the JSON records the thread count, the CPU flags that matter and the 1-min load average.
 """
@@ -146,7 +147,7 @@ def main() -> None:
     ap.add_argument("--categories", nargs="+", default=["magnetic_tile", "bottle"])
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--out", default=str(quality_split.ROOT / "benchmarks" / "results" / "quality.json"))
+    ap.add_argument("--out", required=True, help="results file; benchmarks/quality_merge.py adds it to the study")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)

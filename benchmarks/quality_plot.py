@@ -14,7 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from _common import RESULTS, ROOT  # noqa: E402
+from _common import RESULTS, ROOT, quality_runs  # noqa: E402
 
 
 def main() -> None:
@@ -22,7 +22,7 @@ def main() -> None:
     ap.add_argument("--category", default="magnetic_tile")
     ap.add_argument("--out", default=str(ROOT / "docs" / "quality_vs_minutes.png"))
     args = ap.parse_args()
-    runs = [r for r in json.loads((RESULTS / "quality.json").read_text())["runs"] if r["category"] == args.category]
+    runs = [r for r in quality_runs() if r["category"] == args.category]
     probe = [r for r in json.loads((RESULTS / "probe_knn.json").read_text())["runs"] if r["category"] == args.category]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), dpi=100)
     cells = sorted({r["cell"] for r in runs})

@@ -1,4 +1,4 @@
-"""Mean and spread over seeds of benchmarks/results/quality.json, per cell and category, as a Markdown table.
+"""Mean and spread over seeds of the quality study (benchmarks/results/quality.json and its continuations), per cell and category, as a Markdown table.
 
 Run: python benchmarks/quality_summary.py [--half report] [--presets]  (--presets: one row per shipped CPU preset)
 """
@@ -6,19 +6,18 @@ Run: python benchmarks/quality_summary.py [--half report] [--presets]  (--preset
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
-from _common import RESULTS, preset_grid, quality_table
+from _common import preset_grid, quality_runs, quality_table
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--half", default="report", choices=["selection", "report", "all"])
-    ap.add_argument("--file", default=str(RESULTS / "quality.json"))
+    ap.add_argument("--file", nargs="*", type=Path, help="results files (default: the committed study)")
     ap.add_argument("--presets", action="store_true", help="image AUROC of each shipped CPU preset per category")
     args = ap.parse_args()
-    runs = json.loads(Path(args.file).read_text())["runs"]
+    runs = quality_runs(args.file)
     print(preset_grid(runs, args.half) if args.presets else quality_table(runs, args.half))
 
 
