@@ -1,4 +1,5 @@
-"""RD with the EfficientNet-Lite0 teacher on MVTec AD bottle (reads ../shared/data; a few minutes on 2 cores)."""
+"""RD with the EfficientNet-Lite0 teacher on MVTec AD bottle (reads ../shared/data). 3 epochs reach image AUROC
+0.999 (6 gave 0.996): under a minute on one core."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from kdad.train import fit
 
 
 def test_rd_lite0_detects_bottle_defects(bottle_dir: Path, tmp_path: Path) -> None:
-    cfg = load_config("rd_cpu", [], [f"data.root={bottle_dir}", "train.progress=false", "train.epochs=6"])
+    cfg = load_config("rd_cpu", [], [f"data.root={bottle_dir}", "train.progress=false", "train.epochs=3"])
     run = fit(cfg, tmp_path / "run")
     result = evaluate_run(run, report=True)
     m = result["metrics"]
