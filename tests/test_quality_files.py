@@ -1,0 +1,54 @@
+"""The quality study's rows span quality.json and its continuations (benchmarks/_common.py, quality_merge.py):
+a rerun replaces its row wherever it is, new rows start a new file before one passes the size cap, and every
+reader sees all rows in order."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import _common  # noqa: E402
+import quality_merge  # noqa: E402
+
+
+def _row(cell: str, seed: int, value: float = 0.5) -> dict[str, object]:
+    return {"cell": cell, "category": "c", "seed": seed, "report": {"image_auroc": value}, "pad": "x" * 200}
+
+
+def _write(path: Path, rows: list[dict[str, object]]) -> None:
+    path.write_text(_common.dumps_rows({"split_seed": 1, "runs": rows}))
+
+
+def test_merge_replaces_in_place_and_continues_in_a_new_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality_merge, "RESULTS", tmp_path)
+    _write(tmp_path / "quality.json", [_row("a", 0), _row("a", 1)])
+    size = (tmp_path / "quality.json").stat().st_size
+    monkeypatch.setattr(quality_merge, "QUALITY_MAX_BYTES", size + 400)  # room for one more row, not two
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps({"runs": [_row("a", 1, 0.9), _row("b", 0), _row("b", 1)]}))
+    monkeypatch.setattr(sys, "argv", ["quality_merge.py", str(src)])
+    quality_merge.main()
+    assert [f.name for f in _common.quality_files()] == ["quality.json", "quality-2.json"]
+    first = json.loads((tmp_path / "quality.json").read_text())
+    assert first["split_seed"] == 1
+    assert [(r["cell"], r["seed"]) for r in first["runs"]] == [("a", 0), ("a", 1), ("b", 0)]
+    assert first["runs"][1]["report"]["image_auroc"] == 0.9  # the rerun replaced seed 1 where it was
+    assert json.loads((tmp_path / "quality-2.json").read_text())["split_seed"] == 1  # the head travels along
+    runs = _common.quality_runs()
+    assert [(r["cell"], r["seed"]) for r in runs] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
+    quality_merge.main()  # merging the same rows again changes nothing
+    assert _common.quality_runs() == runs
+
+
+def test_continuations_are_read_in_numeric_order(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    for name, cell in (("quality.json", "a"), ("quality-10.json", "c"), ("quality-2.json", "b")):
+        _write(tmp_path / name, [_row(cell, 0)])
+    (tmp_path / "quality_explore_mt.json").write_text("{}")  # another study's file, not a continuation
+    assert [f.name for f in _common.quality_files()] == ["quality.json", "quality-2.json", "quality-10.json"]
+    assert [r["cell"] for r in _common.quality_runs()] == ["a", "b", "c"]
