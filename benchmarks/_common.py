@@ -277,7 +277,7 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 # cells share; the *_xpix cells rerun the same recipe for the cross-fitted pixel threshold). Presets with
 # data.align=auto pick alignment on the generated screws only (docs/align.md): their screws cell is the aligned
 # run (ALIGNED_CELLS; zoom in the name, 125 = 1.25, none = 1.5), and the unaligned one (for dskd_cpu and cfrg_cpu
-# the cells *_screws_none) moves to its own column.
+# the cells *_screws_none; for urd_cpu and bkd_cpu their preset cells) moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_cpu", "rd_cpu_xpix"), "stfpm_cpu": ("stfpm_cpu",), "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix"),
     "urd_cpu": ("urd_cpu",), "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
@@ -286,7 +286,7 @@ PRESET_CELLS: dict[str, tuple[str, ...]] = {
 }
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_align125", "rd_cpu_auto"), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
-    "snl_cpu": ("snl_align125",), "urd_cpu": ("urd_auto125",), "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
+    "snl_cpu": ("snl_align125",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",), "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
     "patchst_memory_cpu": ("patchst_mem_align125",)}
 GRID_CATEGORIES = ("magnetic_tile", "bottle", "brushed", "screws")
 
