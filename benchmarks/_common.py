@@ -286,7 +286,8 @@ PRESET_CELLS: dict[str, tuple[str, ...]] = {
 }
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_align125", "rd_cpu_auto"), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
-    "snl_cpu": ("snl_align125",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",), "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
+    "snl_cpu": ("snl_align125",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",),
+    "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
     "patchst_memory_cpu": ("patchst_mem_align125",)}
 GRID_CATEGORIES = ("magnetic_tile", "bottle", "brushed", "screws")
 

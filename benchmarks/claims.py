@@ -1,7 +1,7 @@
 """The papers' relative claims (issue 18.4), checked on the quality study's runs: URD > RD++ > RD.
 
-Reads the quality study (benchmarks/results/quality.json and its continuations, the rows `benchmarks/quality.py` wrote for the cells rd_cpu_l123, rdpp_cpu and
-urd_cpu; rd_cpu_l123 is `rd_cpu` at the papers' teacher layers 1-3, those of the other two, so the claims compare
+Reads the quality study (benchmarks/results/quality.json and its continuations: the rows `benchmarks/quality.py`
+wrote for the cells rd_cpu_l123, rdpp_cpu and urd_cpu; rd_cpu_l123 is `rd_cpu` at the papers' teacher layers 1-3, those of the other two, so the claims compare
 the methods and not their layers) and, per category and metric on the report half, compares the two cells of each claim over their seeds:
 
     diff = mean(A) - mean(B),  se = sqrt(var(A)/n_A + var(B)/n_B)   (sample variances)

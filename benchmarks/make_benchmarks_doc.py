@@ -12,10 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _common import preset_grid, quality_files, quality_runs, quality_table
-
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "benchmarks" / "results"
+from _common import RESULTS, ROOT, preset_grid, quality_files, quality_runs, quality_table
 
 HEADER = """# Benchmarks
 
@@ -368,7 +365,8 @@ def main() -> None:
              ("train_profile", train_profile))
     for kind, fn in kinds:
         parts += [fn(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files if f.name.startswith(kind)]
-    if quality_files():  # the quality study (issue 18): report half, the half no recipe was chosen on
+    study = quality_files()
+    if study:  # the quality study (issue 18): report half, the half no recipe was chosen on
         runs = quality_runs()
         parts.append("\n## Detection quality — `quality.json` (report half; selection in docs/quality.md)\n\n"
                      "### The shipped CPU presets at a glance\n\nImage AUROC on the report half (bottle: every "
@@ -380,7 +378,7 @@ def main() -> None:
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")
     parts += [generic(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files
-              if not f.name.startswith(tuple(k for k, _ in kinds)) and f not in quality_files()[1:]]
+              if not f.name.startswith(tuple(k for k, _ in kinds)) and f not in study[1:]]
     Path(args.out).write_text("\n".join(parts))
     print(f"wrote {args.out} from {len(files)} result files")
 

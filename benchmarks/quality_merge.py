@@ -28,8 +28,8 @@ def main() -> None:
     for src in args.sources:
         for row in json.loads(src.read_text())["runs"]:
             new[key(row)] = row
-    files = quality_files()
-    docs = {f: json.loads(f.read_text()) for f in files}
+    files = quality_files() or [RESULTS / "quality.json"]  # the first run of a fresh study starts quality.json
+    docs = {f: json.loads(f.read_text()) if f.is_file() else {"runs": []} for f in files}
     for doc in docs.values():  # a rerun replaces its row in place
         doc["runs"] = [new.pop(key(r)) if key(r) in new else r for r in doc["runs"]]
     last = files[-1]

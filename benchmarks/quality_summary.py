@@ -1,4 +1,5 @@
-"""Mean and spread over seeds of the quality study (benchmarks/results/quality.json and its continuations), per cell and category, as a Markdown table.
+"""Mean and spread over seeds of the quality study (benchmarks/results/quality.json and its continuations), per
+cell and category, as a Markdown table.
 
 Run: python benchmarks/quality_summary.py [--half report] [--presets]  (--presets: one row per shipped CPU preset)
 """

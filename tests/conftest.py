@@ -15,7 +15,8 @@ SHARED = REPO.parent / "shared"
 # thread per core in every worker would oversubscribe the CPU, and OpenMP threads that spin-wait then stall.
 _WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
 if _WORKERS > 1:
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // _WORKERS))
+    _cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # not on macOS
+    torch.set_num_threads(max(1, _cores // _WORKERS))
 
 
 @pytest.fixture(scope="session")

@@ -52,3 +52,14 @@ def test_continuations_are_read_in_numeric_order(tmp_path: Path, monkeypatch: py
     (tmp_path / "quality_explore_mt.json").write_text("{}")  # another study's file, not a continuation
     assert [f.name for f in _common.quality_files()] == ["quality.json", "quality-2.json", "quality-10.json"]
     assert [r["cell"] for r in _common.quality_runs()] == ["a", "b", "c"]
+
+
+def test_the_first_merge_of_a_fresh_study_writes_quality_json(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_common, "RESULTS", tmp_path)
+    monkeypatch.setattr(quality_merge, "RESULTS", tmp_path)
+    src = tmp_path / "run.json"
+    src.write_text(json.dumps({"runs": [_row("a", 0)]}))
+    monkeypatch.setattr(sys, "argv", ["quality_merge.py", str(src)])
+    quality_merge.main()
+    assert [f.name for f in _common.quality_files()] == ["quality.json"]
+    assert [r["cell"] for r in _common.quality_runs()] == ["a"]
