@@ -276,12 +276,13 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 # The cells of quality.json that measure each shipped CPU preset's current recipe (first listed wins a seed two
 # cells share; the *_xpix cells rerun the same recipe for the cross-fitted pixel threshold). Presets with
 # data.align=auto pick alignment on the generated screws only (docs/align.md): their screws cell is the aligned
-# run (ALIGNED_CELLS; zoom in the name, 125 = 1.25, none = 1.5), and the unaligned one (for dskd_cpu and cfrg_cpu
-# the cells *_screws_none; for urd_cpu and bkd_cpu their preset cells) moves to its own column.
+# run (ALIGNED_CELLS; zoom in the name, 125 = 1.25, none = 1.5), and the unaligned one (the cells *_screws_none, run
+# with data.align=none; for rdpp_cpu, urd_cpu and bkd_cpu also their preset cells, run before their data.align: auto)
+# moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
-    "rd_cpu": ("rd_cpu", "rd_cpu_xpix"), "stfpm_cpu": ("stfpm_cpu",), "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix"),
+    "rd_cpu": ("rd_cpu", "rd_cpu_xpix"), "stfpm_cpu": ("stfpm_cpu",), "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix", "rdpp_screws_none"),
     "urd_cpu": ("urd_cpu",), "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
-    "snl_cpu": ("snl_cpu", "snl_cpu_xpix"), "bkd_cpu": ("bkd_cpu_xpix",),
+    "snl_cpu": ("snl_cpu", "snl_cpu_xpix"), "bkd_cpu": ("bkd_cpu_xpix", "bkd_screws_none"),
     "patchst_cpu": ("patchst_coreset", "patchst_coreset_xpix"), "patchst_memory_cpu": ("patchst_mem", "patchst_mem_xpix"),
 }
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
