@@ -53,9 +53,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def _one_step_fit(demo: Path) -> list[str]:
-    """RD, 8 training images, no hold-out, one epoch."""
+    """RD, 8 training images, no hold-out, one epoch, fp32 (the equality below is fp32's; rd_cpu trains in bf16)."""
     return ["fit", "--preset", "rd_cpu", "--data", str(demo), *TINY, "--set", "train.val_fraction=0.0",
-            "--set", "train.epochs=1"]
+            "--set", "train.epochs=1", "--set", "train.cpu_bf16=false"]
 
 
 @pytest.fixture(scope="module")
@@ -123,3 +123,25 @@ def test_sharded_weighted_sampler_deals_one_draw_out() -> None:
     sampler = ShardedWeightedSampler(weights, 0, 2, seed=3)
     sampler.set_epoch(1)  # reseeds with seed + epoch, the same on every rank
     assert list(sampler) == list(ShardedWeightedSampler(weights, 0, 2, seed=4))
+
+
+def test_cpu_sync_batchnorm_keeps_the_variance_of_a_bf16_batch(tmp_path: Path) -> None:
+    """Under bf16 autocast the synced statistics are summed in fp32, as torch's BatchNorm does: in bf16,
+    E[x^2] - mean^2 cancels and the running statistics drifted by 0.23 from one process's after one step."""
+    import torch
+    import torch.distributed as dist
+
+    from kdad.distributed import CpuSyncBatchNorm
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 3, 8, 8) * 0.5 + 20.0  # a large mean: bf16's E[x^2] - mean^2 cancels
+        ref, synced = torch.nn.BatchNorm2d(3), CpuSyncBatchNorm(3)
+        ref(x)
+        y = synced(x.to(torch.bfloat16))
+        assert y.dtype == torch.bfloat16
+        assert torch.allclose(synced.running_mean, ref.running_mean, atol=0.02)
+        assert torch.allclose(synced.running_var, ref.running_var, rtol=0.05)
+    finally:
+        dist.destroy_process_group()

@@ -56,6 +56,8 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
             return super().forward(x)
         from torch.distributed.nn.functional import all_reduce
 
+        out_dtype = x.dtype
+        x = x.float()  # under bf16 autocast, sums and E[x^2] - mean^2 in bf16 lose the variance (as torch's BN, fp32)
         n_local = x.numel() // x.shape[1]
         stats = torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)),
                            x.new_full((1,), float(n_local))])
@@ -78,7 +80,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
         y = (x - mean.view(1, c, 1, 1)) * torch.rsqrt(var.view(1, c, 1, 1) + self.eps)
         if self.affine:
             y = y * self.weight.view(1, c, 1, 1) + self.bias.view(1, c, 1, 1)
-        return y
+        return y.to(out_dtype)
 
 
 def _to_cpu_sync(module: nn.Module) -> nn.Module:
