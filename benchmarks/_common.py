@@ -281,10 +281,12 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 # with data.align=none; for rdpp_cpu, urd_cpu and bkd_cpu also their preset cells, run before their data.align: auto)
 # moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
-    "rd_cpu": ("rd_mn_e100_bf16", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",), "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix", "rdpp_screws_none"),
-    "urd_cpu": ("urd_cpu",), "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
+    "rd_cpu": ("rd_mn_e100_bf16", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",),
+    "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix", "rdpp_screws_none"), "urd_cpu": ("urd_cpu",),
+    "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
     "snl_cpu": ("snl_cpu", "snl_cpu_xpix"), "bkd_cpu": ("bkd_cpu_xpix", "bkd_screws_none"),
-    "patchst_cpu": ("patchst_coreset", "patchst_coreset_xpix"), "patchst_memory_cpu": ("patchst_mem", "patchst_mem_xpix"),
+    "patchst_cpu": ("patchst_coreset", "patchst_coreset_xpix"),
+    "patchst_memory_cpu": ("patchst_mem", "patchst_mem_xpix"),
 }
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_mn_e100_bf16",), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
