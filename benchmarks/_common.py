@@ -284,13 +284,13 @@ PRESET_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_mn_e100_bf16", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",),
     "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix", "rdpp_screws_none"), "urd_cpu": ("urd_cpu",),
     "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
-    "snl_cpu": ("snl_cpu", "snl_cpu_xpix"), "bkd_cpu": ("bkd_cpu_xpix", "bkd_screws_none"),
+    "snl_cpu": ("snl_e100_bf16", "snl_screws_none"), "bkd_cpu": ("bkd_cpu_xpix", "bkd_screws_none"),
     "patchst_cpu": ("patchst_coreset", "patchst_coreset_xpix"),
     "patchst_memory_cpu": ("patchst_mem", "patchst_mem_xpix"),
 }
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_mn_e100_bf16",), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
-    "snl_cpu": ("snl_align125",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",),
+    "snl_cpu": ("snl_e100_bf16",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",),
     "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
     "patchst_memory_cpu": ("patchst_mem_align125",)}
 GRID_CATEGORIES = ("magnetic_tile", "bottle", "brushed", "screws")

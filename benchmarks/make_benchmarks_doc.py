@@ -40,6 +40,13 @@ comparison) measured the layers 1-3 recipe, which `--set model.layers=[1,2,3]` s
 `--set model.layers=[1,2,3]` still gives; `benchmarks/multiclass.py` pins them. In `quality.json` the earlier
 `snl_cpu` rows are the cell `snl_l123`, and the layers 2-4 rows first run as `snl_l234` are now `snl_cpu`.
 
+**`rd_cpu` (session 26, 2026-12-06) and `snl_cpu` (session 27, 2026-12-06) train 100 epochs under bf16
+autocast** (12 epochs in fp32 before; `docs/quality.md`, "Session 26" and "Session 27"). Every file made before
+which names them measured the 12-epoch fp32 recipe, which `--set train.epochs=12 train.cpu_bf16=false` still
+gives; the scripts that compare against older numbers pin it (`_common.RD_PAPER_OVERRIDES`, `multiclass.py`). In
+`quality.json` the 100-epoch rows are the cells `rd_mn_e100_bf16` and `snl_e100_bf16`, and the older `rd_cpu` and
+`snl_cpu` rows are the 12-epoch recipe.
+
 **`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
 (`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`
 measured the raw map, which `--set model.map_norm=none` still gives; in `quality.json` those rows are the cell

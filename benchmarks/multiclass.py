@@ -96,8 +96,8 @@ def run_one(name: str, preset: str, extra: dict[str, Any], data: dict[str, Path]
         overrides += [f"data.root={data[one]}", *RD_PAPER_OVERRIDES]  # as rd_multiclass_cpu
     else:
         overrides.append("data.categories=[" + ", ".join(str(p) for p in data.values()) + "]")
-    if preset == "snl_cpu":  # the layers docs/multiclass.md measured, as rd_multiclass_cpu (snl_cpu moved to 2-4)
-        overrides.append("model.layers=[1,2,3]")
+    if preset == "snl_cpu":  # the layers and precision docs/multiclass.md measured, as rd_multiclass_cpu
+        overrides += ["model.layers=[1,2,3]", "train.cpu_bf16=false"]  # (snl_cpu moved to 2-4, then to bf16)
     if "off" in extra:
         overrides.append(f"model.{extra['off']}=false")
     fit(load_config(preset, [], overrides), work / name)
