@@ -10,6 +10,7 @@ magnetic_tile, so a recipe chosen on this data and MTD's selection half is check
 
 Run: python benchmarks/make_hard_category.py --out /tmp/kdad_hard/brushed [--seed 0] [--size 256]
      python benchmarks/make_hard_category.py --kind screws --out /tmp/kdad_hard/screws
+     [--part-scale 0.5 --vignette 0.15 --specks 8]   (a smaller screw under uneven light, with dust)
 --size makes a larger camera image of the same surface: texture and defects keep their sizes in pixels, so at
 --size 512 a 256-px resize halves every defect (the tiling study of issue 18, point 3).
 The images are written outside the repository (never commit them); the same seed gives the same files.
@@ -18,6 +19,7 @@ The images are written outside the repository (never commit them); the same seed
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -71,20 +73,38 @@ def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np
 SCREW_DEFECTS = ("thread", "tip", "head_scratch", "stain")
 
 
-def backdrop(rng: np.random.Generator, size: int) -> np.ndarray:
+@dataclass(frozen=True)
+class Scene:
+    """How a screws image is taken: the screw's size (1 = the study's screws), the light's fall-off towards the
+    corners (the grey level lost there; 0 = even light) and dark dust specks on the backdrop per image. The
+    defaults give the study's screws, byte for byte (benchmarks/align_lighting.py varies them)."""
+
+    part_scale: float = 1.0
+    vignette: float = 0.0
+    specks: int = 0
+
+
+def backdrop(rng: np.random.Generator, size: int, scene: Scene = Scene()) -> np.ndarray:
     """A light, slightly uneven backdrop with fine grain; (H, W) in [0, 1]."""
     yy, xx = np.mgrid[0:size, 0:size] / size
     a, b = rng.uniform(-0.06, 0.06, 2)
     grain = gaussian_filter(rng.normal(0, 1, (size, size)), 0.8)
-    return 0.78 + a * (xx - 0.5) + b * (yy - 0.5) + 0.015 * grain
+    img = 0.78 + a * (xx - 0.5) + b * (yy - 0.5) + 0.015 * grain
+    img = img - scene.vignette * 2 * ((xx - 0.5) ** 2 + (yy - 0.5) ** 2)  # radial: the corners lose `vignette`
+    for _ in range(scene.specks):  # dust: small dark dots, 1-2 px
+        y, x = rng.uniform(0, 1, 2)
+        r = rng.uniform(0.8, 2.0) / size
+        img = img - rng.uniform(0.15, 0.3) * np.exp(-((yy - y) ** 2 + (xx - x) ** 2) / (2 * r * r))
+    return img
 
 
-def screw(rng: np.random.Generator, size: int = SIZE, defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def screw(rng: np.random.Generator, size: int = SIZE, defect: str | None = None,
+          scene: Scene = Scene()) -> tuple[np.ndarray, np.ndarray]:
     """One screw on the backdrop, optionally with a defect; (image, defect mask). The screw is drawn in its own
     frame (u along the axis from the head, v across), so its angle and place are random but its parts are not.
     The mask: the worn stretch (thread), where the image changed by more than 0.02 (tip, scratch), where the
     stain's profile exceeds 0.25 (stain)."""
-    scale = size / SIZE
+    scale = size / SIZE * scene.part_scale
     cy, cx = size / 2 + rng.uniform(-18, 18, 2) * scale
     angle = rng.uniform(0, 2 * np.pi)
     length = rng.uniform(140, 156) * scale  # shaft, head to tip
@@ -118,7 +138,7 @@ def screw(rng: np.random.Generator, size: int = SIZE, defect: str | None = None)
         img = img + shaft * (1 - head) * metal + head * head_metal
         return img
 
-    background = backdrop(rng, size)
+    background = backdrop(rng, size, scene)
     clean = draw()
     if defect is None:
         return np.clip(clean, 0, 1), np.zeros((size, size), bool)
@@ -162,17 +182,23 @@ def main() -> None:
     ap.add_argument("--test-good", type=int, default=60)
     ap.add_argument("--per-defect", type=int, default=40)
     ap.add_argument("--size", type=int, default=SIZE, help="image side in px (texture and defects keep their px sizes)")
+    ap.add_argument("--part-scale", type=float, default=1.0, help="screws: the screw's size (1 = the study's)")
+    ap.add_argument("--vignette", type=float, default=0.0, help="screws: grey level the light loses in the corners")
+    ap.add_argument("--specks", type=int, default=0, help="screws: dark dust specks on the backdrop per image")
     args = ap.parse_args()
     if args.size < 64:
         ap.error(f"--size must be at least 64, got {args.size}")
+    if not (0.2 <= args.part_scale <= 1.5 and 0.0 <= args.vignette <= 0.5 and args.specks >= 0):
+        ap.error("--part-scale must be in [0.2, 1.5], --vignette in [0, 0.5], --specks >= 0")
+    scene = Scene(args.part_scale, args.vignette, args.specks)
     root = Path(args.out)
     rng = np.random.default_rng(args.seed)
     if args.kind == "screws":
         def good() -> np.ndarray:
-            return screw(rng, args.size)[0]
+            return screw(rng, args.size, scene=scene)[0]
 
         def bad(kind: str) -> tuple[np.ndarray, np.ndarray]:
-            return screw(rng, args.size, kind)
+            return screw(rng, args.size, kind, scene)
         defects = SCREW_DEFECTS
     else:
         def good() -> np.ndarray:

@@ -21,6 +21,7 @@ from kdad.align import (
     foreground,
     inverse,
     pose_spread,
+    poses,
     unwarp_maps,
     warp,
 )
@@ -64,6 +65,23 @@ def test_every_pose_comes_out_the_same(angle: float) -> None:
 
     assert iou(moved, part(0)) < 0.5  # as taken: another place and angle
     assert iou(got, ref) > 0.85  # aligned: the same part in the same place, its head on the same side
+
+
+def test_uneven_light_and_dust_do_not_move_the_pose() -> None:
+    """Light falling off by 0.25 towards the corners and dust on the backdrop: a constant backdrop level made the
+    Otsu cut split lit from unlit backdrop (benchmarks/align_lighting.py), and specks pulled the moments."""
+    yy, xx = np.mgrid[:128, :128]
+    falloff = torch.from_numpy(0.25 * 2 * ((xx / 127 - 0.5) ** 2 + (yy / 127 - 0.5) ** 2)).float()
+    dust = torch.zeros(128, 128)
+    for y, x in ((10, 15), (110, 30), (20, 100), (100, 110), (64, 8)):
+        dust[y - 2:y + 2, x - 2:x + 2] = 0.5  # dark dirt, 4 px
+    spec = AlignSpec(1.0)
+    for angle in (20.0, 135.0, 250.0):
+        even = part(angle, (6.0, -4.0), seed=2)[None]
+        lit = (even - falloff - dust).clamp(0, 1)
+        fg = foreground(lit)[0]
+        assert (fg == (even[0, 0] < 0.6)).float().mean() > 0.99 and not fg[dust > 0].any()  # the part alone
+        assert torch.allclose(poses(lit, spec), poses(even, spec), atol=0.02)
 
 
 def test_zoom_enlarges_the_part_about_its_centre() -> None:
