@@ -160,8 +160,8 @@ def aligned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.fakes import tiny_run
 
     return tiny_run(tmp_path_factory.mktemp("align"), "rd_cpu", 8, 2,
-                    ["data.align=axis", "data.align_zoom=1.25", "train.max_iters=2", "train.epochs=1",
-                     "train.gate=true"])
+                    ["data.align=axis", "data.align_zoom=1.25", "data.align_fill=0", "train.max_iters=2",
+                     "train.epochs=1", "train.gate=true"])
 
 
 def test_fit_evaluate_and_predict_see_aligned_images(aligned_run: Path, tmp_path: Path) -> None:
@@ -234,11 +234,16 @@ def test_the_training_loader_hands_out_aligned_images(tmp_path: Path) -> None:
     demo = make_demo_dataset(tmp_path / "d", n_train=8, n_test_good=1, n_test_bad=1, size=64, kind="object")
     cfg = load_config("rd_cpu", [], [f"data.root={demo}", "data.image_size=64", "data.align=axis"])
     train, held_out, _ = train_val_datasets(cfg)
+    from kdad.align import resolve_auto
+    from kdad.data.factory import dataset_parts
+
+    zoom = resolve_auto(cfg.data, [ds for _, ds in dataset_parts(cfg.data, "train")])[0].align_zoom
+    assert zoom != 1.0  # rd_cpu's data.align_fill set it from the parts
     for ds in (train, held_out):
         got = next(iter(DataLoader(ds, batch_size=4)))["image"]
         raw = next(iter(DataLoader(ds.ds, batch_size=4)))["image"]  # type: ignore[union-attr]
         assert not torch.allclose(got, raw)
-        assert torch.allclose(got, align_images(raw, AlignSpec(1.25))[0], atol=1e-6)  # rd_cpu's zoom
+        assert torch.allclose(got, align_images(raw, AlignSpec(zoom))[0], atol=1e-6)
 
 
 def _disc(seed: int, side: int = 128) -> torch.Tensor:
@@ -327,10 +332,44 @@ def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path, capsys
         data = cfg(root, *more).data  # type: ignore[attr-defined]
         got, _ = resolve_auto(data, [ds for _, ds in dataset_parts(data, "train")])
         assert got.align == want and got.align_zoom == data.align_zoom
-    fixed = dataclasses.replace(c.data, align="axis")  # type: ignore[attr-defined]
-    assert resolve_auto(fixed, []) == (fixed, None)
+    fixed = dataclasses.replace(c.data, align="axis", align_fill=0.0)  # type: ignore[attr-defined]
+    assert resolve_auto(fixed, []) == (fixed, None)  # nothing to resolve
     from kdad.align import AlignedImages
     from kdad.train import train_val_datasets
 
     train, held_out, _ = train_val_datasets(c)  # type: ignore[arg-type]  # a preset's config, never through fit
     assert isinstance(train, AlignedImages) and isinstance(held_out, AlignedImages)
+
+
+def test_align_fill_sets_the_zoom_from_the_longest_part(tmp_path: Path) -> None:
+    import dataclasses
+
+    from kdad.align import resolve_auto
+    from kdad.data.factory import dataset_parts
+    from tests.fakes import TINY_RUN
+
+    turned, same = write_parts(tmp_path / "turned", ANY_ANGLE), write_parts(tmp_path / "same", [15.0] * 10)
+    spread = pose_spread(torch.stack([part(a) for a in ANY_ANGLE]))
+    assert spread.length_share == pytest.approx(68 / 128, abs=0.03)  # the part: 68 px of a 128-px side
+
+    def resolved(root: Path, *more: str) -> object:
+        data = load_config("rd_cpu", [], [f"data.root={root}", *TINY_RUN, *more]).data
+        return resolve_auto(data, [ds for _, ds in dataset_parts(data, "train")])[0]
+
+    for mode in ("auto", "axis"):
+        got = resolved(turned, f"data.align={mode}", "data.align_fill=0.8")
+        assert got.align == "axis" and got.align_fill == 0  # type: ignore[attr-defined]
+        assert got.align_zoom == pytest.approx(0.8 * 128 / 68, abs=0.06)  # type: ignore[attr-defined]
+        assert AlignSpec.from_data(got).zoom == got.align_zoom  # type: ignore[arg-type, union-attr, attr-defined]
+    got = resolved(same, "data.align=auto", "data.align_fill=0.8")
+    assert (got.align, got.align_zoom, got.align_fill) == ("none", 1.0, 0)  # type: ignore[attr-defined]
+    with pytest.raises(ConfigError, match="data.align_fill=0"):  # a zoom asked for is never overwritten
+        load_config("rd_cpu", [], ["data.align=axis", "data.align_zoom=1.3"])
+    assert load_config("rd_cpu", [], ["data.align_zoom=1.3", "data.align_fill=0"]).data.align_zoom == 1.3
+    unresolved = load_config("rd_cpu", [], ["data.align=axis", "data.align_fill=0.8"]).data
+    with pytest.raises(ConfigError, match="align_fill"):  # a trained model's config has a zoom, not a fill
+        AlignSpec.from_data(unresolved)
+    with pytest.raises(ConfigError, match="data.align_fill=1.5"):
+        load_config("rd_cpu", [], ["data.align_fill=1.5"])
+    assert spread.zoom_for(0.8) == round(0.8 / spread.length_share, 2)
+    assert dataclasses.replace(spread, length_share=0.0).zoom_for(0.8) == 1.0

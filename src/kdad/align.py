@@ -65,11 +65,18 @@ class AlignSpec:
         spec = cls(float(data.align_zoom))
         if not 0.25 <= spec.zoom <= 4.0:
             raise ConfigError(f"data.align_zoom={data.align_zoom}: must be in [0.25, 4] (1 = the part's own size)")
-        if data.align == "auto":
+        if not (data.align_fill == 0 or 0.2 <= data.align_fill <= 1.2):
+            raise ConfigError(f"data.align_fill={data.align_fill}: must be 0 (keep data.align_zoom) or in [0.2, 1.2] "
+                              "(the share of the image side the longest part spans)")
+        if data.align_fill and data.align_zoom != 1.0:  # fit would overwrite the zoom someone asked for
+            raise ConfigError(f"data.align_zoom={data.align_zoom} and data.align_fill={data.align_fill} both set the "
+                              "zoom: add --set data.align_fill=0 to keep that zoom, or drop data.align_zoom")
+        if data.align == "auto" or (data.align == "axis" and data.align_fill):
             if allow_auto:
                 return None
-            raise ConfigError("data.align=auto is resolved by kdad fit from the training images (to axis or none); "
-                              "this config has not been through fit")
+            raise ConfigError(f"data.align={data.align} with data.align_fill={data.align_fill} is resolved by kdad "
+                              "fit from the training images (to a mode and a zoom); this config has not been through "
+                              "fit")
         if data.align == "none":
             return None
         if data.tiling:
@@ -230,6 +237,7 @@ class PoseSpread:
     elongation: float  # median sqrt(major / minor second moment) of the foreground
     axis_spread_deg: float  # circular standard deviation of the long axis's direction (an axis: modulo 180°)
     centre_spread_px: float  # standard deviation of the centroid's distance from the mean centroid, in pixels
+    length_share: float = 0.0  # the longest foreground's extent along its own axis, as a share of the image side
 
     def suggests_align(self) -> bool:
         """Whether the images look like one elongated part on a plain backdrop at varying angles."""
@@ -240,7 +248,14 @@ class PoseSpread:
         """One line for a person."""
         return (f"{self.images} images: border foreground {self.border_share:.2f}, elongation "
                 f"{self.elongation:.1f}, long axis spread {self.axis_spread_deg:.0f} deg, centre spread "
-                f"{self.centre_spread_px:.0f} px")
+                f"{self.centre_spread_px:.0f} px, longest part {self.length_share:.2f} of the side")
+
+    def zoom_for(self, fill: float) -> float:
+        """The data.align_zoom at which the longest measured part spans `fill` of the image side (two decimals,
+        within [0.25, 4]); 1.0 when no part was measured."""
+        if self.length_share <= 0:
+            return 1.0
+        return round(min(4.0, max(0.25, fill / self.length_share)), 2)
 
 
 def pose_spread(images01: Tensor) -> PoseSpread:
@@ -258,8 +273,14 @@ def pose_spread(images01: Tensor) -> PoseSpread:
     r = float(torch.hypot(doubled.cos().mean(), doubled.sin().mean()).clamp(1e-12, 1.0))
     centre = torch.stack([mo.cx, mo.cy], 1)
     spread = float((centre - centre.mean(0)).norm(dim=1).pow(2).mean().sqrt())
+    ang = 0.5 * doubled
+    t = mo.dx * ang.cos()[:, None, None] + mo.dy * ang.sin()[:, None, None]  # position along each part's axis
+    on = fg > 0
+    extent = (t.masked_fill(~on, -math.inf).amax((1, 2)) - t.masked_fill(~on, math.inf).amin((1, 2)))
+    extent = extent[on.any(2).any(1)]  # images with a foreground
+    length = float(extent.max()) / min(images01.shape[-2:]) if len(extent) else 0.0
     return PoseSpread(len(images01), float(border.median()), float(elongation.median()),
-                      math.degrees(math.sqrt(-2 * math.log(r)) / 2), spread)
+                      math.degrees(math.sqrt(-2 * math.log(r)) / 2), spread, length)
 
 
 def pose_spread_of_files(paths: list[Path], size: int = 256, max_megapixels: float | None = None) -> PoseSpread:
@@ -288,17 +309,21 @@ def evenly_spaced(n: int, k: int = AUTO_SAMPLE) -> list[int]:
 def resolve_auto(data: DataConfig, parts: list[Dataset]) -> tuple[DataConfig, PoseSpread | None]:
     """`data` with data.align=auto replaced by what the training images call for: "axis" when
     :meth:`PoseSpread.suggests_align` holds for up to 32 of them (spread over the sets in `parts`), else "none";
-    tiled or loco data always get "none" (alignment excludes them). Other modes come back unchanged, with None.
+    tiled or loco data always get "none" (alignment excludes them). With "axis" (picked or set) and
+    data.align_fill > 0, data.align_zoom becomes :meth:`PoseSpread.zoom_for` of the same images and align_fill 0.
+    A config with nothing to resolve comes back unchanged, with None.
     (`parts` comes from the caller: kdad.data.factory builds them and kdad.config, below it, imports this module.)"""
-    if data.align != "auto":
+    if data.align != "auto" and not (data.align == "axis" and data.align_fill):
         return data, None
     if data.tiling or data.format == "loco":
-        return dataclasses.replace(data, align="none"), None
+        return dataclasses.replace(data, align="none" if data.align == "auto" else data.align, align_fill=0.0), None
     items = [(ds, i) for ds in parts for i in range(len(ds))]  # type: ignore[arg-type]
     if not items:
-        return dataclasses.replace(data, align="none"), None
+        return dataclasses.replace(data, align="none" if data.align == "auto" else data.align, align_fill=0.0), None
     spread = pose_spread(torch.stack([items[j][0][items[j][1]]["image"].float() for j in evenly_spaced(len(items))]))
-    return dataclasses.replace(data, align="axis" if spread.suggests_align() else "none"), spread
+    mode = data.align if data.align != "auto" else ("axis" if spread.suggests_align() else "none")
+    zoom = spread.zoom_for(data.align_fill) if mode == "axis" and data.align_fill else data.align_zoom
+    return dataclasses.replace(data, align=mode, align_zoom=zoom, align_fill=0.0), spread
 
 
 def inverse(theta: Tensor) -> Tensor:

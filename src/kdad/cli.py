@@ -141,10 +141,12 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if world()[0] != 0:  # under torchrun rank 0 reports and tests; the other ranks only train
             continue
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
-        if job_cfg.data.align == "auto":  # say what fit picked from the training images
+        if job_cfg.data.align == "auto" or job_cfg.data.align_fill:  # say what fit picked from the training images
             from kdad.config import read_yaml
 
-            print(f"data.align=auto chose {read_yaml(job_dir / 'config.yaml')['data']['align']} (docs/align.md)")
+            picked = read_yaml(job_dir / "config.yaml")["data"]
+            zoom = f", zoom {picked['align_zoom']}" if picked["align"] == "axis" else ""
+            print(f"data.align={job_cfg.data.align} chose {picked['align']}{zoom} (docs/align.md)")
         if args.test:
             from kdad.evaluate import evaluate_run
 
@@ -336,7 +338,7 @@ def _pose_hints(report: CheckReport, max_megapixels: float | None) -> list[str]:
             lines.append(f"HINT    pose: category {cat!r}: one elongated part on a plain backdrop at varying angles "
                          f"({spread.text()}); student-teacher models score such parts near chance unless the part "
                          "is aligned: the presets with data.align=auto do so; otherwise --set data.align=axis "
-                         "--set data.align_zoom=1.25 (docs/align.md)")
+                         "--set data.align_fill=0.83 (docs/align.md)")
     return lines
 
 def build_parser() -> argparse.ArgumentParser:

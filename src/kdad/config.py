@@ -46,6 +46,9 @@ class DataConfig:
     # training images and stores its pick (docs/align.md)
     align: AlignMode = "none"
     align_zoom: float = 1.0  # with align: the part's zoom about its centre in the aligned frame
+    # with align: > 0 makes fit set align_zoom so that the longest part of the training images it measures spans
+    # this share of the image side (0 = keep align_zoom); fit stores the zoom and sets this back to 0
+    align_fill: float = 0.0
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
     mask_dir: str = ""  # folder format: masks matched by file stem

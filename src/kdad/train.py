@@ -503,8 +503,8 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
             info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
             info["tiling"] = tiles.to_dict()
-        if pose is not None:  # what data.align=auto measured, and what it chose
-            info["align_auto"] = {"chose": cfg.data.align, **dataclasses.asdict(pose)}
+        if pose is not None:  # what data.align=auto (or align_fill) measured, and what it chose
+            info["align_auto"] = {"chose": cfg.data.align, "zoom": cfg.data.align_zoom, **dataclasses.asdict(pose)}
         gate = gate_for(model, cfg, train_ds, val_ds, device)
         extra = {} if gate is None else {"gate": gate.to_bundle()}
         atomic_torch_save(make_bundle(model, cfg, thresholds=thr.to_metadata(), display=display, train_info=info,
