@@ -295,7 +295,7 @@ ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_mn_e100_bf16",), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
     "snl_cpu": ("snl_e100_bf16",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",),
     "dskd_cpu": ("dskd_auto125",), "cfrg_cpu": ("cfrg_auto125",), "patchst_cpu": ("patchst_align125",),
-    "patchst_memory_cpu": ("patchst_mem_align125",)}
+    "patchst_memory_cpu": ("patchst_mem_s28",)}  # rerun with session 28's pose (the preset as shipped)
 GRID_CATEGORIES = ("magnetic_tile", "bottle", "brushed", "screws")
 
 
