@@ -25,11 +25,10 @@ import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality import parse_cell
+from quality import cell_config, parse_cell
 from sklearn.metrics import roc_auc_score
 
 from kdad.checkpoint import load_bundle, model_from_bundle
-from kdad.config import load_config
 from kdad.data.factory import build_dataset
 from kdad.train import fit, train_val_datasets
 
@@ -85,9 +84,7 @@ def main() -> None:
     name, preset, overrides = parse_cell(args.cell)
     run = Path(args.run)
     if not (run / "model.ckpt").is_file():
-        cfg = load_config(preset, [], [f"data.root={_common.CATEGORIES[args.category]}", f"train.seed={args.seed}",
-                                       "train.progress=false", f"data.texture_dir={_common.TEXTURES}", *overrides])
-        fit(cfg, run)
+        fit(cell_config(preset, overrides, args.category, args.seed), run)
     model, cfg = model_from_bundle(load_bundle(run / "model.ckpt"))
     model.eval()
     if cfg.data.align != "none":

@@ -64,11 +64,14 @@ def parse_cell(text: str) -> tuple[str, str, list[str]]:
     return name, preset, overrides
 
 
+def cell_config(preset: str, overrides: list[str], category: str, seed: int) -> Any:
+    """The RunConfig a study cell trains: the preset on the category's data, the seed, the cell's overrides."""
+    return load_config(preset, [], [f"data.root={quality_split.CATEGORIES[category]}", f"train.seed={seed}",
+                                    "train.progress=false", f"data.texture_dir={quality_split.TEXTURES}", *overrides])
+
+
 def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: int, work: Path) -> dict[str, Any]:
-    root = quality_split.CATEGORIES[category]
-    cfg = load_config(preset, [], [f"data.root={root}", f"train.seed={seed}", "train.progress=false",
-                                   f"data.texture_dir={quality_split.TEXTURES}", *overrides])
-    run = fit(cfg, work / f"{name}_{category}_{seed}")
+    run = fit(cell_config(preset, overrides, category, seed), work / f"{name}_{category}_{seed}")
     bundle = load_bundle(run / "model.ckpt")
     model, cfg = model_from_bundle(bundle)
     test = tiled_dataset(build_dataset(cfg.data, "test"), cfg.data)  # full-size images when data.tiling is on

@@ -351,6 +351,10 @@ def test_align_fill_sets_the_zoom_from_the_longest_part(tmp_path: Path) -> None:
     turned, same = write_parts(tmp_path / "turned", ANY_ANGLE), write_parts(tmp_path / "same", [15.0] * 10)
     spread = pose_spread(torch.stack([part(a) for a in ANY_ANGLE]))
     assert spread.length_share == pytest.approx(68 / 128, abs=0.03)  # the part: 68 px of a 128-px side
+    halves = [F.pad(F.interpolate(part(a)[None], scale_factor=0.5, mode="area")[0], (32, 32, 32, 32), value=0.8)
+              for a in ANY_ANGLE[:7]]  # the same part half as large, on the same backdrop
+    mixed = pose_spread(torch.stack([*halves, *(part(a) for a in ANY_ANGLE[7:])]))
+    assert mixed.length_share == pytest.approx(68 / 128, abs=0.03)  # the longest part sets it, not the typical one
 
     def resolved(root: Path, *more: str) -> object:
         data = load_config("rd_cpu", [], [f"data.root={root}", *TINY_RUN, *more]).data

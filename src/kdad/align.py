@@ -201,15 +201,21 @@ def _moments(fg: Tensor) -> _Moments:
                     (fg * dx * dy).sum((1, 2)) / m)
 
 
+def _major_axis(mo: _Moments) -> tuple[Tensor, Tensor]:
+    """Each foreground's major axis of second moments, as an angle (B,), and every pixel's position along it
+    (B, H, W), measured from the centroid."""
+    ang = 0.5 * torch.atan2(2 * mo.bxy, mo.a - mo.c)
+    return ang, mo.dx * ang.cos()[:, None, None] + mo.dy * ang.sin()[:, None, None]
+
+
 def poses(images01: Tensor, spec: AlignSpec) -> Tensor:
     """(B, 3, H, W) -> affine matrices (B, 2, 3) for ``F.affine_grid`` (align_corners=False): each maps the aligned
     frame's normalised coordinates to the input image's. An image with no foreground keeps its own frame."""
     b, _, h, w = images01.shape
     fg = foreground(images01).to(torch.float64)
     mo = _moments(fg)
-    empty, cx, cy, dx, dy = mo.mass < 1, mo.cx, mo.cy, mo.dx, mo.dy
-    ang = 0.5 * torch.atan2(2 * mo.bxy, mo.a - mo.c)  # the major axis of the second moments
-    t = dx * ang.cos()[:, None, None] + dy * ang.sin()[:, None, None]
+    empty, cx, cy = mo.mass < 1, mo.cx, mo.cy
+    ang, t = _major_axis(mo)
     ang = torch.where((fg * t ** 3).sum((1, 2)) > 0, ang + torch.pi, ang)  # a skewed part: one side always
     cx = torch.where(empty, torch.full_like(cx, (w - 1) / 2), cx)
     cy = torch.where(empty, torch.full_like(cy, (h - 1) / 2), cy)
@@ -273,8 +279,7 @@ def pose_spread(images01: Tensor) -> PoseSpread:
     r = float(torch.hypot(doubled.cos().mean(), doubled.sin().mean()).clamp(1e-12, 1.0))
     centre = torch.stack([mo.cx, mo.cy], 1)
     spread = float((centre - centre.mean(0)).norm(dim=1).pow(2).mean().sqrt())
-    ang = 0.5 * doubled
-    t = mo.dx * ang.cos()[:, None, None] + mo.dy * ang.sin()[:, None, None]  # position along each part's axis
+    _, t = _major_axis(mo)
     on = fg > 0
     extent = (t.masked_fill(~on, -math.inf).amax((1, 2)) - t.masked_fill(~on, math.inf).amin((1, 2)))
     extent = extent[on.any(2).any(1)]  # images with a foreground
@@ -315,11 +320,10 @@ def resolve_auto(data: DataConfig, parts: list[Dataset]) -> tuple[DataConfig, Po
     (`parts` comes from the caller: kdad.data.factory builds them and kdad.config, below it, imports this module.)"""
     if data.align != "auto" and not (data.align == "axis" and data.align_fill):
         return data, None
-    if data.tiling or data.format == "loco":
-        return dataclasses.replace(data, align="none" if data.align == "auto" else data.align, align_fill=0.0), None
+    unmeasured = dataclasses.replace(data, align="none" if data.align == "auto" else data.align, align_fill=0.0)
     items = [(ds, i) for ds in parts for i in range(len(ds))]  # type: ignore[arg-type]
-    if not items:
-        return dataclasses.replace(data, align="none" if data.align == "auto" else data.align, align_fill=0.0), None
+    if data.tiling or data.format == "loco" or not items:  # an explicit axis then fails AlignSpec's own checks
+        return unmeasured, None
     spread = pose_spread(torch.stack([items[j][0][items[j][1]]["image"].float() for j in evenly_spaced(len(items))]))
     mode = data.align if data.align != "auto" else ("axis" if spread.suggests_align() else "none")
     zoom = spread.zoom_for(data.align_fill) if mode == "axis" and data.align_fill else data.align_zoom
