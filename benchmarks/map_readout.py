@@ -7,9 +7,13 @@ fit's split and for the test images, and scores on the quality study's selection
 - the image score: the map's max (the presets'), or the mean of its top 0.1 %, 1 % or 3 % of pixels;
 - the layers' sum: raw; over the normals' mean of the sum (the preset's `map_norm: position`); each layer over
   its own normals' mean; each layer standardised by the normals' mean and std per position; the sum standardised;
-  each single layer and each pair over its normals' mean.
+  each single layer and each pair over its normals' mean;
+- with --features (session 29): the distance between teacher and student features, as cosine (the preset's), as
+  the squared distance of the raw features or of features standardised per channel by the held-out normals'
+  teacher statistics, as the log ratio of their norms, and cosine plus each of these (each layer over its normals'
+  mean); and the cosine map averaged over horizontally and vertically flipped inputs (test-time flips).
 
-Run: python benchmarks/map_readout.py --cell rd_cpu --category magnetic_tile --seed 0 --run /tmp/x --out F
+Run: python benchmarks/map_readout.py --cell rd_cpu --category magnetic_tile --seed 0 --run /tmp/x --out F [--features]
 (the rows append to F; models with `data.align` on are refused: the layers would have to be warped back too)
 """
 
@@ -18,6 +22,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from quality import cell_config, parse_cell
 from sklearn.metrics import roc_auc_score
+from torch import Tensor
 
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.data.factory import build_dataset
@@ -46,6 +52,65 @@ def layer_maps(model: Any, ds: Any, batch: int = 16) -> np.ndarray:
                                         align_corners=head.align_corners)) for m in head.layer_maps(teacher, student)]
         out.append(torch.cat(maps, 1).numpy())
     return np.concatenate(out)
+
+
+FLIPS = {"none": (), "horizontal": (-1,), "vertical": (-2,), "both": (-2, -1)}
+
+
+@torch.inference_mode()
+def features(model: Any, ds: Any, flip: tuple[int, ...] = (), batch: int = 16) -> tuple[list[Tensor], list[Tensor]]:
+    """Teacher and student features (fp32, per layer, all images) of `ds`, the inputs flipped along `flip`."""
+    teach: list[list[Tensor]] = []
+    stud: list[list[Tensor]] = []
+    for i in range(0, len(ds), batch):
+        x = torch.stack([ds[j]["image"] for j in range(i, min(i + batch, len(ds)))])
+        t, s = model.pairs(x.flip(flip) if flip else x)
+        teach.append([a.float() for a in t])
+        stud.append([a.float() for a in s])
+    return [torch.cat(a) for a in zip(*teach)], [torch.cat(a) for a in zip(*stud)]
+
+
+def distances(t: Sequence[Tensor], s: Sequence[Tensor], sd: Sequence[Tensor]) -> dict[str, list[Tensor]]:
+    """Per-layer (N, 1, h, w) distance maps by kind; `sd`: the normals' per-channel teacher std per layer."""
+    def lognorm(a: Tensor) -> Tensor:
+        return a.norm(dim=1, keepdim=True).clamp_min(1e-6).log()
+    return {"cosine": [1 - F.cosine_similarity(a, b).unsqueeze(1) for a, b in zip(t, s)],
+            "squared, raw": [(a - b).square().mean(1, keepdim=True) for a, b in zip(t, s)],
+            "squared, standardised": [((a - b) / d).square().mean(1, keepdim=True) for a, b, d in zip(t, s, sd)],
+            "log norm ratio": [(lognorm(a) - lognorm(b)).abs() for a, b in zip(t, s)]}
+
+
+@torch.inference_mode()
+def resized(head: Any, maps: Sequence[Tensor], size: tuple[int, int], flip: tuple[int, ...] = ()) -> np.ndarray:
+    """(N, L, H, W): per-layer maps resized to the input and blurred as the head does, flipped back."""
+    out = [head.blur(F.interpolate(m, size=size, mode="bilinear", align_corners=head.align_corners)) for m in maps]
+    cat = torch.cat(out, 1)
+    return (cat.flip(flip) if flip else cat).numpy()
+
+
+def feature_readouts(model: Any, val: Any, test: Any) -> dict[str, np.ndarray]:
+    """Name -> (N, H, W) test map: other feature distances and test-time flips, each over the normals' mean."""
+    size = tuple(test[0]["image"].shape[-2:])
+    head, out, per = model.head, {}, {}
+    vt, vs = features(model, val)
+    sd = [a.std((0, 2, 3), keepdim=True) + 1e-6 for a in vt]  # the teacher's spread per channel on the normals
+    vd, td = distances(vt, vs, sd), distances(*features(model, test), sd)
+    for kind in vd:
+        v, t = resized(head, vd[kind], size), resized(head, td[kind], size)
+        per[kind] = t / np.maximum(v.mean(0), 1e-8)
+        out[f"{kind}, each layer over its normals' mean"] = per[kind].sum(1)
+    for kind in ("squared, raw", "squared, standardised", "log norm ratio"):
+        out[f"cosine + {kind}, each over its mean"] = per["cosine"].sum(1) + per[kind].sum(1)
+    vflip, tflip = {}, {}  # the cosine sum over layers, per flip, flipped back
+    for name, flip in FLIPS.items():
+        for ds, into in ((val, vflip), (test, tflip)):
+            into[name] = resized(head, distances(*features(model, ds, flip), sd)["cosine"], size, flip).sum(1)
+    for name, keys in (("inputs flipped horizontally", ["horizontal"]),
+                       ("averaged over no flip and horizontal", ["none", "horizontal"]),
+                       ("averaged over the 4 flips", list(FLIPS))):
+        v, t = np.mean([vflip[k] for k in keys], 0), np.mean([tflip[k] for k in keys], 0)
+        out[f"cosine, {name}, sum over the normals' mean"] = t / np.maximum(v.mean(0), 1e-8)
+    return out
 
 
 def image_score(maps: np.ndarray, top: float) -> np.ndarray:
@@ -79,6 +144,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--run", required=True, help="the run folder: fitted here unless it holds model.ckpt")
     ap.add_argument("--out", required=True)
+    ap.add_argument("--features", action="store_true", help="also the feature distances and test-time flips")
     args = ap.parse_args()
     torch.set_num_threads(1)
     name, preset, overrides = parse_cell(args.cell)
@@ -95,7 +161,10 @@ def main() -> None:
     sel, rep = _common.halves(test)
     vmaps, tmaps = layer_maps(model, val), layer_maps(model, test)
     rows = []
-    for readout, maps in readouts(vmaps, tmaps).items():
+    maps_by = readouts(vmaps, tmaps)
+    if args.features:
+        maps_by |= feature_readouts(model, val, test)
+    for readout, maps in maps_by.items():
         for top in TOPS:
             s = image_score(maps, top)
             rows.append({"readout": readout, "image_score": "max" if top == 0 else f"top {top:.1%} mean",
