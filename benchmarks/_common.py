@@ -190,6 +190,14 @@ def dumps_rows(doc: dict[str, Any], key: str = "runs") -> str:
     return "{\n" + ",\n".join([*head, f" {json.dumps(key)}: [\n  {rows}\n ]"]) + "\n}\n"
 
 
+def append_run(path: str | Path, question: str, run: dict[str, Any]) -> Path:
+    """Add ``run`` to the results file ``path`` (created with ``question`` and :func:`metadata` if missing)."""
+    path = Path(path)
+    doc = json.loads(path.read_text()) if path.is_file() else {"question": question, "meta": metadata(), "runs": []}
+    doc["runs"].append(run)
+    return write_json(path, doc)
+
+
 def write_json(path: str | Path, doc: dict[str, Any]) -> Path:
     """Write ``doc`` to ``path`` atomically (a reader never sees half a file; parallel runs may append).
 

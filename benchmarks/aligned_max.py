@@ -13,20 +13,17 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 from typing import Any
 
 import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality import cell_config, parse_cell
+from quality import add_cell_args, fitted_cell
 from sklearn.metrics import roc_auc_score
 
 from kdad.align import AlignSpec, align_images, foreground
-from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.data.factory import build_dataset
-from kdad.train import fit
 
 MARGIN_PX = 8  # "well inside": this far from the input's edge; "on the part": the foreground grown by this, in px
 
@@ -58,22 +55,13 @@ def scores(model: Any, ds: Any, spec: AlignSpec, batch: int = 16) -> dict[str, n
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cell", required=True)
-    ap.add_argument("--category", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run", required=True, help="the run folder: fitted here unless it holds model.ckpt")
-    ap.add_argument("--out", required=True)
+    add_cell_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    name, preset, overrides = parse_cell(args.cell)
-    run = Path(args.run)
-    if not (run / "model.ckpt").is_file():
-        fit(cell_config(preset, overrides, args.category, args.seed), run)
-    model, cfg = model_from_bundle(load_bundle(run / "model.ckpt"))
-    model.eval()
+    name, preset, overrides, model, cfg = fitted_cell(args)
     spec = AlignSpec.from_data(cfg.data)
     if spec is None:
-        raise SystemExit(f"{run}: data.align={cfg.data.align}; this check is for aligned models")
+        raise SystemExit(f"{args.run}: data.align={cfg.data.align}; this check is for aligned models")
     test = build_dataset(cfg.data, "test")
     labels = np.array([s.label for s in test.samples])
     sel, rep = _common.halves(test)
@@ -89,12 +77,8 @@ def main() -> None:
         row[f"image AUROC, {key}"] = {"selection": float(roc_auc_score(labels[sel], s[key][sel])),
                                       "report": float(roc_auc_score(labels[rep], s[key][rep]))}
     print(json.dumps(row, indent=1))
-    out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.is_file() else {
-        "question": "does an aligned model's max land on the replicated border outside the input",
-        "meta": _common.metadata(), "runs": []}
-    doc["runs"].append(row)
-    _common.write_json(out, doc)
+    _common.append_run(args.out, "does an aligned model's max land on the replicated border outside the input, or "
+                       "off the part", row)
 
 
 if __name__ == "__main__":

@@ -21,22 +21,20 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality import cell_config, parse_cell
+from quality import add_cell_args, fitted_cell
 from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
-from kdad.checkpoint import load_bundle, model_from_bundle
+from kdad.blocks.maps import cosine_distance
 from kdad.data.factory import build_dataset
-from kdad.train import fit, train_val_datasets
+from kdad.train import train_val_datasets
 
 TOPS = (0.0, 0.001, 0.01, 0.03)  # 0 = the max
 
@@ -74,7 +72,7 @@ def distances(t: Sequence[Tensor], s: Sequence[Tensor], sd: Sequence[Tensor]) ->
     """Per-layer (N, 1, h, w) distance maps by kind; `sd`: the normals' per-channel teacher std per layer."""
     def lognorm(a: Tensor) -> Tensor:
         return a.norm(dim=1, keepdim=True).clamp_min(1e-6).log()
-    return {"cosine": [1 - F.cosine_similarity(a, b).unsqueeze(1) for a, b in zip(t, s)],
+    return {"cosine": [cosine_distance(a, b) for a, b in zip(t, s)],
             "squared, raw": [(a - b).square().mean(1, keepdim=True) for a, b in zip(t, s)],
             "squared, standardised": [((a - b) / d).square().mean(1, keepdim=True) for a, b, d in zip(t, s, sd)],
             "log norm ratio": [(lognorm(a) - lognorm(b)).abs() for a, b in zip(t, s)]}
@@ -98,13 +96,16 @@ def feature_readouts(model: Any, val: Any, test: Any) -> dict[str, np.ndarray]:
     for kind in vd:
         v, t = resized(head, vd[kind], size), resized(head, td[kind], size)
         per[kind] = t / np.maximum(v.mean(0), 1e-8)
+        if kind == "cosine":  # the unflipped sum over layers, for the flips below
+            vflip, tflip = {"none": v.sum(1)}, {"none": t.sum(1)}
         out[f"{kind}, each layer over its normals' mean"] = per[kind].sum(1)
     for kind in ("squared, raw", "squared, standardised", "log norm ratio"):
         out[f"cosine + {kind}, each over its mean"] = per["cosine"].sum(1) + per[kind].sum(1)
-    vflip, tflip = {}, {}  # the cosine sum over layers, per flip, flipped back
-    for name, flip in FLIPS.items():
+    # the cosine summed over layers for each flip of the inputs, flipped back
+    for name, flip in list(FLIPS.items())[1:]:
         for ds, into in ((val, vflip), (test, tflip)):
-            into[name] = resized(head, distances(*features(model, ds, flip), sd)["cosine"], size, flip).sum(1)
+            t, s = features(model, ds, flip)
+            into[name] = resized(head, [cosine_distance(a, b) for a, b in zip(t, s)], size, flip).sum(1)
     for name, keys in (("inputs flipped horizontally", ["horizontal"]),
                        ("averaged over no flip and horizontal", ["none", "horizontal"]),
                        ("averaged over the 4 flips", list(FLIPS))):
@@ -139,22 +140,13 @@ def readouts(val: np.ndarray, test: np.ndarray) -> dict[str, np.ndarray]:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--cell", required=True)
-    ap.add_argument("--category", required=True)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--run", required=True, help="the run folder: fitted here unless it holds model.ckpt")
-    ap.add_argument("--out", required=True)
+    add_cell_args(ap)
     ap.add_argument("--features", action="store_true", help="also the feature distances and test-time flips")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    name, preset, overrides = parse_cell(args.cell)
-    run = Path(args.run)
-    if not (run / "model.ckpt").is_file():
-        fit(cell_config(preset, overrides, args.category, args.seed), run)
-    model, cfg = model_from_bundle(load_bundle(run / "model.ckpt"))
-    model.eval()
+    name, preset, overrides, model, cfg = fitted_cell(args)
     if cfg.data.align != "none":
-        raise SystemExit(f"{run}: data.align={cfg.data.align}; this readout works on unaligned models only")
+        raise SystemExit(f"{args.run}: data.align={cfg.data.align}; this readout works on unaligned models only")
     _, val, _ = train_val_datasets(cfg)
     test = build_dataset(cfg.data, "test")
     labels = np.array([s.label for s in test.samples])
@@ -172,13 +164,10 @@ def main() -> None:
                          "report": float(roc_auc_score(labels[rep], s[rep]))})
     for r in rows:
         print(f"{r['readout']:50s} {r['image_score']:15s} {r['selection']:.3f} / {r['report']:.3f}")
-    out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.is_file() else {
-        "question": "does another image score or layer sum of a trained RD-family model beat its preset's map "
-                    "(image AUROC on the selection / report halves)", "meta": _common.metadata(), "runs": []}
-    doc["runs"].append({"cell": name, "preset": preset, "overrides": overrides, "category": args.category,
-                        "seed": args.seed, "held_out_normals": len(vmaps), "rows": rows})
-    _common.write_json(out, doc)
+    _common.append_run(args.out, "does another image score or layer sum of a trained RD-family model beat its "
+                       "preset's map (image AUROC on the selection / report halves)",
+                       {"cell": name, "preset": preset, "overrides": overrides, "category": args.category,
+                        "seed": args.seed, "held_out_normals": len(vmaps), "rows": rows, "features": args.features})
 
 
 if __name__ == "__main__":

@@ -70,6 +70,26 @@ def cell_config(preset: str, overrides: list[str], category: str, seed: int) -> 
                                     "train.progress=false", f"data.texture_dir={quality_split.TEXTURES}", *overrides])
 
 
+def add_cell_args(ap: argparse.ArgumentParser) -> None:
+    """The options of a script that studies one fitted cell: --cell --category --seed --run --out."""
+    ap.add_argument("--cell", required=True, help="NAME=PRESET:k=v,... (this module's cell syntax)")
+    ap.add_argument("--category", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--run", required=True, help="the run folder: fitted here unless it holds model.ckpt")
+    ap.add_argument("--out", required=True, help="results JSON; the run appends to it")
+
+
+def fitted_cell(args: argparse.Namespace) -> tuple[str, str, list[str], torch.nn.Module, Any]:
+    """(name, preset, overrides, model in eval mode, its config) of --cell, fitted into --run unless it holds
+    model.ckpt already (the model is then reused, not retrained)."""
+    name, preset, overrides = parse_cell(args.cell)
+    run = Path(args.run)
+    if not (run / "model.ckpt").is_file():
+        fit(cell_config(preset, overrides, args.category, args.seed), run)
+    model, cfg = model_from_bundle(load_bundle(run / "model.ckpt"))
+    return name, preset, overrides, model.eval(), cfg
+
+
 def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: int, work: Path) -> dict[str, Any]:
     run = fit(cell_config(preset, overrides, category, seed), work / f"{name}_{category}_{seed}")
     bundle = load_bundle(run / "model.ckpt")
