@@ -40,6 +40,10 @@ CATEGORIES["screws"] = Path(os.environ.get("KDAD_SCREWS", "/tmp/kdad_hard/screws
 # the same screws half as large, under light 0.15 darker in the corners, with 8 dust specks per image (the same command
 # with --part-scale 0.5 --vignette 0.15 --specks 8): does data.align: auto still find the part (docs/align.md)
 CATEGORIES["screws_lit"] = Path(os.environ.get("KDAD_SCREWS_LIT", "/tmp/kdad_hard/screws_lit"))
+# a selection-only set for choices made for small parts under uneven light (make_hard_category.py --kind screws
+# --seed 1 --train 300 --test-good 60 --per-defect 30 --part-scale 0.6 --vignette 0.2 --specks 12 --out <this>):
+# other images, part size, fall-off and dust than screws_lit, so screws_lit's both halves stay a report
+CATEGORIES["screws_dusty"] = Path(os.environ.get("KDAD_SCREWS_DUSTY", "/tmp/kdad_hard/screws_dusty"))
 CATEGORIES["brushed512"] = Path(os.environ.get("KDAD_HARD_512", "/tmp/kdad_hard/brushed512"))
 TEXTURES = SHARED / "data" / "dtd" / "images"
 RESULTS = ROOT / "benchmarks" / "results"

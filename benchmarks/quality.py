@@ -171,6 +171,8 @@ def main() -> None:
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", required=True, help="results file; benchmarks/quality_merge.py adds it to the study")
+    ap.add_argument("--keep", help="keep the run folders (NAME_CATEGORY_SEED, with model.ckpt) under this folder, "
+                    "for scripts that read a fitted model with --run; default: a temporary folder, removed")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     out = Path(args.out)
@@ -180,11 +182,12 @@ def main() -> None:
         "split_seed": quality_split.SPLIT_SEED, "runs": []}
     meta = quality_split.metadata(threads=args.threads, cpu_fast_bf16=cpu_has_fast_bf16())
     with tempfile.TemporaryDirectory() as tmp:
+        work = Path(args.keep) if args.keep else Path(tmp)
         for text in args.cell:
             name, preset, overrides = parse_cell(text)
             for cat in args.categories:
                 for seed in args.seeds:
-                    row = {**run_cell(name, preset, overrides, cat, seed, Path(tmp)), **meta}
+                    row = {**run_cell(name, preset, overrides, cat, seed, work), **meta}
                     print(json.dumps({k: row[k] for k in ("cell", "category", "seed", "train_minutes", "selection",
                                                           "report")}), flush=True)
                     doc = json.loads(out.read_text()) if out.is_file() else doc  # other processes may append

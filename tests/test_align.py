@@ -14,14 +14,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from kdad.align import (
+    ENVELOPE_SHARE,
     AlignedModel,
     AlignedRunner,
     AlignSpec,
+    PartRegionModel,
     align_images,
+    decode_mask,
+    encode_mask,
     foreground,
     inverse,
+    part_envelope,
     pose_spread,
     poses,
+    restrict_to_part,
     unwarp_maps,
     warp,
 )
@@ -117,6 +123,7 @@ def test_a_blank_image_keeps_its_frame() -> None:
     (["data.align=axis", "data.align_zoom=0"], "data.align_zoom"),
     (["data.align=axis", "data.tiling=true"], "data.align and data.tiling"),
     (["data.align=axis", "data.format=loco"], "data.align.*loco"),
+    (["data.align=axis", "data.align_region=middle"], "data.align_region"),
 ])
 def test_bad_alignment_settings_name_their_key(overrides: list[str], match: str) -> None:
     with pytest.raises(ConfigError, match=match):
@@ -153,6 +160,82 @@ def test_aligned_model_and_runner_agree_and_map_back_onto_the_image() -> None:
     dark = x[0, 0].numpy() < 0.6
     near = F.max_pool2d(torch.from_numpy(dark).float()[None, None], 5, 1, 2)[0, 0].numpy() > 0
     assert edge.any() and near[edge].mean() > 0.95
+
+
+class Dusty(nn.Module):
+    """Stripes plus a high blob in the aligned frame's top-left corner, on the backdrop: dust that outscores
+    everything on the part unless the map is kept on the part (data.align_region=part)."""
+
+    def forward(self, images01: torch.Tensor) -> AnomalyOutput:
+        amap = Stripes()(images01).anomaly_map.clone()
+        amap[:, :, 2:8, 2:8] = 5.0
+        return AnomalyOutput(amap, amap.flatten(1).amax(1))
+
+
+def test_the_envelope_covers_the_parts_and_restricting_keeps_only_it() -> None:
+    x = torch.stack([part(a, (3.0 * i, -2.0 * i), seed=i) for i, a in enumerate((10, 80, 150, 220, 290))])
+    spec = AlignSpec(1.0)
+    env = part_envelope(x, spec)
+    parts = foreground(align_images(x, spec)[0])
+    assert parts[0][env].float().mean() > 0.9 and parts.any(0)[env].all()  # what lies in it is part
+    assert parts.float().mean(0)[~env].max() < ENVELOPE_SHARE  # what it leaves out is not, in enough images
+    assert torch.equal(decode_mask(encode_mask(env)), env) and len(encode_mask(env)) < 400
+    assert part_envelope(torch.full_like(x, 0.8), spec).all()  # no part found: the whole frame
+    amap = torch.zeros(1, 1, 128, 128)
+    amap[..., 2:8, 2:8] = 5.0  # dust in the corner
+    amap[..., 64, 60] = 0.5  # a defect on the shaft
+    kept = restrict_to_part(amap, env)
+    assert float(kept.max()) == 0.5 and float(kept.min()) == 0.0
+    small = restrict_to_part(F.avg_pool2d(amap, 2), env)  # a map of another size: the envelope is resized
+    assert float(small.max()) < 1
+    with pytest.raises(ConfigError, match="data.align_envelope"):
+        decode_mask("64x64:not base64!")
+
+
+def test_the_part_region_scores_model_and_runner_alike_and_ignores_the_dust() -> None:
+    x = torch.stack([part(35, (4.0, 2.0)), part(200, (-6.0, 5.0), seed=3)])
+    frame = AlignSpec(1.2)
+    on_part = AlignSpec(1.2, "part", encode_mask(part_envelope(x, frame)))
+    assert torch.allclose(AlignedModel(Dusty(), frame)(x).score, torch.full((2,), 5.0))
+    out = AlignedModel(Dusty(), on_part)(x)
+    aligned = align_images(x, on_part)[0]
+    want = PartRegionModel(Stripes(), decode_mask(on_part.envelope))(aligned).score
+    assert torch.allclose(out.score, want) and bool((out.score < 1).all())
+    assert float(out.anomaly_map.max()) < 1  # no dust painted on the map either
+
+    from tests.fakes import FakeRunner
+
+    runner = AlignedRunner(FakeRunner(Dusty(), 128), on_part)
+    maps, scores = runner(x)
+    assert np.allclose(maps, out.anomaly_map[:, 0].numpy(), atol=1e-6) and np.allclose(scores, out.score.numpy())
+    assert runner.info()["align"]["region"] == "part"
+    assert AlignSpec.from_dict(runner.info()["align"]) == on_part
+    assert AlignSpec.from_dict({"zoom": 1.2}) == frame  # metadata written before data.align_region
+
+
+def test_fit_measures_the_envelope_and_calibrates_on_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import kdad.train
+    from kdad.config import load_config
+    from tests.fakes import tiny_run
+
+    seen: list[torch.nn.Module] = []
+    real = kdad.train.thresholds_from_normals
+
+    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        seen.append(model)
+        return real(model, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kdad.train, "thresholds_from_normals", spy)
+    with pytest.raises(ConfigError, match="resolved by kdad fit"):
+        AlignSpec.from_data(load_config(None, None, ["data.align=axis", "data.align_region=part"]).data)
+    run = tiny_run(tmp_path, "rd_cpu", 8, 1, ["data.align=axis", "data.align_fill=0", "data.align_region=part",
+                                                "train.max_iters=1", "train.epochs=1"])
+    assert len(seen) == 1 and isinstance(seen[0], PartRegionModel)
+    from kdad.deploy.runner import make_runner
+
+    env = decode_mask(load_config(None, [str(run / "config.yaml")], []).data.align_envelope)
+    assert env.shape == (64, 64) and 0 < env.float().mean() < 0.5
+    assert make_runner(run, None, device="cpu").info()["align"]["region"] == "part"
 
 
 @pytest.fixture(scope="module")

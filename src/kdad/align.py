@@ -24,6 +24,7 @@ Fit trains and calibrates on aligned images (:class:`AlignedImages`, the model u
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -44,14 +45,30 @@ if TYPE_CHECKING:
     from kdad.config import DataConfig
 
 ALIGN_MODES = ("none", "axis", "auto")
+ALIGN_REGIONS = ("frame", "part")
+# data.align_region=part keeps the map on the part's envelope: the aligned-frame pixels where at least this share of
+# the training images fit measures (up to ENVELOPE_SAMPLE) have their part, not grown. One fixed region, so a missing
+# piece (a broken tip) still lies inside it. Chosen on screws_dusty for cfrg_cpu and dskd_cpu (image AUROC 0.805 and
+# 0.899) against each image's own part (0.751, 0.857), a share of 0.1 (0.801, 0.880) and margins of -4 to 16 px
+# (benchmarks/part_roi.py; docs/quality.md, "Session 30")
+ENVELOPE_SHARE = 0.5
+ENVELOPE_SAMPLE = 128
 _BINS = 64  # Otsu histogram bins: enough for a part against a backdrop, cheap per image
 
 
 @dataclass(frozen=True)
 class AlignSpec:
-    """How images are pose-normalised: the zoom of the part about its centre (1 = its size in the image)."""
+    """How images are pose-normalised: the zoom of the part about its centre (1 = its size in the image), and the
+    region of the aligned map kept ("frame": all of it; "part": the part's envelope, :func:`encode_mask`'s text,
+    measured by fit; :func:`restrict_to_part`)."""
 
     zoom: float = 1.0
+    region: str = "frame"
+    envelope: str = ""
+
+    def envelope_mask(self) -> Tensor | None:
+        """The part's envelope (H, W) bool in the aligned frame with region "part", else None."""
+        return decode_mask(self.envelope) if self.region == "part" else None
 
     @classmethod
     def from_data(cls, data: DataConfig, allow_auto: bool = False) -> AlignSpec | None:
@@ -62,7 +79,9 @@ class AlignSpec:
         `allow_auto` (config validation) it gives None, otherwise a ConfigError."""
         if data.align not in ALIGN_MODES:
             raise ConfigError(f"data.align={data.align!r}: must be one of {list(ALIGN_MODES)}")
-        spec = cls(float(data.align_zoom))
+        if data.align_region not in ALIGN_REGIONS:
+            raise ConfigError(f"data.align_region={data.align_region!r}: must be one of {list(ALIGN_REGIONS)}")
+        spec = cls(float(data.align_zoom), data.align_region, data.align_envelope)
         if not 0.25 <= spec.zoom <= 4.0:
             raise ConfigError(f"data.align_zoom={data.align_zoom}: must be in [0.25, 4] (1 = the part's own size)")
         if not (data.align_fill == 0 or 0.2 <= data.align_fill <= 1.2):
@@ -71,12 +90,12 @@ class AlignSpec:
         if data.align_fill and data.align_zoom != 1.0:  # fit would overwrite the zoom someone asked for
             raise ConfigError(f"data.align_zoom={data.align_zoom} and data.align_fill={data.align_fill} both set the "
                               "zoom: add --set data.align_fill=0 to keep that zoom, or drop data.align_zoom")
-        if data.align == "auto" or (data.align == "axis" and data.align_fill):
+        if data.align == "auto" or (data.align == "axis" and (data.align_fill or _envelope_due(data))):
             if allow_auto:
                 return None
-            raise ConfigError(f"data.align={data.align} with data.align_fill={data.align_fill} is resolved by kdad "
-                              "fit from the training images (to a mode and a zoom); this config has not been through "
-                              "fit")
+            raise ConfigError(f"data.align={data.align} with data.align_fill={data.align_fill} and data.align_region="
+                              f"{data.align_region} is resolved by kdad fit from the training images (to a mode, a "
+                              "zoom and the part's envelope); this config has not been through fit")
         if data.align == "none":
             return None
         if data.tiling:
@@ -88,13 +107,45 @@ class AlignSpec:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain values for ONNX metadata and metrics.json."""
-        return {"mode": "axis", "zoom": self.zoom,
+        return {"mode": "axis", "zoom": self.zoom, "region": self.region, "envelope": self.envelope,
                 "rule": "part's long axis horizontal, heavier end fixed, centre at the image centre; map warped back"}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> AlignSpec:
-        """Inverse of to_dict (descriptive keys ignored)."""
-        return cls(float(d["zoom"]))
+        """Inverse of to_dict (descriptive keys ignored; files written before data.align_region keep the frame)."""
+        return cls(float(d["zoom"]), str(d.get("region", "frame")), str(d.get("envelope", "")))
+
+
+def _envelope_due(data: DataConfig) -> bool:
+    return data.align_region == "part" and not data.align_envelope
+
+
+def encode_mask(mask: Tensor) -> str:
+    """A bool mask (H, W) as short text for config.yaml and ONNX metadata: "HxW:" and the base64 of its zlib'd
+    packed bits (a part's envelope at 256 px: a few hundred characters)."""
+    import base64
+    import zlib
+
+    h, w = mask.shape
+    bits = np.packbits(mask.cpu().numpy().astype(bool).ravel())
+    return f"{h}x{w}:" + base64.b64encode(zlib.compress(bits.tobytes(), 9)).decode("ascii")
+
+
+@functools.lru_cache(maxsize=8)  # every batch asks for it; the tensor is read, never written
+def decode_mask(text: str) -> Tensor:
+    """Inverse of :func:`encode_mask`; a ConfigError naming data.align_envelope when the text is not one."""
+    import base64
+    import binascii
+    import zlib
+
+    try:
+        size, _, body = text.partition(":")
+        h, w = (int(v) for v in size.split("x"))
+        bits = np.frombuffer(zlib.decompress(base64.b64decode(body, validate=True)), np.uint8)
+        return torch.from_numpy(np.unpackbits(bits)[: h * w].reshape(h, w).astype(bool))
+    except (ValueError, binascii.Error, zlib.error) as e:
+        raise ConfigError(f"data.align_envelope={text[:40]!r}...: not a mask kdad fit wrote ({e}); set "
+                          "data.align_envelope='' and fit again") from e
 
 
 def _otsu(d: Tensor) -> Tensor:
@@ -315,19 +366,28 @@ def resolve_auto(data: DataConfig, parts: list[Dataset]) -> tuple[DataConfig, Po
     """`data` with data.align=auto replaced by what the training images call for: "axis" when
     :meth:`PoseSpread.suggests_align` holds for up to 32 of them (spread over the sets in `parts`), else "none";
     tiled or loco data always get "none" (alignment excludes them). With "axis" (picked or set) and
-    data.align_fill > 0, data.align_zoom becomes :meth:`PoseSpread.zoom_for` of the same images and align_fill 0.
+    data.align_fill > 0, data.align_zoom becomes :meth:`PoseSpread.zoom_for` of the same images and align_fill 0;
+    with "axis" and data.align_region=part, data.align_envelope becomes :func:`part_envelope` of up to
+    ENVELOPE_SAMPLE of them, evenly spaced.
     A config with nothing to resolve comes back unchanged, with None.
     (`parts` comes from the caller: kdad.data.factory builds them and kdad.config, below it, imports this module.)"""
-    if data.align != "auto" and not (data.align == "axis" and data.align_fill):
+    if data.align != "auto" and not (data.align == "axis" and (data.align_fill or _envelope_due(data))):
         return data, None
     unmeasured = dataclasses.replace(data, align="none" if data.align == "auto" else data.align, align_fill=0.0)
     items = [(ds, i) for ds in parts for i in range(len(ds))]  # type: ignore[arg-type]
     if data.tiling or data.format == "loco" or not items:  # an explicit axis then fails AlignSpec's own checks
         return unmeasured, None
-    spread = pose_spread(torch.stack([items[j][0][items[j][1]]["image"].float() for j in evenly_spaced(len(items))]))
+    def images(idx: list[int]) -> Tensor:
+        return torch.stack([items[j][0][items[j][1]]["image"].float() for j in idx])
+
+    spread = pose_spread(images(evenly_spaced(len(items))))
     mode = data.align if data.align != "auto" else ("axis" if spread.suggests_align() else "none")
     zoom = spread.zoom_for(data.align_fill) if mode == "axis" and data.align_fill else data.align_zoom
-    return dataclasses.replace(data, align=mode, align_zoom=zoom, align_fill=0.0), spread
+    out = dataclasses.replace(data, align=mode, align_zoom=zoom, align_fill=0.0)
+    if mode == "axis" and _envelope_due(data):
+        env = part_envelope(images(evenly_spaced(len(items), ENVELOPE_SAMPLE)), AlignSpec(zoom))
+        out = dataclasses.replace(out, align_envelope=encode_mask(env))
+    return out, spread
 
 
 def inverse(theta: Tensor) -> Tensor:
@@ -357,6 +417,46 @@ def align_images(images01: Tensor, spec: AlignSpec) -> tuple[Tensor, Tensor]:
     """(aligned images (B, 3, H, W), their affine matrices (B, 2, 3))."""
     theta = poses(images01, spec)
     return warp(images01, theta), theta
+
+
+def part_envelope(images01: Tensor, spec: AlignSpec, batch: int = 32) -> Tensor:
+    """(H, W) bool: the aligned-frame pixels where at least ENVELOPE_SHARE of `images01` (B, 3, H, W), aligned with
+    `spec`, have their part (:func:`foreground`); the whole frame when none is found."""
+    share = torch.zeros(images01.shape[-2:])
+    for i in range(0, len(images01), batch):
+        share += foreground(align_images(images01[i:i + batch], spec)[0]).float().sum(0)
+    env = share >= ENVELOPE_SHARE * len(images01)
+    return env if env.any() else torch.ones_like(env)
+
+
+def restrict_to_part(maps: Tensor, envelope: Tensor) -> Tensor:
+    """Aligned-frame maps (B, 1, H, W) with the positions off the part's envelope (H, W) set to each map's minimum,
+    so the image score, the map's max, comes from the part: on a small part under uneven light the backdrop's dust
+    and fall-off otherwise outscore small defects (docs/align.md, "Dust")."""
+    env = envelope.to(maps.device)[None, None]
+    if env.shape[-2:] != maps.shape[-2:]:
+        env = F.interpolate(env.float(), size=maps.shape[-2:], mode="nearest") > 0.5
+    return torch.where(env, maps, maps.amin((1, 2, 3), keepdim=True).expand_as(maps))
+
+
+class PartRegionModel(nn.Module):
+    """A model on aligned images whose map is kept on the part's envelope (data.align_region=part), with the
+    model's forward contract. What fit calibrates the thresholds with, so they are the deployed score's."""
+
+    def __init__(self, model: nn.Module, envelope: Tensor) -> None:
+        super().__init__()
+        self.model, self.envelope = model, envelope
+
+    def forward(self, aligned01: Tensor) -> AnomalyOutput:
+        out = self.model(aligned01)
+        amap = restrict_to_part(out.anomaly_map, self.envelope)
+        return AnomalyOutput(amap, amap.flatten(1).amax(1).to(out.score.dtype))
+
+
+def region_view(model: nn.Module, spec: AlignSpec | None) -> nn.Module:
+    """`model` (on aligned images) as it scores under `spec`'s region: itself, or a :class:`PartRegionModel`."""
+    env = None if spec is None else spec.envelope_mask()
+    return model if env is None else PartRegionModel(model, env)
 
 
 class AlignedImages(Dataset[dict[str, Any]]):
@@ -411,7 +511,7 @@ class AlignedModel(nn.Module):
 
     def forward(self, images01: Tensor) -> AnomalyOutput:
         aligned, theta = align_images(images01, self.spec)
-        out = self.model(aligned)
+        out = region_view(self.model, self.spec)(aligned)
         return AnomalyOutput(unwarp_maps(out.anomaly_map, theta).to(out.anomaly_map.dtype), out.score)
 
 
@@ -422,12 +522,18 @@ class AlignedRunner(RunnerView):
     def __init__(self, runner: Any, spec: AlignSpec) -> None:
         super().__init__(runner)
         self.spec = spec
+        spec.envelope_mask()  # a bad envelope fails here, not on the first image
 
     @torch.inference_mode()
     def __call__(self, images01: Tensor) -> tuple[np.ndarray, np.ndarray]:
         aligned, theta = align_images(images01.float(), self.spec)
         maps, scores = self.runner(aligned)
-        back = unwarp_maps(torch.from_numpy(np.ascontiguousarray(maps))[:, None], theta)[:, 0]
+        amap = torch.from_numpy(np.ascontiguousarray(maps))[:, None]
+        env = self.spec.envelope_mask()
+        if env is not None:
+            amap = restrict_to_part(amap, env)
+            scores = amap.flatten(1).amax(1).numpy().astype(scores.dtype)
+        back = unwarp_maps(amap, theta)[:, 0]
         return back.numpy().astype(np.float32), scores
 
     def gate_scores(self, images01: Tensor) -> np.ndarray | None:

@@ -141,11 +141,15 @@ def cmd_fit(args: argparse.Namespace) -> int:
         if world()[0] != 0:  # under torchrun rank 0 reports and tests; the other ranks only train
             continue
         print(f"trained {job_cfg.method}: {job_dir / 'model.ckpt'}")
-        if job_cfg.data.align == "auto" or job_cfg.data.align_fill:  # say what fit picked from the training images
+        if job_cfg.data.align == "auto" or job_cfg.data.align_fill or job_cfg.data.align_region == "part":
+            from kdad.align import decode_mask  # say what fit picked from the training images
             from kdad.config import read_yaml
 
             picked = read_yaml(job_dir / "config.yaml")["data"]
             zoom = f", zoom {picked['align_zoom']}" if picked["align"] == "axis" else ""
+            if picked["align"] == "axis" and picked.get("align_envelope"):
+                share = float(decode_mask(picked["align_envelope"]).float().mean())
+                zoom += f", scored on the part's envelope ({share:.0%} of the aligned frame)"
             print(f"data.align={job_cfg.data.align} chose {picked['align']}{zoom} (docs/align.md)")
         if args.test:
             from kdad.evaluate import evaluate_run

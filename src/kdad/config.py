@@ -23,6 +23,7 @@ AmpDtype = Literal["bf16", "fp16"]
 Select = Literal["last", "val_map_mean"]
 PixelThresholdRule = Literal["region", "quantile"]
 AlignMode = Literal["none", "axis", "auto"]  # kdad.align.ALIGN_MODES
+AlignRegion = Literal["frame", "part"]  # kdad.align.ALIGN_REGIONS
 ImageThresholdRule = Literal["conformal", "quantile"]
 
 
@@ -49,6 +50,11 @@ class DataConfig:
     # with align: > 0 makes fit set align_zoom so that the longest part of the training images it measures spans
     # this share of the image side (0 = keep align_zoom); fit stores the zoom and sets this back to 0
     align_fill: float = 0.0
+    # with align: "part" keeps the map (and takes the image score) on the part's envelope only, the aligned-frame
+    # pixels where the training parts lie (kdad.align.ENVELOPE_SHARE); "frame" keeps the whole aligned view
+    # (docs/align.md, "Dust on the backdrop")
+    align_region: AlignRegion = "frame"
+    align_envelope: str = ""  # written by fit with align_region=part: the envelope (kdad.align.encode_mask)
     good_dir: str = ""  # folder format: normal images
     bad_dir: str = ""  # folder format: defective test images
     mask_dir: str = ""  # folder format: masks matched by file stem

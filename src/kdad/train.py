@@ -19,7 +19,7 @@ from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
 from kdad import distributed as dist_utils
-from kdad.align import AlignSpec, aligned_training, resolve_auto
+from kdad.align import AlignSpec, aligned_training, region_view, resolve_auto
 from kdad.augment import augment_batch, check_augment
 from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
@@ -279,24 +279,27 @@ def gate_for(model: torch.nn.Module, cfg: RunConfig, fit_ds: Dataset, calib_ds: 
 
 
 def crossfit_scores(calibrate: Any, model: torch.nn.Module, normals: Dataset, device: torch.device,
-                    batch_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+                    batch_size: int, seed: int, scored: torch.nn.Module | None = None
+                    ) -> tuple[np.ndarray, np.ndarray]:
     """Image scores (N,) of the held-out normals, each half scored after ``calibrate`` saw only the other half
     (a seeded split). Methods that set map statistics on the held-out normals would otherwise score each of them
     against statistics that include it, a little low, and the conformal threshold with it. The caller
     calibrates on all of them afterwards: a new image is scored with statistics from all N. Returns (scores,
-    maps (N, H, W)), the maps cross-fitted the same way (for the pixel threshold)."""
+    maps (N, H, W)), the maps cross-fitted the same way (for the pixel threshold). `scored`: what scores the
+    images, a view of `model` (kdad.align.region_view); `model` itself when None."""
     n = len(normals)  # type: ignore[arg-type]
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     halves = (perm[: n // 2], perm[n // 2:])
     scores = np.empty(n, dtype=np.float64)
     maps: np.ndarray | None = None
-    for stats, scored in (halves, halves[::-1]):
+    scorer = model if scored is None else scored
+    for stats, part in (halves, halves[::-1]):
         calibrate(model, DataLoader(Subset(normals, stats), batch_size=batch_size, shuffle=False), device)
         model.eval()
-        pred = predict(model, Subset(normals, scored), device, batch_size, keep_maps=True)
+        pred = predict(scorer, Subset(normals, part), device, batch_size, keep_maps=True)
         assert pred.maps is not None
         maps = np.empty((n, *pred.maps.shape[1:]), dtype=pred.maps.dtype) if maps is None else maps
-        scores[scored], maps[scored] = pred.scores, pred.maps
+        scores[part], maps[part] = pred.scores, pred.maps
     assert maps is not None
     return scores, maps
 
@@ -476,9 +479,10 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     calib = val_ds if val_ds is not None else train_ds
     crossfit = None
     calibrate = spec.calibrate if runs_calibration(spec, mcfg) else None
+    scored = region_view(model, AlignSpec.from_data(cfg.data))  # thresholds for the score the deployed model gives
     if calibrate is not None:  # map statistics live in model buffers, so they travel with every export
         if val_ds is not None and tc.crossfit_calibration and tiles is None and len(val_ds) >= 4:  # type: ignore[arg-type]
-            crossfit = crossfit_scores(calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed)
+            crossfit = crossfit_scores(calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed, scored)
         calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
                   device)
         model.eval()
@@ -486,7 +490,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             # with cross-fitted scores the image threshold comes from scores whose statistics did not see the image
-            thr, display, calib_scores = thresholds_from_normals(model, calib, device, tc, tiles=tiles,
+            thr, display, calib_scores = thresholds_from_normals(scored, calib, device, tc, tiles=tiles,
                                                                  crossfit=crossfit)
         notes = [str(w.message) for w in caught]
         if val_ds is None and thr.alpha is not None:  # scores of images it was trained on: no guarantee
