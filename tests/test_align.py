@@ -3,6 +3,7 @@ path (fit, evaluate, predict, ONNX) seeing the same aligned images."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 from pathlib import Path
@@ -235,7 +236,19 @@ def test_fit_measures_the_envelope_and_calibrates_on_it(tmp_path: Path, monkeypa
 
     env = decode_mask(load_config(None, [str(run / "config.yaml")], []).data.align_envelope)
     assert env.shape == (64, 64) and 0 < env.float().mean() < 0.5
-    assert make_runner(run, None, device="cpu").info()["align"]["region"] == "part"
+    torch_runner = make_runner(run, None, device="cpu")
+    assert torch_runner.info()["align"]["region"] == "part"
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    from kdad.data.transforms import load_image
+    from kdad.export import export_onnx
+
+    export_onnx(run)
+    onnx_runner = make_runner(run, "onnx")
+    assert AlignSpec.from_dict(onnx_runner.info()["align"]).envelope_mask().equal(env)  # type: ignore[union-attr]
+    images = torch.stack([load_image(p, 64) for p in sorted((tmp_path / "d").rglob("test/*/*.png"))])
+    (m1, s1), (m2, s2) = onnx_runner(images), torch_runner(images)
+    assert np.allclose(s1, s2, atol=1e-4) and np.allclose(m1, m2, atol=1e-4)
 
 
 @pytest.fixture(scope="module")
