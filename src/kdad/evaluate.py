@@ -277,6 +277,9 @@ def evaluate_run(run_dir: str | Path, data: DataConfig | None = None, device: st
         base["align"] = align.to_dict()
         base["protocol"] += ("; pose-aligned: the model sees each image turned to the part's axis, its map is "
                              "warped back onto the image, so masks and pixel metrics are in the image's own frame")
+        if align.region == "part":
+            base["protocol"] += ("; map and image score kept on the part's envelope (data.align_region=part): "
+                                 "positions off it hold the map's minimum")
     per_category: dict[str, dict[str, Any]] = {}
     preds: dict[str, Predictions] = {}
     parts = dataset_parts(data, "test")
