@@ -69,6 +69,17 @@ def region_max(m: torch.Tensor, region: torch.Tensor) -> np.ndarray:
     return torch.where(region.flatten(1).any(1), inside, m.flatten(1).amax(1)).numpy()
 
 
+def summary(row: dict[str, Any]) -> dict[str, float]:
+    """The shipped paths' headline numbers as flat columns (docs/benchmarks.md's table)."""
+    out = {}
+    for region in ("frame", "part"):
+        m = row[f"data.align_region={region}"]
+        for half in ("selection", "report"):
+            out[f"{region}: image AUROC, {half}"] = m[half]["image_auroc"]
+        out[f"{region}: AU-PRO, report"] = m["report"]["au_pro"]
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     add_cell_args(ap)
@@ -117,6 +128,7 @@ def main() -> None:
                                                                 ("report", rep))}
         print(region, json.dumps(row[f"data.align_region={region}"]), flush=True)
     row["envelope"] = {"share": ENVELOPE_SHARE, "sample": ENVELOPE_SAMPLE, "text": on_part.align_envelope}
+    row.update(summary(row))
     _common.append_run(args.out, "which region of the aligned map should give the image score", row)
 
 
