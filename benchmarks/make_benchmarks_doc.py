@@ -381,7 +381,10 @@ def main() -> None:
                      "(`_common.PRESET_CELLS`); '–' where the study has no such run yet. Presets with "
                      "`data.align: auto` align the generated screws, and only those (docs/align.md): their screws "
                      "column is the aligned run (zoom 1.25; 1.5 for `stfpm_cpu` and `rdpp_cpu`), the last column "
-                     "the same preset with `data.align=none`.\n\n" + preset_grid(runs, "report")
+                     "the same preset with `data.align=none`. Since session 30 `rd_cpu`, `cfrg_cpu` and `dskd_cpu` "
+                     "score aligned parts on the part's envelope (`data.align_region: part`); their screws column is "
+                     "still the whole-frame score (docs/quality.md, \"Session 30\", has both).\n\n"
+                     + preset_grid(runs, "report")
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")
     parts += [generic(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files
