@@ -256,7 +256,8 @@ def aligned_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tests.fakes import tiny_run
 
     return tiny_run(tmp_path_factory.mktemp("align"), "rd_cpu", 8, 2,
-                    ["data.align=axis", "data.align_zoom=1.25", "data.align_fill=0", "train.max_iters=2",
+                    ["data.align=axis", "data.align_zoom=1.25", "data.align_fill=0", "data.align_region=frame",
+                     "train.max_iters=2",
                      "train.epochs=1", "train.gate=true"])
 
 
