@@ -338,3 +338,12 @@ def preset_grid(runs: list[dict[str, Any]], half: str = "report") -> str:
         cols.append(cell(seeds(unaligned, "screws")) if preset in ALIGNED_CELLS else "(same)")
         lines.append(f"| `{preset}` | " + " | ".join(cols) + " |")
     return "\n".join(lines)
+
+
+def grow(mask: Any, px: int) -> Any:
+    """(B, H, W) bool tensors dilated (px > 0) or eroded (px < 0) by a square of half-side |px|."""
+    import torch.nn.functional as F
+
+    if px < 0:
+        return ~grow(~mask, -px)
+    return mask if px == 0 else F.max_pool2d(mask.float()[:, None], 2 * px + 1, 1, px)[:, 0] > 0

@@ -19,7 +19,7 @@ import _common
 import numpy as np
 import torch
 import torch.nn.functional as F
-from quality import add_cell_args, fitted_cell
+from quality import add_cell_args, fitted_aligned_cell
 from sklearn.metrics import roc_auc_score
 
 from kdad.align import AlignSpec, align_images, foreground
@@ -43,7 +43,7 @@ def scores(model: Any, ds: Any, spec: AlignSpec, batch: int = 16) -> dict[str, n
         inside = (grid.abs() <= 1).all(-1)
         well = (grid.abs() <= 1 - 2 * MARGIN_PX / size).all(-1)
         low = m.amin((1, 2), keepdim=True)
-        part = F.max_pool2d(foreground(aligned).float()[:, None], 2 * MARGIN_PX + 1, 1, MARGIN_PX)[:, 0] > 0
+        part = _common.grow(foreground(aligned), MARGIN_PX)
         out["on the part"] += torch.where(part, m, low).flatten(1).amax(1).tolist()
         out["max on the part"] += part.flatten(1).gather(1, m.flatten(1).argmax(1)[:, None])[:, 0].tolist()
         out["max"] += m.flatten(1).amax(1).tolist()
@@ -58,10 +58,7 @@ def main() -> None:
     add_cell_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    name, preset, overrides, model, cfg = fitted_cell(args)
-    spec = AlignSpec.from_data(cfg.data)
-    if spec is None:
-        raise SystemExit(f"{args.run}: data.align={cfg.data.align}; this check is for aligned models")
+    name, preset, overrides, model, cfg, spec = fitted_aligned_cell(args)
     test = build_dataset(cfg.data, "test")
     labels = np.array([s.label for s in test.samples])
     sel, rep = _common.halves(test)

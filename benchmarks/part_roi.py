@@ -25,8 +25,7 @@ from typing import Any
 import _common
 import numpy as np
 import torch
-import torch.nn.functional as F
-from quality import KEYS, add_cell_args, fitted_cell
+from quality import KEYS, add_cell_args, fitted_aligned_cell
 from sklearn.metrics import roc_auc_score
 
 from kdad.align import ENVELOPE_SAMPLE, ENVELOPE_SHARE, AlignedModel, AlignSpec, align_images, foreground, resolve_auto
@@ -36,13 +35,6 @@ from kdad.prediction_metrics import select
 
 MARGINS = (-4, 0, 4, 8, 16)  # px in the model's input; < 0 shrinks
 SHARES = (0.1, 0.5)
-
-
-def grow(mask: torch.Tensor, px: int) -> torch.Tensor:
-    """(B, H, W) bool masks dilated (px > 0) or eroded (px < 0) by a square of half-side |px|."""
-    if px < 0:
-        return ~grow(~mask, -px)
-    return mask if px == 0 else F.max_pool2d(mask.float()[:, None], 2 * px + 1, 1, px)[:, 0] > 0
 
 
 @torch.inference_mode()
@@ -85,10 +77,7 @@ def main() -> None:
     add_cell_args(ap)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    name, preset, overrides, model, cfg = fitted_cell(args)
-    spec = AlignSpec.from_data(cfg.data)
-    if spec is None:
-        raise SystemExit(f"{args.run}: data.align={cfg.data.align}; this check is for aligned models")
+    name, preset, overrides, model, cfg, spec = fitted_aligned_cell(args)
     _, train_parts = aligned_parts(build_dataset(cfg.data, "train"), spec)
     share = train_parts.float().mean(0)
     test = build_dataset(cfg.data, "test")
@@ -98,9 +87,9 @@ def main() -> None:
     m = maps_of(model, images)
     regions: dict[str, torch.Tensor] = {"map": torch.ones_like(parts)}
     for px in MARGINS:
-        regions[f"part +{px}"] = grow(parts, px)
+        regions[f"part +{px}"] = _common.grow(parts, px)
         for q in SHARES:
-            regions[f"envelope {q} +{px}"] = grow((share >= q)[None], px).expand_as(parts)
+            regions[f"envelope {q} +{px}"] = _common.grow((share >= q)[None], px).expand_as(parts)
     sel, rep = _common.halves(test)
     good = labels == 0
     row: dict[str, Any] = {"cell": name, "preset": preset, "overrides": overrides, "category": args.category,

@@ -90,6 +90,16 @@ def fitted_cell(args: argparse.Namespace) -> tuple[str, str, list[str], torch.nn
     return name, preset, overrides, model.eval(), cfg
 
 
+def fitted_aligned_cell(args: argparse.Namespace) -> tuple[str, str, list[str], torch.nn.Module, Any, AlignSpec]:
+    """:func:`fitted_cell` plus the model's AlignSpec, for checks of aligned models; exits naming --run when the
+    model is not aligned."""
+    name, preset, overrides, model, cfg = fitted_cell(args)
+    spec = AlignSpec.from_data(cfg.data)
+    if spec is None:
+        raise SystemExit(f"{args.run}: data.align={cfg.data.align}; this check is for aligned models")
+    return name, preset, overrides, model, cfg, spec
+
+
 def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: int, work: Path) -> dict[str, Any]:
     run = fit(cell_config(preset, overrides, category, seed), work / f"{name}_{category}_{seed}")
     bundle = load_bundle(run / "model.ckpt")

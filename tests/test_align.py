@@ -214,24 +214,55 @@ def test_the_part_region_scores_model_and_runner_alike_and_ignores_the_dust() ->
     assert AlignSpec.from_dict({"zoom": 1.2}) == frame  # metadata written before data.align_region
 
 
+def test_crossfit_scores_with_the_part_region() -> None:
+    from torch.utils.data import Dataset
+
+    from kdad.train import crossfit_scores
+
+    x = torch.stack([part(a, seed=i) for i, a in enumerate((20, 110, 200, 290))])
+
+    class Normals(Dataset):  # type: ignore[type-arg]
+        def __len__(self) -> int:
+            return len(x)
+
+        def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+            return {"image": x[i], "label": 0, "mask": torch.zeros(1, 128, 128), "path": f"{i}.png",
+                    "defect_type": "good"}
+
+    env = part_envelope(x, AlignSpec(1.0))
+    def no_stats(*_: object) -> None:
+        return None
+
+    whole, _ = crossfit_scores(no_stats, Dusty(), Normals(), torch.device("cpu"), 2, 0)
+    kept, maps = crossfit_scores(no_stats, Dusty(), Normals(), torch.device("cpu"), 2, 0,
+                                 PartRegionModel(Dusty(), env))
+    assert np.allclose(whole, 5.0) and (kept < 1).all() and maps.max() < 1
+
+
 def test_fit_measures_the_envelope_and_calibrates_on_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import kdad.train
     from kdad.config import load_config
     from tests.fakes import tiny_run
 
-    seen: list[torch.nn.Module] = []
-    real = kdad.train.thresholds_from_normals
+    seen: dict[str, object] = {}
+    real_thresholds, real_crossfit = kdad.train.thresholds_from_normals, kdad.train.crossfit_scores
 
-    def spy(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
-        seen.append(model)
-        return real(model, *args, **kwargs)  # type: ignore[arg-type]
+    def thresholds(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        seen["thresholds"] = model
+        return real_thresholds(model, *args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(kdad.train, "thresholds_from_normals", spy)
+    def crossfit(*args: object) -> object:
+        seen["crossfit"] = args[-1]  # `scored`, what scores each half
+        return real_crossfit(*args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(kdad.train, "thresholds_from_normals", thresholds)
+    monkeypatch.setattr(kdad.train, "crossfit_scores", crossfit)
     with pytest.raises(ConfigError, match="resolved by kdad fit"):
         AlignSpec.from_data(load_config(None, None, ["data.align=axis", "data.align_region=part"]).data)
+    # rd_cpu divides by the held-out normals' mean map, so with 4 of them fit cross-fits their scores too
     run = tiny_run(tmp_path, "rd_cpu", 8, 1, ["data.align=axis", "data.align_fill=0", "data.align_region=part",
-                                                "train.max_iters=1", "train.epochs=1"])
-    assert len(seen) == 1 and isinstance(seen[0], PartRegionModel)
+                                                "train.max_iters=1", "train.epochs=1", "train.val_fraction=0.5"])
+    assert isinstance(seen["thresholds"], PartRegionModel) and isinstance(seen["crossfit"], PartRegionModel)
     from kdad.deploy.runner import make_runner
 
     env = decode_mask(load_config(None, [str(run / "config.yaml")], []).data.align_envelope)
@@ -421,8 +452,10 @@ def test_auto_is_resolved_by_fit_from_the_training_images(tmp_path: Path, capsys
     assert main(["fit", "--preset", "rd_cpu", "--data", str(turned), "--out", str(run),
                  *(a for o in [*TINY_RUN, "data.align=auto", "train.max_iters=1", "train.epochs=1"]
                    for a in ("--set", o))]) == 0
-    assert "data.align=auto chose axis" in capsys.readouterr().out
+    out = capsys.readouterr().out  # rd_cpu scores on the part (data.align_region: part)
+    assert "data.align=auto chose axis" in out and "scored on the part's envelope" in out
     assert read_yaml(run / "config.yaml")["data"]["align"] == "axis"
+    assert read_yaml(run / "config.yaml")["data"]["align_envelope"].startswith("64x64:")
     info = load_bundle(run / "model.ckpt")["train_info"]["align_auto"]
     assert info["chose"] == "axis" and info["images"] == 10 and info["elongation"] > 2  # the whole train split
     for root, more, want in ((same, [], "none"), (turned, ["data.tiling=true"], "none")):

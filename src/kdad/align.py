@@ -23,9 +23,12 @@ Fit trains and calibrates on aligned images (:class:`AlignedImages`, the model u
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import functools
 import math
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -123,9 +126,6 @@ def _envelope_due(data: DataConfig) -> bool:
 def encode_mask(mask: Tensor) -> str:
     """A bool mask (H, W) as short text for config.yaml and ONNX metadata: "HxW:" and the base64 of its zlib'd
     packed bits (a part's envelope at 256 px: a few hundred characters)."""
-    import base64
-    import zlib
-
     h, w = mask.shape
     bits = np.packbits(mask.cpu().numpy().astype(bool).ravel())
     return f"{h}x{w}:" + base64.b64encode(zlib.compress(bits.tobytes(), 9)).decode("ascii")
@@ -134,10 +134,6 @@ def encode_mask(mask: Tensor) -> str:
 @functools.lru_cache(maxsize=8)  # every batch asks for it; the tensor is read, never written
 def decode_mask(text: str) -> Tensor:
     """Inverse of :func:`encode_mask`; a ConfigError naming data.align_envelope when the text is not one."""
-    import base64
-    import binascii
-    import zlib
-
     try:
         size, _, body = text.partition(":")
         h, w = (int(v) for v in size.split("x"))
