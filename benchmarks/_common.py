@@ -340,6 +340,31 @@ def preset_grid(runs: list[dict[str, Any]], half: str = "report") -> str:
     return "\n".join(lines)
 
 
+REGION_CATEGORIES = ("screws", "screws_lit")  # part_roi.json's report sets; screws_dusty is its selection set
+
+
+def region_grid(rows: list[dict[str, Any]]) -> str:
+    """Markdown table from part_roi.json's rows: each preset's image AUROC with the max over the whole aligned frame
+    and over the part's envelope (data.align_region), the same fitted models; report half of the report sets,
+    mean ± sample std (seeds), and every test image of the selection set screws_dusty."""
+    def pair(sel: list[dict[str, Any]], half: str) -> str:
+        if not sel:
+            return "–"
+        a = [np.asarray([r[f"data.align_region={g}"][half]["image_auroc"] for r in sel], float)
+             for g in ("frame", "part")]
+        spread = [f" ± {x.std(ddof=1):.3f}" if len(x) > 1 else "" for x in a]
+        return f"{a[0].mean():.3f}{spread[0]} → **{a[1].mean():.3f}{spread[1]}** ({len(sel)})"
+
+    presets = sorted({r["preset"] for r in rows})
+    lines = ["| preset | " + " | ".join(f"{c}, report half" for c in REGION_CATEGORIES)
+             + " | screws_dusty (selection set), every image |", "|---|" + "---|" * (len(REGION_CATEGORIES) + 1)]
+    for p in presets:
+        cols = [pair([r for r in rows if r["preset"] == p and r["category"] == c], "report") for c in REGION_CATEGORIES]
+        cols.append(pair([r for r in rows if r["preset"] == p and r["category"] == "screws_dusty"], "all"))
+        lines.append(f"| `{p}` | " + " | ".join(cols) + " |")
+    return "\n".join(lines)
+
+
 def grow(mask: Any, px: int) -> Any:
     """(B, H, W) bool tensors dilated (px > 0) or eroded (px < 0) by a square of half-side |px|."""
     import torch.nn.functional as F

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from _common import RESULTS, ROOT, preset_grid, quality_files, quality_runs, quality_table
+from _common import RESULTS, ROOT, preset_grid, quality_files, quality_runs, quality_table, region_grid
 
 HEADER = """# Benchmarks
 
@@ -362,6 +362,19 @@ def targets(files: list[Path]) -> str:
                      "best fp32", "best fp32 variant", "met"], rows))
 
 
+def region_section() -> str:
+    """The aligned presets' image score on the whole frame and on the part's envelope (part_roi.json)."""
+    path = RESULTS / "part_roi.json"
+    if not path.is_file():
+        return ""
+    return ("\n\n### Aligned parts: the image score on the whole frame → on the part's envelope\n\n"
+            "Image AUROC of the same fitted models with the max over the whole aligned frame and over the part's "
+            "envelope (`data.align_region`; `benchmarks/part_roi.py`, the shipped code path), mean ± sample std "
+            "(seeds). `screws_dusty` chose the region (docs/align.md, \"Dust on the backdrop\"); the other two "
+            "sets report it. The presets listed ship with `align_region: part`, except where docs/quality.md "
+            "(\"Session 31\") says otherwise.\n\n" + region_grid(json.loads(path.read_text())["runs"]))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=str(ROOT / "docs" / "benchmarks.md"))
@@ -381,10 +394,10 @@ def main() -> None:
                      "(`_common.PRESET_CELLS`); '–' where the study has no such run yet. Presets with "
                      "`data.align: auto` align the generated screws, and only those (docs/align.md): their screws "
                      "column is the aligned run (zoom 1.25; 1.5 for `stfpm_cpu` and `rdpp_cpu`), the last column "
-                     "the same preset with `data.align=none`. Since session 30 `rd_cpu`, `cfrg_cpu` and `dskd_cpu` "
-                     "score aligned parts on the part's envelope (`data.align_region: part`); their screws column is "
-                     "still the whole-frame score (docs/quality.md, \"Session 30\", has both).\n\n"
-                     + preset_grid(runs, "report")
+                     "the same preset with `data.align=none`. The screws column is the whole aligned frame's score; the "
+                     "presets that score aligned parts on the part's envelope (`data.align_region: part`, since "
+                     "sessions 30-31) are in the next table.\n\n"
+                     + preset_grid(runs, "report") + region_section()
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")
     parts += [generic(str(f.relative_to(RESULTS)), json.loads(f.read_text())) for f in files

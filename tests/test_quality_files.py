@@ -63,3 +63,19 @@ def test_the_first_merge_of_a_fresh_study_writes_quality_json(tmp_path: Path, mo
     quality_merge.main()
     assert [f.name for f in _common.quality_files()] == ["quality.json"]
     assert [r["cell"] for r in _common.quality_runs()] == ["a"]
+
+
+def test_region_grid_pairs_frame_and_part_per_preset_and_set() -> None:
+    """docs/benchmarks.md's aligned-parts table: the same models' whole-frame and envelope scores, mean ± sample std
+    over seeds on the report sets' report half, and every image of the selection set."""
+    def roi(preset: str, category: str, seed: int, frame: float, part: float) -> dict[str, object]:
+        return {"preset": preset, "category": category, "seed": seed,
+                "data.align_region=frame": {h: {"image_auroc": frame} for h in ("report", "all")},
+                "data.align_region=part": {h: {"image_auroc": part} for h in ("report", "all")}}
+
+    rows = [roi("b_cpu", "screws", 0, 0.5, 0.8), roi("b_cpu", "screws", 1, 0.7, 0.9),
+            roi("b_cpu", "screws_dusty", 0, 0.4, 0.6), roi("a_cpu", "screws_lit", 0, 0.6, 0.65)]
+    lines = _common.region_grid(rows).splitlines()
+    assert lines[0].startswith("| preset | screws, report half | screws_lit, report half | screws_dusty")
+    assert lines[2] == "| `a_cpu` | – | 0.600 → **0.650** (1) | – |"
+    assert lines[3] == "| `b_cpu` | 0.600 ± 0.141 → **0.850 ± 0.071** (2) | – | 0.400 → **0.600** (1) |"
