@@ -265,6 +265,12 @@ def quality_runs(files: list[str | Path] | None = None) -> list[dict[str, Any]]:
     return [r for f in (files or quality_files()) for r in json.loads(Path(f).read_text())["runs"]]
 
 
+def mean_std(vals: list[float]) -> str:
+    """"mean ± sample std" over seeds at 3 decimals; the value alone for one seed, "–" for none."""
+    a = np.asarray(vals, float)
+    return f"{a.mean():.3f} ± {a.std(ddof=1):.3f}" if len(a) > 1 else (f"{a.mean():.3f}" if len(a) else "–")
+
+
 def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
     """Markdown table of quality.json runs: mean ± sample std over seeds, per cell and category.
 
@@ -274,17 +280,13 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
     for r in runs:
         groups.setdefault((r["cell"], r["category"]), []).append(r)
 
-    def fmt(vals: list[float]) -> str:
-        a = np.asarray(vals, float)
-        return f"{a.mean():.3f} ± {a.std(ddof=1):.3f}" if len(a) > 1 else (f"{a.mean():.3f}" if len(a) else "–")
-
     lines = ["| cell | category | seeds | train min (1 core) | image AUROC | pixel AUROC | AU-PRO | good images flagged |",
              "|---|---|---|---|---|---|---|---|"]
     for (cell, cat), rows in sorted(groups.items()):
-        cols = [fmt([r[half]["image_auroc"] for r in rows])]
-        cols += [fmt([r.get("native", r)[half][k] for r in rows]) for k in ("pixel_auroc", "au_pro")]
-        flagged = fmt([r["good_images_flagged"]["rate"] for r in rows if r.get("good_images_flagged")])
-        lines.append(f"| {cell} | {cat} | {len(rows)} | {fmt([r['train_minutes'] for r in rows])} | "
+        cols = [mean_std([r[half]["image_auroc"] for r in rows])]
+        cols += [mean_std([r.get("native", r)[half][k] for r in rows]) for k in ("pixel_auroc", "au_pro")]
+        flagged = mean_std([r["good_images_flagged"]["rate"] for r in rows if r.get("good_images_flagged")])
+        lines.append(f"| {cell} | {cat} | {len(rows)} | {mean_std([r['train_minutes'] for r in rows])} | "
                      + " | ".join(cols) + f" | {flagged} |")
     return "\n".join(lines)
 
@@ -323,10 +325,7 @@ def preset_grid(runs: list[dict[str, Any]], half: str = "report") -> str:
         return list(by_seed.values())
 
     def cell(rows: list[dict[str, Any]]) -> str:
-        a = np.asarray([r[half]["image_auroc"] for r in rows], float)
-        if len(a) == 0:
-            return "–"
-        return (f"{a.mean():.3f} ± {a.std(ddof=1):.3f} ({len(a)})" if len(a) > 1 else f"{a.mean():.3f} (1)")
+        return f"{mean_std([r[half]['image_auroc'] for r in rows])} ({len(rows)})" if rows else "–"
 
     lines = ["| preset | " + " | ".join(GRID_CATEGORIES) + " | screws, `data.align=none` |",
              "|---|" + "---|" * (len(GRID_CATEGORIES) + 1)]
@@ -340,7 +339,8 @@ def preset_grid(runs: list[dict[str, Any]], half: str = "report") -> str:
     return "\n".join(lines)
 
 
-REGION_CATEGORIES = ("screws", "screws_lit")  # part_roi.json's report sets; screws_dusty is its selection set
+REGION_CATEGORIES = ("screws", "screws_lit")  # part_roi.json's report sets
+REGION_SELECTION = "screws_dusty"  # the set the region was chosen on
 
 
 def region_grid(rows: list[dict[str, Any]]) -> str:
@@ -348,19 +348,15 @@ def region_grid(rows: list[dict[str, Any]]) -> str:
     and over the part's envelope (data.align_region), the same fitted models; report half of the report sets,
     mean ± sample std (seeds), and every test image of the selection set screws_dusty."""
     def pair(sel: list[dict[str, Any]], half: str) -> str:
-        if not sel:
-            return "–"
-        a = [np.asarray([r[f"data.align_region={g}"][half]["image_auroc"] for r in sel], float)
-             for g in ("frame", "part")]
-        spread = [f" ± {x.std(ddof=1):.3f}" if len(x) > 1 else "" for x in a]
-        return f"{a[0].mean():.3f}{spread[0]} → **{a[1].mean():.3f}{spread[1]}** ({len(sel)})"
+        frame, part = (mean_std([r[f"data.align_region={g}"][half]["image_auroc"] for r in sel]) for g in ("frame", "part"))
+        return f"{frame} → **{part}** ({len(sel)})" if sel else "–"
 
     presets = sorted({r["preset"] for r in rows})
     lines = ["| preset | " + " | ".join(f"{c}, report half" for c in REGION_CATEGORIES)
-             + " | screws_dusty (selection set), every image |", "|---|" + "---|" * (len(REGION_CATEGORIES) + 1)]
+             + f" | {REGION_SELECTION} (selection set), every image |", "|---|" + "---|" * (len(REGION_CATEGORIES) + 1)]
     for p in presets:
         cols = [pair([r for r in rows if r["preset"] == p and r["category"] == c], "report") for c in REGION_CATEGORIES]
-        cols.append(pair([r for r in rows if r["preset"] == p and r["category"] == "screws_dusty"], "all"))
+        cols.append(pair([r for r in rows if r["preset"] == p and r["category"] == REGION_SELECTION], "all"))
         lines.append(f"| `{p}` | " + " | ".join(cols) + " |")
     return "\n".join(lines)
 
