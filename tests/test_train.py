@@ -357,10 +357,9 @@ def test_fit_runs_the_prepare_hook_before_training_and_calibrates(demo_root: Pat
 
 def test_a_memory_only_patchst_fits_with_no_training_epoch(demo_root: Path, tmp_path: Path) -> None:
     # model.fusion=memory with train.epochs=0: a nearest-neighbour detector through the same engine
-    # the patchst_memory_cpu preset is exactly patchst_cpu with those two overrides, and since session 31 the image
-    # score on an aligned part's envelope (patchst_cpu keeps the whole frame until its report-side runs)
+    # the patchst_memory_cpu preset is exactly patchst_cpu with those two overrides
     assert to_dict(load_config("patchst_memory_cpu")) == to_dict(
-        load_config("patchst_cpu", [], ["train.epochs=0", "model.fusion=memory", "data.align_region=part"]))
+        load_config("patchst_cpu", [], ["train.epochs=0", "model.fusion=memory"]))
     over = [f"data.root={demo_root}", "train.cpu_bf16=false", *TINY]
     run = fit(load_config("patchst_memory_cpu", [], over), tmp_path / "run")
     bundle = load_bundle(run)
