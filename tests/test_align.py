@@ -510,12 +510,15 @@ def test_align_fill_sets_the_zoom_from_the_longest_part(tmp_path: Path) -> None:
 
 
 def test_the_aligned_presets_score_on_the_part_as_chosen() -> None:
-    """Which presets take the image score on the part's envelope (docs/quality.md, sessions 30-32); bkd_cpu was not
-    measured on it yet and keeps the whole frame."""
-    from kdad.config import load_config
+    """Which presets take the image score on the part's envelope (docs/quality.md, sessions 30-33): every aligned
+    `*_cpu` preset; the paper presets keep the whole frame."""
+    from kdad.config import list_presets, load_config
 
     part = {"rd_cpu", "cfrg_cpu", "dskd_cpu", "stfpm_cpu", "rdpp_cpu", "snl_cpu", "patchst_memory_cpu", "patchst_cpu",
-            "urd_cpu"}
-    for preset in (*part, "bkd_cpu"):
+            "urd_cpu", "bkd_cpu", "rd_multiclass_cpu"}
+    assert {p for p in list_presets() if p.endswith("_cpu")} == part
+    for preset in part:
         data = load_config(preset).data
-        assert data.align == "auto" and data.align_region == ("part" if preset in part else "frame"), preset
+        assert data.align == "auto" and data.align_region == "part", preset
+    for preset in ("rd_paper", "bkd_paper"):
+        assert load_config(preset).data.align_region == "frame", preset
