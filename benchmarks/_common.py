@@ -280,13 +280,16 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
     for r in runs:
         groups.setdefault((r["cell"], r["category"]), []).append(r)
 
-    lines = ["| cell | category | seeds | train min (1 core) | image AUROC | pixel AUROC | AU-PRO | good images flagged |",
+    lines = ["| cell | category | seeds | train min (1 core unless marked) | image AUROC | pixel AUROC | AU-PRO | "
+             "good images flagged |",
              "|---|---|---|---|---|---|---|---|"]
     for (cell, cat), rows in sorted(groups.items()):
         cols = [mean_std([r[half]["image_auroc"] for r in rows])]
         cols += [mean_std([r.get("native", r)[half][k] for r in rows]) for k in ("pixel_auroc", "au_pro")]
         flagged = mean_std([r["good_images_flagged"]["rate"] for r in rows if r.get("good_images_flagged")])
-        lines.append(f"| {cell} | {cat} | {len(rows)} | {mean_std([r['train_minutes'] for r in rows])} | "
+        threads = sorted({r.get("threads", 1) for r in rows} - {1})  # the study runs one thread per run
+        marked = f" ({'/'.join(map(str, threads))} threads)" if threads else ""
+        lines.append(f"| {cell} | {cat} | {len(rows)} | {mean_std([r['train_minutes'] for r in rows])}{marked} | "
                      + " | ".join(cols) + f" | {flagged} |")
     return "\n".join(lines)
 
