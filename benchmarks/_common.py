@@ -287,7 +287,7 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
         cols = [mean_std([r[half]["image_auroc"] for r in rows])]
         cols += [mean_std([r.get("native", r)[half][k] for r in rows]) for k in ("pixel_auroc", "au_pro")]
         flagged = mean_std([r["good_images_flagged"]["rate"] for r in rows if r.get("good_images_flagged")])
-        threads = sorted({r.get("threads", 1) for r in rows} - {1})  # the study runs one thread per run
+        threads = sorted({r["threads"] for r in rows} - {1})  # the study runs one thread per run
         marked = f" ({'/'.join(map(str, threads))} threads)" if threads else ""
         lines.append(f"| {cell} | {cat} | {len(rows)} | {mean_std([r['train_minutes'] for r in rows])}{marked} | "
                      + " | ".join(cols) + f" | {flagged} |")

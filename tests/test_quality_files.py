@@ -79,3 +79,14 @@ def test_region_grid_pairs_frame_and_part_per_preset_and_set() -> None:
     assert lines[0].startswith("| preset | screws, report half | screws_lit, report half | screws_dusty")
     assert lines[2] == "| `a_cpu` | – | 0.600 → **0.650** (1) | – |"
     assert lines[3] == "| `b_cpu` | 0.600 ± 0.141 → **0.850 ± 0.071** (2) | – | 0.400 → **0.600** (1) |"
+
+
+def test_quality_table_marks_minutes_not_run_on_one_thread() -> None:
+    def row(cell: str, threads: int) -> dict[str, object]:
+        metrics = {"image_auroc": 0.9, "pixel_auroc": 0.8, "au_pro": 0.7}
+        return {"cell": cell, "category": "c", "seed": 0, "train_minutes": 15.4, "threads": threads, "report": metrics}
+
+    lines = _common.quality_table([row("one", 1), row("two", 2)]).splitlines()
+    by_cell = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
+    assert "15.400 (2 threads) |" in by_cell["two"]
+    assert "15.400 |" in by_cell["one"] and "threads" not in by_cell["one"]
