@@ -1,7 +1,7 @@
 """Whether bf16 autocast trains a preset faster than fp32 on this CPU: the presets that set train.cpu_bf16 were
 timed on CPUs where bf16 is 2-3x faster (AMX, or AVX-512 BF16 on an AMD EPYC); on other CPUs with AVX-512 BF16 it
-can be slower, and `--set train.cpu_bf16=false` is then the faster recipe (the study measured the two precisions
-level in quality, docs/quality.md).
+can be slower, and `--set train.cpu_bf16=false` is then the faster recipe (in quality the study found the two
+level for RD and PatchST, not for one SNL seed on magnetic_tile: docs/quality.md, "Session 34").
 
 For each preset: its training step as the engine runs it (threads_scaling.step_for: the preset's model, batch,
 channels_last + fused optimizer, fit's heap allocator) with train.cpu_bf16 true and false, timed at each thread count in
