@@ -154,6 +154,20 @@ def test_val_fraction_too_large_is_an_error(demo_root: Path, tmp_path: Path) -> 
         fit(cfg, tmp_path / "run")
 
 
+def test_fit_trains_on_the_configured_threads_and_restores_torchs_count(demo_root: Path, tmp_path: Path) -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        cfg = load_config("rd_cpu", [], [f"data.root={demo_root}", "train.epochs=1", "train.threads=1", *TINY])
+        run = fit(cfg, tmp_path / "run")
+        assert torch.get_num_threads() == 2  # the caller's count is back
+    finally:
+        torch.set_num_threads(before)
+    assert json.loads((run / "train_info.json").read_text())["cpu_threads"] == 1  # the run's count is recorded
+    with pytest.raises(ConfigError, match="train.threads=-1"):
+        load_config("rd_cpu", [], [f"data.root={demo_root}", "train.threads=-1", *TINY])
+
+
 def test_corrupt_checkpoint_names_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"not a checkpoint")

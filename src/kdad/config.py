@@ -81,6 +81,10 @@ class TrainConfig:
     # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
     amp_dtype: AmpDtype = "bf16"
     cpu_bf16: bool = False  # bf16 autocast on CPU (AVX-512-BF16: about 2x faster training, see docs/benchmarks.md)
+    # CPU threads of the run (torch.set_num_threads, restored afterwards); 0 = torch's default, every core. The
+    # thread count changes the rounding, so a seed trains to another model on another count (docs/quality.md,
+    # "Session 34"); 1 is how the quality study trains (docs/design.md, "Engine")
+    threads: int = 0
     channels_last: bool = True  # NHWC weights and batches (oneDNN / cuDNN NHWC kernels); same math
     fused_optimizer: bool = True  # fused Adam/AdamW/SGD kernels where torch has them; same update rule
     compile: bool = False  # torch.compile each top-level submodule; pays 20-60 s of compile time first
@@ -229,6 +233,8 @@ def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     from kdad.tiling import TileSpec
 
     cfg: RunConfig = from_dict(RunConfig, _drop_removed_keys(data), where)
+    if cfg.train.threads < 0:
+        raise ConfigError(f"{where}: train.threads={cfg.train.threads} must be >= 0 (0: torch's default, every core)")
     TileSpec.from_data(cfg.data)  # range checks of the data.tile* keys
     AlignSpec.from_data(cfg.data, allow_auto=True)  # data.align* keys, and what they exclude
     spec = get_method(cfg.method)

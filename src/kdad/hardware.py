@@ -1,4 +1,5 @@
-"""What this machine offers: hardware bf16 on the CPU, and glibc's allocator (heap lever, heap release)."""
+"""What this machine offers: hardware bf16 on the CPU, its threads for a run, and glibc's allocator (heap lever, heap
+release)."""
 
 from __future__ import annotations
 
@@ -33,6 +34,23 @@ def warn_if_slow_cpu_bf16(what: str) -> None:
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
+
+
+@contextlib.contextmanager
+def cpu_threads(n: int) -> Iterator[int]:
+    """torch's intra-op CPU threads set to `n` inside the block and restored after it; n = 0 leaves torch's
+    count (every core by default). Yields the count in force. A run's rounding, and so its trained model,
+    depends on this count (docs/design.md, "Engine")."""
+    import torch
+
+    before = torch.get_num_threads()
+    if n > 0:
+        torch.set_num_threads(n)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        if n > 0:
+            torch.set_num_threads(before)
 
 
 def _glibc() -> Any:

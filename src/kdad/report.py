@@ -435,6 +435,7 @@ def _defect_table(pred: Predictions, image_threshold: float | None) -> str:
 TRAIN_FACTS: tuple[tuple[str, str], ...] = (
     ("train_seconds", "training time (s)"), ("train_images_per_s", "training images/s"),
     ("iters", "training steps"), ("selected_epoch", "weights from epoch"), ("device", "trained on"),
+    ("cpu_threads", "CPU threads"),
 )
 _QUANTILE_SOURCE = re.compile(r"normal-image quantiles \(([\d.]+), ([\d.]+)\) over (\d+) images")
 

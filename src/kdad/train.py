@@ -27,6 +27,7 @@ from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
+from kdad.hardware import cpu_threads
 from kdad.methods import get_method
 from kdad.methods.base import runs_calibration, uses_textures
 from kdad.seed import resolve_device, seed_everything
@@ -189,7 +190,7 @@ RESUMABLE_KEYS = frozenset({
     "train.channels_last", "train.fused_optimizer", "train.compile", "train.heap_allocator", "train.cuda_graph",
     "train.val_every", "train.ckpt_every", "train.threshold_quantile", "train.pixel_threshold_quantile",
     "train.image_threshold_rule", "train.alpha", "train.gate", "train.gate_alpha", "train.gate_margin",
-    "train.eval_batch_size", "train.progress", "data.num_workers",
+    "train.eval_batch_size", "train.progress", "train.threads", "data.num_workers",
 })
 """Config keys `--resume` lets change: the budget, the device and speed levers, bookkeeping. Everything else
 (method, model architecture and optimizer settings, data, seed, split, batch size, selection) must match."""
@@ -312,7 +313,14 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
     method's `prepare` hook are then the ones in that state, and the optimizers start fresh.
     extra_normals: more normal images added to the training set only (not to the held-out calibration normals;
     items as the training set's, e.g. tagged with the category).
+    Runs on train.threads CPU threads (0: torch's count) and restores torch's count afterwards.
     """
+    with cpu_threads(cfg.train.threads):
+        return _fit(cfg, run_dir, resume, start=start, extra_normals=extra_normals)
+
+
+def _fit(cfg: RunConfig, run_dir: Path | str, resume: bool, *, start: dict[str, torch.Tensor] | None,
+         extra_normals: Dataset | None) -> Path:
     run_dir = Path(run_dir)
     spec = get_method(cfg.method)
     mcfg = method_config(cfg)
@@ -502,7 +510,7 @@ def fit(cfg: RunConfig, run_dir: str | Path, resume: bool = False, *,
         info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
                 "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
-                "device": str(device), "world_size": world_size, **levers}
+                "device": str(device), "cpu_threads": torch.get_num_threads(), "world_size": world_size, **levers}
         if notes:
             info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
