@@ -37,20 +37,21 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
 
 
 @contextlib.contextmanager
-def cpu_threads(n: int) -> Iterator[int]:
+def cpu_threads(n: int) -> Iterator[None]:
     """torch's intra-op CPU threads set to `n` inside the block and restored after it; n = 0 leaves torch's
-    count (every core by default). Yields the count in force. A run's rounding, and so its trained model,
-    depends on this count (docs/design.md, "Engine")."""
+    count (every core by default). A run's rounding, and so its trained model, depends on this count
+    (docs/design.md, "Engine")."""
     import torch
 
+    if n <= 0:
+        yield
+        return
     before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
+    torch.set_num_threads(n)
     try:
-        yield torch.get_num_threads()
+        yield
     finally:
-        if n > 0:
-            torch.set_num_threads(before)
+        torch.set_num_threads(before)
 
 
 def _glibc() -> Any:
