@@ -168,6 +168,22 @@ def test_fit_trains_on_the_configured_threads_and_restores_torchs_count(demo_roo
         load_config("rd_cpu", [], [f"data.root={demo_root}", "train.threads=-1", *TINY])
 
 
+def test_cpu_threads_zero_keeps_torchs_count_and_a_failing_block_restores_it() -> None:
+    from kdad.hardware import cpu_threads
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        with cpu_threads(0):
+            assert torch.get_num_threads() == 2  # 0 (the default) leaves the caller's count alone
+        with pytest.raises(RuntimeError, match="boom"), cpu_threads(1):
+            assert torch.get_num_threads() == 1
+            raise RuntimeError("boom")
+        assert torch.get_num_threads() == 2  # restored although the block failed
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_corrupt_checkpoint_names_file(tmp_path: Path) -> None:
     bad = tmp_path / "model.ckpt"
     bad.write_bytes(b"not a checkpoint")
