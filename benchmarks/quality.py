@@ -102,6 +102,12 @@ def fitted_aligned_cell(args: argparse.Namespace) -> tuple[str, str, list[str], 
 
 def run_cell(name: str, preset: str, overrides: list[str], category: str, seed: int, work: Path) -> dict[str, Any]:
     run = fit(cell_config(preset, overrides, category, seed), work / f"{name}_{category}_{seed}")
+    return cell_row(name, preset, overrides, category, seed, run)
+
+
+def cell_row(name: str, preset: str, overrides: list[str], category: str, seed: int, run: Path) -> dict[str, Any]:
+    """The study's row for the fitted run folder `run` of a cell: metrics on both halves, by defect type, the
+    operating point."""
     bundle = load_bundle(run / "model.ckpt")
     model, cfg = model_from_bundle(bundle)
     test = tiled_dataset(build_dataset(cfg.data, "test"), cfg.data)  # full-size images when data.tiling is on
