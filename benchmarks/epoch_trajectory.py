@@ -43,7 +43,7 @@ def main() -> None:
         print({"epochs": epochs, **{h: round(row[h]["image_auroc"], 4) for h in ("selection", "report")}}, flush=True)
         _common.append_run(args.out, "a cell's model along its schedule: the study's row after each stage of one "
                            "seed's training (resumed bit-identically from stage to stage)",
-                           {**row, "threads": args.threads, "machine": _common.metadata(threads=args.threads)})
+                           {**row, **_common.metadata(threads=args.threads)})  # flat, as quality.py's rows
 
 
 if __name__ == "__main__":
