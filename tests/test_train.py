@@ -25,6 +25,7 @@ from kdad.train import (
     autocast_dtype,
     check_precision,
     fit,
+    lr_factor,
     train_val_datasets,
 )
 
@@ -94,6 +95,50 @@ def test_augmented_training_changes_the_weights_and_resumes_bit_identically(demo
     with pytest.raises(ConfigError, match="train.augment"):
         fit(load_config("rd_cpu", [], over + ["train.augment=[shear]"]), tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
+
+
+def test_lr_factor_is_flat_then_a_half_cosine_that_ends_above_zero() -> None:
+    assert [lr_factor(e, 10, 1.0) for e in range(10)] == [1.0] * 10
+    f = [lr_factor(e, 10, 0.8) for e in range(10)]
+    assert f[:8] == [1.0] * 8 and 1.0 > f[8] > f[9] > 0.0
+    assert f[8] == pytest.approx(0.75) and f[9] == pytest.approx(0.25)  # cos(pi/3), cos(2 pi/3) on 3 steps
+    g = [lr_factor(e, 5, 0.0) for e in range(5)]
+    assert all(a > b for a, b in zip(g, g[1:])) and g[0] < 1.0
+
+
+def test_lr_decay_changes_training_and_resumes_a_crashed_run_bit_identically(
+        demo_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The rate is a function of the epoch, so a run killed inside the decay and resumed ends on the weights
+    and optimizer rates of one that was not."""
+    import kdad.train as train_mod
+
+    over = [f"data.root={demo_root}", *TINY, "train.val_fraction=0", "train.epochs=3"]
+    decay = over + ["train.lr_decay_from=0.34"]  # epoch 0 at the full rate, epochs 1-2 decayed
+    flat = load_bundle(fit(load_config("rd_cpu", [], over), tmp_path / "flat") / "last.ckpt")
+    full = load_bundle(fit(load_config("rd_cpu", [], decay), tmp_path / "full") / "last.ckpt")
+    assert any(not torch.equal(flat["model"][k], full["model"][k]) for k in flat["model"])
+    lr0 = load_config("rd_cpu", [], over).model["lr"]
+    groups = full["train_state"]["optimizers"]["student"]["param_groups"]
+    assert all(g["lr"] == pytest.approx(lr0 * lr_factor(2, 3, 0.34)) and g["base_lr"] == lr0 for g in groups)
+    assert flat["train_state"]["optimizers"]["student"]["param_groups"][0]["lr"] == lr0
+
+    real = train_mod.lr_factor
+
+    def crash_at_epoch_2(epoch: int, total: int, decay_from: float) -> float:
+        if epoch == 2:
+            raise RuntimeError("killed")
+        return real(epoch, total, decay_from)
+
+    monkeypatch.setattr(train_mod, "lr_factor", crash_at_epoch_2)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(load_config("rd_cpu", [], decay), tmp_path / "part")
+    monkeypatch.setattr(train_mod, "lr_factor", real)
+    part = load_bundle(fit(load_config("rd_cpu", [], decay), tmp_path / "part", resume=True) / "last.ckpt")
+    for k in full["model"]:
+        assert torch.equal(full["model"][k], part["model"][k]), k
+    assert part["train_state"]["optimizers"]["student"]["param_groups"] == groups
+    with pytest.raises(ConfigError, match="train.lr_decay_from"):
+        load_config("rd_cpu", [], over + ["train.lr_decay_from=1.5"])
 
 
 def test_resume_refuses_a_changed_contract_before_writing(demo_root: Path, tmp_path: Path,
@@ -212,6 +257,9 @@ def test_cuda_graph_option_is_refused_where_it_cannot_work(demo_root: Path, tmp_
     with pytest.raises(ConfigError, match="single-GPU"):
         _check_cuda_graph(tc, get_method("rd"), cuda, True)
     _check_cuda_graph(tc, get_method("stfpm"), cuda, False)
+    with pytest.raises(ConfigError, match="lr_decay_from"):
+        _check_cuda_graph(load_config("rd_cpu", [], [f"data.root={demo_root}", "train.lr_decay_from=0.8"]).train,
+                          get_method("rd"), cuda, False)
 
 
 def test_step_logs_are_read_once_per_epoch() -> None:

@@ -122,6 +122,10 @@ class TrainConfig:
     pixel_min_area: int = 16
     eval_batch_size: int = 16
     progress: bool = True
+    # the fraction of the epochs after which every optimizer's learning rate falls along a half cosine to near 0
+    # at the last epoch (kdad.train.lr_factor); 1.0 = constant, as the official codes train. A schedule over
+    # train.epochs (or the epochs train.max_iters allows), not over train.max_seconds
+    lr_decay_from: float = 1.0
     # flips / rotations of the normal training batches, drawn per image (kdad.augment; docs/design.md):
     # for products seen at any orientation; off by default (on an aligned product a turned part is a defect)
     augment: list[str] = field(default_factory=list)
@@ -235,6 +239,9 @@ def build_config(data: dict[str, Any], where: str = "config") -> RunConfig:
     cfg: RunConfig = from_dict(RunConfig, _drop_removed_keys(data), where)
     if cfg.train.threads < 0:
         raise ConfigError(f"{where}: train.threads={cfg.train.threads} must be >= 0 (0: torch's default, every core)")
+    if not 0.0 <= cfg.train.lr_decay_from <= 1.0:
+        raise ConfigError(f"{where}: train.lr_decay_from={cfg.train.lr_decay_from} must be in [0, 1] "
+                          "(the fraction of the epochs trained at the full learning rate; 1 = no decay)")
     TileSpec.from_data(cfg.data)  # range checks of the data.tile* keys
     AlignSpec.from_data(cfg.data, allow_auto=True)  # data.align* keys, and what they exclude
     spec = get_method(cfg.method)

@@ -135,10 +135,35 @@ def _autocast(device: torch.device, tc: Any) -> contextlib.AbstractContextManage
     return contextlib.nullcontext()
 
 
+def lr_factor(epoch: int, total_epochs: int, decay_from: float) -> float:
+    """The learning-rate factor of a (0-based) epoch under train.lr_decay_from: 1 for the first decay_from of the
+    epochs, then a half cosine that reaches 0 one epoch after the last, so the last epoch still learns a little.
+
+    A function of the epoch alone, so a resumed run gets the rates of an uninterrupted one with no scheduler state.
+    """
+    start = round(decay_from * total_epochs)
+    if epoch < start:
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (epoch - start + 1) / (total_epochs - start + 1)))
+
+
+def set_lr_factor(opts: dict[str, torch.optim.Optimizer], factor: float) -> None:
+    """Every param group's lr = its constructed lr x factor. The constructed lr is kept in the group
+    (`base_lr`), so it travels in the optimizer state of a checkpoint; `lr_factor` is left there for methods
+    that set their own rate each step (CFRG), which multiply it in."""
+    for opt in opts.values():
+        for group in opt.param_groups:
+            group.setdefault("base_lr", group["lr"])
+            group["lr"], group["lr_factor"] = group["base_lr"] * factor, factor
+
+
 def _check_cuda_graph(tc: Any, spec: Any, device: torch.device, distributed: bool) -> None:
     """train.cuda_graph's preconditions, each refused with the option's name."""
     if device.type != "cuda":
         raise ConfigError(f"train.cuda_graph=true needs a CUDA device, got {device}")
+    if tc.lr_decay_from < 1.0:  # a captured step keeps the learning rate it was captured with
+        raise ConfigError(f"train.cuda_graph=true cannot decay the learning rate (train.lr_decay_from="
+                          f"{tc.lr_decay_from}): pick one")
     if not spec.graph_safe:
         raise ConfigError(f"train.cuda_graph=true: method {spec.name!r} cannot be captured (its step syncs with the "
                           "host, changes shape or schedules its learning rate); graph-safe methods: rd, stfpm")
@@ -431,6 +456,8 @@ def _fit(cfg: RunConfig, run_dir: Path | str, resume: bool, *, start: dict[str, 
     with heap_allocator(device.type == "cpu" and tc.heap_allocator) as levers["heap_allocator"]:
         for epoch in range(start_epoch, total_epochs):
             loader_gen.manual_seed(tc.seed + epoch)
+            if tc.lr_decay_from < 1.0:
+                set_lr_factor(opts, lr_factor(epoch, total_epochs, tc.lr_decay_from))
             if isinstance(sampler, (DistributedSampler, dist_utils.ShardedWeightedSampler)):
                 sampler.set_epoch(epoch)
             model.train()

@@ -244,8 +244,8 @@ def train_step(
     model.count_pass(batch.get("path"))
     lr = scheduled_lr(model, cfg)
     opt = opts["cfrg"]
-    for group in opt.param_groups:
-        group["lr"] = lr
+    for group in opt.param_groups:  # times the engine's train.lr_decay_from factor, if any
+        group["lr"] = lr * group.get("lr_factor", 1.0)
     images = batch["image"]
     images_a, masks = _synthesize(batch, cfg, gen)
     teacher_normal = model.teacher_features(images)
