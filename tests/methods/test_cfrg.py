@@ -15,6 +15,7 @@ from kdad.blocks.unet import UNetHead
 from kdad.config import from_dict, load_config
 from kdad.errors import ConfigError
 from kdad.methods import cfrg
+from kdad.train import set_lr_factor
 
 TINY = {"backbone": "resnet18", "weights": "random"}
 
@@ -186,6 +187,9 @@ def test_lr_schedule_by_step() -> None:
     assert lrs == pytest.approx([5e-4, 2.5e-4, 1.25e-4])
     assert opts["cfrg"].param_groups[0]["lr"] == pytest.approx(1.25e-4)
     assert cfrg.Model(cfg).steps_done.item() == 0  # a new model (the next category) starts a fresh schedule
+    set_lr_factor(opts, 0.25)  # the engine's train.lr_decay_from factor composes with the method's milestones
+    assert cfrg.train_step(model, batch, opts, cfg, torch.Generator().manual_seed(3))["lr"] == pytest.approx(3.125e-5)
+    assert opts["cfrg"].param_groups[0]["lr"] == pytest.approx(3.125e-5)
 
 
 def test_presets_load() -> None:

@@ -244,8 +244,9 @@ def train_step(
     model.count_pass(batch.get("path"))
     lr = scheduled_lr(model, cfg)
     opt = opts["cfrg"]
-    for group in opt.param_groups:  # times the engine's train.lr_decay_from factor, if any
-        group["lr"] = lr * group.get("lr_factor", 1.0)
+    lr *= opt.param_groups[0].get("lr_factor", 1.0)  # the engine's train.lr_decay_from factor, if any
+    for group in opt.param_groups:
+        group["lr"] = lr
     images = batch["image"]
     images_a, masks = _synthesize(batch, cfg, gen)
     teacher_normal = model.teacher_features(images)
