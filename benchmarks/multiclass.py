@@ -96,8 +96,9 @@ def run_one(name: str, preset: str, extra: dict[str, Any], data: dict[str, Path]
         overrides += [f"data.root={data[one]}", *RD_PAPER_OVERRIDES]  # as rd_multiclass_cpu
     else:
         overrides.append("data.categories=[" + ", ".join(str(p) for p in data.values()) + "]")
-    if preset == "snl_cpu":  # the layers and precision docs/multiclass.md measured, as rd_multiclass_cpu
-        overrides += ["model.layers=[1,2,3]", "train.cpu_bf16=false"]  # (snl_cpu moved to 2-4, then to bf16)
+    if preset == "snl_cpu":  # the layers, precision and constant rate docs/multiclass.md measured
+        # (snl_cpu moved to layers 2-4, then to bf16, then to a decaying rate in session 38)
+        overrides += ["model.layers=[1,2,3]", "train.cpu_bf16=false", "train.lr_decay_from=1"]
     if "off" in extra:
         overrides.append(f"model.{extra['off']}=false")
     fit(load_config(preset, [], overrides), work / name)
