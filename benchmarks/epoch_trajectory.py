@@ -3,9 +3,11 @@ which continues the run bit-identically), the study's row (benchmarks/quality.py
 equals an uninterrupted run of that many epochs, so the trajectory ends on the study's own number.
 
 Asked for `snl_cpu` (docs/quality.md, "Session 37"): its seed 0 on two threads trains to a far weaker model than on
-one thread; does it fall late in the schedule (then fewer epochs would steady it) or early?
+one thread; does it fall late in the schedule (then fewer epochs would steady it) or early? Only for constant-rate
+cells: `snl_cpu` decays its rate since session 38 (`train.lr_decay_from`), so session 37's cell now needs
+`train.lr_decay_from=1`.
 
-Run: python benchmarks/epoch_trajectory.py --cell snl_cpu_2t=snl_cpu --category magnetic_tile --seed 0
+Run: python benchmarks/epoch_trajectory.py --cell snl_cpu_2t=snl_cpu:train.lr_decay_from=1 --category magnetic_tile --seed 0
          --epochs 20 40 60 80 100 --run /tmp/x --out F [--threads 2]
 """
 
@@ -35,6 +37,10 @@ def main() -> None:
         raise SystemExit(f"--epochs {args.epochs}: give increasing stages")
     torch.set_num_threads(args.threads)
     name, preset, overrides = parse_cell(args.cell)
+    decay = cell_config(preset, overrides, args.category, args.seed).train.lr_decay_from
+    if decay < 1.0:  # the decay sits at a fraction of each stage's epochs, so a stage is no uninterrupted run
+        raise SystemExit(f"--cell {args.cell}: train.lr_decay_from={decay} moves with train.epochs; add "
+                         "train.lr_decay_from=1 to the cell (a constant-rate trajectory)")
     run = Path(args.run)
     for i, epochs in enumerate(args.epochs):
         over = [*overrides, f"train.epochs={epochs}"]
