@@ -123,7 +123,7 @@ class TrainConfig:
     eval_batch_size: int = 16
     progress: bool = True
     # the fraction of the epochs after which every optimizer's learning rate falls along a half cosine to near 0
-    # at the last epoch (kdad.train.lr_factor); 1.0 = constant, as the official codes train. A schedule over
+    # at the last epoch (kdad.train.lr_factor); 1.0 = no decay (each method's own rate). A schedule over
     # train.epochs (or the epochs train.max_iters allows), not over train.max_seconds
     lr_decay_from: float = 1.0
     # flips / rotations of the normal training batches, drawn per image (kdad.augment; docs/design.md):
