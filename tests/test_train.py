@@ -112,24 +112,26 @@ def test_lr_decay_changes_training_and_resumes_a_crashed_run_bit_identically(
     and optimizer rates of one that was not."""
     import kdad.train as train_mod
 
-    over = [f"data.root={demo_root}", *TINY, "train.val_fraction=0", "train.epochs=2"]
-    decay = over + ["train.lr_decay_from=0.5"]  # epoch 0 at the full rate, epoch 1 at half of it
+    over = [f"data.root={demo_root}", *TINY, "train.val_fraction=0", "train.epochs=3"]
+    # epoch 0 at the full rate, epochs 1-2 at 0.75 and 0.25 of it: the crash below comes after a checkpoint
+    # whose rate is already decayed, so a resume that took that rate as the configured one would fail
+    decay = over + ["train.lr_decay_from=0.34"]
     flat = load_bundle(fit(load_config("rd_cpu", [], over), tmp_path / "flat") / "last.ckpt")
     full = load_bundle(fit(load_config("rd_cpu", [], decay), tmp_path / "full") / "last.ckpt")
     assert any(not torch.equal(flat["model"][k], full["model"][k]) for k in flat["model"])
     lr0 = load_config("rd_cpu", [], over).model["lr"]
     groups = full["train_state"]["optimizers"]["student"]["param_groups"]
-    assert all(g["lr"] == pytest.approx(lr0 * 0.5) and g["base_lr"] == lr0 for g in groups)
+    assert all(g["lr"] == pytest.approx(lr0 * 0.25) and g["base_lr"] == lr0 for g in groups)
     assert flat["train_state"]["optimizers"]["student"]["param_groups"][0]["lr"] == lr0
 
     real = train_mod.lr_factor
 
-    def crash_at_epoch_1(epoch: int, total: int, decay_from: float) -> float:
-        if epoch == 1:
+    def crash_at_epoch_2(epoch: int, total: int, decay_from: float) -> float:
+        if epoch == 2:
             raise RuntimeError("killed")
         return real(epoch, total, decay_from)
 
-    monkeypatch.setattr(train_mod, "lr_factor", crash_at_epoch_1)
+    monkeypatch.setattr(train_mod, "lr_factor", crash_at_epoch_2)
     with pytest.raises(RuntimeError, match="killed"):
         fit(load_config("rd_cpu", [], decay), tmp_path / "part")
     monkeypatch.setattr(train_mod, "lr_factor", real)
