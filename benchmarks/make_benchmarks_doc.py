@@ -47,6 +47,13 @@ gives; the scripts that compare against older numbers pin it (`_common.RD_PAPER_
 `quality.json` the 100-epoch rows are the cells `rd_mn_e100_bf16` and `snl_e100_bf16`, and the older `rd_cpu` and
 `snl_cpu` rows are the 12-epoch recipe.
 
+**`snl_cpu` (session 38, 2026-12-07) and `rd_cpu` (session 39, 2026-12-07) decay their learning rate** along a half
+cosine at the end of training (`train.lr_decay_from` 0.7 and 0.6), and `rd_cpu` trains 80 epochs instead of 100
+(`docs/quality.md`, "Session 38" and "Session 39"). Every file made before measured the constant rate, which
+`--set train.lr_decay_from=1` still gives (with `train.epochs=100` for `rd_cpu`'s sessions 26-38 recipe); the
+scripts that compare against older numbers pin it (`_common.RD_PAPER_OVERRIDES`, `multiclass.py`, `rd_bottle.py`).
+In `quality-2.json` the decaying rows are the cells `snl_decay70_*` and `rd_e80_dec60_*`.
+
 **`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
 (`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`
 measured the raw map, which `--set model.map_norm=none` still gives; in `quality.json` those rows are the cell
@@ -396,7 +403,11 @@ def main() -> None:
                      "column is the aligned run (zoom 1.25; 1.5 for `stfpm_cpu` and `rdpp_cpu`), the last column "
                      "the same preset with `data.align=none`. The screws column is the whole aligned frame's score; the "
                      "presets that score aligned parts on the part's envelope (`data.align_region: part`, since "
-                     "sessions 30-31) are in the next table.\n\n"
+                     "sessions 30-31) are in the next table. `rd_cpu`'s magnetic_tile column was trained on two "
+                     "threads (the others on one), and two entries lag their preset: `rd_cpu`'s screws column is its "
+                     "100-epoch constant-rate recipe of sessions 26-38 (the session-39 recipe ran on the screws on the "
+                     "part's envelope only, cell `rd_e80_dec60_1t`), and `snl_cpu`'s row is its constant-rate recipe "
+                     "(session 38's decaying rows: cells `snl_decay70_*`).\n\n"
                      + preset_grid(runs, "report") + region_section()
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")
