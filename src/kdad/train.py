@@ -163,7 +163,8 @@ def _check_cuda_graph(tc: Any, spec: Any, device: torch.device, distributed: boo
         raise ConfigError(f"train.cuda_graph=true needs a CUDA device, got {device}")
     if tc.lr_decay_from < 1.0:  # a captured step keeps the learning rate it was captured with
         raise ConfigError(f"train.cuda_graph=true cannot decay the learning rate (train.lr_decay_from="
-                          f"{tc.lr_decay_from}): pick one")
+                          f"{tc.lr_decay_from}, perhaps from the preset): pick one; --set "
+                          "train.lr_decay_from=1 keeps the rate constant")
     if not spec.graph_safe:
         raise ConfigError(f"train.cuda_graph=true: method {spec.name!r} cannot be captured (its step syncs with the "
                           "host, changes shape or schedules its learning rate); graph-safe methods: rd, stfpm")
