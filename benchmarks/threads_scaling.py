@@ -25,7 +25,7 @@ from _speed import engine_step_fn
 from quality import parse_cell
 
 from kdad.config import load_config, method_config
-from kdad.hardware import heap_allocator
+from kdad.hardware import cpu_bf16_enabled, heap_allocator
 from kdad.methods import get_method
 
 
@@ -35,7 +35,7 @@ def step_for(cfg: Any) -> tuple[Callable[[torch.Tensor], None], int, str]:
     mcfg = method_config(cfg)
     torch.manual_seed(0)
     model = spec.Model(mcfg)
-    precision = "bf16" if cfg.train.cpu_bf16 else "fp32"
+    precision = "bf16" if cpu_bf16_enabled(cfg.train.cpu_bf16) else "fp32"
     step = engine_step_fn(cfg.method, model, mcfg, torch.device("cpu"), precision, levers=True)
     return step, cfg.train.batch_size, precision
 

@@ -248,6 +248,7 @@ def test_cpu_bf16_training_runs_and_keeps_fp32_weights(demo_root: Path, tmp_path
     assert all(np.isfinite(r["loss"]) for r in log)
     info = json.loads((run / "train_info.json").read_text())  # the speed levers fit() used are recorded
     assert info["channels_last"] is True and info["fused_optimizers"] == 1 and "heap_allocator" in info
+    assert info["autocast"] == "bfloat16"  # the precision it trained in, whatever train.cpu_bf16 said
 
 
 def test_cuda_graph_option_is_refused_where_it_cannot_work(demo_root: Path, tmp_path: Path) -> None:

@@ -80,7 +80,9 @@ class TrainConfig:
     amp: bool = True  # autocast on GPU in train.amp_dtype (the *_paper presets set the official codes' precision)
     # "bf16" | "fp16" (fp16: a GradScaler scales the loss; methods listed in docs/design.md)
     amp_dtype: AmpDtype = "bf16"
-    cpu_bf16: bool = False  # bf16 autocast on CPU (AVX-512-BF16: about 2x faster training, see docs/benchmarks.md)
+    # bf16 autocast on CPU (AVX-512-BF16: about 2x faster training, see docs/benchmarks.md); "auto": bf16 only where
+    # the CPU has it in hardware (AVX-512 BF16 or AMX), fp32 elsewhere, where bf16 is emulated and 20x slower or more
+    cpu_bf16: bool | Literal["auto"] = False
     # CPU threads of the run (torch.set_num_threads, restored afterwards); 0 = torch's default, every core. The
     # thread count changes the rounding, so a seed trains to another model on another count (docs/quality.md,
     # "Session 34"); 1 is how the quality study trains (docs/design.md, "Engine")

@@ -27,7 +27,7 @@ from kdad.data.factory import check_splits, dataset_parts
 from kdad.errors import ConfigError, KdadError
 from kdad.evaluate import predict, thresholds_from_normals
 from kdad.fileio import atomic_torch_save, atomic_write_text, remove_stale_temporaries
-from kdad.hardware import cpu_threads
+from kdad.hardware import cpu_bf16_enabled, cpu_threads
 from kdad.methods import get_method
 from kdad.methods.base import runs_calibration, uses_textures
 from kdad.seed import resolve_device, seed_everything
@@ -98,7 +98,7 @@ def autocast_dtype(device: torch.device, tc: Any) -> torch.dtype | None:
     """The dtype training autocasts to on `device` (None = fp32): train.amp_dtype on CUDA, bf16 on CPU."""
     if tc.amp and device.type == "cuda":
         return AMP_DTYPES[tc.amp_dtype]
-    if tc.cpu_bf16 and device.type == "cpu":
+    if device.type == "cpu" and cpu_bf16_enabled(tc.cpu_bf16):
         return torch.bfloat16
     return None
 
@@ -363,7 +363,7 @@ def _fit(cfg: RunConfig, run_dir: Path | str, resume: bool, *, start: dict[str, 
         _check_cuda_graph(tc, spec, device, distributed)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    if tc.cpu_bf16 and device.type == "cpu":
+    if tc.cpu_bf16 is True and device.type == "cpu":  # "auto" never emulates, so it needs no warning
         from kdad.hardware import warn_if_slow_cpu_bf16
 
         warn_if_slow_cpu_bf16("train.cpu_bf16=true")
@@ -538,7 +538,8 @@ def _fit(cfg: RunConfig, run_dir: Path | str, resume: bool, *, start: dict[str, 
         info = {"train_seconds": train_seconds, "train_images_per_s": n_seen / max(train_seconds, 1e-9),
                 "iters": it, "selected_epoch": best["epoch"] if best_state is not None else "last",
                 "threshold_source": "held-out normals" if val_ds is not None else "training normals (optimistic)",
-                "device": str(device), "cpu_threads": torch.get_num_threads(), "world_size": world_size, **levers}
+                "device": str(device), "cpu_threads": torch.get_num_threads(), "world_size": world_size,
+                "autocast": str(autocast_dtype(device, tc) or "none").replace("torch.", ""), **levers}
         if notes:
             info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
