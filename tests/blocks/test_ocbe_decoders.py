@@ -33,6 +33,27 @@ def test_generic_decoder_mirrors_any_channels() -> None:
     assert [tuple(o.shape) for o in outs] == [tuple(f.shape) for f in feats]
 
 
+def test_linear_readout_reaches_a_signed_teacher() -> None:
+    # RD4AD's stages end in a ReLU: never negative, so a signed teacher (EfficientNet-Lite) cannot be matched
+    torch.manual_seed(0)
+    code = torch.randn(2, 64, 4, 4)
+    relu = generic_decoder([24, 40, 80], 64, (1, 1, 1))
+    assert all((o >= 0).all() for o in relu(code)) and not any("readouts" in k for k in relu.state_dict())
+    linear = generic_decoder([24, 40, 80], 64, (1, 1, 1), readout="linear")
+    outs = linear(code)
+    assert [o.shape[1] for o in outs] == [24, 40, 80] and all((o < 0).any() for o in outs)
+    with pytest.raises(ValueError, match="readout"):
+        generic_decoder([24, 40, 80], 64, readout="tanh")
+
+
+def test_rd_readout_option_is_checked() -> None:
+    from kdad.errors import ConfigError
+    from kdad.methods.rd import Config
+
+    with pytest.raises(ConfigError, match="model.readout"):
+        Config(readout="tanh")
+
+
 def test_losses_on_hand_checkable_values() -> None:
     t = [torch.tensor([[1.0, 0.0]]).view(1, 2, 1, 1)]
     s = [torch.tensor([[0.0, 1.0]]).view(1, 2, 1, 1)]

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdad.blocks.decoders import decoder_for
+from kdad.blocks.decoders import READOUTS, decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
 from kdad.blocks.maps import (
     AnomalyMapHead,
@@ -60,11 +60,16 @@ class Config:
     align_corners: bool = True
     loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
+    # "linear": a 1x1 convolution after each decoder stage, so the student can output the negative values of a
+    # teacher with signed features (EfficientNet-Lite); "relu" is RD4AD's (kdad's option, kdad.blocks.decoders)
+    readout: str = "relu"
 
     def __post_init__(self) -> None:
         if self.loss not in LOSSES:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
         check_map_norm("rd", self.map_norm)
+        if self.readout not in READOUTS:
+            raise ConfigError(f"rd model.readout={self.readout!r} is not valid; choose one of {READOUTS}")
 
 
 class Model(nn.Module):
@@ -77,7 +82,8 @@ class Model(nn.Module):
         channels = list(self.encoder.channels)
         self.bottleneck = build_bottleneck(cfg.backbone, channels, cfg.ocbe_width)
         blocks = tuple(cfg.decoder_blocks) or None
-        self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks, cfg.decoder_width)
+        self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels, blocks, cfg.decoder_width,
+                                   cfg.readout)
         self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners,  # type: ignore[arg-type]
                                    pool=cfg.pool, map_norm=cfg.map_norm)
 
