@@ -51,8 +51,9 @@ PRESETS = {"rd": "rd_cpu", "rdpp": "rdpp_cpu", "urd": "urd_cpu", "cfrg": "cfrg_c
 # rd_cpu distils Lite0 layers 2-4 since 2026-12-03 and divides its map by the held-out normals' mean map since
 # 2026-12-04; comparisons with the other methods (and the results files made before) use the papers' layers 1-3 and
 # raw map, those of rdpp_cpu, urd_cpu and cfrg_cpu; fp32, as rd_cpu trained until session 26; and a constant learning
-# rate, as until session 39 (its epochs are set by each script's budget)
-RD_PAPER_OVERRIDES = ("model.layers=[1,2,3]", "model.map_norm=none", "train.cpu_bf16=false", "train.lr_decay_from=1")
+# rate, as until session 39 (its epochs are set by each script's budget); RD4AD's ReLU readout, as until session 40
+RD_PAPER_OVERRIDES = ("model.layers=[1,2,3]", "model.map_norm=none", "train.cpu_bf16=false", "train.lr_decay_from=1",
+                      "model.readout=relu")
 
 # The quality study: presets are chosen on the selection half (and on generated data) and reported on the other
 # half, so no number in docs/benchmarks.md comes from the images it was tuned on. Halves are stratified by defect type.
@@ -301,7 +302,7 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 # with data.align=none; for rdpp_cpu, urd_cpu and bkd_cpu also their preset cells, run before their data.align: auto)
 # moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
-    "rd_cpu": ("rd_e80_dec60_2t", "rd_e80_dec60_1t", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",),
+    "rd_cpu": ("rd_lin_fp32_1t", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",),
     "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix", "rdpp_screws_none"), "urd_cpu": ("urd_cpu",),
     "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
     "snl_cpu": ("snl_e100_bf16", "snl_screws_none"), "bkd_cpu": ("bkd_cpu_xpix", "bkd_screws_none"),
@@ -311,7 +312,7 @@ PRESET_CELLS: dict[str, tuple[str, ...]] = {
 # Cells whose screws rows score the part's envelope (data.align_region: part, run as shipped since session 30), not
 # the whole aligned frame: the grid's two screws columns skip those rows (they belong in the envelope table), so
 # rd_cpu's whole-frame screws cell stays its 100-epoch recipe of sessions 26-38
-ENVELOPE_CELLS = frozenset({"rd_e80_dec60_1t"})
+ENVELOPE_CELLS = frozenset({"rd_e80_dec60_1t", "rd_lin_fp32_1t"})
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_mn_e100_bf16",), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
     "snl_cpu": ("snl_e100_bf16",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",),

@@ -54,6 +54,16 @@ cosine at the end of training (`train.lr_decay_from` 0.7 and 0.6), and `rd_cpu` 
 scripts that compare against older numbers pin it (`_common.RD_PAPER_OVERRIDES`, `multiclass.py`, `rd_bottle.py`).
 In `quality-2.json` the decaying rows are the cells `snl_decay70_*` and `rd_e80_dec60_*`.
 
+**`rd_cpu`, `snl_cpu` and `patchst_cpu` set `train.cpu_bf16: auto` since session 40 (2026-12-07)**: bf16 where the
+CPU has AVX-512 BF16 or AMX, as every file before measured them, and fp32 on a CPU without either, where bf16 is
+emulated and 20x slower or more. A file's `meta.machine.cpu.flags` tells which applied.
+
+**`rd_cpu` reads its student out through a 1x1 convolution since session 40 (2026-12-07)** (`model.readout: linear`,
+`docs/methods/rd.md`, "Signed teachers"). Every file made before measured RD4AD's ReLU readout, which
+`--set model.readout=relu` still gives; the scripts that compare against older numbers pin it
+(`_common.RD_PAPER_OVERRIDES`, `rd_bottle.py`). In `quality-2.json` its rows are the cell `rd_lin_fp32_1t` (fp32), and
+`rd_e80_fp32_1t` is the ReLU student in fp32 on the same machine.
+
 **`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
 (`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`
 measured the raw map, which `--set model.map_norm=none` still gives; in `quality.json` those rows are the cell
@@ -403,11 +413,12 @@ def main() -> None:
                      "column is the aligned run (zoom 1.25; 1.5 for `stfpm_cpu` and `rdpp_cpu`), the last column "
                      "the same preset with `data.align=none`. The screws column is the whole aligned frame's score; the "
                      "presets that score aligned parts on the part's envelope (`data.align_region: part`, since "
-                     "sessions 30-31) are in the next table. `rd_cpu`'s magnetic_tile column was trained on two "
-                     "threads (the others on one), and two entries lag their preset: `rd_cpu`'s screws column is its "
-                     "100-epoch constant-rate recipe of sessions 26-38 (the session-39 recipe ran on the screws on the "
-                     "part's envelope only, cell `rd_e80_dec60_1t`), and `snl_cpu`'s row is its constant-rate recipe "
-                     "(session 38's decaying rows: cells `snl_decay70_*`).\n\n"
+                     "sessions 30-31) are in the next table. `rd_cpu`'s row is its session-40 recipe (the linear "
+                     "readout, cell `rd_lin_fp32_1t`), trained in fp32 as `train.cpu_bf16: auto` does on a CPU "
+                     "without bf16 hardware; it has no bottle or screws run yet, so its screws column is the "
+                     "100-epoch constant-rate ReLU recipe of sessions 26-38 (the session-39 recipe ran on the screws "
+                     "on the part's envelope only, cell `rd_e80_dec60_1t`), and `snl_cpu`'s row is its "
+                     "constant-rate recipe (session 38's decaying rows: cells `snl_decay70_*`).\n\n"
                      + preset_grid(runs, "report") + region_section()
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
     parts.append("\n# Other benchmarks\n\n")

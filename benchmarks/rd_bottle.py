@@ -37,8 +37,9 @@ def main() -> None:
     ap.add_argument("--out", default=str(HERE / "results" / "rd_bottle.json"))
     args = ap.parse_args()
     root = SHARED / "data" / "mvtec_ad" / "bottle"
-    # the constant learning rate its results were measured with (rd_cpu decays it since session 39)
+    # the constant learning rate and ReLU readout its results were measured with (rd_cpu changed them in sessions 39-40)
     cfg = load_config("rd_cpu", [], [f"data.root={root}", f"train.epochs={args.epochs}", "train.lr_decay_from=1",
+                                      "model.readout=relu",
                                       f"train.device={args.device}", "train.progress=false",
                                       f"train.cpu_bf16={str(args.cpu_bf16).lower()}",
                                       f"train.channels_last={str(not args.no_levers).lower()}",

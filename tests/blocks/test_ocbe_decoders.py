@@ -46,12 +46,17 @@ def test_linear_readout_reaches_a_signed_teacher() -> None:
         generic_decoder([24, 40, 80], 64, readout="tanh")
 
 
-def test_rd_readout_option_is_checked() -> None:
+@pytest.mark.parametrize("name", ["rd", "snl"])
+def test_readout_option_is_checked_and_built(name: str) -> None:
     from kdad.errors import ConfigError
-    from kdad.methods.rd import Config
+    from kdad.methods import get_method
 
-    with pytest.raises(ConfigError, match="model.readout"):
-        Config(readout="tanh")
+    spec = get_method(name)
+    with pytest.raises(ConfigError, match=f"{name} model.readout='tanh'"):
+        spec.Config(readout="tanh")
+    model = spec.Model(spec.Config(backbone="efficientnet_lite0", layers=(2, 3, 4), weights="random",
+                                   readout="linear"))
+    assert model.decoder.readouts is not None and len(model.decoder.readouts) == 3
 
 
 def test_losses_on_hand_checkable_values() -> None:

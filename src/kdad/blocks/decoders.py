@@ -25,6 +25,14 @@ Block = Literal["bottleneck", "basic"]
 READOUTS = ("relu", "linear")
 
 
+def check_readout(method: str, readout: str) -> None:
+    """A ConfigError naming `method`'s option unless ``model.readout`` is one of READOUTS."""
+    from kdad.errors import ConfigError
+
+    if readout not in READOUTS:
+        raise ConfigError(f"{method} model.readout={readout!r} is not valid; choose one of {READOUTS}")
+
+
 class MirrorDecoder(nn.Module):
     """Stages of [one x2 up-sampling block + (n-1) plain blocks], deepest level first.
 

@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from kdad.blocks.decoders import READOUTS, decoder_for
+from kdad.blocks.decoders import check_readout, decoder_for
 from kdad.blocks.losses import global_cosine_loss, pixel_cosine_loss
 from kdad.blocks.maps import (
     AnomalyMapHead,
@@ -68,8 +68,7 @@ class Config:
         if self.loss not in LOSSES:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
         check_map_norm("rd", self.map_norm)
-        if self.readout not in READOUTS:
-            raise ConfigError(f"rd model.readout={self.readout!r} is not valid; choose one of {READOUTS}")
+        check_readout("rd", self.readout)
 
 
 class Model(nn.Module):

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from kdad.blocks.decoders import check_readout
 from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import Fuse, MapNorm, calibrate_position_norm, check_map_norm
 from kdad.errors import ConfigError
@@ -48,6 +49,7 @@ class Config:
     sigma: float = 4.0
     align_corners: bool = True
     map_norm: MapNorm = "none"  # rd.Config's: "position" divides the map by the held-out normals' mean map
+    readout: str = "relu"  # rd.Config's: "linear" lets the student match a signed (EfficientNet-Lite) teacher
     global_loss: bool = True  # RD's flattened cosine loss (the base SNL is built on)
     spatial: bool = True  # (a) 1 - cos along C at every position
     channel: bool = True  # (a) 1 - cos along H*W for every channel
@@ -65,6 +67,7 @@ class Config:
 
     def __post_init__(self) -> None:
         check_map_norm("snl", self.map_norm)
+        check_readout("snl", self.readout)
 
 
 def cosine_distance_along(a: Tensor, b: Tensor, dim: int) -> Tensor:
