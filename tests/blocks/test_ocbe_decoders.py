@@ -46,17 +46,25 @@ def test_linear_readout_reaches_a_signed_teacher() -> None:
         generic_decoder([24, 40, 80], 64, readout="tanh")
 
 
-@pytest.mark.parametrize("name", ["rd", "snl"])
+@pytest.mark.parametrize("name", ["rd", "snl", "rdpp", "urd", "cfrg", "bkd", "dskd"])
 def test_readout_option_is_checked_and_built(name: str) -> None:
+    from kdad.blocks.decoders import MirrorDecoder
     from kdad.errors import ConfigError
     from kdad.methods import get_method
 
     spec = get_method(name)
-    with pytest.raises(ConfigError, match=f"{name} model.readout='tanh'"):
-        spec.Config(readout="tanh")
-    model = spec.Model(spec.Config(backbone="efficientnet_lite0", layers=(2, 3, 4), weights="random",
-                                   readout="linear"))
-    assert model.decoder.readouts is not None and len(model.decoder.readouts) == 3
+    lite = {"backbone": "efficientnet_lite0", "layers": (2, 3, 4), "weights": "random"}
+    if name == "cfrg":  # its student must give the teacher's strides (8, 16, 32)
+        lite["student_indices"] = (2, 3, 4)
+    if name == "dskd":  # its global student needs the teacher stage after the last layer
+        lite["layers"] = (1, 2, 3)
+    with pytest.raises(ConfigError, match=f"{name}.*model.readout='tanh'"):
+        spec.Model(spec.Config(**lite, readout="tanh"))  # Config or Model refuses it, naming the option
+    model = spec.Model(spec.Config(**lite, readout="linear"))
+    decoders = [m for m in model.modules() if isinstance(m, MirrorDecoder)]
+    assert decoders and all(d.readouts is not None and len(d.readouts) == 3 for d in decoders)
+    plain = spec.Model(spec.Config(**lite))
+    assert all(d.readouts is None for d in plain.modules() if isinstance(d, MirrorDecoder))
 
 
 def test_losses_on_hand_checkable_values() -> None:

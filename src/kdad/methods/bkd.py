@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.blocks.decoders import decoder_for
+from kdad.blocks.decoders import check_readout, decoder_for
 from kdad.blocks.deform_align import IMPLS, PyramidAlign
 from kdad.blocks.maps import (
     AnomalyMapHead,
@@ -52,6 +52,9 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
+    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
+    readout: str = "relu"
     shots: int = 2  # k (Table 2/4: 2, 4, 8)
     lr: float = 0.005
     align_lr: float = 0.0005  # alignment module; 0.005 lets the offsets diverge (docs/methods/bkd.md)
@@ -93,6 +96,7 @@ class Config:
     map_norm: MapNorm = "none"
 
     def __post_init__(self) -> None:
+        check_readout("bkd", self.readout)
         check_map_norm("bkd", self.map_norm)
 
 
@@ -221,7 +225,7 @@ class Model(nn.Module):
         ) if cfg.memory else None
         self.bottleneck = build_bottleneck(cfg.backbone, channels)
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels,
-                                   tuple(cfg.decoder_blocks) or None)
+                                   tuple(cfg.decoder_blocks) or None, readout=cfg.readout)
         self.support = SupportSet(channels)
         self.head = BidirectionalHead(cfg.support_reduce, cfg.fuse, cfg.sigma, cfg.align_corners, cfg.map_norm)
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kdad.blocks.adapters import AdapterSet
-from kdad.blocks.decoders import decoder_for
+from kdad.blocks.decoders import check_readout, decoder_for
 from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, GaussianBlur, cosine_distance
 from kdad.blocks.ocbe import build_bottleneck
@@ -66,6 +66,9 @@ class Config:
     student_bn_momentum: float = 0.01  # lukemelas BN: 1 - 0.99 in PyTorch's convention
     student_bn_eps: float = 1e-3
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
+    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
+    readout: str = "relu"
     lr: float = 5e-4
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0  # the script parses --wd 1e-4 but never passes it to Adam
@@ -78,6 +81,7 @@ class Config:
     align_corners: bool = True
 
     def __post_init__(self) -> None:
+        check_readout("cfrg", self.readout)
         if self.lr_unit not in LR_UNITS:
             raise ConfigError(f"cfrg model.lr_unit={self.lr_unit!r} is not valid; choose one of {LR_UNITS}")
         if list(self.lr_milestones) != sorted(self.lr_milestones):
@@ -141,7 +145,7 @@ class Model(nn.Module):
         self.adapters = AdapterSet(s_channels, channels)
         self.bottleneck = build_bottleneck(cfg.backbone, channels)
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels,
-                                   tuple(cfg.decoder_blocks) or None)
+                                   tuple(cfg.decoder_blocks) or None, readout=cfg.readout)
         self.segmenter = UNetHead(channels, strides[0])
         self.recovery_head = AnomalyMapHead("cosine", "sum", 0.0, cfg.align_corners)  # unblurred layer sum
         self.blur = GaussianBlur(cfg.sigma)

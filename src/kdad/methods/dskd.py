@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from kdad.blocks.decoders import decoder_for
+from kdad.blocks.decoders import check_readout, decoder_for
 from kdad.blocks.losses import pixel_cosine_loss
 from kdad.blocks.maps import AnomalyOutput, GaussianBlur, cosine_distance
 from kdad.blocks.ocbe import build_bottleneck
@@ -47,6 +47,9 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"  # teacher (and OCBE_glo initialisation) weights
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
+    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
+    readout: str = "relu"
     students: str = "both"  # "both" | "local" | "global" (Table 4 single-student rows)
     loc_loss: str = "pi"  # "pi" per-pixel cosine | "ca" contextual affinity (Tables 4-5)
     glo_loss: str = "ca"
@@ -185,6 +188,7 @@ def _check(cfg: Config) -> None:
     for key, (value, valid) in choices.items():
         if value not in valid:
             raise ConfigError(f"dskd: model.{key}={value!r}; valid: {list(valid)}")
+    check_readout("dskd", cfg.readout)
     if len(cfg.layers) != 3:
         raise ConfigError(f"dskd: model.layers={list(cfg.layers)} must name 3 teacher layers (OCBE fuses 3)")
     if cfg.gccb_channels < 0 or cfg.gccb_grid < 1 or cfg.temperature <= 0 or cfg.affinity_chunk < 0:
@@ -210,12 +214,13 @@ class Model(nn.Module):
         blocks = tuple(cfg.decoder_blocks) or None
         if "local" in self.students:
             self.loc_bottleneck = build_bottleneck(cfg.backbone, channels)
-            self.loc_decoder = decoder_for(cfg.backbone, channels, self.loc_bottleneck.out_channels, blocks)
+            self.loc_decoder = decoder_for(cfg.backbone, channels, self.loc_bottleneck.out_channels, blocks,
+                                          readout=cfg.readout)
         if "global" in self.students:
             init = cfg.weights if cfg.glo_stage_init == "teacher" else "random"
             self.glo_stage, c4 = next_stage(cfg.backbone, tuple(cfg.layers), init)
             self.gccb = GCCB(c4, cfg.gccb_channels, cfg.gccb_grid) if cfg.gccb_channels else nn.Identity()
-            self.glo_decoder = decoder_for(cfg.backbone, channels, c4, blocks)
+            self.glo_decoder = decoder_for(cfg.backbone, channels, c4, blocks, readout=cfg.readout)
         # eq. 8 statistics per student (local, global): identity until `calibrate` runs; saved in checkpoints
         self.register_buffer("map_mean", torch.zeros(len(STUDENTS["both"])))
         self.register_buffer("map_std", torch.ones(len(STUDENTS["both"])))

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.blocks.decoders import decoder_for
+from kdad.blocks.decoders import check_readout, decoder_for
 from kdad.blocks.losses import flatten_pair, global_cosine_loss, pixel_cosine_loss
 from kdad.blocks.maps import AnomalyMapHead, AnomalyOutput, Fuse, MapNorm, calibrate_position_norm, check_map_norm
 from kdad.blocks.ocbe import build_bottleneck
@@ -55,6 +55,9 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
+    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
+    readout: str = "relu"
     lr: float = 0.005  # OCBE + decoder ("distill_lr")
     proj_lr: float = 0.001
     betas: tuple[float, float] = (0.5, 0.999)
@@ -77,6 +80,7 @@ class Config:
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
+        check_readout("rdpp", self.readout)
         check_map_norm("rdpp", self.map_norm)
         if self.ssot not in SSOT_MODES:
             raise ConfigError(f"rdpp model.ssot={self.ssot!r} is not valid; choose one of {SSOT_MODES}")
@@ -120,7 +124,7 @@ class Model(nn.Module):
         self.proj = nn.ModuleList([ProjLayer(c, c, cfg.proj_negative_slope) for c in channels])
         self.bottleneck = build_bottleneck(cfg.backbone, channels)
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels,
-                                   tuple(cfg.decoder_blocks) or None)
+                                   tuple(cfg.decoder_blocks) or None, readout=cfg.readout)
         self.head = AnomalyMapHead("cosine", cfg.fuse, cfg.sigma, cfg.align_corners,  # type: ignore[arg-type]
                                    map_norm=cfg.map_norm)
         self.register_buffer("accum_count", torch.zeros((), dtype=torch.long))  # batches seen by train_step

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from kdad.blocks.decoders import decoder_for
+from kdad.blocks.decoders import check_readout, decoder_for
 from kdad.blocks.losses import global_cosine_loss
 from kdad.blocks.maps import (
     AnomalyMapHead,
@@ -69,6 +69,9 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"  # expert (and teacher initialisation) weights
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
+    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
+    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
+    readout: str = "relu"
     lr: float = 0.005  # student (OCBE + decoder + GII)
     teacher_lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
@@ -85,6 +88,7 @@ class Config:
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
 
     def __post_init__(self) -> None:
+        check_readout("urd", self.readout)
         check_map_norm("urd", self.map_norm)
         for key, valid in (("injection", INJECTIONS), ("similarity", SIMILARITIES),
                            ("teacher_loss", TEACHER_LOSSES), ("student_init", STUDENT_INITS)):
@@ -158,7 +162,7 @@ class Model(nn.Module):
             raise ConfigError(f"urd needs 3 teacher layers, got model.layers={list(cfg.layers)}")
         self.bottleneck = build_bottleneck(cfg.backbone, channels)
         self.decoder = decoder_for(cfg.backbone, channels, self.bottleneck.out_channels,
-                                   tuple(cfg.decoder_blocks) or None)
+                                   tuple(cfg.decoder_blocks) or None, readout=cfg.readout)
         # gii[k] sits before decoder stage k + 1 (paper: before S^2, then S^1).
         self.gii = nn.ModuleList()
         if cfg.injection != "none":
