@@ -9,7 +9,7 @@ calibrates. The row is the study's (quality.cell_row) for the new cell name; its
 run's, and `renormed_from` names that run.
 
 Run: python benchmarks/renorm_cell.py --from RUN --cell NAME=PRESET:k=v,... --category C --seed S --work DIR --out F
-(the cell must be the source run's with only model.map_norm changed; the rows append to F)
+(the cell must be the source run's with only model.map_norm or model.map_norm_shrink changed; the rows append to F)
 """
 
 from __future__ import annotations
@@ -28,6 +28,8 @@ from quality import cell_config, cell_row, parse_cell
 from kdad.speed import cpu_has_fast_bf16
 from kdad.train import fit
 
+RENORM_KEYS = ("map_norm", "map_norm_shrink")  # what acts after training only (kdad.blocks.maps.calibrate_position_norm)
+
 
 def renorm(source: Path, cell: str, category: str, seed: int, work: Path) -> dict[str, Any]:
     """The study row of `cell` (the source run's cell with another model.map_norm) from `source`'s weights."""
@@ -41,7 +43,11 @@ def renorm(source: Path, cell: str, category: str, seed: int, work: Path) -> dic
     for f in ("config.yaml", "train_log.jsonl", "train_info.json"):
         if (source / f).is_file():
             shutil.copy2(source / f, run / f)
-    ck["config"]["model"]["map_norm"] = cfg.model["map_norm"]  # fit's resume check refuses any other change
+    for key in RENORM_KEYS:  # fit's resume check refuses any other change
+        if key in cfg.model:
+            ck["config"]["model"][key] = cfg.model[key]
+        else:
+            ck["config"]["model"].pop(key, None)
     if cfg.model["map_norm"] == "none":  # the PositionNorm's (still empty) buffer has no module to load into
         ck["model"] = {k: v for k, v in ck["model"].items() if not k.startswith("head.norm.")}
     torch.save(ck, run / "last.ckpt")

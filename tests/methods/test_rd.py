@@ -89,6 +89,23 @@ def test_map_norm_is_validated_and_calibrates_only_when_set(name: str) -> None:
     torch.testing.assert_close(model(x).anomaly_map, raw / raw.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
 
 
+def test_rd_map_norm_shrink_pulls_the_mean_map_towards_its_global_mean() -> None:
+    from kdad.methods import get_method
+
+    spec = get_method("rd")
+    with pytest.raises(ConfigError, match="rd model.map_norm_shrink=1.5"):
+        spec.Config(map_norm_shrink=1.5)
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    for shrink in (0.0, 0.5, 1.0):
+        torch.manual_seed(0)
+        model = spec.Model(from_dict(spec.Config, {**TINY, "map_norm": "position", "map_norm_shrink": shrink})).eval()
+        raw = model(x).anomaly_map
+        spec.calibrate(model, [{"image": x}], torch.device("cpu"))
+        mean = raw.mean(0, keepdim=True)
+        want = raw / ((1 - shrink) * mean + shrink * mean.mean())
+        torch.testing.assert_close(model(x).anomaly_map, want, rtol=1e-4, atol=1e-6)
+
+
 def test_rd_cpu_divides_by_the_normals_mean_map_and_the_paper_presets_do_not() -> None:
     assert load_config("rd_cpu").model["map_norm"] == "position"
     for preset in ("rd_paper", "rdpp_cpu", "stfpm_cpu", "snl_cpu", "urd_cpu", "rd_demo", "rd_multiclass_cpu"):

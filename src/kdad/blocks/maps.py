@@ -155,7 +155,8 @@ class PositionNorm(nn.Module):
 def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.device) -> None:
     """A method's ``calibrate`` hook for ``model.map_norm: position``: every PositionNorm of `model` gets the
     mean of the raw maps of `normal_loader`'s images (its earlier statistics are dropped first, so a second
-    call, as in the engine's cross-fitting, sees raw maps). A no-op for other settings."""
+    call, as in the engine's cross-fitting, sees raw maps), shrunk towards its global mean by the config's
+    ``map_norm_shrink`` where it has one. A no-op for other settings."""
     if getattr(getattr(model, "cfg", None), "map_norm", "none") != "position":
         return
     norms = [m for m in model.modules() if isinstance(m, PositionNorm)]
@@ -170,8 +171,13 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
         count += int(amap.shape[0])
     if total is None:
         raise ValueError("map_norm: position needs at least one normal image to calibrate on")
+    mean = total / count
+    # map_norm_shrink s: divide by (1 - s) * mean + s * its global mean, so positions where the normals barely err
+    # (a student that reconstructs them well) are not divided by near zero, which turns noise into anomalies
+    shrink = float(getattr(model.cfg, "map_norm_shrink", 0.0))
+    mean = (1.0 - shrink) * mean + shrink * mean.mean()
     for norm in norms:
-        norm.mean = (total / count).float().clamp_min(norm.floor).to(norm.mean.device)
+        norm.mean = mean.float().clamp_min(norm.floor).to(norm.mean.device)
 
 
 class AnomalyMapHead(nn.Module):

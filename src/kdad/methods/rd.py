@@ -60,6 +60,8 @@ class Config:
     align_corners: bool = True
     loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
+    # with map_norm position: the mean map shrunk towards its global mean by this share (0 = the plain mean map)
+    map_norm_shrink: float = 0.0
     # "linear": a 1x1 convolution after each decoder stage, so the student can output the negative values of a
     # teacher with signed features (EfficientNet-Lite); "relu" is RD4AD's (kdad's option, kdad.blocks.decoders)
     readout: str = "relu"
@@ -69,6 +71,8 @@ class Config:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
         check_map_norm("rd", self.map_norm)
         check_readout("rd", self.readout)
+        if not 0.0 <= self.map_norm_shrink <= 1.0:
+            raise ConfigError(f"rd model.map_norm_shrink={self.map_norm_shrink} must be in [0, 1]")
 
 
 class Model(nn.Module):
