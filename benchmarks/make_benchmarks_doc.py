@@ -64,6 +64,11 @@ emulated and 20x slower or more. A file's `meta.machine.cpu.flags` tells which a
 (`_common.RD_PAPER_OVERRIDES`, `rd_bottle.py`). In `quality-2.json` its rows are the cell `rd_lin_fp32_1t` (fp32), and
 `rd_e80_fp32_1t` is the ReLU student in fp32 on the same machine.
 
+**Session 41 (2026-12-07) re-read kept runs under another map normalisation** (`benchmarks/renorm_cell.py`: the same
+weights, only `model.map_norm` or the new `model.map_norm_shrink` changed, fit calibrating again). Those rows of
+`quality-2.json` carry `renormed_from` (the source run) and the source's training minutes; the cells are
+`rd_lin_raw`, `rd_lin_shr50` and, for bottle, `rd_lin_fp32_1t`.
+
 **`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
 (`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`
 measured the raw map, which `--set model.map_norm=none` still gives; in `quality.json` those rows are the cell
@@ -415,9 +420,11 @@ def main() -> None:
                      "presets that score aligned parts on the part's envelope (`data.align_region: part`, since "
                      "sessions 30-31) are in the next table. `rd_cpu`'s row is its session-40 recipe (the linear "
                      "readout, cell `rd_lin_fp32_1t`), trained in fp32 as `train.cpu_bf16: auto` does on a CPU "
-                     "without bf16 hardware; it has no bottle or screws run yet, so its screws column is the "
-                     "100-epoch constant-rate ReLU recipe of sessions 26-38 (the session-39 recipe ran on the screws "
-                     "on the part's envelope only, cell `rd_e80_dec60_1t`), and `snl_cpu`'s row is its "
+                     "without bf16 hardware; its bottle column is one seed (session 41, trained as `rd_lin_raw` and "
+                     "read with the preset's division by `benchmarks/renorm_cell.py`), and its screws column is the "
+                     "100-epoch constant-rate ReLU recipe of sessions 26-38 (the recipes of sessions 39-41 ran on the "
+                     "screws on the part's envelope only, cells `rd_e80_dec60_1t` and `rd_lin_fp32_1t`: see "
+                     "docs/quality.md), and `snl_cpu`'s row is its "
                      "constant-rate recipe (session 38's decaying rows: cells `snl_decay70_*`).\n\n"
                      + preset_grid(runs, "report") + region_section()
                      + "\n\n### Every cell\n\n" + quality_table(runs, "report") + "\n")
