@@ -180,6 +180,16 @@ def operating_point(bundle: dict[str, Any], model: torch.nn.Module, pred: Predic
     return out
 
 
+def append_row(out: Path, row: dict[str, Any], empty: dict[str, Any]) -> None:
+    """Add `row` to the results file `out` (`empty` when there is none yet), re-read first because other processes
+    may append to it, and written atomically."""
+    doc = json.loads(out.read_text()) if out.is_file() else empty
+    doc["runs"].append(row)
+    tmp = out.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(quality_split.dumps_rows(doc))
+    tmp.replace(out)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--cell", action="append", required=True)
@@ -206,11 +216,7 @@ def main() -> None:
                     row = {**run_cell(name, preset, overrides, cat, seed, work), **meta}
                     print(json.dumps({k: row[k] for k in ("cell", "category", "seed", "train_minutes", "selection",
                                                           "report")}), flush=True)
-                    doc = json.loads(out.read_text()) if out.is_file() else doc  # other processes may append
-                    doc["runs"].append(row)
-                    tmp_out = out.with_suffix(f".{os.getpid()}.tmp")
-                    tmp_out.write_text(quality_split.dumps_rows(doc))
-                    tmp_out.replace(out)
+                    append_row(out, row, doc)
 
 
 if __name__ == "__main__":

@@ -16,14 +16,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 from pathlib import Path
 from typing import Any
 
 import _common as quality_split
 import torch
-from quality import cell_config, cell_row, parse_cell
+from quality import append_row, cell_config, cell_row, parse_cell
 
 from kdad.speed import cpu_has_fast_bf16
 from kdad.train import fit
@@ -74,14 +73,9 @@ def main() -> None:
     row = {**renorm(Path(args.source), args.cell, args.category, args.seed, Path(args.work)),
            **quality_split.metadata(threads=args.threads, cpu_fast_bf16=cpu_has_fast_bf16())}
     print(json.dumps({k: row[k] for k in ("cell", "category", "seed", "selection", "report")}), flush=True)
-    out = Path(args.out)
-    doc = json.loads(out.read_text()) if out.is_file() else {
+    append_row(Path(args.out), row, {
         "question": "which CPU recipe finds the defects (rows re-read from kept runs under another map_norm)",
-        "split_seed": quality_split.SPLIT_SEED, "runs": []}
-    doc["runs"].append(row)
-    tmp = out.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(quality_split.dumps_rows(doc))
-    tmp.replace(out)
+        "split_seed": quality_split.SPLIT_SEED, "runs": []})
 
 
 if __name__ == "__main__":
