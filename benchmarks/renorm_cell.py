@@ -47,8 +47,9 @@ def renorm(source: Path, cell: str, category: str, seed: int, work: Path) -> dic
             ck["config"]["model"][key] = cfg.model[key]
         else:
             ck["config"]["model"].pop(key, None)
-    if cfg.model["map_norm"] == "none":  # the PositionNorm's (still empty) buffer has no module to load into
-        ck["model"] = {k: v for k, v in ck["model"].items() if not k.startswith("head.norm.")}
+    # training leaves every PositionNorm empty (fit calibrates after it); dropped, they load as the identity under
+    # map_norm position and need no module under none
+    ck["model"] = {k: v for k, v in ck["model"].items() if not (k.endswith("norm.mean") and v.numel() == 0)}
     torch.save(ck, run / "last.ckpt")
     fit(cfg, run, resume=True)
     row = cell_row(name, preset, overrides, category, seed, run)

@@ -538,6 +538,9 @@ def test_rd_map_norm_is_calibrated_cross_fitted_and_saved(demo_root: Path, tmp_p
     plain = load_bundle(fit(load_config("rd_cpu", [], over + ["model.map_norm=none"]), tmp_path / "b"))
     assert "cross-fitted" not in plain["thresholds"]["source"]
     assert not any(k.endswith("norm.mean") for k in plain["model"])
+    # map_norm acts after training only (benchmarks/renorm_cell.py re-reads kept runs on that ground): same weights
+    assert plain["model"].keys() == bundle["model"].keys() - {"head.norm.mean"}
+    assert all(torch.equal(plain["model"][k], bundle["model"][k]) for k in plain["model"])
 
 
 def test_patchst_denoising_asks_for_a_texture_folder_and_trains_with_one(demo_root: Path, tmp_path: Path) -> None:

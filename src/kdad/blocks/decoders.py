@@ -20,6 +20,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from kdad.blocks.resblocks import BasicBlock, Bottleneck, UpBasicBlock, UpBottleneck, init_like_rd4ad
+from kdad.errors import ConfigError
 
 Block = Literal["bottleneck", "basic"]
 READOUTS = ("relu", "linear")
@@ -27,8 +28,6 @@ READOUTS = ("relu", "linear")
 
 def check_readout(method: str, readout: str) -> None:
     """A ConfigError naming `method`'s option unless ``model.readout`` is one of READOUTS."""
-    from kdad.errors import ConfigError
-
     if readout not in READOUTS:
         raise ConfigError(f"{method} model.readout={readout!r} is not valid; choose one of {READOUTS}")
 

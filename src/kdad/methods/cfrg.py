@@ -66,9 +66,7 @@ class Config:
     student_bn_momentum: float = 0.01  # lukemelas BN: 1 - 0.99 in PyTorch's convention
     student_bn_eps: float = 1e-3
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
-    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
-    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
-    readout: str = "relu"
+    readout: str = "relu"  # "linear" for a signed (Lite) teacher: kdad.blocks.decoders, docs/methods/rd.md
     lr: float = 5e-4
     betas: tuple[float, float] = (0.5, 0.999)
     weight_decay: float = 0.0  # the script parses --wd 1e-4 but never passes it to Adam

@@ -47,9 +47,7 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"  # teacher (and OCBE_glo initialisation) weights
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
-    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
-    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
-    readout: str = "relu"
+    readout: str = "relu"  # "linear" for a signed (Lite) teacher: kdad.blocks.decoders, docs/methods/rd.md
     students: str = "both"  # "both" | "local" | "global" (Table 4 single-student rows)
     loc_loss: str = "pi"  # "pi" per-pixel cosine | "ca" contextual affinity (Tables 4-5)
     glo_loss: str = "ca"

@@ -69,9 +69,7 @@ class Config:
     layers: tuple[int, ...] = (1, 2, 3)
     weights: str = "imagenet"  # expert (and teacher initialisation) weights
     decoder_blocks: tuple[int, ...] = ()  # () = RD4AD's stages for ResNets, (2, 2, 2) otherwise
-    # "linear": a 1x1 convolution after each decoder stage, for teachers with signed features (EfficientNet-Lite);
-    # "relu" is RD4AD's (kdad's option, kdad.blocks.decoders; measured for RD only, docs/methods/rd.md)
-    readout: str = "relu"
+    readout: str = "relu"  # "linear" for a signed (Lite) teacher: kdad.blocks.decoders, docs/methods/rd.md
     lr: float = 0.005  # student (OCBE + decoder + GII)
     teacher_lr: float = 1e-4
     betas: tuple[float, float] = (0.5, 0.999)
