@@ -44,6 +44,13 @@ CATEGORIES["screws_lit"] = Path(os.environ.get("KDAD_SCREWS_LIT", "/tmp/kdad_har
 # --seed 1 --train 300 --test-good 60 --per-defect 30 --part-scale 0.6 --vignette 0.2 --specks 12 --out <this>):
 # other images, part size, fall-off and dust than screws_lit, so screws_lit's both halves stay a report
 CATEGORIES["screws_dusty"] = Path(os.environ.get("KDAD_SCREWS_DUSTY", "/tmp/kdad_hard/screws_dusty"))
+# a selection-only registered object on a dark, nearly flat backdrop, like bottle (make_hard_category.py --kind caps
+# --train 200 --test-good 60 --per-defect 30 --out <this>): for choosing how a map is read out (session 42);
+# every test image counts, nothing is reported on it
+CATEGORIES["caps"] = Path(os.environ.get("KDAD_CAPS", "/tmp/kdad_hard/caps"))
+# the same kind with other images and defects at 0.4 of the contrast (the caps command with --seed 1 --contrast 0.4):
+# every reading scored caps at 0.999-1.000, too easy to choose anything on; selection-only as well
+CATEGORIES["caps_faint"] = Path(os.environ.get("KDAD_CAPS_FAINT", "/tmp/kdad_hard/caps_faint"))
 CATEGORIES["brushed512"] = Path(os.environ.get("KDAD_HARD_512", "/tmp/kdad_hard/brushed512"))
 TEXTURES = SHARED / "data" / "dtd" / "images"
 RESULTS = ROOT / "benchmarks" / "results"

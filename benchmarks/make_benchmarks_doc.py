@@ -67,7 +67,10 @@ emulated and 20x slower or more. A file's `meta.machine.cpu.flags` tells which a
 **Session 41 (2026-12-07) re-read kept runs under another map normalisation** (`benchmarks/renorm_cell.py`: the same
 weights, only `model.map_norm` or the new `model.map_norm_shrink` changed, fit calibrating again). Those rows of
 `quality-2.json` carry `renormed_from` (the source run) and the source's training minutes; the cells are
-`rd_lin_raw`, `rd_lin_shr50` and, for bottle, `rd_lin_fp32_1t`.
+`rd_lin_raw`, `rd_lin_shr50` and, for bottle, `rd_lin_fp32_1t`. Session 42 (2026-12-07) added the cells
+`rd_lin_shr025` (`model.map_norm_shrink: 0.25`) and `rd_lin_floor05` (the new `model.map_norm_floor: 0.5`), read
+the same way, and two selection-only generated sets, `caps` and `caps_faint` (a registered round part; every test
+image counts, under `all`; `docs/quality.md`, "Session 42").
 
 **`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
 (`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`

@@ -11,6 +11,8 @@ magnetic_tile, so a recipe chosen on this data and MTD's selection half is check
 Run: python benchmarks/make_hard_category.py --out /tmp/kdad_hard/brushed [--seed 0] [--size 256]
      python benchmarks/make_hard_category.py --kind screws --out /tmp/kdad_hard/screws
      [--part-scale 0.5 --vignette 0.15 --specks 8]   (a smaller screw under uneven light, with dust)
+     python benchmarks/make_hard_category.py --kind caps --out /tmp/kdad_hard/caps
+     [--seed 1 --contrast 0.4]   (the same caps with fainter defects)
 --size makes a larger camera image of the same surface: texture and defects keep their sizes in pixels, so at
 --size 512 a 256-px resize halves every defect (the tiling study of issue 18, point 3).
 The images are written outside the repository (never commit them); the same seed gives the same files.
@@ -167,6 +169,61 @@ def screw(rng: np.random.Generator, size: int = SIZE, defect: str | None = None,
     return np.clip(img, 0, 1), np.abs(img - clean) > 0.02
 
 
+CAP_DEFECTS = ("dent", "scratch", "notch", "stain")
+
+
+def cap(rng: np.random.Generator, size: int = SIZE, defect: str | None = None,
+        contrast: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+    """One round cap, centred to within 3 px, on a dark backdrop, optionally with a defect; (image, defect mask).
+    The cap: a knurled rim (its phase random: the cap turns freely), a lit face with a groove ring. `contrast`
+    scales each defect's contrast (and a notch's depth). The mask: where the image changed by more than 0.02 times
+    `contrast`, or where a stain's profile exceeds 0.25."""
+    scale = size / SIZE
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    cy, cx = size / 2 + rng.uniform(-3, 3, 2) * scale
+    radius = rng.uniform(88, 92) * scale
+    r = np.hypot(yy - cy, xx - cx)
+    theta = np.arctan2(yy - cy, xx - cx)
+    back = 0.08 + 0.004 * gaussian_filter(rng.normal(0, 1, (size, size)), 1.0)
+    tilt = rng.uniform(0, 2 * np.pi)  # where the light comes from, a little different on each image
+    face = 0.55 + 0.05 * np.cos(theta - tilt) * r / radius - 0.12 * np.exp(-0.5 * ((r - 0.6 * radius) / scale) ** 2)
+    rim = 0.45 + 0.06 * np.sin(60 * theta + rng.uniform(0, 2 * np.pi))
+    metal = np.where(r > radius - 10 * scale, rim, face) + 0.006 * gaussian_filter(rng.normal(0, 1, (size, size)), 0.8)
+
+    def compose(edge: np.ndarray) -> np.ndarray:
+        inside = np.clip(edge - r + 0.5, 0, 1)  # anti-aliased disc
+        return back * (1 - inside) + metal * inside
+
+    clean = compose(np.full_like(r, radius))
+    if defect is None:
+        return np.clip(clean, 0, 1), np.zeros((size, size), bool)
+    sign = rng.choice([-1.0, 1.0])
+    at_r, at_t = rng.uniform(10, 0.8 * radius / scale) * scale, rng.uniform(0, 2 * np.pi)
+    py, px = cy + at_r * np.sin(at_t), cx + at_r * np.cos(at_t)
+    if defect == "dent":  # a small dot on the face, radius 2-4 px, contrast 0.08-0.14
+        rad = rng.uniform(2, 4) * scale
+        profile = np.exp(-0.5 * ((yy - py) ** 2 + (xx - px) ** 2) / (rad / 1.5) ** 2)
+        img = clean + sign * contrast * rng.uniform(0.08, 0.14) * profile
+    elif defect == "scratch":  # a fine line on the face, 12-36 px long, contrast 0.06-0.10
+        angle, half = rng.uniform(0, np.pi), rng.uniform(6, 18) * scale
+        along = (yy - py) * np.sin(angle) + (xx - px) * np.cos(angle)
+        across = -(yy - py) * np.cos(angle) + (xx - px) * np.sin(angle)
+        profile = np.exp(-0.5 * (across / (0.7 * scale)) ** 2) * (np.abs(along) <= half)
+        img = clean + sign * contrast * rng.uniform(0.06, 0.10) * profile
+    elif defect == "notch":  # 4-8 px of the rim bitten off, 3-6 px deep
+        width, depth = rng.uniform(4, 8) * scale / radius, max(1.5, contrast * rng.uniform(3, 6)) * scale
+        gap = np.abs(np.angle(np.exp(1j * (theta - at_t))))
+        img = compose(radius - depth * np.clip(1.5 - gap / width, 0, 1))
+    elif defect == "stain":  # a faint blob on the face, radius 6-10 px, contrast 0.04-0.06
+        rad = rng.uniform(6, 10) * scale
+        profile = np.exp(-0.5 * ((yy - py) ** 2 + (xx - px) ** 2) / (rad / 1.5) ** 2)
+        img = clean + sign * contrast * rng.uniform(0.04, 0.06) * profile
+        return np.clip(img, 0, 1), profile > 0.25
+    else:
+        raise ValueError(f"unknown cap defect {defect!r}; known: {', '.join(CAP_DEFECTS)}")
+    return np.clip(img, 0, 1), np.abs(img - clean) > 0.02 * contrast
+
+
 def save(img: np.ndarray, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     rgb = np.repeat((img * 255).round().astype(np.uint8)[..., None], 3, axis=2)
@@ -176,7 +233,7 @@ def save(img: np.ndarray, path: Path) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--kind", choices=("brushed", "screws"), default="brushed")
+    ap.add_argument("--kind", choices=("brushed", "screws", "caps"), default="brushed")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--train", type=int, default=200)
     ap.add_argument("--test-good", type=int, default=60)
@@ -185,11 +242,13 @@ def main() -> None:
     ap.add_argument("--part-scale", type=float, default=1.0, help="screws: the screw's size (1 = the study's)")
     ap.add_argument("--vignette", type=float, default=0.0, help="screws: grey level the light loses in the corners")
     ap.add_argument("--specks", type=int, default=0, help="screws: dark dust specks on the backdrop per image")
+    ap.add_argument("--contrast", type=float, default=1.0, help="caps: scales the defects' contrast (1 = the first set)")
     args = ap.parse_args()
     if args.size < 64:
         ap.error(f"--size must be at least 64, got {args.size}")
-    if not (0.2 <= args.part_scale <= 1.5 and 0.0 <= args.vignette <= 0.5 and args.specks >= 0):
-        ap.error("--part-scale must be in [0.2, 1.5], --vignette in [0, 0.5], --specks >= 0")
+    if not (0.2 <= args.part_scale <= 1.5 and 0.0 <= args.vignette <= 0.5 and args.specks >= 0
+            and 0.1 <= args.contrast <= 1.0):
+        ap.error("--part-scale must be in [0.2, 1.5], --vignette in [0, 0.5], --specks >= 0, --contrast in [0.1, 1]")
     scene = Scene(args.part_scale, args.vignette, args.specks)
     root = Path(args.out)
     rng = np.random.default_rng(args.seed)
@@ -200,6 +259,13 @@ def main() -> None:
         def bad(kind: str) -> tuple[np.ndarray, np.ndarray]:
             return screw(rng, args.size, kind, scene)
         defects = SCREW_DEFECTS
+    elif args.kind == "caps":
+        def good() -> np.ndarray:
+            return cap(rng, args.size)[0]
+
+        def bad(kind: str) -> tuple[np.ndarray, np.ndarray]:
+            return cap(rng, args.size, kind, args.contrast)
+        defects = CAP_DEFECTS
     else:
         def good() -> np.ndarray:
             return surface(rng, args.size)

@@ -106,6 +106,23 @@ def test_rd_map_norm_shrink_pulls_the_mean_map_towards_its_global_mean() -> None
         torch.testing.assert_close(model(x).anomaly_map, want, rtol=1e-4, atol=1e-6)
 
 
+def test_rd_map_norm_floor_holds_the_mean_map_above_a_share_of_its_global_mean() -> None:
+    from kdad.methods import get_method
+
+    spec = get_method("rd")
+    with pytest.raises(ConfigError, match="rd model.map_norm_floor=-0.1"):
+        spec.Config(map_norm_floor=-0.1)
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = spec.Model(from_dict(spec.Config, {**TINY, "map_norm": "position", "map_norm_floor": 1.0})).eval()
+    raw = model(x).anomaly_map
+    spec.calibrate(model, [{"image": x}], torch.device("cpu"))
+    mean = raw.mean(0, keepdim=True)
+    assert (mean < mean.mean()).any() and (mean > mean.mean()).any()  # the floor acts on some pixels
+    want = raw / mean.clamp_min(mean.mean())
+    torch.testing.assert_close(model(x).anomaly_map, want, rtol=1e-4, atol=1e-6)
+
+
 def test_rd_cpu_divides_by_the_normals_mean_map_and_the_paper_presets_do_not() -> None:
     assert load_config("rd_cpu").model["map_norm"] == "position"
     for preset in ("rd_paper", "rdpp_cpu", "stfpm_cpu", "snl_cpu", "urd_cpu", "rd_demo", "rd_multiclass_cpu"):

@@ -156,7 +156,8 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
     """A method's ``calibrate`` hook for ``model.map_norm: position``: every PositionNorm of `model` gets the
     mean of the raw maps of `normal_loader`'s images (its earlier statistics are dropped first, so a second
     call, as in the engine's cross-fitting, sees raw maps), shrunk towards its global mean by the config's
-    ``map_norm_shrink`` where it has one. A no-op for other settings."""
+    ``map_norm_shrink`` and held above ``map_norm_floor`` times that global mean where it has them. A no-op for
+    other settings."""
     if getattr(getattr(model, "cfg", None), "map_norm", "none") != "position":
         return
     norms = [m for m in model.modules() if isinstance(m, PositionNorm)]
@@ -176,6 +177,9 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
     # (a student that reconstructs them well) are not divided by near zero, which turns noise into anomalies
     shrink = float(getattr(model.cfg, "map_norm_shrink", 0.0))
     mean = (1.0 - shrink) * mean + shrink * mean.mean()
+    # map_norm_floor f: no position divided by less than f times the global mean; unlike the shrink, it leaves
+    # the positions where the normals err about as much as anywhere (a texture's frame edges) as they are
+    mean = mean.clamp_min(float(getattr(model.cfg, "map_norm_floor", 0.0)) * mean.mean())
     for norm in norms:
         norm.mean = mean.float().clamp_min(norm.floor).to(norm.mean.device)
 

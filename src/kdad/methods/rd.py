@@ -62,6 +62,8 @@ class Config:
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
     # with map_norm position: the mean map shrunk towards its global mean by this share (0 = the plain mean map)
     map_norm_shrink: float = 0.0
+    # with map_norm position: no position divided by less than this share of the mean map's global mean
+    map_norm_floor: float = 0.0
     # "linear": a 1x1 convolution after each decoder stage, so the student can output the negative values of a
     # teacher with signed features (EfficientNet-Lite); "relu" is RD4AD's (kdad's option, kdad.blocks.decoders)
     readout: str = "relu"
@@ -73,6 +75,8 @@ class Config:
         check_readout("rd", self.readout)
         if not 0.0 <= self.map_norm_shrink <= 1.0:
             raise ConfigError(f"rd model.map_norm_shrink={self.map_norm_shrink} must be in [0, 1]")
+        if not 0.0 <= self.map_norm_floor <= 1.0:
+            raise ConfigError(f"rd model.map_norm_floor={self.map_norm_floor} must be in [0, 1]")
 
 
 class Model(nn.Module):
