@@ -45,6 +45,20 @@ def surface(rng: np.random.Generator, size: int = SIZE) -> np.ndarray:
     return np.clip(light + 0.05 * streaks + 0.02 * grain, 0, 1)
 
 
+def line_profile(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, angle: float, half: float,
+                 width: float) -> np.ndarray:
+    """A straight line through (cy, cx) at `angle`, `half` px each way, with a Gaussian cross-section of `width` px."""
+    dy, dx = np.sin(angle), np.cos(angle)
+    along = (yy - cy) * dy + (xx - cx) * dx
+    across = -(yy - cy) * dx + (xx - cx) * dy
+    return np.exp(-0.5 * (across / width) ** 2) * (np.abs(along) <= half)
+
+
+def dot_profile(yy: np.ndarray, xx: np.ndarray, cy: float, cx: float, r: float) -> np.ndarray:
+    """A round Gaussian dot of radius about `r` px at (cy, cx)."""
+    return np.exp(-0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) / (r / 1.5) ** 2))
+
+
 def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     """The image with one defect and its mask (bool); defect sizes are in pixels whatever the image size."""
     size = img.shape[0]
@@ -55,14 +69,10 @@ def add_defect(img: np.ndarray, kind: str, rng: np.random.Generator) -> tuple[np
         angle = rng.uniform(0, np.pi)
         half = rng.uniform(10, 30)
         width = rng.uniform(0.6, 1.1)
-        dy, dx = np.sin(angle), np.cos(angle)
-        along = (yy - cy) * dy + (xx - cx) * dx
-        across = -(yy - cy) * dx + (xx - cx) * dy
-        profile = np.exp(-0.5 * (across / width) ** 2) * (np.abs(along) <= half)
+        profile = line_profile(yy, xx, cy, cx, angle, half, width)
         contrast = rng.uniform(0.04, 0.08)
     elif kind == "pinhole":  # a small dark or bright dot, radius 2-4 px, contrast 0.06-0.12
-        r = rng.uniform(2, 4)
-        profile = np.exp(-0.5 * (((yy - cy) ** 2 + (xx - cx) ** 2) / (r / 1.5) ** 2))
+        profile = dot_profile(yy, xx, cy, cx, rng.uniform(2, 4))
         contrast = rng.uniform(0.06, 0.12)
     else:  # a faint stain, radius 10-20 px, contrast 0.03-0.05
         r = rng.uniform(10, 20)
@@ -201,22 +211,18 @@ def cap(rng: np.random.Generator, size: int = SIZE, defect: str | None = None,
     at_r, at_t = rng.uniform(10, 0.8 * radius / scale) * scale, rng.uniform(0, 2 * np.pi)
     py, px = cy + at_r * np.sin(at_t), cx + at_r * np.cos(at_t)
     if defect == "dent":  # a small dot on the face, radius 2-4 px, contrast 0.08-0.14
-        rad = rng.uniform(2, 4) * scale
-        profile = np.exp(-0.5 * ((yy - py) ** 2 + (xx - px) ** 2) / (rad / 1.5) ** 2)
+        profile = dot_profile(yy, xx, py, px, rng.uniform(2, 4) * scale)
         img = clean + sign * contrast * rng.uniform(0.08, 0.14) * profile
     elif defect == "scratch":  # a fine line on the face, 12-36 px long, contrast 0.06-0.10
         angle, half = rng.uniform(0, np.pi), rng.uniform(6, 18) * scale
-        along = (yy - py) * np.sin(angle) + (xx - px) * np.cos(angle)
-        across = -(yy - py) * np.cos(angle) + (xx - px) * np.sin(angle)
-        profile = np.exp(-0.5 * (across / (0.7 * scale)) ** 2) * (np.abs(along) <= half)
+        profile = line_profile(yy, xx, py, px, angle, half, 0.7 * scale)
         img = clean + sign * contrast * rng.uniform(0.06, 0.10) * profile
     elif defect == "notch":  # 4-8 px of the rim bitten off, 3-6 px deep
         width, depth = rng.uniform(4, 8) * scale / radius, max(1.5, contrast * rng.uniform(3, 6)) * scale
         gap = np.abs(np.angle(np.exp(1j * (theta - at_t))))
         img = compose(radius - depth * np.clip(1.5 - gap / width, 0, 1))
     elif defect == "stain":  # a faint blob on the face, radius 6-10 px, contrast 0.04-0.06
-        rad = rng.uniform(6, 10) * scale
-        profile = np.exp(-0.5 * ((yy - py) ** 2 + (xx - px) ** 2) / (rad / 1.5) ** 2)
+        profile = dot_profile(yy, xx, py, px, rng.uniform(6, 10) * scale)
         img = clean + sign * contrast * rng.uniform(0.04, 0.06) * profile
         return np.clip(img, 0, 1), profile > 0.25
     else:

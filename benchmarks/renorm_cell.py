@@ -9,7 +9,8 @@ calibrates. The row is the study's (quality.cell_row) for the new cell name; its
 run's, and `renormed_from` names that run.
 
 Run: python benchmarks/renorm_cell.py --from RUN --cell NAME=PRESET:k=v,... --category C --seed S --work DIR --out F
-(the cell must be the source run's with only model.map_norm, map_norm_shrink or map_norm_floor changed; the rows append to F)
+(the cell must be the source run's with only model.map_norm, map_norm_shrink or map_norm_floor changed;
+the rows append to F)
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from quality import append_row, cell_config, cell_row, parse_cell
 from kdad.speed import cpu_has_fast_bf16
 from kdad.train import fit
 
-RENORM_KEYS = ("map_norm", "map_norm_shrink", "map_norm_floor")  # what acts after training only (kdad.blocks.maps.calibrate_position_norm)
+# what acts after training only (kdad.blocks.maps.calibrate_position_norm)
+RENORM_KEYS = ("map_norm", "map_norm_shrink", "map_norm_floor")
 
 
 def renorm(source: Path, cell: str, category: str, seed: int, work: Path) -> dict[str, Any]:

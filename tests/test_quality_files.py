@@ -1,6 +1,6 @@
 """The quality study's rows span quality.json and its continuations (benchmarks/_common.py, quality_merge.py):
 a rerun replaces its row wherever it is, new rows start a new file before one passes the size cap, and every
-reader sees all rows in order."""
+reader sees all rows in order; the every-cell table reads a set kept for choosing on every image."""
 
 from __future__ import annotations
 
@@ -90,3 +90,14 @@ def test_quality_table_marks_minutes_not_run_on_one_thread() -> None:
     by_cell = {line.split(" | ")[0].lstrip("| "): line for line in lines[2:]}
     assert "15.400 (2 threads) |" in by_cell["two"]
     assert "15.400 |" in by_cell["one"] and "threads" not in by_cell["one"]
+
+
+def test_quality_table_reads_selection_only_sets_on_every_image() -> None:
+    """A set kept for choosing (_common.SELECTION_ONLY) is shown on all its test images, not on a report half."""
+    def row(cat: str, report: float, every: float) -> dict:
+        half = {"image_auroc": report, "pixel_auroc": report, "au_pro": report}
+        return {"cell": "c", "category": cat, "seed": 0, "train_minutes": 1.0, "threads": 1, "report": half,
+                "all": {"image_auroc": every, "pixel_auroc": every, "au_pro": every}}
+    table = _common.quality_table([row("caps", 0.111, 0.222), row("bottle", 0.333, 0.444)])
+    assert "| c | caps (every image) | 1 | 1.000 | 0.222 | 0.222 | 0.222 |" in table
+    assert "| c | bottle | 1 | 1.000 | 0.333 | 0.333 | 0.333 |" in table

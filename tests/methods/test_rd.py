@@ -89,38 +89,27 @@ def test_map_norm_is_validated_and_calibrates_only_when_set(name: str) -> None:
     torch.testing.assert_close(model(x).anomaly_map, raw / raw.mean(0, keepdim=True), rtol=1e-4, atol=1e-6)
 
 
-def test_rd_map_norm_shrink_pulls_the_mean_map_towards_its_global_mean() -> None:
+@pytest.mark.parametrize(("shrink", "floor"), [(0.0, 0.0), (0.5, 0.0), (1.0, 0.0), (0.0, 1.0)])
+def test_rd_map_norm_shrink_and_floor_set_the_divisor(shrink: float, floor: float) -> None:
+    """The divisor is the normals' mean map shrunk towards its global mean by map_norm_shrink, then held above
+    map_norm_floor times that global mean; both options are range-checked."""
     from kdad.methods import get_method
 
     spec = get_method("rd")
-    with pytest.raises(ConfigError, match="rd model.map_norm_shrink=1.5"):
-        spec.Config(map_norm_shrink=1.5)
-    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
-    for shrink in (0.0, 0.5, 1.0):
-        torch.manual_seed(0)
-        model = spec.Model(from_dict(spec.Config, {**TINY, "map_norm": "position", "map_norm_shrink": shrink})).eval()
-        raw = model(x).anomaly_map
-        spec.calibrate(model, [{"image": x}], torch.device("cpu"))
-        mean = raw.mean(0, keepdim=True)
-        want = raw / ((1 - shrink) * mean + shrink * mean.mean())
-        torch.testing.assert_close(model(x).anomaly_map, want, rtol=1e-4, atol=1e-6)
-
-
-def test_rd_map_norm_floor_holds_the_mean_map_above_a_share_of_its_global_mean() -> None:
-    from kdad.methods import get_method
-
-    spec = get_method("rd")
-    with pytest.raises(ConfigError, match="rd model.map_norm_floor=-0.1"):
-        spec.Config(map_norm_floor=-0.1)
+    for key in ("map_norm_shrink", "map_norm_floor"):
+        with pytest.raises(ConfigError, match=f"rd model.{key}=1.5"):
+            spec.Config(**{key: 1.5})
     x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(2))
     torch.manual_seed(0)
-    model = spec.Model(from_dict(spec.Config, {**TINY, "map_norm": "position", "map_norm_floor": 1.0})).eval()
+    cfg = {**TINY, "map_norm": "position", "map_norm_shrink": shrink, "map_norm_floor": floor}
+    model = spec.Model(from_dict(spec.Config, cfg)).eval()
     raw = model(x).anomaly_map
     spec.calibrate(model, [{"image": x}], torch.device("cpu"))
     mean = raw.mean(0, keepdim=True)
-    assert (mean < mean.mean()).any() and (mean > mean.mean()).any()  # the floor acts on some pixels
-    want = raw / mean.clamp_min(mean.mean())
-    torch.testing.assert_close(model(x).anomaly_map, want, rtol=1e-4, atol=1e-6)
+    if floor:
+        assert (mean < mean.mean()).any() and (mean > mean.mean()).any()  # the floor acts on some pixels
+    divisor = ((1 - shrink) * mean + shrink * mean.mean()).clamp_min(floor * mean.mean())
+    torch.testing.assert_close(model(x).anomaly_map, raw / divisor, rtol=1e-4, atol=1e-6)
 
 
 def test_rd_cpu_divides_by_the_normals_mean_map_and_the_paper_presets_do_not() -> None:

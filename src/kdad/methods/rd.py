@@ -73,10 +73,9 @@ class Config:
             raise ConfigError(f"rd model.loss={self.loss!r} is not valid; choose one of {LOSSES}")
         check_map_norm("rd", self.map_norm)
         check_readout("rd", self.readout)
-        if not 0.0 <= self.map_norm_shrink <= 1.0:
-            raise ConfigError(f"rd model.map_norm_shrink={self.map_norm_shrink} must be in [0, 1]")
-        if not 0.0 <= self.map_norm_floor <= 1.0:
-            raise ConfigError(f"rd model.map_norm_floor={self.map_norm_floor} must be in [0, 1]")
+        for key in ("map_norm_shrink", "map_norm_floor"):
+            if not 0.0 <= getattr(self, key) <= 1.0:
+                raise ConfigError(f"rd model.{key}={getattr(self, key)} must be in [0, 1]")
 
 
 class Model(nn.Module):
