@@ -544,6 +544,8 @@ def _fit(cfg: RunConfig, run_dir: Path | str, resume: bool, *, start: dict[str, 
             info["calibration_warnings"] = notes
         if tiles is not None:  # train_images_per_s then counts tiles
             info["tiling"] = tiles.to_dict()
+        if getattr(model, "map_norm_choice", None) is not None:  # model.map_norm_shrink: auto, and what it chose
+            info["map_norm_choice"] = model.map_norm_choice
         if pose is not None:  # what data.align=auto (or align_fill) measured, and what it chose
             info["align_auto"] = {"chose": cfg.data.align, "zoom": cfg.data.align_zoom, **dataclasses.asdict(pose)}
         gate = gate_for(model, cfg, train_ds, val_ds, device)

@@ -116,3 +116,31 @@ def test_rd_cpu_divides_by_the_normals_mean_map_and_the_paper_presets_do_not() -
     assert load_config("rd_cpu").model["map_norm"] == "position"
     for preset in ("rd_paper", "rdpp_cpu", "stfpm_cpu", "snl_cpu", "urd_cpu", "rd_demo", "rd_multiclass_cpu"):
         assert load_config(preset).model.get("map_norm", "none") == "none", preset
+
+
+def test_rd_map_norm_shrink_auto_divides_by_the_chosen_candidate(monkeypatch: pytest.MonkeyPatch) -> None:
+    """map_norm_shrink: auto picks one of the candidates on synthetic anomalies (tests/blocks/test_map_choice.py
+    for which), leaves its record for train_info.json and divides by the chosen candidate's divisor."""
+    from kdad.blocks import map_choice
+    from kdad.methods import get_method
+
+    spec = get_method("rd")
+    with pytest.raises(ConfigError, match="rd model.map_norm_shrink=often must be in"):
+        spec.Config(map_norm_shrink="often")  # type: ignore[arg-type]
+    with pytest.raises(ConfigError, match="map_norm_shrink"):
+        from_dict(spec.Config, {"map_norm_shrink": "often"})
+    x = torch.rand(6, 3, 64, 64, generator=torch.Generator().manual_seed(2))
+    torch.manual_seed(0)
+    model = spec.Model(from_dict(spec.Config, {**TINY, "map_norm": "position", "map_norm_shrink": "auto"})).eval()
+    raw = model(x).anomaly_map
+    mean = raw.mean(0, keepdim=True)
+    loader = [{"image": x[:3]}, {"image": x[3:]}]
+    spec.calibrate(model, loader, torch.device("cpu"))
+    choice = model.map_norm_choice
+    assert choice["shrink"] in map_choice.AUTO_SHRINKS and choice["normals"] == 6
+    assert [float(s) for s in choice["candidates"]] == list(map_choice.AUTO_SHRINKS)
+    # whatever the choice, the divisor is that candidate's: pin it to one the random model would not pick
+    monkeypatch.setattr(map_choice, "choose_shrink", lambda *a, **k: map_choice.ShrinkChoice(0.5))
+    spec.calibrate(model, loader, torch.device("cpu"))
+    assert model.map_norm_choice["shrink"] == 0.5
+    torch.testing.assert_close(model(x).anomaly_map, raw / (0.5 * mean + 0.5 * mean.mean()), rtol=1e-4, atol=1e-6)

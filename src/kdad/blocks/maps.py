@@ -156,7 +156,9 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
     """A method's ``calibrate`` hook for ``model.map_norm: position``: every PositionNorm of `model` gets the
     mean of the raw maps of `normal_loader`'s images (its earlier statistics are dropped first, so a second
     call, as in the engine's cross-fitting, sees raw maps), shrunk towards its global mean by the config's
-    ``map_norm_shrink`` and held above ``map_norm_floor`` times that global mean where it has them. A no-op for
+    ``map_norm_shrink`` and held above ``map_norm_floor`` times that global mean where it has them. With
+    ``map_norm_shrink: auto`` the shrink is chosen on synthetic anomalies pasted onto these images
+    (kdad.blocks.map_choice) and the choice is left in ``model.map_norm_choice`` for train_info.json. A no-op for
     other settings."""
     if getattr(getattr(model, "cfg", None), "map_norm", "none") != "position":
         return
@@ -164,24 +166,42 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
     for norm in norms:
         norm.mean = torch.zeros(0, device=norm.mean.device)
     model.eval()
+    shrink = getattr(model.cfg, "map_norm_shrink", 0.0)
+    floor = float(getattr(model.cfg, "map_norm_floor", 0.0))
     total: Tensor | None = None
     count = 0
+    images: list[Tensor] = []
+    maps: list[Tensor] = []
     for batch in normal_loader:
         amap = model(batch["image"].to(device)).anomaly_map.double()
         total = amap.sum(0, keepdim=True) if total is None else total + amap.sum(0, keepdim=True)
         count += int(amap.shape[0])
+        if shrink == "auto":  # kept for the choice on synthetic anomalies
+            images.append(batch["image"].cpu())
+            maps.append(amap[:, 0].float().cpu())
     if total is None:
         raise ValueError("map_norm: position needs at least one normal image to calibrate on")
-    mean = total / count
-    # map_norm_shrink s: divide by (1 - s) * mean + s * its global mean, so positions where the normals barely err
-    # (a student that reconstructs them well) are not divided by near zero, which turns noise into anomalies
-    shrink = float(getattr(model.cfg, "map_norm_shrink", 0.0))
-    mean = (1.0 - shrink) * mean + shrink * mean.mean()
-    # map_norm_floor f: no position divided by less than f times the global mean; unlike the shrink, it leaves
-    # the positions where the normals err about as much as anywhere (a texture's frame edges) as they are
-    mean = mean.clamp_min(float(getattr(model.cfg, "map_norm_floor", 0.0)) * mean.mean())
+    if shrink == "auto":
+        from kdad.blocks.map_choice import choose_shrink  # imports the synthesis package only when asked
+
+        choice = choose_shrink(model, torch.cat(images), torch.cat(maps), device, floor,
+                               batch=int(getattr(normal_loader, "batch_size", None) or 16))
+        object.__setattr__(model, "map_norm_choice", choice.to_dict())  # fit puts it in train_info.json
+        shrink = choice.shrink
+    mean = shrunk_divisor(total / count, float(shrink), floor)
     for norm in norms:
         norm.mean = mean.float().clamp_min(norm.floor).to(norm.mean.device)
+
+
+def shrunk_divisor(mean: Tensor, shrink: float, floor: float = 0.0) -> Tensor:
+    """What ``map_norm: position`` divides by: the normals' mean map shrunk towards its global mean by `shrink`
+    (``map_norm_shrink``), so positions where the normals barely err (a student that reconstructs them well) are
+    not divided by near zero, which turns noise into anomalies; then held above `floor` (``map_norm_floor``) times
+    the global mean, which unlike the shrink leaves the positions where the normals err about as much as anywhere
+    (a texture's frame edges) as they are. Double precision, as the mean is accumulated."""
+    mean = mean.double()
+    mean = (1.0 - shrink) * mean + shrink * mean.mean()
+    return mean.clamp_min(floor * mean.mean())
 
 
 class AnomalyMapHead(nn.Module):
@@ -376,5 +396,6 @@ __all__ = [
     "normalized_sq_distance",
     "normalized_sq_distance_fast",
     "resize_matrix",
+    "shrunk_divisor",
     "symmetric_indices",
 ]

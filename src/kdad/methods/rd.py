@@ -12,7 +12,7 @@ normals' mean map (kdad.blocks.maps.PositionNorm; docs/methods/rd.md, "Map norma
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -60,8 +60,10 @@ class Config:
     align_corners: bool = True
     loss: str = "global"  # "global" (official code) | "per_position" (the paper's eq. 2)
     map_norm: MapNorm = "none"  # "position": the map over the held-out normals' mean map (kdad's option)
-    # with map_norm position: the mean map shrunk towards its global mean by this share (0 = the plain mean map)
-    map_norm_shrink: float = 0.0
+    # with map_norm position: the mean map shrunk towards its global mean by this share (0 = the plain mean map,
+    # 1 = a constant: the raw map's ranking); "auto" chooses among 0, 0.25, 0.5 and 1 on synthetic anomalies pasted
+    # onto the held-out normals (kdad.blocks.map_choice)
+    map_norm_shrink: float | Literal["auto"] = 0.0
     # with map_norm position: no position divided by less than this share of the mean map's global mean
     map_norm_floor: float = 0.0
     # "linear": a 1x1 convolution after each decoder stage, so the student can output the negative values of a
@@ -74,8 +76,12 @@ class Config:
         check_map_norm("rd", self.map_norm)
         check_readout("rd", self.readout)
         for key in ("map_norm_shrink", "map_norm_floor"):
-            if not 0.0 <= getattr(self, key) <= 1.0:
-                raise ConfigError(f"rd model.{key}={getattr(self, key)} must be in [0, 1]")
+            value = getattr(self, key)
+            if key == "map_norm_shrink" and value == "auto":
+                continue
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
+                raise ConfigError(f"rd model.{key}={value} must be in [0, 1]"
+                                  + (" or auto" if key == "map_norm_shrink" else ""))
 
 
 class Model(nn.Module):
