@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 from kdad import distributed as dist_utils
 from kdad.align import AlignSpec, aligned_training, region_view, resolve_auto
 from kdad.augment import augment_batch, check_augment
+from kdad.blocks.maps import chooses_on_normals
 from kdad.checkpoint import load_bundle, make_bundle
 from kdad.config import RunConfig, build_config, dump_yaml, method_config, to_dict
 from kdad.data.factory import check_splits, dataset_parts
@@ -517,10 +518,12 @@ def _fit(cfg: RunConfig, run_dir: Path | str, resume: bool, *, start: dict[str, 
     calibrate = spec.calibrate if runs_calibration(spec, mcfg) else None
     scored = region_view(model, AlignSpec.from_data(cfg.data))  # thresholds for the score the deployed model gives
     if calibrate is not None:  # map statistics live in model buffers, so they travel with every export
+        calib_loader = DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False)
         if val_ds is not None and tc.crossfit_calibration and tiles is None and len(val_ds) >= 4:  # type: ignore[arg-type]
+            if chooses_on_normals(model):  # the choice from every held-out normal; the halves below keep it
+                calibrate(model, calib_loader, device)
             crossfit = crossfit_scores(calibrate, model, val_ds, device, tc.eval_batch_size, tc.seed, scored)
-        calibrate(model, DataLoader(training_tiles(calib, tiles), batch_size=tc.eval_batch_size, shuffle=False),
-                  device)
+        calibrate(model, calib_loader, device)
         model.eval()
     if main:
         with warnings.catch_warnings(record=True) as caught:

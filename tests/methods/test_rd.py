@@ -139,7 +139,12 @@ def test_rd_map_norm_shrink_auto_divides_by_the_chosen_candidate(monkeypatch: py
     choice = model.map_norm_choice
     assert choice["shrink"] in map_choice.AUTO_SHRINKS and choice["normals"] == 6
     assert [float(s) for s in choice["candidates"]] == list(map_choice.AUTO_SHRINKS)
+    # a later calibration (fit's cross-fitted halves, then all normals again) keeps the choice, choosing nothing
+    monkeypatch.setattr(map_choice, "choose_shrink", lambda *a, **k: pytest.fail("chose again"))
+    spec.calibrate(model, loader[:1], torch.device("cpu"))
+    assert model.map_norm_choice == choice
     # whatever the choice, the divisor is that candidate's: pin it to one the random model would not pick
+    del model.map_norm_choice
     monkeypatch.setattr(map_choice, "choose_shrink", lambda *a, **k: map_choice.ShrinkChoice(0.5))
     spec.calibrate(model, loader, torch.device("cpu"))
     assert model.map_norm_choice["shrink"] == 0.5

@@ -158,8 +158,9 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
     call, as in the engine's cross-fitting, sees raw maps), shrunk towards its global mean by the config's
     ``map_norm_shrink`` and held above ``map_norm_floor`` times that global mean where it has them. With
     ``map_norm_shrink: auto`` the shrink is chosen on synthetic anomalies pasted onto these images
-    (kdad.blocks.map_choice) and the choice is left in ``model.map_norm_choice`` for train_info.json. A no-op for
-    other settings."""
+    (kdad.blocks.map_choice) and the choice is left in ``model.map_norm_choice`` for train_info.json; a later call
+    keeps it (fit chooses on every held-out normal first, :func:`chooses_on_normals`, so that its cross-fitted
+    halves score with the reading the model ships with). A no-op for other settings."""
     if getattr(getattr(model, "cfg", None), "map_norm", "none") != "position":
         return
     norms = [m for m in model.modules() if isinstance(m, PositionNorm)]
@@ -176,12 +177,15 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
         amap = model(batch["image"].to(device)).anomaly_map.double()
         total = amap.sum(0, keepdim=True) if total is None else total + amap.sum(0, keepdim=True)
         count += int(amap.shape[0])
-        if shrink == "auto":  # kept for the choice on synthetic anomalies
+        if shrink == "auto" and getattr(model, "map_norm_choice", None) is None:  # kept for the choice
             images.append(batch["image"].cpu())
             maps.append(amap[:, 0].float().cpu())
     if total is None:
         raise ValueError("map_norm: position needs at least one normal image to calibrate on")
-    if shrink == "auto":
+    made = getattr(model, "map_norm_choice", None)
+    if shrink == "auto" and made is not None:  # made on every held-out normal before fit's cross-fitted halves
+        shrink = made["shrink"]
+    elif shrink == "auto":
         from kdad.blocks.map_choice import choose_shrink  # imports the synthesis package only when asked
 
         choice = choose_shrink(model, torch.cat(images), torch.cat(maps), device, floor,
@@ -191,6 +195,13 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
     mean = shrunk_divisor(total / count, float(shrink), floor)
     for norm in norms:
         norm.mean = mean.float().clamp_min(norm.floor).to(norm.mean.device)
+
+
+def chooses_on_normals(model: nn.Module) -> bool:
+    """Whether `model`'s calibration makes a choice on the held-out normals (``map_norm_shrink: auto``) that fit
+    should make on all of them before its cross-fitted halves; it is then kept by every later calibration."""
+    cfg = getattr(model, "cfg", None)
+    return getattr(cfg, "map_norm", "none") == "position" and getattr(cfg, "map_norm_shrink", 0.0) == "auto"
 
 
 def shrunk_divisor(mean: Tensor, shrink: float, floor: float = 0.0) -> Tensor:
@@ -389,6 +400,7 @@ __all__ = [
     "blur_radius",
     "calibrate_position_norm",
     "check_map_norm",
+    "chooses_on_normals",
     "cosine_distance",
     "cosine_similarity",
     "divide_by_mean",
