@@ -316,7 +316,7 @@ def quality_table(runs: list[dict[str, Any]], half: str = "report") -> str:
 # with data.align=none; for rdpp_cpu, urd_cpu and bkd_cpu also their preset cells, run before their data.align: auto)
 # moves to its own column.
 PRESET_CELLS: dict[str, tuple[str, ...]] = {
-    "rd_cpu": ("rd_lin_fp32_1t", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",),
+    "rd_cpu": ("rd_lin_auto", "rd_screws_none"), "stfpm_cpu": ("stfpm_cpu",),
     "rdpp_cpu": ("rdpp_cpu", "rdpp_cpu_xpix", "rdpp_screws_none"), "urd_cpu": ("urd_cpu",),
     "dskd_cpu": ("dskd_cpu", "dskd_cpu_xpix", "dskd_screws_none"), "cfrg_cpu": ("cfrg_cpu", "cfrg_screws_none"),
     "snl_cpu": ("snl_e100_bf16", "snl_screws_none"), "bkd_cpu": ("bkd_cpu_xpix", "bkd_screws_none"),
@@ -326,7 +326,7 @@ PRESET_CELLS: dict[str, tuple[str, ...]] = {
 # Cells whose screws rows score the part's envelope (data.align_region: part, run as shipped since session 30), not
 # the whole aligned frame: the grid's two screws columns skip those rows (they belong in the envelope table), so
 # rd_cpu's whole-frame screws cell stays its 100-epoch recipe of sessions 26-38
-ENVELOPE_CELLS = frozenset({"rd_e80_dec60_1t", "rd_lin_fp32_1t"})
+ENVELOPE_CELLS = frozenset({"rd_e80_dec60_1t", "rd_lin_fp32_1t", "rd_lin_auto"})
 ALIGNED_CELLS: dict[str, tuple[str, ...]] = {
     "rd_cpu": ("rd_mn_e100_bf16",), "stfpm_cpu": ("stfpm_align",), "rdpp_cpu": ("rdpp_align",),
     "snl_cpu": ("snl_e100_bf16",), "urd_cpu": ("urd_auto125",), "bkd_cpu": ("bkd_auto125",),

@@ -72,6 +72,13 @@ weights, only `model.map_norm` or the new `model.map_norm_shrink` changed, fit c
 the same way, and two selection-only generated sets, `caps` and `caps_faint` (a registered round part; every test
 image counts, under `all`; `docs/quality.md`, "Session 42").
 
+**`rd_cpu` chooses its map's division per product since session 43 (2026-12-08)** (`model.map_norm_shrink: auto`,
+`docs/methods/rd.md`, "Map normalisation"). Every file made before measured the plain division (shrink 0), which
+`--set model.map_norm_shrink=0` still gives; a cell written `rd_cpu:...` without it now chooses. In `quality-2.json`
+the rows of the cell `rd_lin_fp32_1t` are the plain division and `rd_lin_auto` the same weights re-read with the
+choice (the preset as shipped); `reading_by_synthetic.json` ranks every reading on synthetic anomalies against the
+selection sets' real defects, and `map_choice_cost.json` times the choice.
+
 **`bkd_cpu` changed in session 17 (2026-12-04)**: its map is divided by the held-out normals' mean map
 (`model.map_norm: position`, `docs/quality.md`, "Sessions 15-17"). Every file made before which names `bkd_cpu`
 measured the raw map, which `--set model.map_norm=none` still gives; in `quality.json` those rows are the cell
@@ -421,11 +428,11 @@ def main() -> None:
                      "column is the aligned run (zoom 1.25; 1.5 for `stfpm_cpu` and `rdpp_cpu`), the last column "
                      "the same preset with `data.align=none`. The screws column is the whole aligned frame's score; the "
                      "presets that score aligned parts on the part's envelope (`data.align_region: part`, since "
-                     "sessions 30-31) are in the next table. `rd_cpu`'s row is its session-40 recipe (the linear "
-                     "readout, cell `rd_lin_fp32_1t`), trained in fp32 as `train.cpu_bf16: auto` does on a CPU "
-                     "without bf16 hardware; its bottle column is two seeds (seed 0 trained as `rd_lin_raw` in session "
-                     "41 and read with the preset's division by `benchmarks/renorm_cell.py`, seed 1 trained as "
-                     "shipped in session 42), and its screws column is the "
+                     "sessions 30-31) are in the next table. `rd_cpu`'s row is its session-43 recipe (the linear "
+                     "readout, the map's division chosen per product, cell `rd_lin_auto`: session 40-42's "
+                     "`rd_lin_fp32_1t` weights re-read by `benchmarks/renorm_cell.py`), trained in fp32 as "
+                     "`train.cpu_bf16: auto` does on a CPU without bf16 hardware; its bottle column is two seeds "
+                     "(seed 0 trained as `rd_lin_raw` in session 41, seed 1 in session 42), and its screws column is the "
                      "100-epoch constant-rate ReLU recipe of sessions 26-38 (the recipes of sessions 39-41 ran on the "
                      "screws on the part's envelope only, cells `rd_e80_dec60_1t` and `rd_lin_fp32_1t`: see "
                      "docs/quality.md), and `snl_cpu`'s row is its "

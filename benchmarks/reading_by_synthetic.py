@@ -30,7 +30,8 @@ import torch
 from torch import Tensor
 
 from kdad.align import AlignSpec, restrict_to_part
-from kdad.blocks.maps import PositionNorm, shrunk_divisor
+from kdad.blocks.map_choice import shrunk_divisor
+from kdad.blocks.maps import PositionNorm
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.metrics import au_pro, image_auroc
 from kdad.synthesis import SynthesisConfig, TextureBank, synthesize

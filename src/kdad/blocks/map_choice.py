@@ -21,7 +21,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from kdad.blocks.maps import shrunk_divisor
 from kdad.metrics import au_pro, image_auroc
 from kdad.synthesis import SynthesisConfig, TextureBank, synthesize
 
@@ -52,6 +51,17 @@ class ShrinkChoice:
         return {"shrink": self.shrink, "normals": self.normals, "synthetic": self.synthetic,
                 "candidates": {str(s): {"image_auroc": self.image_auroc[s], "au_pro": self.au_pro[s]}
                                for s in self.image_auroc}}
+
+
+def shrunk_divisor(mean: Tensor, shrink: float, floor: float = 0.0) -> Tensor:
+    """What ``map_norm: position`` divides by: the normals' mean map shrunk towards its global mean by `shrink`
+    (``map_norm_shrink``), so positions where the normals barely err (a student that reconstructs them well) are
+    not divided by near zero, which turns noise into anomalies; then held above `floor` (``map_norm_floor``) times
+    the global mean, which unlike the shrink leaves the positions where the normals err about as much as anywhere
+    (a texture's frame edges) as they are. Double precision, as the mean is accumulated."""
+    mean = mean.double()
+    mean = (1.0 - shrink) * mean + shrink * mean.mean()
+    return mean.clamp_min(floor * mean.mean())
 
 
 def synthetic_variants(images: Tensor, gen: torch.Generator, variants: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -112,4 +122,4 @@ def choose_shrink(model: torch.nn.Module, images: Tensor, maps: Tensor, device: 
     return ShrinkChoice(max(near, key=lambda s: pros[s]), aurocs, pros, n, int(len(s_maps)))
 
 
-__all__ = ["AUTO_SHRINKS", "KINDS", "ShrinkChoice", "choose_shrink", "synthetic_variants"]
+__all__ = ["AUTO_SHRINKS", "KINDS", "ShrinkChoice", "choose_shrink", "shrunk_divisor", "synthetic_variants"]

@@ -182,12 +182,13 @@ def calibrate_position_norm(model: nn.Module, normal_loader: Any, device: torch.
             maps.append(amap[:, 0].float().cpu())
     if total is None:
         raise ValueError("map_norm: position needs at least one normal image to calibrate on")
+    # imported here: the synthesis package (map_choice's) loads only for a calibration
+    from kdad.blocks.map_choice import choose_shrink, shrunk_divisor
+
     made = getattr(model, "map_norm_choice", None)
     if shrink == "auto" and made is not None:  # made on every held-out normal before fit's cross-fitted halves
         shrink = made["shrink"]
     elif shrink == "auto":
-        from kdad.blocks.map_choice import choose_shrink  # imports the synthesis package only when asked
-
         choice = choose_shrink(model, torch.cat(images), torch.cat(maps), device, floor,
                                batch=int(getattr(normal_loader, "batch_size", None) or 16))
         object.__setattr__(model, "map_norm_choice", choice.to_dict())  # fit puts it in train_info.json
@@ -202,17 +203,6 @@ def chooses_on_normals(model: nn.Module) -> bool:
     should make on all of them before its cross-fitted halves; it is then kept by every later calibration."""
     cfg = getattr(model, "cfg", None)
     return getattr(cfg, "map_norm", "none") == "position" and getattr(cfg, "map_norm_shrink", 0.0) == "auto"
-
-
-def shrunk_divisor(mean: Tensor, shrink: float, floor: float = 0.0) -> Tensor:
-    """What ``map_norm: position`` divides by: the normals' mean map shrunk towards its global mean by `shrink`
-    (``map_norm_shrink``), so positions where the normals barely err (a student that reconstructs them well) are
-    not divided by near zero, which turns noise into anomalies; then held above `floor` (``map_norm_floor``) times
-    the global mean, which unlike the shrink leaves the positions where the normals err about as much as anywhere
-    (a texture's frame edges) as they are. Double precision, as the mean is accumulated."""
-    mean = mean.double()
-    mean = (1.0 - shrink) * mean + shrink * mean.mean()
-    return mean.clamp_min(floor * mean.mean())
 
 
 class AnomalyMapHead(nn.Module):
@@ -408,6 +398,5 @@ __all__ = [
     "normalized_sq_distance",
     "normalized_sq_distance_fast",
     "resize_matrix",
-    "shrunk_divisor",
     "symmetric_indices",
 ]
