@@ -21,6 +21,8 @@ from kdad.blocks.maps import calibrate_position_norm
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.train import train_val_datasets
 
+QUESTION = "what model.map_norm_shrink: auto adds to a calibration (docs/quality.md, \"Session 43\")"
+
 
 def main() -> None:
     ap = argparse.ArgumentParser()
@@ -44,10 +46,7 @@ def main() -> None:
     row = {"run": args.run, "held_out": len(val_ds), "seconds": seconds,  # type: ignore[arg-type]
            "choice": getattr(model, "map_norm_choice", None), **_common.metadata(threads=args.threads)}
     print(json.dumps({k: [round(x, 1) for x in v] for k, v in seconds.items()}), flush=True)
-    out = Path(args.out)
-    data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    data["rows"].append(row)
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    _common.append_run(args.out, QUESTION, row)
 
 
 if __name__ == "__main__":

@@ -66,6 +66,10 @@ def raw_maps(model: torch.nn.Module, images: Tensor, batch: int = 16) -> Tensor:
     return torch.cat([model(images[i:i + batch]).anomaly_map[:, 0].float() for i in range(0, len(images), batch)])
 
 
+QUESTION = ("does the ranking of map readings on synthetic anomalies pasted onto the held-out normals follow the real "
+            "defects? (docs/quality.md, \"Session 43\")")
+
+
 def divisor(mean: Tensor, reading: str) -> Tensor | None:
     """What `reading` divides a raw map by (kdad's formula), None: raw."""
     shrink, floor, divide = READINGS[reading]
@@ -150,10 +154,7 @@ def main() -> None:
            "synth_seed": args.synth_seed, "region": not args.no_region, **res, **_common.metadata(threads=args.threads)}
     print(json.dumps({r: {k: round(v["image_auroc"], 4) for k, v in d.items()}
                       for r, d in res["readings"].items()}), flush=True)
-    out = Path(args.out)
-    data = json.loads(out.read_text()) if out.is_file() else {"rows": []}
-    data["rows"].append(row)
-    out.write_text(json.dumps(data, indent=1) + "\n")
+    _common.append_run(args.out, QUESTION, row)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the amplitude), CutPaste patches and scars, and Perlin-masked patches of other h
 needed). Two-fold: the mean map comes from one half of the normals, each candidate is scored on the other half and
 its synthetic variants (as fit's cross-fitted thresholds), then the halves swap. The candidate with the best image
 AUROC (clean normals against their variants) wins; candidates within ``TIE`` of it are told apart by AU-PRO.
-Session 43 checked this on kept runs: it picks what the real defects of the selection sets favour.
+Session 43 checked the choice on kept runs against the selection sets' real defects (docs/quality.md).
 """
 
 from __future__ import annotations
