@@ -30,11 +30,11 @@ import torch
 from torch import Tensor
 
 from kdad.align import AlignSpec, restrict_to_part
-from kdad.blocks.map_choice import shrunk_divisor
+from kdad.blocks.map_choice import raw_maps, shrunk_divisor, synthetic_variants
 from kdad.blocks.maps import PositionNorm
 from kdad.checkpoint import load_bundle, model_from_bundle
 from kdad.metrics import au_pro, image_auroc
-from kdad.synthesis import SynthesisConfig, TextureBank, synthesize
+from kdad.synthesis import SynthesisConfig, TextureBank
 from kdad.train import train_val_datasets
 
 # (shrink, floor, divide): the readings of sessions 41-42
@@ -45,25 +45,19 @@ READINGS: dict[str, tuple[float, float, bool]] = {
     "floor05": (0.0, 0.5, True),
     "none": (0.0, 0.0, False),
 }
-KINDS: dict[str, dict[str, Any]] = {
+KINDS: dict[str, SynthesisConfig] = {name: SynthesisConfig(**kw, foreground="none") for name, kw in {
     "perlin_texture": {"kind": "perlin_texture"},
     "simplex": {"kind": "simplex", "simplex_field": "fresh"},
     "cutpaste": {"kind": "cutpaste", "cutpaste_variant": "both"},
     # the same at a quarter or less of the strength: the full-strength ones are found by every reading
     "perlin_faint": {"kind": "perlin_texture", "beta_range": (0.8, 0.95)},
     "simplex_faint": {"kind": "simplex", "simplex_field": "fresh", "simplex_amplitude": 0.05},
-    # Perlin-masked patches of other held-out normals: needs no texture folder
+    # Perlin-masked patches of other held-out normals: needs no texture folder (fit's kinds: map_choice.KINDS)
     "perlin_self": {"kind": "perlin_texture"},
-}
+}.items()}
 # pooled sets of kinds: every kind, and the kinds that need no texture folder (what fit can always make)
 POOLS = {"all": ("perlin_texture", "simplex", "cutpaste", "perlin_faint", "simplex_faint"),
          "no_texture": ("simplex", "cutpaste", "simplex_faint", "perlin_self")}
-
-
-@torch.no_grad()
-def raw_maps(model: torch.nn.Module, images: Tensor, batch: int = 16) -> Tensor:
-    """(N, H, W) maps before any division (the model's PositionNorms must be empty)."""
-    return torch.cat([model(images[i:i + batch]).anomaly_map[:, 0].float() for i in range(0, len(images), batch)])
 
 
 QUESTION = ("does the ranking of map readings on synthetic anomalies pasted onto the held-out normals follow the real "
@@ -96,20 +90,9 @@ def study(run: Path, variants: int, seed: int, region: bool = True) -> dict[str,
     n = len(clean)
     gen = torch.Generator().manual_seed(seed)
     textures = TextureBank(cfg.data.texture_dir or str(_common.TEXTURES), cfg.data.image_size)
-    own = TextureBank.from_tensor(clean)
-    syn_imgs, syn_masks, syn_src, syn_kind = [], [], [], []
-    for kind, kw in KINDS.items():
-        scfg = SynthesisConfig(**kw, foreground="none")
-        for _ in range(variants):
-            bank = own if kind == "perlin_self" else textures if kw["kind"] == "perlin_texture" else None
-            img, mask = synthesize(clean, scfg, gen, bank, foreground=fg)
-            keep = mask.flatten(1).amax(1) > 0.5  # an empty mask (all off the envelope) is no anomaly
-            syn_imgs.append(img[keep])
-            syn_masks.append(mask[keep, 0] > 0.5)
-            syn_src.append(torch.arange(n)[keep])
-            syn_kind += [kind] * int(keep.sum())
-    s_img, s_mask, s_src = torch.cat(syn_imgs), torch.cat(syn_masks), torch.cat(syn_src)
-    c_maps, s_maps = raw_maps(model, clean), raw_maps(model, s_img)
+    s_img, s_mask, s_src, syn_kind = synthetic_variants(clean, gen, variants, KINDS, textures, fg)
+    cpu = torch.device("cpu")
+    c_maps, s_maps = raw_maps(model, clean, cpu), raw_maps(model, s_img, cpu)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
     halves = (perm[: n // 2], perm[n // 2:])
     kinds = np.array(syn_kind)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from kdad.blocks.map_choice import AUTO_SHRINKS, choose_shrink
+from kdad.blocks.map_choice import AUTO_SHRINKS, KINDS, choose_shrink, synthetic_variants
 from kdad.blocks.maps import AnomalyOutput
 
 SIZE = 64
@@ -64,3 +64,14 @@ def test_auto_falls_back_to_the_plain_division_on_too_few_normals() -> None:
     with pytest.warns(UserWarning, match="at least 4 held-out normals"):
         choice = choose_shrink(model, images, model(images).anomaly_map[:, 0], torch.device("cpu"))
     assert choice.shrink == 0.0 and choice.normals == 3 and not choice.image_auroc
+
+
+def test_synthetic_variants_name_their_kind_and_keep_to_the_foreground() -> None:
+    images = normals(4)
+    fg = torch.zeros(4, 1, SIZE, SIZE)
+    fg[..., SIZE // 2:] = 1.0  # the right half only
+    imgs, masks, src, names = synthetic_variants(images, torch.Generator().manual_seed(0), 2, foreground=fg)
+    assert len(imgs) == len(masks) == len(src) == len(names) > 0 and set(names) <= set(KINDS)
+    assert bool(masks.any(dim=(1, 2)).all()) and not masks[..., : SIZE // 2].any()
+    changed = (imgs != images[src]).any(1)
+    assert not changed[..., : SIZE // 2].any()  # nothing pasted outside the foreground

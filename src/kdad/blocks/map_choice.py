@@ -15,6 +15,7 @@ Session 43 checked the choice on kept runs against the selection sets' real defe
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -64,23 +65,32 @@ def shrunk_divisor(mean: Tensor, shrink: float, floor: float = 0.0) -> Tensor:
     return mean.clamp_min(floor * mean.mean())
 
 
-def synthetic_variants(images: Tensor, gen: torch.Generator, variants: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(images (M, 3, H, W), masks (M, H, W) bool, source index (M,)) of `variants` per kind per image; variants
-    whose mask came out empty are dropped."""
+def synthetic_variants(
+    images: Tensor, gen: torch.Generator, variants: int, kinds: Mapping[str, SynthesisConfig] = KINDS,
+    textures: TextureBank | None = None, foreground: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, list[str]]:
+    """(images (M, 3, H, W), masks (M, H, W) bool, source index (M,), kind name of each) of `variants` per kind
+    per image, kind by kind; variants whose mask came out empty are dropped. The kind named "perlin_self" pastes
+    patches of the other `images`; other perlin_texture kinds need `textures`. `foreground` (N, 1, H, W): where
+    the masks may lie (synthesize's)."""
     own = TextureBank.from_tensor(images)
-    imgs, masks, src = [], [], []
-    for name, cfg in KINDS.items():
+    imgs, masks, src, names = [], [], [], []
+    for name, cfg in kinds.items():
+        bank = own if name == "perlin_self" else textures if cfg.kind == "perlin_texture" else None
         for _ in range(variants):
-            img, mask = synthesize(images, cfg, gen, own if name == "perlin_self" else None)
+            img, mask = synthesize(images, cfg, gen, bank, foreground=foreground)
             keep = mask.flatten(1).amax(1) > 0.5
             imgs.append(img[keep])
             masks.append(mask[keep, 0] > 0.5)
             src.append(torch.arange(len(images))[keep])
-    return torch.cat(imgs), torch.cat(masks), torch.cat(src)
+            names += [name] * int(keep.sum())
+    return torch.cat(imgs), torch.cat(masks), torch.cat(src), names
 
 
 @torch.no_grad()
-def _maps(model: torch.nn.Module, images: Tensor, device: torch.device, batch: int) -> Tensor:
+def raw_maps(model: torch.nn.Module, images: Tensor, device: torch.device, batch: int = 16) -> Tensor:
+    """(N, H, W) maps of `images`, on the CPU, batch by batch (before any division if `model`'s PositionNorms are
+    empty)."""
     return torch.cat([model(images[i:i + batch].to(device)).anomaly_map[:, 0].float().cpu()
                       for i in range(0, len(images), batch)])
 
@@ -97,9 +107,9 @@ def choose_shrink(model: torch.nn.Module, images: Tensor, maps: Tensor, device: 
         return ShrinkChoice(0.0, normals=n)
     gen = torch.Generator().manual_seed(SEED)
     pick = torch.randperm(n, generator=gen)[:MAX_IMAGES].sort().values
-    s_img, s_mask, s_src = synthetic_variants(images[pick], gen, 2 if len(pick) <= 40 else 1)
+    s_img, s_mask, s_src, _ = synthetic_variants(images[pick], gen, 2 if len(pick) <= 40 else 1)
     s_src = pick[s_src]
-    s_maps = _maps(model, s_img, device, batch)
+    s_maps = raw_maps(model, s_img, device, batch)
     perm = torch.randperm(n, generator=gen)
     halves = (perm[: n // 2], perm[n // 2:])
     clean_np = np.zeros((n, *maps.shape[1:]), dtype=np.float32)
@@ -122,4 +132,5 @@ def choose_shrink(model: torch.nn.Module, images: Tensor, maps: Tensor, device: 
     return ShrinkChoice(max(near, key=lambda s: pros[s]), aurocs, pros, n, int(len(s_maps)))
 
 
-__all__ = ["AUTO_SHRINKS", "KINDS", "ShrinkChoice", "choose_shrink", "shrunk_divisor", "synthetic_variants"]
+__all__ = ["AUTO_SHRINKS", "KINDS", "ShrinkChoice", "choose_shrink", "raw_maps", "shrunk_divisor",
+           "synthetic_variants"]
