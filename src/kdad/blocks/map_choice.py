@@ -107,9 +107,12 @@ def choose_shrink(model: torch.nn.Module, images: Tensor, maps: Tensor, device: 
         return ShrinkChoice(0.0, normals=n)
     gen = torch.Generator().manual_seed(SEED)
     pick = torch.randperm(n, generator=gen)[:MAX_IMAGES].sort().values
-    s_img, s_mask, s_src, _ = synthetic_variants(images[pick], gen, 2 if len(pick) <= 40 else 1)
-    s_src = pick[s_src]
-    s_maps = raw_maps(model, s_img, device, batch)
+    variants = 2 if len(pick) <= 40 else 1
+    parts = []
+    for name, cfg in KINDS.items():  # kind by kind, mapped at once: only the maps and masks are kept (memory)
+        img, mask, src, _ = synthetic_variants(images[pick], gen, variants, {name: cfg})
+        parts.append((raw_maps(model, img, device, batch), mask, pick[src]))
+    s_maps, s_mask, s_src = (torch.cat(p) for p in zip(*parts))
     perm = torch.randperm(n, generator=gen)
     halves = (perm[: n // 2], perm[n // 2:])
     clean_np = np.zeros((n, *maps.shape[1:]), dtype=np.float32)
